@@ -1,0 +1,482 @@
+"""Find, audit, split, decode, cache and augment chest X-rays. Usage: `found = find_images("archive")`."""
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
+from tqdm import tqdm
+
+CLASSES = ("NORMAL", "PNEUMONIA")  # label = index: NORMAL=0, PNEUMONIA=1
+JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+CACHE_VERSION = 1  # bump when decode_image changes what it returns
+SPLITS = ("train", "val", "test")
+
+
+class DataError(Exception):
+    """Input that cannot be used; the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class Found:
+    """What discovery saw: usable image files, and every other file with the reason it was left out."""
+
+    paths: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (dropped path, kept path)
+    ignored_folders: list[str] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)  # content hash per path, after de-duplication
+
+
+# ---------------------------------------------------------------- discovery
+def _walk(directory: str, seen: set[str], skipped: list):
+    """Yield regular files below `directory`, following symlinks but never the same folder twice."""
+    real = os.path.realpath(directory)
+    if real in seen:
+        skipped.append((directory, "symlink loop or folder already visited"))
+        return
+    seen.add(real)
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError as err:
+        skipped.append((directory, f"folder unreadable: {err.strerror}"))
+        return
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name in JUNK_NAMES:
+            skipped.append((entry.path, "hidden or OS metadata"))
+        elif entry.is_dir():
+            yield from _walk(entry.path, seen, skipped)
+        elif entry.is_file():
+            yield entry.path
+        else:
+            skipped.append((entry.path, "broken symlink or not a regular file"))
+
+
+def _class_roots(root: str) -> list[str]:
+    """Folders that hold NORMAL/PNEUMONIA sub-folders (e.g. chest_xray/train), at any depth."""
+    roots, seen = [], set()
+    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and d not in JUNK_NAMES]
+        if real in seen:  # os.walk would loop for ever on a symlink cycle
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        if any(d.upper() in CLASSES for d in dirnames):
+            roots.append(dirpath)
+            dirnames[:] = [d for d in dirnames if d.upper() not in CLASSES]
+    return roots
+
+
+def find_images(root: str) -> Found:
+    """Every image file in NORMAL/PNEUMONIA folders under `root`, however the Kaggle zip unpacked.
+
+    torchvision's `find_classes` names the class folders and its extension list picks images; its
+    `make_dataset` walk is not used because it follows symlinks without loop detection.
+    """
+    found, seen = Found(), set()
+    if not os.path.isdir(root):
+        raise DataError(f"data folder '{root}' does not exist")
+    for class_root in _class_roots(root):
+        for name in find_classes(class_root)[0]:
+            folder = os.path.join(class_root, name)
+            if name.upper() not in CLASSES:
+                warnings.warn(f"ignoring folder '{folder}': not a class (expected NORMAL or PNEUMONIA)")
+                found.ignored_folders.append(folder)
+                found.skipped.append((folder, "folder is not a class (expected NORMAL or PNEUMONIA)"))
+                continue
+            for path in _walk(folder, seen, found.skipped):
+                if has_file_allowed_extension(path, IMG_EXTENSIONS):
+                    found.paths.append(path)
+                    found.labels.append(CLASSES.index(name.upper()))
+                else:
+                    found.skipped.append((path, "not an image file extension"))
+    return found
+
+
+def require_two_classes(labels) -> None:
+    """Refuse data with fewer than two classes: a one-class model is meaningless."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=2)
+    if len(labels) == 0:
+        raise DataError("no usable images found")
+    if counts.min() == 0:
+        present = CLASSES[int(counts.argmax())]
+        raise DataError(f"only {present} images were found ({counts.max()}); put both NORMAL/ and PNEUMONIA/ folders under the data folder")
+
+
+# ---------------------------------------------------------------- patients and splits
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE),
+    re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+", re.IGNORECASE),
+)
+
+
+def patient_id(path: str) -> str:
+    """The child an image belongs to, from Kaggle's file names; an unknown name is its own patient."""
+    name = os.path.basename(path)
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return match.group(1)
+    return "file:" + path
+
+
+def split_groups(labels, groups, fractions=(0.70, 0.15, 0.15), seed: int = 0) -> np.ndarray:
+    """Assign each image a split so that every group (patient) sits in one split, stratified by label.
+
+    Within each label the groups are shuffled, then laid end to end by image count; a group goes to
+    the split its middle image falls in, so each split gets its share of images of each label.
+    """
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    names = np.array(SPLITS[: len(fractions)])
+    out = np.empty(len(labels), dtype=object)
+    rng = np.random.default_rng(seed)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    group_label = np.zeros(len(uniq), dtype=int)
+    np.maximum.at(group_label, inverse, labels.astype(int))  # a patient with any pneumonia image is a pneumonia patient
+    sizes = np.bincount(inverse, minlength=len(uniq))
+    bounds = np.cumsum(fractions) / np.sum(fractions)
+    for label in np.unique(group_label):
+        members = rng.permutation(np.flatnonzero(group_label == label))
+        ends = np.cumsum(sizes[members])
+        middle = (ends - sizes[members] / 2) / ends[-1]
+        which = np.minimum(np.searchsorted(bounds, middle), len(fractions) - 1)
+        for g, s in zip(members, which):
+            out[inverse == g] = names[s]
+    _require_every_split(labels, groups, out, names, fractions)
+    return out
+
+
+def _require_every_split(labels, groups, split, names, fractions) -> None:
+    """Raise a DataError naming the counts when a split lacks a class."""
+    shares = "/".join(str(round(100 * f / sum(fractions))) for f in fractions)
+    for name in names:
+        for label in (0, 1):
+            if not np.any((split == name) & (labels == label)):
+                n_pat = [len(np.unique(groups[labels == c])) for c in (0, 1)]
+                raise DataError(
+                    f"too few patients for a {shares} split: {n_pat[0]} NORMAL and {n_pat[1]} PNEUMONIA "
+                    f"patients leave the {name} split without {CLASSES[label]} images; add data (a few "
+                    f"patients of each class per split at least)"
+                )
+
+
+def assign_splits(paths, labels, root: str, mode: str, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Split by `mode`: 'patient' (grouped 70/15/15), 'random' (image-level) or 'official' (archive's test/)."""
+    patients = [patient_id(p) for p in paths]
+    if mode == "patient":
+        return split_groups(labels, patients, seed=seed), patients
+    if mode == "random":
+        return split_groups(labels, np.arange(len(paths)), seed=seed), patients
+    if mode != "official":
+        raise ValueError(f"unknown split mode {mode!r}")
+    in_test = np.array(["test" in Path(os.path.relpath(p, root)).parts[:-2] for p in paths])
+    if not in_test.any() or in_test.all():
+        raise DataError("--split official needs the archive's own train/ and test/ folders under the data folder")
+    split = np.empty(len(paths), dtype=object)
+    split[in_test] = "test"
+    rest = np.flatnonzero(~in_test)
+    split[rest] = split_groups(np.asarray(labels)[rest], np.asarray(patients)[rest], (0.85, 0.15), seed)
+    return split, patients
+
+
+# ---------------------------------------------------------------- decoding
+def cache_size(image_size: int) -> int:
+    """Stored image side: 10% larger than the model input, so cropping can remove the edges."""
+    return int(round(image_size * 1.1))
+
+
+def _to_gray(img: Image.Image) -> Image.Image:
+    """8-bit grayscale; 16-bit and float images are stretched over their own range rather than clipped."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(np.round(arr).astype(np.uint8), "L")
+    return img if img.mode == "L" else img.convert("L")
+
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """Decode any image to a size x size uint8 grayscale array; JPEGs decode straight to near that size.
+
+    `draft` lets libjpeg scale by 1/2, 1/4 or 1/8 inside the DCT, which is most of the cost of a
+    2000x1500 X-ray. Pillow's decompression-bomb warning is raised as an error, so such files are
+    refused. Raises on any unreadable file.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("L", (size, size))
+            img = ImageOps.exif_transpose(img)
+            gray = _to_gray(img)
+            return np.asarray(gray.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def decode_naive(path: str, size: int) -> np.ndarray:
+    """The reference decode: full-resolution decode, grayscale, resize (used in tests and benchmarks)."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def file_hash(path: str) -> str:
+    """Content hash of a file (blake2b: as safe as sha256 for dedup and about twice as fast)."""
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder, then rename: a killed run leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class ImageCache:
+    """Decoded images on disk keyed by content hash, image size and format version; None disables it.
+
+    A small index maps (path, size, mtime) to the content hash so a second run need not re-read files.
+    """
+
+    def __init__(self, directory: str | None, size: int):
+        self.size = size
+        self.dir = Path(directory) / f"v{CACHE_VERSION}-{size}px" if directory else None
+        self.index = {}
+        if self.dir and (self.dir / "index.json").exists():
+            try:
+                self.index = json.loads((self.dir / "index.json").read_text())
+            except (OSError, ValueError):
+                self.index = {}  # a damaged index only costs re-hashing
+
+    def hash(self, path: str) -> str:
+        st = os.stat(path)
+        key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in self.index:
+            self.index[key] = file_hash(path)
+        return self.index[key]
+
+    def entry(self, digest: str) -> Path | None:
+        return self.dir / digest[:2] / f"{digest}.npy" if self.dir else None
+
+    def save_index(self) -> None:
+        if self.dir:
+            atomic_write(self.dir / "index.json", lambda f: f.write(json.dumps(self.index).encode()))
+
+
+def _decode_job(job: tuple[str, int, str | None]) -> tuple[np.ndarray | None, str | None]:
+    """Decode one file (in a worker process) and store it in the cache; returns (image, error)."""
+    path, size, entry = job
+    try:
+        image = decode_image(path, size)
+    except Exception as err:  # any unreadable file is skipped with its reason, never fatal
+        return None, f"unreadable image: {type(err).__name__}: {err}".splitlines()[0][:200]
+    if entry:
+        atomic_write(Path(entry), lambda f: np.save(f, image))
+    return image, None
+
+
+def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | None = None,
+                progress: bool = True) -> tuple[np.ndarray, list[str | None]]:
+    """Decode `paths` to an N x size x size uint8 array, from the cache where possible.
+
+    Returns the images and, per path, None or the reason it could not be read (its image is zeros).
+    """
+    images = np.zeros((len(paths), size, size), dtype=np.uint8)
+    errors: list[str | None] = [None] * len(paths)
+    todo = []
+    for i, path in enumerate(paths):
+        entry = cache.entry(cache.hash(path)) if cache.dir else None
+        if entry is not None and entry.exists():
+            try:
+                images[i] = np.load(entry)
+                continue
+            except (OSError, ValueError):
+                pass  # a damaged entry is decoded again
+        todo.append(i)
+    jobs = [(paths[i], size, str(cache.entry(cache.hash(paths[i]))) if cache.dir else None) for i in todo]
+    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 32))
+    bar = tqdm(total=len(jobs), desc="decoding images (once)", unit="img", disable=not progress or not jobs)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = pool.map(_decode_job, jobs, chunksize=16)
+            for i, (image, err) in zip(todo, results):
+                images[i], errors[i] = (image if image is not None else 0), err
+                bar.update()
+    else:
+        for i, job in zip(todo, jobs):
+            image, errors[i] = _decode_job(job)
+            images[i] = image if image is not None else 0
+            bar.update()
+    bar.close()
+    cache.save_index()
+    return images, errors
+
+
+@dataclass
+class Dataset:
+    """Decoded, de-duplicated images with labels, patients and split, plus what was left out."""
+
+    images: np.ndarray  # N x S x S uint8
+    labels: np.ndarray
+    paths: list[str]
+    patients: list[str]
+    split: np.ndarray
+    found: Found
+    hashes: list[str]
+
+    def subset(self, name: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(N x 1 x S x S uint8 images, float labels, indices) of one split."""
+        idx = np.flatnonzero(self.split == name)
+        return torch.from_numpy(self.images[idx]).unsqueeze(1), torch.from_numpy(self.labels[idx]).float(), idx
+
+
+def deduplicate(found: Found, cache: ImageCache) -> None:
+    """Keep one copy of byte-identical files (the shortest path); copies under both labels are dropped."""
+    by_hash: dict[str, list[int]] = {}
+    for i, path in enumerate(found.paths):
+        try:
+            by_hash.setdefault(cache.hash(path), []).append(i)
+        except OSError as err:
+            found.skipped.append((path, f"unreadable file: {err.strerror}"))
+    keep = []
+    for members in by_hash.values():
+        members.sort(key=lambda i: (found.paths[i].count(os.sep), found.paths[i]))
+        if len({found.labels[i] for i in members}) > 1:
+            found.skipped += [(found.paths[i], "identical bytes filed under both NORMAL and PNEUMONIA") for i in members]
+            continue
+        keep.append(members[0])
+        found.duplicates += [(found.paths[i], found.paths[members[0]]) for i in members[1:]]
+    keep.sort()
+    hashes = {i: h for h, members in by_hash.items() for i in members}
+    found.paths = [found.paths[i] for i in keep]
+    found.labels = [found.labels[i] for i in keep]
+    found.hashes = [hashes[i] for i in keep]
+
+
+def load_dataset(root: str, image_size: int, split_mode: str, seed: int, cache_dir: str | None,
+                 workers: int | None = None, progress: bool = True) -> Dataset:
+    """Discover, de-duplicate, decode (cached) and split every image under `root`."""
+    found = find_images(root)
+    if not found.paths:
+        raise DataError(f"no images found in NORMAL/ or PNEUMONIA/ folders under '{root}'")
+    cache = ImageCache(cache_dir, cache_size(image_size))
+    deduplicate(found, cache)
+    images, errors = load_images(found.paths, cache.size, cache, workers, progress)
+    ok = np.array([e is None for e in errors], dtype=bool)
+    found.skipped += [(p, e) for p, e in zip(found.paths, errors) if e is not None]
+    paths = [p for p, good in zip(found.paths, ok) if good]
+    hashes = [h for h, good in zip(found.hashes, ok) if good]
+    labels = np.asarray(found.labels, dtype=np.int64)[ok]
+    require_two_classes(labels)
+    split, patients = assign_splits(paths, labels, root, split_mode, seed)
+    return Dataset(images[ok], labels, paths, patients, split, found, hashes)
+
+
+def _shared_across_splits(keys, split) -> int:
+    """How many distinct keys occur in more than one split."""
+    where: dict[str, set] = {}
+    for k, s in zip(keys, split):
+        where.setdefault(k, set()).add(s)
+    return sum(len(s) > 1 for s in where.values())
+
+
+def audit(ds: Dataset) -> dict:
+    """Counts per split and label, plus the two leak checks a reviewer asks for first."""
+    per_split = {}
+    for name in SPLITS:
+        idx = ds.split == name
+        per_split[name] = {
+            "images": int(idx.sum()),
+            "patients": len({p for p, i in zip(ds.patients, idx) if i}),
+            **{CLASSES[c].lower(): int((idx & (ds.labels == c)).sum()) for c in (0, 1)},
+        }
+    patient_splits: dict[str, set] = {}
+    for p, s in zip(ds.patients, ds.split):
+        patient_splits.setdefault(p, set()).add(s)
+    reasons: dict[str, int] = {}
+    for _, why in ds.found.skipped:
+        key = why.split(":")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    return {
+        "images": len(ds.paths),
+        "splits": per_split,
+        "patients_in_several_splits": sum(len(s) > 1 for s in patient_splits.values()),
+        "duplicates_across_splits": _shared_across_splits(ds.hashes, ds.split),
+        # re-encoded copies differ in bytes but can decode to the same pixels: a subtler leak
+        "identical_pixels_across_splits": _shared_across_splits(
+            [hashlib.blake2b(im.tobytes(), digest_size=16).hexdigest() for im in ds.images], ds.split),
+        "duplicates_merged": len(ds.found.duplicates),
+        "skipped": len(ds.found.skipped),
+        "skipped_by_reason": reasons,
+        "ignored_folders": ds.found.ignored_folders,
+    }
+
+
+# ---------------------------------------------------------------- tensors and augmentation
+@dataclass
+class Preprocess:
+    """Turns stored uint8 images into model input: crop the edges to `image_size`, normalise.
+
+    Training batches also get a random rotation within +-`max_rotation` degrees and a random crop
+    position, both done for the whole batch by one affine resampling.
+    """
+
+    image_size: int
+    mean: float = 0.5
+    std: float = 0.25
+    max_rotation: float = 15.0
+
+    def eval(self, batch: torch.Tensor) -> torch.Tensor:
+        """Centre crop and normalise a uint8 N x 1 x S x S batch."""
+        offset = (batch.shape[-1] - self.image_size) // 2
+        x = batch[..., offset:offset + self.image_size, offset:offset + self.image_size]
+        return (x.float() / 255.0 - self.mean) / self.std
+
+    def train(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Random rotation and crop position per image, then normalise."""
+        n, side = batch.shape[0], batch.shape[-1]
+        angle = torch.deg2rad((torch.rand(n, generator=generator) * 2 - 1) * self.max_rotation)
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (side - self.image_size) / side
+        scale = self.image_size / side  # the output grid covers image_size of the side pixels
+        cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        theta = theta.to(batch.device)
+        grid = F.affine_grid(theta, [n, 1, self.image_size, self.image_size], align_corners=False)
+        x = F.grid_sample(batch.float() / 255.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return (x - self.mean) / self.std
+
+    def state(self) -> dict:
+        return {"image_size": self.image_size, "mean": self.mean, "std": self.std, "max_rotation": self.max_rotation}
+
+
+def fit_normalisation(images: np.ndarray, image_size: int) -> tuple[float, float]:
+    """Mean and std of the centre crops of the training images, in [0, 1] units."""
+    offset = (images.shape[-1] - image_size) // 2
+    crop = images[:, offset:offset + image_size, offset:offset + image_size].astype(np.float64) / 255.0
+    return float(crop.mean()), float(crop.std())
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None):
+    """Index batches over n items: shuffled when a generator is given, in order otherwise."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]

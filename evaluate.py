@@ -1,0 +1,182 @@
+"""Score predictions: threshold from validation, metrics with patient-bootstrap intervals, plots.
+
+Usage: `threshold = choose_threshold(y_val, p_val, "youden"); m = score(y, p, patients, threshold)`.
+"""
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.calibration import CalibrationDisplay
+from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay, average_precision_score,
+                             brier_score_loss, confusion_matrix, roc_auc_score, roc_curve)
+
+METRICS = ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv")
+
+
+def choose_threshold(y_true, y_prob, policy: str) -> float:
+    """Decision threshold from validation predictions.
+
+    'youden' maximises sensitivity + specificity - 1; 'sens=0.95' is the highest threshold whose
+    sensitivity still reaches 0.95 (the best specificity at that sensitivity); a number is used as is.
+    """
+    if policy == "youden":
+        fpr, tpr, thr = roc_curve(y_true, y_prob)
+        return float(min(thr[np.argmax(tpr - fpr)], 1.0))
+    if policy.startswith("sens="):
+        target = float(policy[5:])
+        fpr, tpr, thr = roc_curve(y_true, y_prob)
+        return float(min(thr[np.flatnonzero(tpr >= target)[0]], 1.0))
+    value = float(policy)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"threshold {value} is not a probability in [0, 1]")
+    return value
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den > 0 else float("nan")
+
+
+def binary_metrics(y_true, y_prob, threshold: float) -> dict:
+    """Accuracy, AUC, sensitivity, specificity, PPV, NPV and the confusion counts at `threshold`."""
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
+    y_pred = (y_prob >= threshold).astype(int)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel())
+    auc = float(roc_auc_score(y_true, y_prob)) if len(np.unique(y_true)) == 2 else float("nan")
+    return {"accuracy": _ratio(tp + tn, len(y_true)), "auc": auc, "sensitivity": _ratio(tp, tp + fn),
+            "specificity": _ratio(tn, tn + fp), "ppv": _ratio(tp, tp + fp), "npv": _ratio(tn, tn + fn),
+            "threshold": float(threshold), "tp": tp, "tn": tn, "fp": fp, "fn": fn}
+
+
+def bootstrap_ci(y_true, y_prob, patients, threshold: float, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """95% percentile intervals for every metric, resampling patients (with all their images).
+
+    Images of one child are correlated; resampling images would make the intervals too narrow.
+    Each resample is a vector of patient multiplicities, applied as image weights.
+    """
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
+    codes = np.unique(np.asarray(patients), return_inverse=True)[1]
+    n_pat = codes.max() + 1
+    rng = np.random.default_rng(seed)
+    pos, pred = y_true == 1, y_prob >= threshold
+    # per-patient confusion counts: one matrix product then gives every resample's counts
+    per_patient = np.stack([np.bincount(codes, weights=m, minlength=n_pat)
+                            for m in (pos & pred, ~pos & ~pred, ~pos & pred, pos & ~pred)], 1)
+    draws = np.empty((n_resamples, 6))
+    for b in range(n_resamples):
+        weights = np.bincount(rng.integers(0, n_pat, n_pat), minlength=n_pat)
+        tp, tn, fp, fn = weights @ per_patient
+        w_img = weights[codes]
+        both = w_img[pos].sum() > 0 and w_img[~pos].sum() > 0
+        auc = roc_auc_score(y_true, y_prob, sample_weight=w_img) if both else np.nan
+        draws[b] = [(tp + tn) / (tp + tn + fp + fn), auc, _ratio(tp, tp + fn), _ratio(tn, tn + fp),
+                    _ratio(tp, tp + fp), _ratio(tn, tn + fn)]
+    lo, hi = np.nanpercentile(draws, [2.5, 97.5], axis=0)
+    return {m: [float(a), float(b)] for m, a, b in zip(METRICS, lo, hi)}
+
+
+def expected_calibration_error(y_true, y_prob, n_bins: int = 10) -> float:
+    """Mean gap between predicted probability and observed frequency over equal-width bins, weighted by count."""
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
+    bins = np.minimum((y_prob * n_bins).astype(int), n_bins - 1)
+    gaps = [abs(y_true[bins == b].mean() - y_prob[bins == b].mean()) * (bins == b).sum()
+            for b in range(n_bins) if (bins == b).any()]
+    return float(np.sum(gaps) / len(y_true))
+
+
+def score(y_true, y_prob, patients, threshold: float, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Every test figure: metrics, their intervals, average precision and calibration."""
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
+    result = binary_metrics(y_true, y_prob, threshold)
+    result["ci95"] = bootstrap_ci(y_true, y_prob, patients, threshold, n_resamples, seed)
+    result["average_precision"] = float(average_precision_score(y_true, y_prob))
+    result["brier"] = float(brier_score_loss(y_true, y_prob))
+    result["ece"] = expected_calibration_error(y_true, y_prob)
+    result["images"], result["patients"] = int(len(y_true)), int(len(set(patients)))
+    return result
+
+
+# ---------------------------------------------------------------- plots
+def _save(fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_roc(y_true, y_prob, m: dict, path, note: str = "") -> None:
+    """ROC curve with AUC, its interval and the operating point."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    lo, hi = m["ci95"]["auc"]
+    RocCurveDisplay.from_predictions(y_true, y_prob, ax=ax, name=f"CNN (AUC {m['auc']:.3f}, 95% CI {lo:.3f}-{hi:.3f})")
+    ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="crimson", ms=8,
+            label=f"threshold {m['threshold']:.3f}: sens {m['sensitivity']:.3f}, spec {m['specificity']:.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_title(f"ROC, test split{note}")
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
+def plot_confusion(m: dict, path, note: str = "") -> None:
+    """Confusion matrix with counts and, per true class, the rate."""
+    cm = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    disp = ConfusionMatrixDisplay(cm, display_labels=["NORMAL", "PNEUMONIA"]).plot(ax=ax, colorbar=False, cmap="Blues")
+    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    for (i, j), text in np.ndenumerate(disp.text_):
+        text.set_text(f"{cm[i, j]}\n({rates[i, j]:.1%} of true)")
+    ax.set_title(f"Confusion matrix at threshold {m['threshold']:.3f}{note}", fontsize=10)
+    _save(fig, path)
+
+
+def plot_pr(y_true, y_prob, m: dict, path, note: str = "") -> None:
+    """Precision-recall curve with average precision."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    PrecisionRecallDisplay.from_predictions(y_true, y_prob, ax=ax, name=f"CNN (AP {m['average_precision']:.3f})")
+    ax.plot(m["sensitivity"], m["ppv"], "o", color="crimson", label="operating point")
+    ax.set_title(f"Precision-recall, test split{note}")
+    ax.legend(loc="lower left", fontsize=8)
+    _save(fig, path)
+
+
+def plot_calibration(y_true, y_prob, m: dict, path, note: str = "") -> None:
+    """Reliability diagram with the Brier score and expected calibration error."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    CalibrationDisplay.from_predictions(y_true, y_prob, n_bins=10, ax=ax,
+                                        name=f"CNN (Brier {m['brier']:.3f}, ECE {m['ece']:.3f})")
+    ax.set_title(f"Calibration, test split{note}")
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)
+
+
+def plot_history(history: list[dict], best_epoch: int, path) -> None:
+    """Training and validation loss, and validation AUC, per epoch, with the kept epoch marked."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    ax1.plot(epochs, [h["loss"] for h in history], "o-", label="train loss")
+    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation loss")
+    ax2.plot(epochs, [h["val_auc"] for h in history], "o-", color="green", label="validation AUC")
+    for ax in (ax1, ax2):
+        ax.axvline(best_epoch, color="crimson", ls="--", label=f"kept epoch {best_epoch}")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def summary_table(m: dict, title: str) -> str:
+    """A plain-text table of the metrics with their intervals."""
+    lines = [title, f"{'metric':<12} {'value':>7}  95% CI (patient bootstrap)"]
+    for name in METRICS:
+        lo, hi = m["ci95"][name]
+        lines.append(f"{name:<12} {m[name]:7.3f}  [{lo:.3f}, {hi:.3f}]")
+    lines.append(f"threshold {m['threshold']:.4f}   TP {m['tp']}  TN {m['tn']}  FP {m['fp']}  FN {m['fn']}   "
+                 f"({m['images']} images, {m['patients']} patients)")
+    return "\n".join(lines)
+
+
+def draw_all(y_true, y_prob, m: dict, out_dir, note: str = "") -> list[str]:
+    """Write roc.png, confusion_matrix.png, pr.png and calibration.png; return their names."""
+    plot_roc(y_true, y_prob, m, out_dir / "roc.png", note)
+    plot_confusion(m, out_dir / "confusion_matrix.png", note)
+    plot_pr(y_true, y_prob, m, out_dir / "pr.png", note)
+    plot_calibration(y_true, y_prob, m, out_dir / "calibration.png", note)
+    return ["roc.png", "confusion_matrix.png", "pr.png", "calibration.png"]

@@ -1,0 +1,209 @@
+"""Grad-CAM for the single-logit CNN, with sanity checks and overlays.
+
+Usage: `with GradCAM(model, model.cam_layer) as cam: maps = cam(x)`.
+"""
+import copy
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from torch import nn
+
+
+class GradCAM:
+    """Owns one forward hook on `target_layer`; maps are N x H x W in [0, 1] for the chosen class.
+
+    Gradients are taken with `torch.autograd.grad` on the hooked activation, so no tensor or backward
+    hook is needed and the model's parameter `.grad` fields are left untouched. The model's train/eval
+    mode is the caller's choice and is never changed here.
+    """
+
+    def __init__(self, model: nn.Module, target_layer: nn.Module):
+        self.model, self.layer, self.handle, self.activation = model, target_layer, None, None
+
+    def __enter__(self):
+        self.handle = self.layer.register_forward_hook(self._keep)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        self.handle = self.activation = None
+        return False  # never swallow an exception
+
+    def _keep(self, module, inputs, output):
+        self.activation = output
+
+    def layer_maps(self, x: torch.Tensor, target: str = "pneumonia") -> torch.Tensor:
+        """Un-normalised ReLU(sum_k w_k A_k) at the layer's resolution (N x h x w).
+
+        Evidence for 'normal' in a one-logit model is the gradient of the negated logit.
+        """
+        if self.handle is None:
+            raise RuntimeError("use GradCAM inside a `with` block")
+        sign = {"pneumonia": 1.0, "normal": -1.0}[target]
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)  # a graph exists even for a frozen model
+            logits = self.model(x)
+            grads = torch.autograd.grad((sign * logits.float()).sum(), self.activation)[0]
+        weights = grads.float().mean(dim=(2, 3), keepdim=True)
+        return F.relu((weights * self.activation.detach().float()).sum(1))
+
+    def __call__(self, x: torch.Tensor, target: str = "pneumonia") -> torch.Tensor:
+        """Maps at the input's resolution, each scaled to [0, 1]; an all-zero map stays zero."""
+        cam = F.interpolate(self.layer_maps(x, target)[:, None], size=x.shape[-2:], mode="bilinear",
+                            align_corners=False)[:, 0]
+        return normalise(cam)
+
+
+def normalise(cam: torch.Tensor) -> torch.Tensor:
+    """Scale each map to [0, 1] by its own min and max; a flat map becomes zeros, never NaN."""
+    flat = cam.flatten(1)
+    lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
+    span = hi - lo
+    return torch.where(span > 0, (cam - lo) / span.clamp_min(1e-12), torch.zeros_like(cam))
+
+
+def compute_maps(model: nn.Module, x: torch.Tensor, target: str = "pneumonia", batch_size: int = 64) -> np.ndarray:
+    """Grad-CAM maps of a whole set in batches, as a float32 array N x H x W."""
+    out = []
+    with GradCAM(model, model.cam_layer) as cam:
+        for start in range(0, len(x), batch_size):
+            out.append(cam(x[start:start + batch_size], target).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0,) + tuple(x.shape[-2:]), np.float32)
+
+
+# ---------------------------------------------------------------- sanity checks
+def _reset(module: nn.Module, seed: int) -> None:
+    """Re-initialise every layer in `module` (weights, and batch-norm running statistics)."""
+    torch.manual_seed(seed)
+    for m in module.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+
+
+def _rank_corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation of two maps; a flat map shares no structure, so it scores 0."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(spearmanr(a.ravel(), b.ravel())[0])
+
+
+def randomisation_test(model: nn.Module, x: torch.Tensor, seed: int = 0, warn_above: float = 0.5) -> dict:
+    """Adebayo et al.'s cascading model-parameter randomisation test for Grad-CAM.
+
+    Layers are re-initialised from the output back to the input; after each step the maps of the
+    same images are compared, at the layer's resolution, with the trained model's by Spearman rank
+    correlation. Maps that survive full randomisation do not depend on what the model learned.
+    """
+    def maps(m):
+        with GradCAM(m, m.cam_layer) as cam:
+            return cam.layer_maps(x).cpu().numpy()
+
+    trained = maps(model)
+    randomised = copy.deepcopy(model)
+    stages = [name for name, _ in model.named_children()][::-1]
+    medians, examples = [], [trained]
+    for i, name in enumerate(stages):
+        _reset(getattr(randomised, name), seed + i)
+        current = maps(randomised)
+        examples.append(current)
+        medians.append(float(np.median([_rank_corr(a, b) for a, b in zip(trained, current)])))
+    result = {"stages": stages, "median_spearman": medians, "fully_randomised_median_spearman": medians[-1],
+              "images": int(len(x)), "passed": medians[-1] <= warn_above}
+    if not result["passed"]:
+        warnings.warn(f"Grad-CAM maps of a fully randomised model still correlate with the trained model's "
+                      f"(median Spearman {medians[-1]:.2f} > {warn_above}): the heatmaps may not reflect what the "
+                      f"model learned")
+    return result, examples
+
+
+def border_mass(maps: np.ndarray, frame: float = 0.10) -> dict:
+    """Share of CAM mass in the outer `frame` of the image (markers and text sit there) against its area."""
+    h, w = maps.shape[-2:]
+    dh, dw = int(round(h * frame)), int(round(w * frame))
+    inner = np.zeros((h, w), bool)
+    inner[dh:h - dh, dw:w - dw] = True
+    total = maps.reshape(len(maps), -1).sum(1)
+    share = maps[:, ~inner].sum(1) / np.maximum(total, 1e-12)
+    valid = total > 0
+    return {"border_mass_share": float(share[valid].mean()) if valid.any() else float("nan"),
+            "border_area_share": float((~inner).mean()), "images": int(valid.sum())}
+
+
+def localisation(maps: np.ndarray, masks: np.ndarray) -> dict:
+    """Pointing game (is the CAM maximum inside the lesion?) and the CAM mass inside lesions vs their area."""
+    hits, mass, area = [], [], []
+    for cam, mask in zip(maps, masks):
+        if cam.max() <= 0 or not mask.any():
+            continue
+        hits.append(bool(mask.flat[int(np.argmax(cam))]))
+        mass.append(float(cam[mask].sum() / cam.sum()))
+        area.append(float(mask.mean()))
+    n = len(hits)
+    return {"pointing_game": float(np.mean(hits)) if n else float("nan"), "images": n,
+            "mass_in_lesions": float(np.mean(mass)) if n else float("nan"),
+            "lesion_area": float(np.mean(area)) if n else float("nan"),
+            "mass_ratio": float(np.mean(mass) / np.mean(area)) if n else float("nan")}
+
+
+# ---------------------------------------------------------------- pictures
+def _show(ax, image, cam=None, alpha=0.45):
+    ax.imshow(image, cmap="gray")
+    if cam is not None:
+        ax.imshow(cam, cmap="jet", alpha=alpha, vmin=0, vmax=1)
+    ax.set_axis_off()
+
+
+def save_overlay(image: np.ndarray, cam: np.ndarray, title: str, path) -> None:
+    """Image, heatmap and both blended, side by side, with a title line."""
+    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.9))
+    _show(axes[0], image)
+    axes[1].imshow(cam, cmap="jet", vmin=0, vmax=1)
+    axes[1].set_axis_off()
+    _show(axes[2], image, cam)
+    for ax, name in zip(axes, ("image", "Grad-CAM", "overlay")):
+        ax.set_title(name, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_grid(images, cams, titles, path, columns: int = 4, suptitle: str = "") -> None:
+    """One picture of many overlays."""
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, image, cam, title in zip(axes.flat, images, cams, titles):
+        _show(ax, image, cam)
+        ax.set_title(title, fontsize=7)
+    fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_randomisation_figure(images, examples, stages, medians, path) -> None:
+    """Rows of images, columns from the trained maps to the fully randomised ones."""
+    n = min(4, len(images))
+    cols = ["trained"] + [f"-{s}\nrho {m:.2f}" for s, m in zip(stages, medians)]
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.7 * len(cols), 1.8 * n), squeeze=False)
+    for r in range(n):
+        for c, maps in enumerate(examples):
+            axes[r, c].imshow(maps[r], cmap="jet")
+            axes[r, c].set_axis_off()
+            if r == 0:
+                axes[r, c].set_title(cols[c], fontsize=7)
+    fig.suptitle("Cascading randomisation: maps should degrade as layers are re-initialised", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,429 @@
+"""Pneumonia detector for pediatric chest X-rays: train, evaluate and explain a custom CNN.
+
+Usage: `python main.py` (Kaggle archive in archive/), `python main.py --demo` (synthetic phantoms),
+`python main.py evaluate --checkpoint runs/X/best.pt --data DIR`, `python main.py predict IMG --checkpoint ...`.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import demo
+import evaluate
+import gradcam
+import report
+import train
+from model import PneumoniaCNN, count_flops
+
+DOWNLOAD_HELP = """No chest X-rays found in '{root}'.
+Download "Chest X-Ray Images (Pneumonia)" from Kaggle (https://www.kaggle.com/datasets/paultimothymooney/chest-xray-pneumonia),
+unzip it into {root}/ so that it looks like
+    {root}/chest_xray/train/NORMAL/*.jpeg   {root}/chest_xray/train/PNEUMONIA/*.jpeg
+    {root}/chest_xray/val/...               {root}/chest_xray/test/...
+(any depth works: every NORMAL/ and PNEUMONIA/ folder is used), then run `python main.py` again.
+To try the tool without the download: `python main.py --demo`."""
+SYNTHETIC = "SYNTHETIC DEMO DATA (generated phantoms): not real X-rays, not a medical result."
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed as one sentence, exit status 2."""
+
+
+# ---------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="main.py", description=__doc__.split("\n\n")[0], formatter_class=fmt,
+                                epilog="Sub-commands: `main.py evaluate --help`, `main.py predict --help`.")
+    p.add_argument("--data", default="archive", help="folder holding the unzipped Kaggle archive (any NORMAL/ and PNEUMONIA/ folders below it)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<YYYYmmdd-HHMMSS>); must not exist yet")
+    p.add_argument("--epochs", type=int, default=15, help="maximum training epochs")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the OneCycle SGD schedule")
+    p.add_argument("--pos-weight", type=float, default=0.6, help="BCEWithLogitsLoss pos_weight for the PNEUMONIA class")
+    p.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better validation AUC")
+    p.add_argument("--image-size", type=int, default=160, help="model input side in pixels (images are stored 10%% larger and edge-cropped)")
+    p.add_argument("--widths", type=int, nargs=3, default=[24, 48, 96], help="channels of the three CNN blocks")
+    p.add_argument("--split", choices=["patient", "random", "official"], default="patient",
+                   help="patient: 70/15/15 grouped by child; random: image-level (leaky, for comparison); official: the archive's test/ folder")
+    p.add_argument("--threshold", default="youden", help="decision threshold policy, chosen on validation: youden, sens=0.95, or a number")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation, shuffling and augmentation")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to train")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (slower); CPU runs always are")
+    p.add_argument("--cam-target", choices=["pneumonia", "normal"], default="pneumonia", help="class whose evidence Grad-CAM shows")
+    p.add_argument("--cache-dir", default=default_cache_dir(), help="where decoded images are kept between runs")
+    p.add_argument("--no-cache", action="store_true", help="decode every image afresh and keep nothing")
+    p.add_argument("--workers", type=int, default=None, help="processes for the one-time decode (default: all cores)")
+    p.add_argument("--resume", metavar="RUN", default=None, help="continue the interrupted run in folder RUN")
+    p.add_argument("--demo", action="store_true", help="generate synthetic phantoms into the run folder and use them as data")
+    p.add_argument("--demo-patients", type=int, default=60, help="phantom patients per class for --demo (3 images each)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def build_evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="main.py evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Score a trained model on a labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) "
+                                            "or on the test rows of a run's split.csv, at the checkpoint's threshold.")
+    p.add_argument("--checkpoint", required=True, help="best.pt of a finished run")
+    p.add_argument("--data", required=True, help="labelled folder, or a run's split.csv (its test rows are scored)")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/evaluate-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
+    p.add_argument("--cam-target", choices=["pneumonia", "normal"], default="pneumonia", help="class whose evidence Grad-CAM shows")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the randomisation test")
+    p.add_argument("--cache-dir", default=default_cache_dir(), help="where decoded images are kept between runs")
+    p.add_argument("--no-cache", action="store_true", help="decode every image afresh")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="main.py predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Pneumonia probability and label for images or folders of images.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--checkpoint", default=None, help="best.pt of a finished run (required)")
+    p.add_argument("--out", default=None, help="output folder (default runs/predict-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--cam", action="store_true", help="also write a Grad-CAM overlay per image (always for a single image)")
+    p.add_argument("--cam-target", choices=["pneumonia", "normal"], default="pneumonia", help="class whose evidence Grad-CAM shows")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    return p
+
+
+def default_cache_dir() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pneumonia-cnn")
+
+
+# ---------------------------------------------------------------- run folders and files
+def new_run_dir(out: str | None, prefix: str = "") -> Path:
+    """Create a fresh run folder; refuse one that exists, so nothing is overwritten."""
+    path = Path(out) if out else Path("runs") / (prefix + time.strftime("%Y%m%d-%H%M%S"))
+    if path.exists() and any(path.iterdir()):
+        raise UsageError(f"output folder '{path}' already exists and is not empty; choose another --out "
+                         f"(or `--resume {path}` if it is an interrupted run)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / ".write-test").touch()
+        (path / ".write-test").unlink()
+    except OSError as err:
+        raise UsageError(f"cannot write to output folder '{path}' ({err.strerror}); choose a writable --out")
+    return path
+
+
+def write_json(path: Path, obj) -> None:
+    data.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, allow_nan=True).encode()))
+
+
+def write_csv(path: Path, header, rows) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_data_files(run_dir: Path, ds: data.Dataset) -> None:
+    """split.csv, skipped.csv and duplicates.csv: every file found is in exactly one of them."""
+    write_csv(run_dir / "split.csv", ["path", "patient", "label", "split"],
+              zip(ds.paths, ds.patients, [data.CLASSES[i] for i in ds.labels], ds.split))
+    write_csv(run_dir / "skipped.csv", ["path", "reason"], ds.found.skipped)
+    write_csv(run_dir / "duplicates.csv", ["path", "same_bytes_as"], ds.found.duplicates)
+
+
+def load_model(ckpt: dict, device: torch.device) -> tuple[PneumoniaCNN, data.Preprocess]:
+    """Rebuild the model and preprocessing a checkpoint describes; a mismatch is a UsageError."""
+    try:
+        model = PneumoniaCNN(**ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+        prep = data.Preprocess(**ckpt["preprocess"])
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise UsageError(f"the checkpoint does not fit this model ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+                         f"it was made by another model config or version of this project")
+    return model.to(device, memory_format=torch.channels_last).eval(), prep
+
+
+def read_checkpoint(path: str | None) -> dict:
+    if not path:
+        raise UsageError("no checkpoint given; pass --checkpoint runs/<run>/best.pt from a finished training run")
+    if not Path(path).is_file():
+        raise UsageError(f"checkpoint '{path}' does not exist; pass the best.pt of a finished run")
+    try:
+        return train.load_checkpoint(path)
+    except Exception as err:  # pickle errors, refused globals, wrong format: all mean 'not ours'
+        raise UsageError(f"'{path}' cannot be loaded safely as a checkpoint of this project "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:160]})")
+
+
+# ---------------------------------------------------------------- scoring and explaining (train and evaluate)
+def score_set(model, prep, threshold, images, labels, paths, patients, out: Path, device, cam_target: str,
+              seed: int, note: str = "", masks=None) -> dict:
+    """Predict, score with intervals, draw, and explain one labelled set; returns the metrics dict."""
+    y_prob = train.predict(model, images, prep, device)
+    y_true = labels.numpy().astype(int)
+    metrics = evaluate.score(y_true, y_prob, patients, threshold, seed=seed)
+    evaluate.draw_all(y_true, y_prob, metrics, out, note)
+    explained = explain(model, prep, images, y_true, y_prob, threshold, out, device, cam_target, seed, note, masks)
+    return {"test": metrics, "gradcam": explained}
+
+
+def explain(model, prep, images, y_true, y_prob, threshold, out: Path, device, cam_target, seed, note, masks) -> dict:
+    """Grad-CAM overlays per outcome, the grid, border mass, randomisation test and (phantoms) localisation."""
+    x = prep.eval(images.to(device)).contiguous(memory_format=torch.channels_last)
+    maps = gradcam.compute_maps(model, x, cam_target)
+    shown = prep.eval(images).numpy()[:, 0] * prep.std + prep.mean  # the crop the model saw, in [0, 1]
+    y_pred = (y_prob >= threshold).astype(int)
+    outcome = np.where(y_true == 1, np.where(y_pred == 1, "TP", "FN"), np.where(y_pred == 1, "FP", "TN"))
+    (out / "gradcam").mkdir(exist_ok=True)
+    picks = [i for kind in ("TP", "TN", "FP", "FN") for i in np.flatnonzero(outcome == kind)[:4]]
+    titles = [f"{outcome[i]} p={y_prob[i]:.2f} true={data.CLASSES[y_true[i]]}" for i in picks]
+    for i, title in zip(picks, titles):
+        if list(picks).index(i) < 16:
+            gradcam.save_overlay(shown[i], maps[i], f"{title}{note}", out / "gradcam" / f"{outcome[i]}_{i:04d}.png")
+    gradcam.save_grid(shown[picks], maps[picks], titles, out / "gradcam_grid.png",
+                      suptitle=f"Grad-CAM ({cam_target} evidence), up to 4 per outcome{note}")
+    result = {"target": cam_target, "layer": "block3", "border": gradcam.border_mass(maps)}
+    sample = x[: min(32, len(x))]
+    result["randomisation"], stages = gradcam.randomisation_test(model, sample, seed)
+    gradcam.save_randomisation_figure(shown, stages, result["randomisation"]["stages"],
+                                      result["randomisation"]["median_spearman"], out / "gradcam_randomisation.png")
+    if masks is not None:
+        offset = (masks.shape[-1] - prep.image_size) // 2
+        crop = masks[:, offset:offset + prep.image_size, offset:offset + prep.image_size]
+        hit = outcome == "TP"
+        result["localisation"] = gradcam.localisation(maps[hit], crop[hit])
+    return result
+
+
+# ---------------------------------------------------------------- train
+def resolve_run(args) -> tuple[argparse.Namespace, Path, dict | None]:
+    """The run folder and settings: a new folder, or an interrupted one to resume."""
+    if not args.resume:
+        return args, new_run_dir(args.out), None
+    run_dir = Path(args.resume)
+    if not (run_dir / "INCOMPLETE").exists():
+        raise UsageError(f"'{run_dir}' is not an interrupted run (no INCOMPLETE marker); nothing to resume")
+    if not (run_dir / "last.pt").exists():
+        raise UsageError(f"'{run_dir}' has no last.pt to resume from; start a new run")
+    saved = json.loads((run_dir / "config.json").read_text())
+    resumed = argparse.Namespace(**{**vars(args), **saved, "resume": str(run_dir), "quiet": args.quiet})
+    return resumed, run_dir, read_checkpoint(run_dir / "last.pt")
+
+
+def load_training_data(args, run_dir: Path) -> data.Dataset:
+    """Phantoms for --demo, else the archive; a missing archive gives the download instructions."""
+    root = args.data
+    if args.demo:
+        root = str(run_dir / "demo_data")
+        if not Path(root).exists():
+            demo.make_phantoms(root, patients_per_class=args.demo_patients, seed=args.seed)
+    elif not Path(root).is_dir() or not data.find_images(root).paths:
+        raise UsageError(DOWNLOAD_HELP.format(root=root))
+    cache = None if args.no_cache or args.demo else args.cache_dir
+    return data.load_dataset(root, args.image_size, args.split, args.seed, cache, args.workers, not args.quiet)
+
+
+def configure_device(args) -> torch.device:
+    try:
+        device = train.resolve_device(args.device)
+    except ValueError as err:
+        raise UsageError(str(err))
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    return device
+
+
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The whole uint8 set on the GPU when it fits in a quarter of free memory, else pinned host memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return images.to(device) if images.numel() < free // 4 else images.pin_memory()
+    return images.to(device)
+
+
+def run_train(args) -> int:
+    args, run_dir, resume = resolve_run(args)
+    device = configure_device(args)
+    generator = train.set_seed(args.seed)
+    ds = load_training_data(args, run_dir)
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "quiet")}
+    if resume is None:
+        write_json(run_dir / "config.json", config)
+        write_data_files(run_dir, ds)
+        (run_dir / "INCOMPLETE").write_text("training has not finished; resume with: python main.py --resume " + str(run_dir))
+    print("config:", json.dumps({**config, "device": str(device)}))
+    splits = {name: ds.subset(name) for name in data.SPLITS}
+    mean, std = data.fit_normalisation(ds.images[splits["train"][2]], args.image_size)
+    prep = data.Preprocess(args.image_size, mean, std)
+    model = PneumoniaCNN(tuple(args.widths)).to(device, memory_format=torch.channels_last)
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{count_flops(model, args.image_size) / 1e6:.0f} M multiply-adds per image")
+    started = time.perf_counter()
+    cfg = train.TrainConfig(args.epochs, args.batch_size, args.lr, args.pos_weight, args.patience)
+    tr, va = [(to_device(splits[s][0], device), splits[s][1].to(device)) for s in ("train", "val")]
+    try:
+        state = train.fit(model, tr, va, prep, cfg, run_dir, device, generator, resume, not args.quiet, args.compile)
+    except train.Interrupted as err:
+        print(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}", file=sys.stderr)
+        return 130
+    if state.failure:
+        print(f"error: {state.failure}", file=sys.stderr)
+        if state.best_model is None:
+            return 1
+        print(f"evaluating the best checkpoint so far (epoch {state.best_epoch})", file=sys.stderr)
+    model.load_state_dict(state.best_model)
+    model.eval()
+    threshold = evaluate.choose_threshold(splits["val"][1].numpy(), train.predict(model, splits["val"][0], prep, device),
+                                          args.threshold)
+    train.save_checkpoint(run_dir / "best.pt", {
+        "model": state.best_model, "model_config": model.config, "preprocess": prep.state(), "threshold": threshold,
+        "threshold_policy": args.threshold, "epoch": state.best_epoch, "val_auc": state.best_auc, "config": config})
+    evaluate.plot_history(state.history, state.best_epoch, run_dir / "training_curves.png")
+    return finish_train(args, run_dir, ds, splits, model, prep, threshold, state, device, started)
+
+
+def finish_train(args, run_dir, ds, splits, model, prep, threshold, state, device, started) -> int:
+    """Score the test split once, write metrics.json and report.html, and mark the run complete."""
+    note = " [SYNTHETIC DEMO]" if args.demo else ""
+    images, labels, idx = splits["test"]
+    masks = demo.load_masks(run_dir / "demo_data", [ds.paths[i] for i in idx], images.shape[-1]) if args.demo else None
+    metrics = score_set(model, prep, threshold, images, labels, [ds.paths[i] for i in idx],
+                        [ds.patients[i] for i in idx], run_dir, device, args.cam_target, args.seed, note, masks)
+    metrics.update({"synthetic": bool(args.demo), "split": args.split,
+                    "validation": {"auc": state.best_auc, "best_epoch": state.best_epoch,
+                                   "threshold_policy": args.threshold, "threshold": threshold},
+                    "data": data.audit(ds), "training_failure": state.failure})
+    write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "timing.json", {"seconds_since_data_loaded": round(time.perf_counter() - started, 1),
+                                         "epochs_run": state.epoch})
+    title = ("Pneumonia CNN" + (" - " + SYNTHETIC if args.demo else "") + f" - run {run_dir.name}")
+    report.write_report(run_dir, title, vars(args), metrics, SYNTHETIC if args.demo else "")
+    (run_dir / "INCOMPLETE").unlink(missing_ok=True)
+    print_summary(metrics, run_dir, SYNTHETIC if args.demo else "")
+    return 0
+
+
+def print_summary(metrics: dict, out: Path, banner: str = "") -> None:
+    if banner:
+        print(banner)
+    print(evaluate.summary_table(metrics["test"], "Test split (threshold chosen on validation)"))
+    g = metrics["gradcam"]
+    print(f"Grad-CAM: randomised-model median Spearman {g['randomisation']['fully_randomised_median_spearman']:.3f}, "
+          f"border mass {g['border']['border_mass_share']:.3f} (area {g['border']['border_area_share']:.2f})"
+          + (f", pointing game {g['localisation']['pointing_game']:.3f}" if "localisation" in g else ""))
+    print(f"wrote {out}/report.html and everything beside it")
+
+
+# ---------------------------------------------------------------- evaluate and predict
+def run_evaluate(args) -> int:
+    ckpt = read_checkpoint(args.checkpoint)
+    device = configure_device(argparse.Namespace(device=args.device, deterministic=False))
+    model, prep = load_model(ckpt, device)
+    out = new_run_dir(args.out or str(Path(args.checkpoint).parent / ("evaluate-" + time.strftime("%Y%m%d-%H%M%S"))))
+    paths, labels = labelled_files(args.data)
+    cache = data.ImageCache(None if args.no_cache else args.cache_dir, data.cache_size(prep.image_size))
+    images, errors = data.load_images(paths, cache.size, cache, progress=not args.quiet)
+    ok = [e is None for e in errors]
+    write_csv(out / "skipped.csv", ["path", "reason"], [(p, e) for p, e in zip(paths, errors) if e])
+    paths, labels = [p for p, g in zip(paths, ok) if g], np.asarray(labels)[ok]
+    data.require_two_classes(labels)
+    metrics = score_set(model, prep, ckpt["threshold"], torch.from_numpy(images[ok]).unsqueeze(1),
+                        torch.from_numpy(labels).float(), paths, [data.patient_id(p) for p in paths], out, device,
+                        args.cam_target, args.seed)
+    metrics["evaluated"] = {"checkpoint": args.checkpoint, "data": args.data, "skipped": int(len(ok) - sum(ok))}
+    write_json(out / "metrics.json", metrics)
+    report.write_report(out, f"Pneumonia CNN - evaluation of {args.checkpoint} on {args.data}", vars(args), metrics)
+    print_summary(metrics, out)
+    return 0
+
+
+def labelled_files(source: str) -> tuple[list[str], list[int]]:
+    """(paths, labels) from a labelled folder, or from the test rows of a run's split.csv."""
+    if source.endswith(".csv"):
+        with open(source, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+        return [r["path"] for r in rows], [data.CLASSES.index(r["label"]) for r in rows]
+    found = data.find_images(source)
+    if not found.paths:
+        raise UsageError(f"no images in NORMAL/ or PNEUMONIA/ folders under '{source}'")
+    return found.paths, found.labels
+
+
+def image_files(paths: list[str]) -> list[str]:
+    """The files named, with folders expanded to every file below them (sorted)."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(str(f) for f in Path(p).rglob("*") if f.is_file() and not f.name.startswith("."))
+        else:
+            files.append(p)
+    return files
+
+
+def run_predict(args) -> int:
+    ckpt = read_checkpoint(args.checkpoint)
+    device = configure_device(argparse.Namespace(device=args.device, deterministic=False))
+    model, prep = load_model(ckpt, device)
+    files = image_files(args.paths)
+    if not files:
+        raise UsageError(f"no files found in {', '.join(args.paths)}")
+    out = new_run_dir(args.out, prefix="predict-")
+    images, errors = data.load_images(files, data.cache_size(prep.image_size), data.ImageCache(None, data.cache_size(prep.image_size)),
+                                      progress=len(files) > 1)
+    good = [i for i, e in enumerate(errors) if e is None]
+    batch = torch.from_numpy(images[good]).unsqueeze(1)
+    prob = train.predict(model, batch, prep, device, args.batch_size)
+    rows = [[f, "", "", e] for f, e in zip(files, errors)]
+    for k, i in enumerate(good):
+        rows[i][1:3] = [f"{prob[k]:.6f}", data.CLASSES[int(prob[k] >= ckpt["threshold"])]]
+    for f, e in zip(files, errors):
+        if e:
+            print(f"skipped {f}: {e}", file=sys.stderr)
+    write_csv(out / "predictions.csv", ["path", "probability", "label", "error"], rows)
+    overlays = write_overlays(model, prep, batch, prob, [files[i] for i in good], out, device, args) \
+        if (args.cam or len(files) == 1) and good else []
+    if len(files) == 1 and good:
+        print(f"{files[0]}: probability of pneumonia {prob[0]:.4f} -> {rows[0][2]} "
+              f"(threshold {ckpt['threshold']:.4f}); overlay: {overlays[0]}")
+    else:
+        print(f"{len(good)} of {len(files)} images scored; wrote {out / 'predictions.csv'}"
+              + (f" and {len(overlays)} overlays" if overlays else ""))
+    return 0
+
+
+def write_overlays(model, prep, batch, prob, files, out: Path, device, args) -> list[Path]:
+    x = prep.eval(batch.to(device)).contiguous(memory_format=torch.channels_last)
+    maps = gradcam.compute_maps(model, x, args.cam_target)
+    shown = prep.eval(batch).numpy()[:, 0] * prep.std + prep.mean
+    paths = []
+    for i, f in enumerate(files):
+        path = out / f"{i:05d}_{Path(f).stem}_cam.png"
+        gradcam.save_overlay(shown[i], maps[i], f"{Path(f).name}: p(pneumonia)={prob[i]:.3f} ({args.cam_target} evidence)", path)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["evaluate"]:
+            return run_evaluate(build_evaluate_parser().parse_args(argv[1:]))
+        if argv[:1] == ["predict"]:
+            return run_predict(build_predict_parser().parse_args(argv[1:]))
+        return run_train(build_parser().parse_args(argv))
+    except (UsageError, data.DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

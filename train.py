@@ -1,0 +1,276 @@
+"""Fit the CNN: SGD + OneCycle, best epoch by validation AUC (then loss), exact resume. Usage: `state = fit(...)`."""
+import csv
+import io
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from tqdm import tqdm
+
+from data import Preprocess, atomic_write, batches
+
+CHECKPOINT_FORMAT = 1
+PROJECT_VERSION = "1.0.0"
+
+
+class Interrupted(Exception):
+    """Training was stopped by SIGINT/SIGTERM after saving last.pt."""
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or inf; the message names the epoch and step."""
+
+
+def set_seed(seed: int) -> torch.Generator:
+    """Seed Python, numpy and torch; return the generator that drives shuffling and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn --device auto|cpu|cuda|mps into a torch.device, refusing one that is not there."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(name, False):
+        raise ValueError(f"--device {name} was asked for but is not available here; use --device auto")
+    return torch.device(name)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPUs that support it, fp16 on older CUDA GPUs, none on the CPU (it is slower there)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """torch.save through a temp file and rename, so a crash never leaves a half-written checkpoint."""
+    payload = {"format": CHECKPOINT_FORMAT, "versions": {"torch": torch.__version__, "project": PROJECT_VERSION}, **payload}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint without running any code (weights_only), checking its format."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"'{path}' is not a checkpoint of this project's format {CHECKPOINT_FORMAT}")
+    saved = ckpt.get("versions", {})
+    if saved.get("torch") != torch.__version__ or saved.get("project") != PROJECT_VERSION:
+        import warnings
+        warnings.warn(f"checkpoint made with torch {saved.get('torch')} / project {saved.get('project')}; "
+                      f"running torch {torch.__version__} / project {PROJECT_VERSION}")
+    return ckpt
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    epoch: int = 0
+    step: int = 0  # batches done in the current epoch
+    loss_sum: float = 0.0
+    seen: int = 0
+    epoch_start_rng: torch.Tensor | None = None
+    history: list = field(default_factory=list)
+    best_auc: float = -math.inf
+    best_val_loss: float = math.inf
+    best_epoch: int = -1
+    best_model: dict | None = None
+    stale: int = 0
+    stopped_early: bool = False
+    failure: str | None = None
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked after each step, restoring the old handlers on exit."""
+
+    def __enter__(self):
+        self.raised = None
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        return False
+
+
+def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: int, weight_decay: float = 5e-4):
+    """SGD with Nesterov momentum and a OneCycle schedule: fast warm-up, long cosine anneal."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs,
+                                                    steps_per_epoch=steps_per_epoch, pct_start=0.2)
+    return optimizer, scheduler
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, prep: Preprocess, device: torch.device,
+            batch_size: int = 128) -> np.ndarray:
+    """Pneumonia probability for each uint8 image, in eval mode (the caller's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    logits = []
+    fmt = torch.channels_last if device.type != "mps" else torch.contiguous_format
+    for idx in batches(len(images), batch_size):
+        x = prep.eval(images[idx].to(device, non_blocking=True)).contiguous(memory_format=fmt)
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp_dtype(device) is not None):
+            logits.append(model(x).float().cpu())
+    model.train(was_training)
+    return torch.sigmoid(torch.cat(logits)).numpy() if logits else np.zeros(0)
+
+
+def train_one_epoch(model, images, labels, prep, optimizer, scheduler, loss_fn, batch_size, generator,
+                    device, state: TrainState, stop: StopFlag | None = None, progress=None) -> float:
+    """One pass over the training images from `state.step` on; returns the mean loss.
+
+    The permutation is drawn from the generator state saved at the epoch's start, so a run resumed
+    mid-epoch sees the same batches, and the same augmentation, as one that never stopped.
+    """
+    if state.step == 0:
+        state.epoch_start_rng, state.loss_sum, state.seen = generator.get_state(), 0.0, 0
+    resume_rng = generator.get_state()
+    generator.set_state(state.epoch_start_rng)
+    order = list(batches(len(images), batch_size, generator))
+    if state.step > 0:
+        generator.set_state(resume_rng)
+    model.train()
+    dtype = amp_dtype(device)
+    for k in range(state.step, len(order)):
+        idx = order[k]
+        x = prep.train(images[idx].to(device, non_blocking=True), generator).contiguous(memory_format=torch.channels_last)
+        y = labels[idx].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(model(x).float(), y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {state.epoch + 1}, step {k + 1}; "
+                                f"try a lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        state.loss_sum += loss.item() * len(idx)
+        state.seen += len(idx)
+        state.step = k + 1
+        if progress is not None:
+            progress.update()
+            progress.set_postfix(loss=f"{state.loss_sum / state.seen:.4f}", refresh=False)
+        if stop is not None and stop.raised:
+            raise Interrupted(stop.raised)
+    return state.loss_sum / max(state.seen, 1)
+
+
+def validate(model, images, labels, prep, loss_fn, device) -> tuple[float, float]:
+    """Validation loss and AUC."""
+    prob = predict(model, images, prep, device)
+    p = torch.from_numpy(prob).double().clamp(1e-7, 1 - 1e-7)
+    logits = torch.log(p) - torch.log1p(-p)
+    loss = loss_fn(logits.float(), labels).item()
+    return loss, float(roc_auc_score(labels.numpy(), prob))
+
+
+HISTORY_FIELDS = ("epoch", "loss", "val_loss", "val_auc", "lr", "seconds")
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """history.csv: one row per finished epoch."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    pos_weight: float
+    patience: int
+
+
+def fit(model, train, val, prep, cfg: TrainConfig, run_dir: Path, device, generator,
+        resume: dict | None = None, progress: bool = True, compile: bool = False) -> TrainState:
+    """Train, keeping the best-validation-AUC weights; resumable from `resume` (a last.pt dict).
+
+    `train` and `val` are (uint8 images, float labels) on `device`. Writes history.csv and last.pt
+    after every epoch, and last.pt again when interrupted. A non-finite loss ends training with
+    `state.failure` set; the best weights so far are kept.
+    """
+    net = torch.compile(model) if compile else model  # compiled for the training steps only
+    steps = math.ceil(len(train[0]) / cfg.batch_size)
+    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.epochs, steps)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(cfg.pos_weight, device=device))
+    state = TrainState()
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        state = TrainState(**resume["state"])
+    bar = tqdm(total=cfg.epochs * steps, initial=state.epoch * steps + state.step, desc="training",
+               unit="step", disable=not progress)
+
+    def checkpoint():
+        save_checkpoint(run_dir / "last.pt", {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "state": vars(state)})
+
+    try:
+        with StopFlag() as stop:
+            while state.epoch < cfg.epochs and not state.stopped_early:
+                start = time.perf_counter()
+                try:
+                    loss = train_one_epoch(net, *train, prep, optimizer, scheduler, loss_fn, cfg.batch_size,
+                                           generator, device, state, stop, bar)
+                except Interrupted:
+                    checkpoint()
+                    raise
+                except NonFiniteLoss as err:
+                    state.failure = str(err)
+                    break
+                end_epoch(model, val, prep, loss_fn, device, state, loss, scheduler, start, cfg)
+                write_history(run_dir / "history.csv", state.history)
+                bar.set_postfix(loss=f"{loss:.4f}", val_auc=f"{state.history[-1]['val_auc']:.4f}")
+                checkpoint()
+                if stop.raised:  # the signal came during validation: the epoch is saved, stop here
+                    raise Interrupted(stop.raised)
+    finally:
+        bar.close()
+    return state
+
+
+def end_epoch(model, val, prep, loss_fn, device, state: TrainState, loss, scheduler, start, cfg) -> None:
+    """Validate, record the epoch, keep the best weights, and decide on early stopping."""
+    val_loss, val_auc = validate(model, *val, prep, loss_fn, device)
+    state.epoch += 1
+    state.step = 0
+    state.history.append({"epoch": state.epoch, "loss": round(loss, 6), "val_loss": round(val_loss, 6),
+                          "val_auc": round(val_auc, 6), "lr": round(scheduler.get_last_lr()[0], 8),
+                          "seconds": round(time.perf_counter() - start, 2)})
+    # AUC first; on a tie (it saturates at 1.0 on easy data) the lower validation loss wins
+    if (val_auc, -val_loss) > (state.best_auc, -state.best_val_loss):
+        state.best_auc, state.best_val_loss, state.best_epoch, state.stale = val_auc, val_loss, state.epoch, 0
+        state.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    else:
+        state.stale += 1
+        state.stopped_early = state.stale >= cfg.patience
