@@ -16,11 +16,12 @@ class PneumoniaCNN(nn.Module):
     and is `cam_layer`, so Grad-CAM maps keep a usable resolution.
     """
 
-    def __init__(self, widths: tuple[int, int, int] = (24, 48, 96), stem: int = 16, dropout: float = 0.2):
+    def __init__(self, widths: tuple[int, int, int] = (24, 48, 96), stem: int = 16, dropout: float = 0.2,
+                 in_channels: int = 1):
         super().__init__()
         w1, w2, w3 = widths
-        self.config = {"widths": list(widths), "stem": stem, "dropout": dropout}
-        self.stem = nn.Sequential(*conv_bn_relu(1, stem, stride=2))
+        self.config = {"widths": list(widths), "stem": stem, "dropout": dropout, "in_channels": in_channels}
+        self.stem = nn.Sequential(*conv_bn_relu(in_channels, stem, stride=2))
         self.block1 = nn.Sequential(*conv_bn_relu(stem, w1), nn.MaxPool2d(2))
         self.block2 = nn.Sequential(*conv_bn_relu(w1, w2), *conv_bn_relu(w2, w2), nn.MaxPool2d(2))
         self.block3 = nn.Sequential(*conv_bn_relu(w2, w3), *conv_bn_relu(w3, w3))
@@ -51,7 +52,8 @@ def count_flops(model: nn.Module, image_size: int) -> int:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, 1, image_size, image_size, device=next(model.parameters()).device))
+        first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        model(torch.zeros(1, first.in_channels, image_size, image_size, device=next(model.parameters()).device))
     model.train(was_training)
     for h in handles:
         h.remove()

@@ -1,0 +1,159 @@
+"""Measure the data pipeline side by side, on real X-rays from ../shared/data, and print ratios.
+
+Usage: `python benchmarks/bench_pipeline.py [--replicate 16] [--shared ../shared/data]`.
+Every figure in one table comes from this one run on this machine: compare ratios, not seconds.
+"""
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import train  # noqa: E402
+from model import PneumoniaCNN  # noqa: E402
+
+IMAGE_SIZE = 160
+
+
+def best_of(fn, repeats: int = 2) -> float:
+    """Fastest wall time of `repeats` calls (the least disturbed by other work on the machine)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_decode(paths: list[str]) -> dict:
+    size = data.cache_size(IMAGE_SIZE)
+    naive = best_of(lambda: [data.decode_naive(p, size) for p in paths])
+    ours = best_of(lambda: [data.decode_image(p, size) for p in paths])
+    return {"naive_ms": 1000 * naive / len(paths), "ours_ms": 1000 * ours / len(paths), "ratio": naive / ours}
+
+
+def replicated_archive(src: Path, copies: int, tmp: Path) -> Path:
+    """An ImageFolder tree with each full-resolution file linked `copies` times (distinct names)."""
+    root = tmp / "replicated"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (root / label).mkdir(parents=True)
+        for f in sorted((src / label).glob("*.jpeg")):
+            for k in range(copies):
+                os.symlink(f, root / label / f"{f.stem}_copy{k}.jpeg")
+    return root
+
+
+def baseline_epoch(root: Path) -> tuple[float, int]:
+    """The original project's way: ImageFolder, RGB PIL transforms every epoch, 2 DataLoader workers."""
+    from torchvision import datasets, transforms
+    tf = transforms.Compose([transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)), transforms.RandomRotation(15),
+                             transforms.CenterCrop(IMAGE_SIZE), transforms.ToTensor(),
+                             transforms.Normalize([0.5] * 3, [0.25] * 3)])
+    ds = datasets.ImageFolder(str(root), transform=tf)
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True, num_workers=2)
+    model = PneumoniaCNN(in_channels=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))
+    model.train()
+    start = time.perf_counter()
+    for x, y in loader:
+        loss = loss_fn(model(x), y.float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start, len(ds)
+
+
+def our_epoch(images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """One epoch of our training step on cached uint8 tensors, with the time spent in the data side."""
+    train.set_seed(0)
+    model = PneumoniaCNN().to(memory_format=torch.channels_last)
+    prep = data.Preprocess(IMAGE_SIZE, 0.5, 0.25)
+    optimizer, scheduler = train.make_optimizer(model, 0.05, 1, math.ceil(len(images) / 32))
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))
+    g = torch.Generator().manual_seed(0)
+    data_time = 0.0
+    start = time.perf_counter()
+    for idx in data.batches(len(images), 32, g):
+        t0 = time.perf_counter()
+        x = prep.train(images[idx], g).contiguous(memory_format=torch.channels_last)
+        y = labels[idx]
+        data_time += time.perf_counter() - t0
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    total = time.perf_counter() - start
+    return {"seconds": total, "data_share": data_time / total}
+
+
+def bench_startup(src: Path, tmp: Path) -> dict:
+    """First run (decode into an empty cache) against the second run (cache hit), via load_dataset."""
+    cache = tmp / "cache"
+    load = lambda: data.load_dataset(str(src), IMAGE_SIZE, "random", 0, str(cache), progress=False)  # noqa: E731
+    first = best_of(lambda: (shutil.rmtree(cache, ignore_errors=True), load()), repeats=1)
+    second = best_of(load, repeats=3)
+    return {"first": first, "second": second, "ratio": second / first}
+
+
+def bench_predict(folder: Path, tmp: Path) -> dict:
+    """`main.py predict` on a folder of full-resolution files: images per second, end to end."""
+    import main
+    model = PneumoniaCNN()
+    train.save_checkpoint(tmp / "bench.pt", {"model": model.state_dict(), "model_config": model.config,
+                                             "preprocess": data.Preprocess(IMAGE_SIZE).state(), "threshold": 0.5})
+    n = len([p for p in folder.iterdir() if p.is_file()])
+    seconds = best_of(lambda: main.main(["predict", str(folder), "--checkpoint", str(tmp / "bench.pt"),
+                                         "--out", tempfile.mkdtemp(dir=tmp)]))
+    return {"images": n, "per_second": n / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"), help="real data folder")
+    parser.add_argument("--replicate", type=int, default=16, help="copies of the 120 full-resolution files for the epoch test")
+    args = parser.parse_args()
+    fullres = Path(args.shared) / "chest_xray_fullres_train"
+    if not fullres.is_dir():
+        sys.exit(f"real data not found at {fullres}; pass --shared")
+    paths = sorted(str(p) for p in fullres.rglob("*.jpeg"))
+    print(f"data: {len(paths)} full-resolution Kaggle train JPEGs in {fullres} (replicated x{args.replicate} for epochs)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        decode = bench_decode(paths)
+        root = replicated_archive(fullres, args.replicate, tmp)
+        base_s, n = baseline_epoch(root)
+        files = sorted(str(p) for p in root.rglob("*.jpeg"))
+        t0 = time.perf_counter()
+        images, _ = data.load_images(files, data.cache_size(IMAGE_SIZE), data.ImageCache(None, 0), progress=False)
+        cold_decode = time.perf_counter() - t0
+        labels = torch.tensor([float("PNEUMONIA" in f) for f in files])
+        ours = our_epoch(torch.from_numpy(images).unsqueeze(1), labels)
+        startup = bench_startup(fullres, tmp)
+        pred = bench_predict(fullres / "NORMAL", tmp)
+    rows = [
+        ("1. decode per image (ms)", f"naive {decode['naive_ms']:.1f}", f"ours {decode['ours_ms']:.1f}", f"{decode['ratio']:.1f}x faster"),
+        (f"2. epoch of {n} full-res images (s)", f"ImageFolder+RGB {base_s:.1f}", f"ours cached {ours['seconds']:.1f}",
+         f"{base_s / ours['seconds']:.1f}x faster"),
+        ("   ours incl. one-time decode (s)", "", f"{cold_decode + ours['seconds']:.1f}", f"{base_s / (cold_decode + ours['seconds']):.1f}x faster"),
+        ("3. data-pipeline share of step time", "", f"{100 * ours['data_share']:.1f}%", "target <= 10%"),
+        ("4. start-up, 2nd run vs 1st (s)", f"1st {startup['first']:.2f}", f"2nd {startup['second']:.3f}",
+         f"{100 * startup['ratio']:.1f}% of 1st"),
+        ("5. predict on a folder (img/s)", f"{pred['images']} files", f"{pred['per_second']:.1f} img/s", "decode + CNN"),
+    ]
+    width = [max(len(r[i]) for r in rows) for i in range(4)]
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows))
+
+
+if __name__ == "__main__":
+    main()

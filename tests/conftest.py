@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny generated archives, the real data in ../shared/data (skipped when absent),
+and one small demo run reused by the tests that read a finished run's outputs."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = Path(os.environ.get("PNEUMONIA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared(name: str) -> Path:
+    """A folder of ../shared/data, or skip the test cleanly when it is not there."""
+    path = SHARED / name
+    if not path.is_dir():
+        pytest.skip(f"real data {path} not available")
+    return path
+
+
+def write_image(path: Path, seed: int, size: int = 48, mode: str = "L", fmt: str | None = None) -> Path:
+    """A small random image (different bytes for each seed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).convert(mode).save(path, format=fmt)
+    return path
+
+
+def kaggle_names(n_patients: int, per_patient: int = 2):
+    """(label, file name) pairs with Kaggle's naming: personN_bacteria_M and IM-NNNN-MMMM."""
+    names = []
+    for p in range(1, n_patients + 1):
+        for k in range(per_patient):
+            names.append(("PNEUMONIA", f"person{p}_{'bacteria' if p % 2 else 'virus'}_{100 * p + k}.jpeg"))
+            names.append(("NORMAL", f"IM-{p:04d}-{k + 1:04d}.jpeg"))
+    return names
+
+
+@pytest.fixture
+def tiny_archive(tmp_path) -> Path:
+    """A Kaggle-like archive of small images, 20 patients per class, two images each."""
+    root = tmp_path / "archive"
+    for i, (label, name) in enumerate(kaggle_names(20)):
+        write_image(root / "chest_xray" / "train" / label / name, seed=i)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """One finished demo run, small enough for CI, shared by several tests."""
+    import main
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main.main(["--demo", "--out", str(out), "--epochs", "10", "--demo-patients", "40",
+                      "--image-size", "128", "--quiet"]) == 0
+    return out

@@ -1,0 +1,202 @@
+"""Discovery, patient ids, grouped splits, decoding, caching and augmentation."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from conftest import kaggle_names, shared, write_image
+
+
+def test_discovery_handles_nested_copy_macosx_and_junk(tmp_path):
+    root = tmp_path / "archive"
+    first = write_image(root / "chest_xray" / "train" / "NORMAL" / "IM-0001-0001.jpeg", 1)
+    write_image(root / "chest_xray" / "train" / "PNEUMONIA" / "person1_bacteria_1.jpeg", 2)
+    nested = root / "chest_xray" / "chest_xray" / "train" / "NORMAL" / "IM-0001-0001.jpeg"
+    nested.parent.mkdir(parents=True)
+    nested.write_bytes(first.read_bytes())
+    write_image(root / "__MACOSX" / "chest_xray" / "train" / "NORMAL" / "._IM-0001-0001.jpeg", 3)
+    (root / "chest_xray" / "train" / "NORMAL" / ".DS_Store").write_bytes(b"junk")
+    found = data.find_images(str(root))
+    assert sorted(os.path.basename(p) for p in found.paths) == ["IM-0001-0001.jpeg"] * 2 + ["person1_bacteria_1.jpeg"]
+    assert not any("__MACOSX" in p for p in found.paths)
+    assert any(p.endswith(".DS_Store") for p, _ in found.skipped)
+    data.deduplicate(found, data.ImageCache(None, 8))
+    assert len(found.paths) == 2 and len(found.duplicates) == 1
+    assert found.labels == [0, 1] and found.paths[0] == str(first)  # the shorter path is kept
+
+
+def test_symlink_loop_terminates_and_extra_class_is_ignored(tmp_path):
+    root = tmp_path / "a"
+    write_image(root / "NORMAL" / "IM-0001-0001.png", 1)
+    write_image(root / "PNEUMONIA" / "person1_virus_1.png", 2)
+    write_image(root / "COVID" / "x.png", 3)
+    os.symlink(root / "NORMAL", root / "NORMAL" / "loop")
+    with pytest.warns(UserWarning, match="COVID"):
+        found = data.find_images(str(root))
+    assert len(found.paths) == 2 and found.labels == [0, 1]
+    assert found.ignored_folders == [str(root / "COVID")]
+    assert any("symlink loop" in why for _, why in found.skipped)
+
+
+@pytest.mark.parametrize("name, patient", [
+    ("person1430_bacteria_3695.jpeg", "person1430"), ("person12_virus_44.jpeg", "person12"),
+    ("IM-0115-0001.jpeg", "IM-0115"), ("NORMAL2-IM-0022-0001.jpeg", "NORMAL2-IM-0022"),
+    ("NORMAL2-IM-0173-0001-0002.jpeg", "NORMAL2-IM-0173"), ("scan.png", "file:/x/scan.png")])
+def test_patient_id(name, patient):
+    assert data.patient_id(f"/x/{name}") == patient
+
+
+def test_patient_split_is_grouped_stratified_and_seeded():
+    names = kaggle_names(60, per_patient=3)
+    labels = np.array([data.CLASSES.index(lab) for lab, _ in names])
+    patients = [data.patient_id(n) for _, n in names]
+    split = data.split_groups(labels, patients, seed=3)
+    where = {}
+    for p, s in zip(patients, split):
+        where.setdefault(p, set()).add(s)
+    assert all(len(s) == 1 for s in where.values())
+    for name, share in zip(data.SPLITS, (0.70, 0.15, 0.15)):
+        for label in (0, 1):
+            frac = np.mean(split[labels == label] == name)
+            assert abs(frac - share) < 0.06, (name, label, frac)
+    assert (data.split_groups(labels, patients, seed=3) == split).all()
+    assert not (data.split_groups(labels, patients, seed=4) == split).all()
+
+
+def test_too_few_patients_gives_counts():
+    labels = np.array([0, 0, 1, 1, 1])
+    with pytest.raises(data.DataError, match=r"too few patients .* 2 NORMAL and 3 PNEUMONIA"):
+        data.split_groups(labels, ["a", "b", "c", "d", "e"])
+
+
+def test_audit_counts_shared_patients_for_random_but_not_patient_split(tiny_archive):
+    for mode, expect_leak in (("patient", False), ("random", True)):
+        ds = data.load_dataset(str(tiny_archive), 32, mode, 0, None, workers=1, progress=False)
+        report = data.audit(ds)
+        assert report["duplicates_across_splits"] == 0
+        assert (report["patients_in_several_splits"] > 0) == expect_leak, mode
+        assert sum(s["images"] for s in report["splits"].values()) == 80
+
+
+def test_official_split_tests_on_archive_test_folder(tmp_path):
+    root = tmp_path / "archive"
+    for i, (label, name) in enumerate(kaggle_names(20)):
+        write_image(root / "chest_xray" / "train" / label / name, seed=i)
+    for i, (label, name) in enumerate(kaggle_names(3)):
+        write_image(root / "chest_xray" / "test" / label / name.replace("person", "person9").replace("IM-", "IM-9"), seed=1000 + i)
+    ds = data.load_dataset(str(root), 32, "official", 0, None, workers=1, progress=False)
+    assert all(("/test/" in p) == (s == "test") for p, s in zip(ds.paths, ds.split))
+    assert data.audit(ds)["patients_in_several_splits"] == 0
+
+
+def _orientation(img: np.ndarray) -> float:
+    """Angle in degrees of the principal axis of a bright shape (second moments)."""
+    ys, xs = np.nonzero(img > 0.5)
+    ys, xs = ys - ys.mean(), xs - xs.mean()
+    return math.degrees(0.5 * math.atan2(2 * (xs * ys).mean(), (xs * xs).mean() - (ys * ys).mean()))
+
+
+def test_training_augmentation_rotates_within_range_and_eval_is_centre_crop():
+    side, size = 66, 60
+    bar = torch.zeros(64, 1, side, side, dtype=torch.uint8)
+    bar[:, :, 31:35, 8:58] = 255  # a horizontal bar
+    prep = data.Preprocess(size, mean=0.0, std=1.0, max_rotation=15)
+    out = prep.train(bar, torch.Generator().manual_seed(0))
+    assert out.shape == (64, 1, size, size)
+    angles = [_orientation(o[0].numpy()) for o in out]
+    assert max(abs(a) for a in angles) <= 16.0
+    assert max(abs(a) for a in angles) > 8.0  # it does rotate
+    ev = prep.eval(bar)
+    assert ev.shape == (64, 1, size, size) and torch.equal(ev, bar[..., 3:63, 3:63].float() / 255)
+    still = data.Preprocess(size, 0.0, 1.0, max_rotation=0).train(bar, torch.Generator().manual_seed(0))
+    assert abs(_orientation(still[0, 0].numpy())) < 0.5
+
+
+def test_normalisation_uses_given_statistics():
+    batch = torch.full((2, 1, 10, 10), 128, dtype=torch.uint8)
+    x = data.Preprocess(8, mean=0.5, std=0.25).eval(batch)
+    assert torch.allclose(x, torch.full_like(x, (128 / 255 - 0.5) / 0.25), atol=1e-6)
+    mean, std = data.fit_normalisation(np.full((3, 10, 10), 51, np.uint8), 8)
+    assert mean == pytest.approx(0.2) and std == pytest.approx(0.0)
+
+
+def test_modes_convert_to_the_same_grey(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    reference = np.asarray(Image.fromarray(rgb).convert("L").resize((32, 32), Image.BILINEAR)).astype(int)
+    for mode in ("RGB", "RGBA", "P", "CMYK"):
+        img = Image.fromarray(rgb).convert(mode)
+        path = tmp_path / f"x_{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+        img.save(path, quality=100) if mode == "CMYK" else img.save(path)
+        tol = 12 if mode in ("P", "CMYK") else 1  # palette quantisation and CMYK JPEG are lossy
+        assert np.abs(data.decode_image(str(path), 32).astype(int) - reference).mean() < tol, mode
+    la = tmp_path / "x_LA.png"
+    Image.fromarray(rgb).convert("LA").save(la)
+    assert np.abs(data.decode_image(str(la), 32).astype(int) - reference).mean() <= 1
+
+
+def test_16bit_png_keeps_contrast(tmp_path):
+    grey = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
+    wide = (grey.astype(np.uint16) * 16)  # a 12-bit image stored in 16 bits
+    path = tmp_path / "deep.png"
+    Image.fromarray(wide).save(path)
+    out = data.decode_image(str(path), 64)
+    assert out.min() <= 1 and out.max() >= 254  # not clipped to white, not crushed to black
+    assert np.abs(out.astype(int) - grey).mean() < 2
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = np.zeros((20, 40), np.uint8)
+    img[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    path = tmp_path / "rot.jpg"
+    Image.fromarray(img).save(path, exif=exif, quality=95)
+    out = data.decode_image(str(path), 20)
+    assert out[:5].mean() > 200 and out[-5:].mean() < 50  # white ends up on top
+
+
+def test_fast_decode_matches_full_decode_on_real_full_resolution_images():
+    folder = shared("chest_xray_fullres_train")
+    paths = sorted(str(p) for p in folder.rglob("*.jpeg"))[::6]
+    diffs = [np.abs(data.decode_image(p, 176).astype(int) - data.decode_naive(p, 176).astype(int)).mean() for p in paths]
+    assert len(paths) >= 15 and max(diffs) < 2.0, max(diffs)
+
+
+def test_cache_second_load_decodes_nothing_and_rebuilds_only_changes(tiny_archive, tmp_path, monkeypatch):
+    paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))
+    cache_dir = tmp_path / "cache"
+    first, _ = data.load_images(paths, 24, data.ImageCache(str(cache_dir), 24), workers=1, progress=False)
+    calls = []
+    real = data.decode_image
+    monkeypatch.setattr(data, "decode_image", lambda p, s: calls.append(p) or real(p, s))
+    again, _ = data.load_images(paths, 24, data.ImageCache(str(cache_dir), 24), workers=1, progress=False)
+    assert calls == [] and np.array_equal(first, again)
+    write_image(tiny_archive / "chest_xray" / "train" / "NORMAL" / "IM-0001-0001.jpeg", seed=999)
+    data.load_images(paths, 24, data.ImageCache(str(cache_dir), 24), workers=1, progress=False)
+    assert [os.path.basename(p) for p in calls] == ["IM-0001-0001.jpeg"]
+    assert not list(cache_dir.rglob(".tmp-*"))
+
+
+def test_parallel_decode_equals_serial(tiny_archive):
+    paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))
+    serial, _ = data.load_images(paths, 24, data.ImageCache(None, 24), workers=1, progress=False)
+    parallel, _ = data.load_images(paths, 24, data.ImageCache(None, 24), workers=2, progress=False)
+    assert np.array_equal(serial, parallel)
+
+
+def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+
+    def boom(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        data.atomic_write(target, boom)
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]

@@ -1,0 +1,57 @@
+"""Thresholds, metrics on a hand-made example, patient bootstrap and calibration."""
+import numpy as np
+import pytest
+
+import evaluate
+
+
+def test_metrics_on_a_hand_made_example():
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.7, 0.2, 0.6, 0.3, 0.2, 0.1, 0.1, 0.05])
+    m = evaluate.binary_metrics(y, p, 0.5)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (3, 1, 1, 5)
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["sensitivity"] == pytest.approx(0.75) and m["specificity"] == pytest.approx(5 / 6)
+    assert m["ppv"] == pytest.approx(0.75) and m["npv"] == pytest.approx(5 / 6)
+    # pairs: 4 positives x 6 negatives = 24; ranked wrong: 0.2 < 0.6, 0.3, and ties 0.2=0.2 count half
+    assert m["auc"] == pytest.approx((24 - 2 - 0.5) / 24)
+
+
+def test_threshold_policies_use_only_the_given_predictions():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+    youden = evaluate.choose_threshold(y, p, "youden")
+    assert youden == pytest.approx(0.7)  # sens 0.75, spec 1.0: J = 0.75, best
+    sens = evaluate.choose_threshold(y, p, "sens=0.95")
+    assert sens == pytest.approx(0.4)  # the highest threshold that still catches every positive
+    assert evaluate.choose_threshold(y, p, "0.25") == 0.25
+    with pytest.raises(ValueError):
+        evaluate.choose_threshold(y, p, "1.5")
+
+
+def test_bootstrap_resamples_patients_and_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    n = 300
+    y = rng.integers(0, 2, n)
+    p = np.clip(y * 0.3 + rng.random(n) * 0.7, 0, 1)
+    patients = np.repeat(np.arange(n // 3), 3)
+    m = evaluate.score(y, p, patients, 0.5, n_resamples=300)
+    for name in evaluate.METRICS:
+        lo, hi = m["ci95"][name]
+        assert lo <= m[name] <= hi and hi - lo > 0, name
+    assert m["patients"] == 100
+    # one patient per image vs everything from one patient: the single-patient data has no spread
+    one = evaluate.bootstrap_ci(y, p, np.zeros(n), 0.5, n_resamples=50)
+    assert one["accuracy"][0] == one["accuracy"][1]
+    # correlated images: resampling patients gives wider intervals than resampling images
+    y_c, p_c = np.repeat(y[:100], 3), np.repeat(p[:100], 3)
+    by_patient = evaluate.bootstrap_ci(y_c, p_c, np.repeat(np.arange(100), 3), 0.5, 500)
+    by_image = evaluate.bootstrap_ci(y_c, p_c, np.arange(300), 0.5, 500)
+    width = lambda ci: ci["accuracy"][1] - ci["accuracy"][0]  # noqa: E731
+    assert width(by_patient) > 1.3 * width(by_image)
+
+
+def test_expected_calibration_error():
+    y = np.array([0, 1] * 50)
+    assert evaluate.expected_calibration_error(y, np.full(100, 0.5)) == pytest.approx(0.0)
+    assert evaluate.expected_calibration_error(y, np.full(100, 0.9)) == pytest.approx(0.4)

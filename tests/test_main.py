@@ -1,0 +1,147 @@
+"""End to end through main(): outputs, errors, evaluate, predict."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import main
+from conftest import ROOT, shared, write_image
+
+OUTPUTS = ["config.json", "split.csv", "skipped.csv", "history.csv", "best.pt", "metrics.json", "roc.png",
+           "confusion_matrix.png", "pr.png", "calibration.png", "training_curves.png", "gradcam_grid.png",
+           "gradcam_randomisation.png", "report.html"]
+
+
+def test_demo_run_writes_every_output_and_learns(demo_run):
+    for name in OUTPUTS:
+        assert (demo_run / name).is_file(), name
+    assert len(list((demo_run / "gradcam").glob("TP_*.png"))) >= 1
+    assert not (demo_run / "INCOMPLETE").exists()
+    m = json.loads((demo_run / "metrics.json").read_text())
+    test = m["test"]
+    assert m["synthetic"] is True
+    assert set(test) >= {"accuracy", "auc", "sensitivity", "specificity", "ppv", "npv", "threshold", "tp", "tn", "fp", "fn"}
+    assert test["auc"] >= 0.95
+    for k, (lo, hi) in test["ci95"].items():
+        assert lo <= test[k] <= hi, k
+    assert m["data"]["patients_in_several_splits"] == 0 and m["data"]["duplicates_across_splits"] == 0
+    assert m["validation"]["threshold"] == test["threshold"]
+    page = (demo_run / "report.html").read_text()
+    assert "SYNTHETIC" in page and "data:image/png;base64," in page and "<script" not in page and "http" not in page
+
+
+def test_demo_gradcam_points_at_the_phantom_lesions(demo_run):
+    g = json.loads((demo_run / "metrics.json").read_text())["gradcam"]
+    loc = g["localisation"]
+    print(f"pointing game {loc['pointing_game']:.3f} on {loc['images']} images, mass ratio {loc['mass_ratio']:.2f}")
+    assert loc["images"] >= 10 and loc["pointing_game"] >= 0.85
+    assert loc["mass_in_lesions"] > 2 * loc["lesion_area"]
+    assert g["randomisation"]["passed"]
+
+
+def test_empty_archive_exits_2_with_download_instructions(tmp_path, capsys):
+    (tmp_path / "archive").mkdir()
+    assert main.main(["--data", str(tmp_path / "archive"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "Kaggle" in err and "chest_xray/train/NORMAL" in err and "--demo" in err
+
+
+def test_command_line_without_archive_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--out", str(tmp_path / "r")], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Download" in proc.stderr
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--data", "--out", "--epochs", "--batch-size", "--lr", "--pos-weight", "--image-size", "--split",
+                 "--seed", "--device", "--demo", "--threshold", "--resume", "--no-cache", "--compile", "--cam-target"):
+        assert flag in text, flag
+    assert "default: 0.6" in text and "evaluate" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "MISSING"], "No chest X-rays found"),
+    (["--out", "{existing}"], "already exists"),
+    (["--out", "{readonly}/run"], "cannot write"),
+    (["--data", "{one_class}"], "only NORMAL images"),
+    (["--data", "{few}"], "too few patients"),
+])
+def test_unusable_input_gives_one_clear_sentence(tmp_path, capsys, argv, message):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "x").write_text("x")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    for i in range(4):
+        write_image(tmp_path / "one" / "NORMAL" / f"IM-{i:04d}-0001.png", i)
+        write_image(tmp_path / "few" / "NORMAL" / f"IM-{i:04d}-0001.png", 10 + i)
+        write_image(tmp_path / "few" / "PNEUMONIA" / f"person{i}_virus_1.png", 20 + i)
+    fill = {"existing": existing, "readonly": readonly, "one_class": tmp_path / "one", "few": tmp_path / "few"}
+    argv = [a.format(**fill) for a in argv]
+    if os.geteuid() == 0 and "cannot write" in message:
+        pytest.skip("root can write to read-only folders")
+    full = argv + (["--out", str(tmp_path / "run")] if "--out" not in argv else []) + ["--cache-dir", str(tmp_path / "c")]
+    assert main.main(full) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") <= 8
+
+
+def test_evaluate_on_the_runs_own_test_split_reproduces_metrics(demo_run, tmp_path):
+    out = tmp_path / "ev"
+    assert main.main(["evaluate", "--checkpoint", str(demo_run / "best.pt"), "--data", str(demo_run / "split.csv"),
+                      "--out", str(out), "--quiet", "--no-cache"]) == 0
+    original = json.loads((demo_run / "metrics.json").read_text())
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["test"] == original["test"]
+    assert again["gradcam"]["border"] == original["gradcam"]["border"]
+    assert (out / "report.html").is_file() and (out / "roc.png").is_file()
+
+
+def test_evaluate_external_folder_and_checkpoint_errors(demo_run, tmp_path, capsys):
+    folder = demo_run / "demo_data" / "images"
+    assert main.main(["evaluate", "--checkpoint", str(demo_run / "best.pt"), "--data", str(folder),
+                      "--out", str(tmp_path / "ext"), "--quiet", "--no-cache"]) == 0
+    assert json.loads((tmp_path / "ext" / "metrics.json").read_text())["test"]["images"] == 240
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main.main(["evaluate", "--checkpoint", str(bad), "--data", str(folder)]) == 2
+    assert "cannot be loaded safely" in capsys.readouterr().err
+
+
+def test_predict_single_image_folder_and_bad_files(demo_run, tmp_path, capsys):
+    image = next((demo_run / "demo_data" / "images" / "PNEUMONIA").glob("*.png"))
+    assert main.main(["predict", str(image), "--checkpoint", str(demo_run / "best.pt"), "--out", str(tmp_path / "one")]) == 0
+    out = capsys.readouterr().out
+    assert "probability of pneumonia" in out and "PNEUMONIA" in out and "overlay" in out
+    assert len(list((tmp_path / "one").glob("*_cam.png"))) == 1
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, f in enumerate(sorted((demo_run / "demo_data" / "images" / "NORMAL").glob("*.png"))[:3]):
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "notes.jpeg").write_text("not an image")
+    assert main.main(["predict", str(folder), "--checkpoint", str(demo_run / "best.pt"), "--out", str(tmp_path / "many"), "--cam"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "many" / "predictions.csv")))
+    assert len(rows) == 4
+    bad = [r for r in rows if r["path"].endswith("notes.jpeg")][0]
+    assert bad["probability"] == "" and "unreadable image" in bad["error"]
+    assert all(r["label"] in ("NORMAL", "PNEUMONIA") for r in rows if r is not bad)
+    assert "skipped" in capsys.readouterr().err and len(list((tmp_path / "many").glob("*_cam.png"))) == 3
+
+
+def test_predict_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main.main(["predict", str(tmp_path)]) == 2
+    assert "no checkpoint given" in capsys.readouterr().err
+
+
+def test_predict_matches_training_preprocessing_on_real_files(demo_run, tmp_path):
+    folder = shared("chest_xray_fullres_train") / "NORMAL"
+    assert main.main(["predict", str(folder), "--checkpoint", str(demo_run / "best.pt"), "--out", str(tmp_path / "p")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
+    assert len(rows) == 60 and all(r["error"] == "" for r in rows)

@@ -1,0 +1,110 @@
+"""Model shapes, one training epoch, checkpoints, safety and device choice."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import train
+from model import PneumoniaCNN, count_flops
+
+
+def test_model_shapes_and_cam_layer():
+    model = PneumoniaCNN()
+    assert model(torch.zeros(3, 1, 160, 160)).shape == (3,)
+    assert model(torch.zeros(2, 1, 96, 96)).shape == (2,)
+    seen = {}
+    handle = model.cam_layer.register_forward_hook(lambda m, i, o: seen.setdefault("shape", o.shape))
+    model(torch.zeros(1, 1, 160, 160))
+    handle.remove()
+    assert seen["shape"] == (1, 96, 20, 20)  # last conv block, 1/8 of the input
+    assert isinstance(model.cam_layer[-2], torch.nn.BatchNorm2d)
+    assert count_flops(model, 160) == pytest.approx(122.6e6, rel=0.01)
+
+
+def _toy_set(n=64, side=40, seed=0):
+    """Bright-centre images are class 1: learnable in one epoch."""
+    g = torch.Generator().manual_seed(seed)
+    images = (torch.rand(n, 1, side, side, generator=g) * 120).to(torch.uint8)
+    labels = (torch.arange(n) % 2).float()
+    images[labels == 1, :, 12:28, 12:28] += 120
+    return images, labels
+
+
+def test_one_epoch_lowers_the_loss():
+    train.set_seed(0)
+    images, labels = _toy_set()
+    model = PneumoniaCNN((8, 16, 16), stem=8).to(memory_format=torch.channels_last)
+    prep = data.Preprocess(36, 0.3, 0.2)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))
+    before = loss_fn(model.eval()(prep.eval(images)), labels).item()
+    optimizer, scheduler = train.make_optimizer(model, 0.05, 3, 8)
+    state, g = train.TrainState(), torch.Generator().manual_seed(0)
+    for _ in range(3):
+        train.train_one_epoch(model, images, labels, prep, optimizer, scheduler, loss_fn, 8, g, torch.device("cpu"), state)
+        state.step = 0
+    after = loss_fn(model.eval()(prep.eval(images)), labels).item()
+    assert after < before * 0.8, (before, after)
+
+
+def test_non_finite_loss_names_epoch_and_step():
+    images, labels = _toy_set(16)
+    model = PneumoniaCNN((8, 8, 8), stem=4)
+    optimizer, scheduler = train.make_optimizer(model, 0.05, 1, 2)
+    loss_fn = lambda logits, y: logits.sum() * float("nan")  # noqa: E731
+    with pytest.raises(train.NonFiniteLoss, match=r"epoch 1, step 1"):
+        train.train_one_epoch(model, images, labels, data.Preprocess(36), optimizer, scheduler, loss_fn, 8,
+                              torch.Generator(), torch.device("cpu"), train.TrainState())
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_crafted_pickle_is_refused_and_does_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "model": _Evil()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        train.load_checkpoint(path)
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def test_checkpoint_roundtrip_and_version_warning(tmp_path):
+    train.save_checkpoint(tmp_path / "c.pt", {"model": PneumoniaCNN().state_dict(), "threshold": 0.3})
+    ckpt = train.load_checkpoint(tmp_path / "c.pt")
+    assert ckpt["threshold"] == 0.3 and ckpt["versions"]["torch"] == torch.__version__
+    ckpt["versions"]["project"] = "0.0.1"
+    torch.save(ckpt, tmp_path / "old.pt")
+    with pytest.warns(UserWarning, match="project 0.0.1"):
+        train.load_checkpoint(tmp_path / "old.pt")
+    torch.save({"format": 99}, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="format"):
+        train.load_checkpoint(tmp_path / "future.pt")
+
+
+def test_device_choice(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert train.resolve_device("auto").type == "cpu"
+    with pytest.raises(ValueError, match="--device cuda"):
+        train.resolve_device("cuda")
+    assert train.amp_dtype(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train.resolve_device("auto").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert train.amp_dtype(torch.device("cuda")) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert train.amp_dtype(torch.device("cuda")) is torch.float16
+
+
+def test_predict_restores_mode_and_is_batch_size_independent():
+    images, _ = _toy_set(20)
+    model = PneumoniaCNN((8, 8, 8), stem=4).train()
+    prep = data.Preprocess(36)
+    a = train.predict(model, images, prep, torch.device("cpu"), batch_size=7)
+    b = train.predict(model, images, prep, torch.device("cpu"), batch_size=20)
+    assert model.training and np.allclose(a, b, atol=1e-6) and ((a > 0) & (a < 1)).all()

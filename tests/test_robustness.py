@@ -1,0 +1,151 @@
+"""Bad files in a real archive, resume after interruption, determinism."""
+import csv
+import json
+import os
+import signal
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import main
+from conftest import shared
+
+TINY = ["--demo", "--demo-patients", "12", "--epochs", "3", "--image-size", "64", "--quiet"]
+
+
+def _bad_zoo(root, good):
+    """Add each bad case to a class folder; returns {path: expected reason fragment} and extra good files."""
+    normal, pneu = root / "train" / "NORMAL", root / "train" / "PNEUMONIA"
+    bad = {}
+    (normal / "empty.jpeg").write_bytes(b"")
+    bad[normal / "empty.jpeg"] = "unreadable image"
+    raw = good[0].read_bytes()
+    (normal / "truncated.jpeg").write_bytes(raw[: len(raw) // 3])
+    bad[normal / "truncated.jpeg"] = "unreadable image"
+    (pneu / "notes.jpeg").write_text("this is text")
+    bad[pneu / "notes.jpeg"] = "unreadable image"
+    Image.new("L", (12000, 12000)).save(pneu / "bomb.png")  # 144 M pixels: over Pillow's guard
+    bad[pneu / "bomb.png"] = "DecompressionBomb"
+    (normal / ".DS_Store").write_bytes(b"\0junk")
+    bad[normal / ".DS_Store"] = "hidden or OS metadata"
+    (normal / "Thumbs.db").write_bytes(b"\0junk")
+    bad[normal / "Thumbs.db"] = "hidden or OS metadata"
+    (root / "__MACOSX").mkdir()
+    (root / "__MACOSX" / "._x.jpeg").write_bytes(b"\0")
+    bad[root / "__MACOSX"] = "hidden or OS metadata"
+    (root / "train" / "COVID").mkdir()
+    shutil.copy(good[1], root / "train" / "COVID" / "covid1.jpeg")
+    bad[root / "train" / "COVID"] = "not a class"
+    os.symlink(normal, normal / "loop")
+    bad[normal / "loop"] = "symlink loop"
+    os.symlink(normal / "missing.jpeg", normal / "dangling.jpeg")
+    bad[normal / "dangling.jpeg"] = "broken symlink"
+    return bad
+
+
+def _good_variants(root, src):
+    """Valid images in awkward formats: 16-bit PNG, RGB/RGBA/LA/P/CMYK, upper-case names, EXIF, a symlink."""
+    gray = np.asarray(Image.open(src).convert("L"))
+    pneu, normal = root / "train" / "PNEUMONIA", root / "train" / "NORMAL"
+    files = []
+    Image.fromarray(gray.astype(np.uint16) * 200).save(pneu / "person9001_virus_1.png")
+    files.append(pneu / "person9001_virus_1.png")
+    for k, mode in enumerate(("RGB", "RGBA", "LA", "P")):
+        Image.fromarray(gray).convert(mode).save(pneu / f"person{9002 + k}_bacteria_1.PNG")
+        files.append(pneu / f"person{9002 + k}_bacteria_1.PNG")
+    Image.fromarray(gray).convert("CMYK").save(normal / "IM-9001-0001.JPG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(gray).save(normal / "IM-9002-0001.jpeg", exif=exif)
+    os.symlink(src, normal / "IM-9003-0001.jpeg")
+    return files + [normal / "IM-9001-0001.JPG", normal / "IM-9002-0001.jpeg", normal / "IM-9003-0001.jpeg"]
+
+
+def test_zoo_archive_accounts_for_every_file(tmp_path):
+    real = shared("chest_xray_256") / "train"
+    root = tmp_path / "zoo"
+    picks = []
+    for label in ("NORMAL", "PNEUMONIA"):
+        files = sorted((real / label).glob("*.jpeg"))[:40]
+        (root / "train" / label).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, root / "train" / label / f.name)
+            picks.append(root / "train" / label / f.name)
+    variants = _good_variants(root, picks[0])
+    bad = _bad_zoo(root, picks)
+    out = tmp_path / "run"
+    assert main.main(["--data", str(root), "--out", str(out), "--epochs", "1", "--image-size", "64", "--quiet",
+                      "--cache-dir", str(tmp_path / "cache")]) == 0
+    skipped = {row["path"]: row["reason"] for row in csv.DictReader(open(out / "skipped.csv"))}
+    assert set(skipped) == {str(p) for p in bad}, set(skipped) ^ {str(p) for p in bad}
+    for path, fragment in bad.items():
+        assert fragment in skipped[str(path)], (path, skipped[str(path)])
+    used = {row["path"] for row in csv.DictReader(open(out / "split.csv"))}
+    dups = {row["path"] for row in csv.DictReader(open(out / "duplicates.csv"))}
+    assert {str(p) for p in picks + variants} == used | dups
+    audit = json.loads((out / "metrics.json").read_text())["data"]
+    assert audit["skipped"] == len(bad) and audit["ignored_folders"] == [str(root / "train" / "COVID")]
+    gray = data.decode_image(str(picks[0]), 70).astype(int)
+    deep = data.decode_image(str(root / "train" / "PNEUMONIA" / "person9001_virus_1.png"), 70).astype(int)
+    assert np.abs(gray - deep).mean() < 2  # 16-bit: same picture, not clipped
+
+
+def _comparable(run):
+    history = [line.rsplit(",", 1)[0] for line in (run / "history.csv").read_text().splitlines()]  # wall seconds vary
+    return json.loads((run / "metrics.json").read_text()), history
+
+
+def test_same_seed_gives_identical_results(tmp_path):
+    assert main.main(TINY + ["--out", str(tmp_path / "a")]) == 0
+    assert main.main(TINY + ["--out", str(tmp_path / "b")]) == 0
+    assert _comparable(tmp_path / "a") == _comparable(tmp_path / "b")
+    assert main.main(TINY + ["--out", str(tmp_path / "c"), "--seed", "1"]) == 0
+    assert _comparable(tmp_path / "a")[0] != _comparable(tmp_path / "c")[0]
+
+
+@pytest.mark.parametrize("stop_at", [7, 12])  # mid-epoch 2, and right at the end of epoch 2's steps
+def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, stop_at):
+    assert main.main(TINY + ["--out", str(tmp_path / "whole")]) == 0
+    calls = {"n": 0}
+    real = data.Preprocess.train
+
+    def interrupting(self, batch, generator):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler lets this step finish, then saves
+        return real(self, batch, generator)
+
+    monkeypatch.setattr(data.Preprocess, "train", interrupting)
+    assert main.main(TINY + ["--out", str(tmp_path / "cut")]) == 130
+    assert (tmp_path / "cut" / "INCOMPLETE").exists() and (tmp_path / "cut" / "last.pt").exists()
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    monkeypatch.setattr(data.Preprocess, "train", real)
+    assert main.main(["--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    assert not (tmp_path / "cut" / "INCOMPLETE").exists()
+    assert _comparable(tmp_path / "cut") == _comparable(tmp_path / "whole")
+
+
+def test_resume_refuses_a_finished_run(demo_run, capsys):
+    assert main.main(["--resume", str(demo_run)]) == 2
+    assert "not an interrupted run" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_message_and_still_evaluates(tmp_path, monkeypatch, capsys):
+    import train
+    real = train.train_one_epoch
+
+    def poisoned(model, images, labels, prep, optimizer, scheduler, loss_fn, *rest):
+        if len(rest[-3].history) >= 2:  # state.history: poison the third epoch
+            loss_fn = lambda logits, y: logits.sum() * float("inf")  # noqa: E731
+        return real(model, images, labels, prep, optimizer, scheduler, loss_fn, *rest)
+
+    monkeypatch.setattr(train, "train_one_epoch", poisoned)
+    assert main.main(TINY + ["--out", str(tmp_path / "nan")]) == 0
+    err = capsys.readouterr().err
+    assert "epoch 3, step 1" in err and "best checkpoint so far" in err
+    m = json.loads((tmp_path / "nan" / "metrics.json").read_text())
+    assert "epoch 3" in m["training_failure"] and m["validation"]["best_epoch"] <= 2
