@@ -62,12 +62,14 @@ def _walk(directory: str, seen: set[str], skipped: list):
             skipped.append((entry.path, "broken symlink or not a regular file"))
 
 
-def _class_roots(root: str) -> list[str]:
+def _class_roots(root: str, skipped: list) -> list[str]:
     """Folders that hold NORMAL/PNEUMONIA sub-folders (e.g. chest_xray/train), at any depth."""
     roots, seen = [], set()
     for dirpath, dirnames, _ in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
-        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and d not in JUNK_NAMES]
+        junk = [d for d in dirnames if d.startswith(".") or d in JUNK_NAMES]
+        skipped += [(os.path.join(dirpath, d), "hidden or OS metadata") for d in sorted(junk)]
+        dirnames[:] = [d for d in sorted(dirnames) if d not in junk]
         if real in seen:  # os.walk would loop for ever on a symlink cycle
             dirnames[:] = []
             continue
@@ -87,7 +89,7 @@ def find_images(root: str) -> Found:
     found, seen = Found(), set()
     if not os.path.isdir(root):
         raise DataError(f"data folder '{root}' does not exist")
-    for class_root in _class_roots(root):
+    for class_root in _class_roots(root, found.skipped):
         for name in find_classes(class_root)[0]:
             folder = os.path.join(class_root, name)
             if name.upper() not in CLASSES:

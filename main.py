@@ -183,9 +183,10 @@ def explain(model, prep, images, y_true, y_prob, threshold, out: Path, device, c
     (out / "gradcam").mkdir(exist_ok=True)
     picks = [i for kind in ("TP", "TN", "FP", "FN") for i in np.flatnonzero(outcome == kind)[:4]]
     titles = [f"{outcome[i]} p={y_prob[i]:.2f} true={data.CLASSES[y_true[i]]}" for i in picks]
-    for i, title in zip(picks, titles):
-        if list(picks).index(i) < 16:
-            gradcam.save_overlay(shown[i], maps[i], f"{title}{note}", out / "gradcam" / f"{outcome[i]}_{i:04d}.png")
+    for kind in ("TP", "TN", "FP", "FN"):  # two full-size overlays per outcome; the grid shows four
+        for i in np.flatnonzero(outcome == kind)[:2]:
+            title = f"{kind} p={y_prob[i]:.2f} true={data.CLASSES[y_true[i]]}{note}"
+            gradcam.save_overlay(shown[i], maps[i], title, out / "gradcam" / f"{kind}_{i:04d}.png")
     gradcam.save_grid(shown[picks], maps[picks], titles, out / "gradcam_grid.png",
                       suptitle=f"Grad-CAM ({cam_target} evidence), up to 4 per outcome{note}")
     result = {"target": cam_target, "layer": "block3", "border": gradcam.border_mass(maps)}

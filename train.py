@@ -58,7 +58,7 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """torch.save through a temp file and rename, so a crash never leaves a half-written checkpoint."""
-    payload = {"format": CHECKPOINT_FORMAT, "versions": {"torch": torch.__version__, "project": PROJECT_VERSION}, **payload}
+    payload = {"format": CHECKPOINT_FORMAT, "versions": {"torch": str(torch.__version__), "project": PROJECT_VERSION}, **payload}
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write(Path(path), lambda f: f.write(buf.getvalue()))

@@ -51,6 +51,16 @@ def test_bootstrap_resamples_patients_and_brackets_the_estimate():
     assert width(by_patient) > 1.3 * width(by_image)
 
 
+def test_weighted_auc_matches_sklearn_with_ties_and_weights():
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    p = np.round(rng.random(200) * 0.6 + y * 0.3, 1)  # coarse: many ties
+    w = rng.integers(0, 4, (5, 200)).astype(float)
+    ours = evaluate.weighted_auc(y, p, w)
+    assert np.allclose(ours, [roc_auc_score(y, p, sample_weight=row) for row in w])
+
+
 def test_expected_calibration_error():
     y = np.array([0, 1] * 50)
     assert evaluate.expected_calibration_error(y, np.full(100, 0.5)) == pytest.approx(0.0)

@@ -15,7 +15,7 @@ def test_model_shapes_and_cam_layer():
     assert model(torch.zeros(3, 1, 160, 160)).shape == (3,)
     assert model(torch.zeros(2, 1, 96, 96)).shape == (2,)
     seen = {}
-    handle = model.cam_layer.register_forward_hook(lambda m, i, o: seen.setdefault("shape", o.shape))
+    handle = model.cam_layer.register_forward_hook(lambda m, i, o: seen.update(shape=o.shape))
     model(torch.zeros(1, 1, 160, 160))
     handle.remove()
     assert seen["shape"] == (1, 96, 20, 20)  # last conv block, 1/8 of the input

@@ -107,9 +107,13 @@ def test_same_seed_gives_identical_results(tmp_path):
     assert _comparable(tmp_path / "a")[0] != _comparable(tmp_path / "c")[0]
 
 
-@pytest.mark.parametrize("stop_at", [7, 12])  # mid-epoch 2, and right at the end of epoch 2's steps
-def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, stop_at):
-    assert main.main(TINY + ["--out", str(tmp_path / "whole")]) == 0
+@pytest.mark.parametrize("where", ["mid-epoch", "last step of an epoch"])
+def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, where):
+    argv = TINY + ["--batch-size", "8"]
+    assert main.main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    n_train = sum(r["split"] == "train" for r in csv.DictReader(open(tmp_path / "whole" / "split.csv")))
+    steps = -(-n_train // 8)
+    stop_at = steps + 2 if where == "mid-epoch" else 2 * steps  # the n-th training batch overall
     calls = {"n": 0}
     real = data.Preprocess.train
 
@@ -120,7 +124,7 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, sto
         return real(self, batch, generator)
 
     monkeypatch.setattr(data.Preprocess, "train", interrupting)
-    assert main.main(TINY + ["--out", str(tmp_path / "cut")]) == 130
+    assert main.main(argv + ["--out", str(tmp_path / "cut")]) == 130
     assert (tmp_path / "cut" / "INCOMPLETE").exists() and (tmp_path / "cut" / "last.pt").exists()
     assert not (tmp_path / "cut" / "metrics.json").exists()
     monkeypatch.setattr(data.Preprocess, "train", real)
