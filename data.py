@@ -26,6 +26,10 @@ class DataError(Exception):
     """Input that cannot be used; the message says what is wrong and how to fix it."""
 
 
+class NoImagesFound(DataError):
+    """The data folder is missing or holds no images in NORMAL/PNEUMONIA folders."""
+
+
 @dataclass
 class Found:
     """What discovery saw: usable image files, and every other file with the reason it was left out."""
@@ -88,7 +92,7 @@ def find_images(root: str) -> Found:
     """
     found, seen = Found(), set()
     if not os.path.isdir(root):
-        raise DataError(f"data folder '{root}' does not exist")
+        raise NoImagesFound(f"data folder '{root}' does not exist")
     for class_root in _class_roots(root, found.skipped):
         for name in find_classes(class_root)[0]:
             folder = os.path.join(class_root, name)
@@ -381,7 +385,7 @@ def load_dataset(root: str, image_size: int, split_mode: str, seed: int, cache_d
     """Discover, de-duplicate, decode (cached) and split every image under `root`."""
     found = find_images(root)
     if not found.paths:
-        raise DataError(f"no images found in NORMAL/ or PNEUMONIA/ folders under '{root}'")
+        raise NoImagesFound(f"no images found in NORMAL/ or PNEUMONIA/ folders under '{root}'")
     cache = ImageCache(cache_dir, cache_size(image_size))
     deduplicate(found, cache)
     images, errors = load_images(found.paths, cache.size, cache, workers, progress)

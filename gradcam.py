@@ -162,6 +162,13 @@ def _show(ax, image, cam=None, alpha=0.45):
     ax.set_axis_off()
 
 
+def _save(fig, path, title: str) -> None:
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def save_overlay(image: np.ndarray, cam: np.ndarray, title: str, path) -> None:
     """Image, heatmap and both blended, side by side, with a title line."""
     fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.9))
@@ -171,10 +178,7 @@ def save_overlay(image: np.ndarray, cam: np.ndarray, title: str, path) -> None:
     _show(axes[2], image, cam)
     for ax, name in zip(axes, ("image", "Grad-CAM", "overlay")):
         ax.set_title(name, fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, title)
 
 
 def save_grid(images, cams, titles, path, columns: int = 4, suptitle: str = "") -> None:
@@ -186,10 +190,7 @@ def save_grid(images, cams, titles, path, columns: int = 4, suptitle: str = "") 
     for ax, image, cam, title in zip(axes.flat, images, cams, titles):
         _show(ax, image, cam)
         ax.set_title(title, fontsize=7)
-    fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, suptitle)
 
 
 def save_randomisation_figure(images, examples, stages, medians, path) -> None:
@@ -203,7 +204,4 @@ def save_randomisation_figure(images, examples, stages, medians, path) -> None:
             axes[r, c].set_axis_off()
             if r == 0:
                 axes[r, c].set_title(cols[c], fontsize=7)
-    fig.suptitle("Cascading randomisation: maps should degrade as layers are re-initialised", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, "Cascading randomisation: maps should degrade as layers are re-initialised")

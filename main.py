@@ -9,7 +9,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +113,7 @@ def new_run_dir(out: str | None, prefix: str = "") -> Path:
         (path / ".write-test").touch()
         (path / ".write-test").unlink()
     except OSError as err:
-        raise UsageError(f"cannot write to output folder '{path}' ({err.strerror}); choose a writable --out")
+        raise UsageError(f"cannot write to output folder '{path}' ({err.strerror}); choose a writable --out") from None
     return path
 
 
@@ -145,7 +144,7 @@ def load_model(ckpt: dict, device: torch.device) -> tuple[PneumoniaCNN, data.Pre
         prep = data.Preprocess(**ckpt["preprocess"])
     except (KeyError, TypeError, RuntimeError) as err:
         raise UsageError(f"the checkpoint does not fit this model ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
-                         f"it was made by another model config or version of this project")
+                         f"it was made by another model config or version of this project") from None
     return model.to(device, memory_format=torch.channels_last).eval(), prep
 
 
@@ -158,7 +157,7 @@ def read_checkpoint(path: str | None) -> dict:
         return train.load_checkpoint(path)
     except Exception as err:  # pickle errors, refused globals, wrong format: all mean 'not ours'
         raise UsageError(f"'{path}' cannot be loaded safely as a checkpoint of this project "
-                         f"({type(err).__name__}: {str(err).splitlines()[0][:160]})")
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
 
 
 # ---------------------------------------------------------------- scoring and explaining (train and evaluate)
@@ -224,17 +223,18 @@ def load_training_data(args, run_dir: Path) -> data.Dataset:
         root = str(run_dir / "demo_data")
         if not Path(root).exists():
             demo.make_phantoms(root, patients_per_class=args.demo_patients, seed=args.seed)
-    elif not Path(root).is_dir() or not data.find_images(root).paths:
-        raise UsageError(DOWNLOAD_HELP.format(root=root))
     cache = None if args.no_cache or args.demo else args.cache_dir
-    return data.load_dataset(root, args.image_size, args.split, args.seed, cache, args.workers, not args.quiet)
+    try:
+        return data.load_dataset(root, args.image_size, args.split, args.seed, cache, args.workers, not args.quiet)
+    except data.NoImagesFound:
+        raise UsageError(DOWNLOAD_HELP.format(root=root)) from None
 
 
 def configure_device(args) -> torch.device:
     try:
         device = train.resolve_device(args.device)
     except ValueError as err:
-        raise UsageError(str(err))
+        raise UsageError(str(err)) from None
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)

@@ -2,10 +2,10 @@
 import csv
 import io
 import math
-import os
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +71,6 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"'{path}' is not a checkpoint of this project's format {CHECKPOINT_FORMAT}")
     saved = ckpt.get("versions", {})
     if saved.get("torch") != torch.__version__ or saved.get("project") != PROJECT_VERSION:
-        import warnings
         warnings.warn(f"checkpoint made with torch {saved.get('torch')} / project {saved.get('project')}; "
                       f"running torch {torch.__version__} / project {PROJECT_VERSION}")
     return ckpt
@@ -171,7 +170,10 @@ def train_one_epoch(model, images, labels, prep, optimizer, scheduler, loss_fn, 
         state.step = k + 1
         if progress is not None:
             progress.update()
-            progress.set_postfix(loss=f"{state.loss_sum / state.seen:.4f}", refresh=False)
+            shown = {"loss": f"{state.loss_sum / state.seen:.4f}"}
+            if state.history:
+                shown["val_auc"] = f"{state.history[-1]['val_auc']:.4f}"
+            progress.set_postfix(shown, refresh=False)
         if stop is not None and stop.raised:
             raise Interrupted(stop.raised)
     return state.loss_sum / max(state.seen, 1)

@@ -60,7 +60,6 @@ def test_normal_target_is_the_negated_logit(model):
     x = torch.randn(3, 1, 64, 64)
     with gradcam.GradCAM(model, model.cam_layer) as cam:
         pos, neg = cam.layer_maps(x, "pneumonia"), cam.layer_maps(x, "normal")
-        acts = cam.activation.detach()
     # ReLU(s) and ReLU(-s) of the same weighted sum s never overlap and add up to |s|
     assert (torch.minimum(pos, neg) == 0).all()
     assert (pos + neg).sum() > 0

@@ -1,7 +1,6 @@
 """End to end through main(): outputs, errors, evaluate, predict."""
 import csv
 import json
-import os
 import subprocess
 import sys
 
@@ -120,7 +119,7 @@ def test_predict_single_image_folder_and_bad_files(demo_run, tmp_path, capsys):
     assert len(list((tmp_path / "one").glob("*_cam.png"))) == 1
     folder = tmp_path / "mixed"
     folder.mkdir()
-    for i, f in enumerate(sorted((demo_run / "demo_data" / "images" / "NORMAL").glob("*.png"))[:3]):
+    for f in sorted((demo_run / "demo_data" / "images" / "NORMAL").glob("*.png"))[:3]:
         (folder / f.name).write_bytes(f.read_bytes())
     (folder / "notes.jpeg").write_text("not an image")
     assert main.main(["predict", str(folder), "--checkpoint", str(demo_run / "best.pt"), "--out", str(tmp_path / "many"), "--cam"]) == 0
@@ -142,3 +141,18 @@ def test_predict_matches_training_preprocessing_on_real_files(demo_run, tmp_path
     assert main.main(["predict", str(folder), "--checkpoint", str(demo_run / "best.pt"), "--out", str(tmp_path / "p")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
     assert len(rows) == 60 and all(r["error"] == "" for r in rows)
+
+
+def test_checkpoint_of_another_model_config_is_refused(demo_run, tmp_path, capsys):
+    import torch
+    import train
+    ckpt = train.load_checkpoint(demo_run / "best.pt")
+    ckpt["model_config"]["widths"] = [8, 8, 8]  # weights no longer fit the model it describes
+    train.save_checkpoint(tmp_path / "other.pt", ckpt)
+    image = next((demo_run / "demo_data" / "images" / "NORMAL").glob("*.png"))
+    assert main.main(["predict", str(image), "--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and "Traceback" not in err
+    torch.save({**ckpt, "format": 0}, tmp_path / "old.pt")
+    assert main.main(["predict", str(image), "--checkpoint", str(tmp_path / "old.pt")]) == 2
+    assert "not a checkpoint of this project's format" in capsys.readouterr().err
