@@ -120,11 +120,12 @@ def plot_roc(y_true, y_prob, m: dict, path, note: str = "") -> None:
     """ROC curve with AUC, its interval and the operating point."""
     fig, ax = plt.subplots(figsize=(5, 5))
     lo, hi = m["ci95"]["auc"]
-    RocCurveDisplay.from_predictions(y_true, y_prob, ax=ax, name=f"CNN (AUC {m['auc']:.3f}, 95% CI {lo:.3f}-{hi:.3f})")
+    disp = RocCurveDisplay.from_predictions(y_true, y_prob, ax=ax)
+    disp.line_.set_label(f"CNN: AUC {m['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})")  # replaces sklearn's 2-digit label
     ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="crimson", ms=8,
             label=f"threshold {m['threshold']:.3f}: sens {m['sensitivity']:.3f}, spec {m['specificity']:.3f}")
     ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set_title(f"ROC, test split{note}")
+    ax.set_title(f"ROC{note}")
     ax.legend(loc="lower right", fontsize=8)
     _save(fig, path)
 
@@ -137,16 +138,17 @@ def plot_confusion(m: dict, path, note: str = "") -> None:
     rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     for (i, j), text in np.ndenumerate(disp.text_):
         text.set_text(f"{cm[i, j]}\n({rates[i, j]:.1%} of true)")
-    ax.set_title(f"Confusion matrix at threshold {m['threshold']:.3f}{note}", fontsize=10)
+    ax.set_title(f"Confusion matrix at threshold {m['threshold']:.3f}{note}", fontsize=9)
     _save(fig, path)
 
 
 def plot_pr(y_true, y_prob, m: dict, path, note: str = "") -> None:
     """Precision-recall curve with average precision."""
     fig, ax = plt.subplots(figsize=(5, 5))
-    PrecisionRecallDisplay.from_predictions(y_true, y_prob, ax=ax, name=f"CNN (AP {m['average_precision']:.3f})")
+    disp = PrecisionRecallDisplay.from_predictions(y_true, y_prob, ax=ax)
+    disp.line_.set_label(f"CNN: average precision {m['average_precision']:.3f}")
     ax.plot(m["sensitivity"], m["ppv"], "o", color="crimson", label="operating point")
-    ax.set_title(f"Precision-recall, test split{note}")
+    ax.set_title(f"Precision-recall{note}")
     ax.legend(loc="lower left", fontsize=8)
     _save(fig, path)
 
@@ -156,7 +158,7 @@ def plot_calibration(y_true, y_prob, m: dict, path, note: str = "") -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
     CalibrationDisplay.from_predictions(y_true, y_prob, n_bins=10, ax=ax,
                                         name=f"CNN (Brier {m['brier']:.3f}, ECE {m['ece']:.3f})")
-    ax.set_title(f"Calibration, test split{note}")
+    ax.set_title(f"Calibration{note}")
     ax.legend(loc="upper left", fontsize=8)
     _save(fig, path)
 

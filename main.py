@@ -294,7 +294,7 @@ def run_train(args) -> int:
 
 def finish_train(args, run_dir, ds, splits, model, prep, threshold, state, device, started) -> int:
     """Score the test split once, write metrics.json and report.html, and mark the run complete."""
-    note = " [SYNTHETIC DEMO]" if args.demo else ""
+    note = ", test split" + (" [SYNTHETIC DEMO]" if args.demo else "")
     images, labels, idx = splits["test"]
     masks = demo.load_masks(run_dir / "demo_data", [ds.paths[i] for i in idx], images.shape[-1]) if args.demo else None
     metrics = score_set(model, prep, threshold, images, labels, [ds.paths[i] for i in idx],
@@ -339,7 +339,7 @@ def run_evaluate(args) -> int:
     data.require_two_classes(labels)
     metrics = score_set(model, prep, ckpt["threshold"], torch.from_numpy(images[ok]).unsqueeze(1),
                         torch.from_numpy(labels).float(), paths, [data.patient_id(p) for p in paths], out, device,
-                        args.cam_target, args.seed)
+                        args.cam_target, args.seed, note=f", {Path(args.data).name}")
     metrics["evaluated"] = {"checkpoint": args.checkpoint, "data": args.data, "skipped": int(len(ok) - sum(ok))}
     write_json(out / "metrics.json", metrics)
     report.write_report(out, f"Pneumonia CNN - evaluation of {args.checkpoint} on {args.data}", vars(args), metrics)
