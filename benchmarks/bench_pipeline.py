@@ -202,9 +202,9 @@ def main() -> None:
         ("3. data-pipeline share of step time", "", f"{100 * ours['data_share']:.1f}%", "target <= 10%"),
         ("4. start-up, 2nd run vs 1st (s)", f"1st {startup['first']:.2f}", f"2nd {startup['second']:.3f}",
          f"{100 * startup['ratio']:.1f}% of 1st"),
+        ("5. predict on a folder (img/s)", f"{pred['images']} files", f"{pred['per_second']:.1f} img/s", "decode + CNN"),
         ("6. training step, memory layout (ms)", f"contiguous {1000 * layout['contiguous']:.0f}",
          f"channels_last {1000 * layout['channels_last']:.0f}", f"{layout['contiguous'] / layout['channels_last']:.2f}x"),
-        ("5. predict on a folder (img/s)", f"{pred['images']} files", f"{pred['per_second']:.1f} img/s", "decode + CNN"),
     ]
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows))
