@@ -256,7 +256,7 @@ def run_train(args) -> int:
     device = configure_device(args)
     generator = train.set_seed(args.seed)
     ds = load_training_data(args, run_dir)
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "quiet")}
+    config = run_config(args)
     if resume is None:
         write_json(run_dir / "config.json", config)
         write_data_files(run_dir, ds)
@@ -281,15 +281,26 @@ def run_train(args) -> int:
         if state.best_model is None:
             return 1
         print(f"evaluating the best checkpoint so far (epoch {state.best_epoch})", file=sys.stderr)
-    model.load_state_dict(state.best_model)
-    model.eval()
-    threshold = evaluate.choose_threshold(splits["val"][1].numpy(), train.predict(model, splits["val"][0], prep, device),
-                                          args.threshold)
-    train.save_checkpoint(run_dir / "best.pt", {
-        "model": state.best_model, "model_config": model.config, "preprocess": prep.state(), "threshold": threshold,
-        "threshold_policy": args.threshold, "epoch": state.best_epoch, "val_auc": state.best_auc, "config": config})
+    threshold = save_best(args, run_dir, model, prep, state, splits["val"], device)
     evaluate.plot_history(state.history, state.best_epoch, run_dir / "training_curves.png")
     return finish_train(args, run_dir, ds, splits, model, prep, threshold, state, device, started)
+
+
+def save_best(args, run_dir: Path, model, prep, state, val, device) -> float:
+    """Load the best weights, choose the threshold on validation, and write best.pt; returns the threshold."""
+    model.load_state_dict(state.best_model)
+    model.eval()
+    threshold = evaluate.choose_threshold(val[1].numpy(), train.predict(model, val[0], prep, device), args.threshold)
+    train.save_checkpoint(run_dir / "best.pt", {
+        "model": state.best_model, "model_config": model.config, "preprocess": prep.state(), "threshold": threshold,
+        "threshold_policy": args.threshold, "epoch": state.best_epoch, "val_auc": state.best_auc,
+        "config": run_config(args)})
+    return threshold
+
+
+def run_config(args) -> dict:
+    """The settings that define a run (what config.json holds)."""
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "quiet")}
 
 
 def finish_train(args, run_dir, ds, splits, model, prep, threshold, state, device, started) -> int:
@@ -307,7 +318,7 @@ def finish_train(args, run_dir, ds, splits, model, prep, threshold, state, devic
     write_json(run_dir / "timing.json", {"seconds_since_data_loaded": round(time.perf_counter() - started, 1),
                                          "epochs_run": state.epoch})
     title = ("Pneumonia CNN" + (" - " + SYNTHETIC if args.demo else "") + f" - run {run_dir.name}")
-    report.write_report(run_dir, title, vars(args), metrics, SYNTHETIC if args.demo else "")
+    report.write_report(run_dir, title, run_config(args), metrics, SYNTHETIC if args.demo else "")
     (run_dir / "INCOMPLETE").unlink(missing_ok=True)
     print_summary(metrics, run_dir, SYNTHETIC if args.demo else "")
     return 0

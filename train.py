@@ -121,23 +121,29 @@ def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: in
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, prep: Preprocess, device: torch.device,
-            batch_size: int = 128) -> np.ndarray:
-    """Pneumonia probability for each uint8 image, in eval mode (the caller's mode is restored)."""
+def predict_logits(model: nn.Module, images: torch.Tensor, prep: Preprocess, device: torch.device,
+                   batch_size: int = 128) -> torch.Tensor:
+    """The logit of each uint8 image, as a float32 CPU tensor, in eval mode (the caller's mode is restored)."""
     was_training = model.training
     model.eval()
-    logits = []
+    logits = [torch.zeros(0)]
     fmt = torch.channels_last if device.type != "mps" else torch.contiguous_format
     for idx in batches(len(images), batch_size):
         x = prep.eval(images[idx].to(device, non_blocking=True)).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp_dtype(device) is not None):
             logits.append(model(x).float().cpu())
     model.train(was_training)
-    return torch.sigmoid(torch.cat(logits)).numpy() if logits else np.zeros(0)
+    return torch.cat(logits)
+
+
+def predict(model: nn.Module, images: torch.Tensor, prep: Preprocess, device: torch.device,
+            batch_size: int = 128) -> np.ndarray:
+    """Pneumonia probability for each uint8 image."""
+    return torch.sigmoid(predict_logits(model, images, prep, device, batch_size)).numpy()
 
 
 def train_one_epoch(model, images, labels, prep, optimizer, scheduler, loss_fn, batch_size, generator,
-                    device, state: TrainState, stop: StopFlag | None = None, progress=None) -> float:
+                    device, state: TrainState, stop: StopFlag | None = None, progress=None, scaler=None) -> float:
     """One pass over the training images from `state.step` on; returns the mean loss.
 
     The permutation is drawn from the generator state saved at the epoch's start, so a run resumed
@@ -152,6 +158,7 @@ def train_one_epoch(model, images, labels, prep, optimizer, scheduler, loss_fn, 
         generator.set_state(resume_rng)
     model.train()
     dtype = amp_dtype(device)
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     for k in range(state.step, len(order)):
         idx = order[k]
         x = prep.train(images[idx].to(device, non_blocking=True), generator).contiguous(memory_format=torch.channels_last)
@@ -162,8 +169,9 @@ def train_one_epoch(model, images, labels, prep, optimizer, scheduler, loss_fn, 
             raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {state.epoch + 1}, step {k + 1}; "
                                 f"try a lower --lr")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()  # a pass-through unless fp16 autocast needs loss scaling
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         state.loss_sum += loss.item() * len(idx)
         state.seen += len(idx)
@@ -179,13 +187,11 @@ def train_one_epoch(model, images, labels, prep, optimizer, scheduler, loss_fn, 
     return state.loss_sum / max(state.seen, 1)
 
 
-def validate(model, images, labels, prep, loss_fn, device) -> tuple[float, float]:
-    """Validation loss and AUC."""
-    prob = predict(model, images, prep, device)
-    p = torch.from_numpy(prob).double().clamp(1e-7, 1 - 1e-7)
-    logits = torch.log(p) - torch.log1p(-p)
-    loss = loss_fn(logits.float(), labels).item()
-    return loss, float(roc_auc_score(labels.numpy(), prob))
+def validate(model, images, labels, prep, pos_weight: float, device) -> tuple[float, float]:
+    """Validation loss and AUC, computed on the CPU whatever device the model and labels are on."""
+    logits, y = predict_logits(model, images, prep, device), labels.float().cpu()
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(pos_weight)).item()
+    return loss, float(roc_auc_score(y.numpy(), logits.numpy()))
 
 
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "val_auc", "lr", "seconds")
@@ -220,40 +226,29 @@ def fit(model, train, val, prep, cfg: TrainConfig, run_dir: Path, device, genera
     net = torch.compile(model) if compile else model  # compiled for the training steps only
     steps = math.ceil(len(train[0]) / cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.epochs, steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(cfg.pos_weight, device=device))
-    state = TrainState()
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        generator.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
-        state = TrainState(**resume["state"])
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    state = restore(resume, parts, generator) if resume is not None else TrainState()
     bar = tqdm(total=cfg.epochs * steps, initial=state.epoch * steps + state.step, desc="training",
                unit="step", disable=not progress)
-
-    def checkpoint():
-        save_checkpoint(run_dir / "last.pt", {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "state": vars(state)})
-
     try:
         with StopFlag() as stop:
             while state.epoch < cfg.epochs and not state.stopped_early:
                 start = time.perf_counter()
                 try:
                     loss = train_one_epoch(net, *train, prep, optimizer, scheduler, loss_fn, cfg.batch_size,
-                                           generator, device, state, stop, bar)
+                                           generator, device, state, stop, bar, scaler)
                 except Interrupted:
-                    checkpoint()
+                    save_last(run_dir, parts, generator, state)
                     raise
                 except NonFiniteLoss as err:
                     state.failure = str(err)
                     break
-                end_epoch(model, val, prep, loss_fn, device, state, loss, scheduler, start, cfg)
+                end_epoch(model, val, prep, device, state, loss, scheduler, start, cfg)
                 write_history(run_dir / "history.csv", state.history)
                 bar.set_postfix(loss=f"{loss:.4f}", val_auc=f"{state.history[-1]['val_auc']:.4f}")
-                checkpoint()
+                save_last(run_dir, parts, generator, state)
                 if stop.raised:  # the signal came during validation: the epoch is saved, stop here
                     raise Interrupted(stop.raised)
     finally:
@@ -261,9 +256,27 @@ def fit(model, train, val, prep, cfg: TrainConfig, run_dir: Path, device, genera
     return state
 
 
-def end_epoch(model, val, prep, loss_fn, device, state: TrainState, loss, scheduler, start, cfg) -> None:
+def save_last(run_dir: Path, parts: dict, generator: torch.Generator, state: TrainState) -> None:
+    """last.pt: every state dict, every random-number state and the loop position."""
+    rng = {"generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    save_checkpoint(run_dir / "last.pt", {**{k: v.state_dict() for k, v in parts.items()}, **rng, "state": vars(state)})
+
+
+def restore(resume: dict, parts: dict, generator: torch.Generator) -> TrainState:
+    """Put a last.pt back into the model, optimizer, scheduler, scaler and random-number generators."""
+    for name, part in parts.items():
+        part.load_state_dict(resume[name])
+    generator.set_state(resume["generator"])
+    torch.set_rng_state(resume["torch_rng"])
+    if resume["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(resume["cuda_rng"])
+    return TrainState(**resume["state"])
+
+
+def end_epoch(model, val, prep, device, state: TrainState, loss, scheduler, start, cfg) -> None:
     """Validate, record the epoch, keep the best weights, and decide on early stopping."""
-    val_loss, val_auc = validate(model, *val, prep, loss_fn, device)
+    val_loss, val_auc = validate(model, *val, prep, cfg.pos_weight, device)
     state.epoch += 1
     state.step = 0
     state.history.append({"epoch": state.epoch, "loss": round(loss, 6), "val_loss": round(val_loss, 6),

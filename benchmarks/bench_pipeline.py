@@ -115,6 +115,13 @@ def our_epoch(images: torch.Tensor, labels: torch.Tensor) -> dict:
     return {"seconds": total, "data_share": data_time / total}
 
 
+def _step(model, optimizer, loss_fn, x, y) -> None:
+    loss = loss_fn(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def bench_memory_format(images: torch.Tensor, labels: torch.Tensor, steps: int = 15) -> dict:
     """Training-step time with channels_last against the default layout, same batches."""
     prep = data.Preprocess(IMAGE_SIZE, 0.5, 0.25)
@@ -127,17 +134,11 @@ def bench_memory_format(images: torch.Tensor, labels: torch.Tensor, steps: int =
         g = torch.Generator().manual_seed(0)
         x_all = [prep.train(images[i * 32:(i + 1) * 32], g).contiguous(memory_format=fmt) for i in range(steps + 3)]
 
-        def step(x, y):
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
         for i in range(3):  # warm-up: first calls pick kernels
-            step(x_all[i], labels[i * 32:(i + 1) * 32])
+            _step(model, optimizer, loss_fn, x_all[i], labels[i * 32:(i + 1) * 32])
         start = time.perf_counter()
         for i in range(3, steps + 3):
-            step(x_all[i], labels[i * 32:(i + 1) * 32])
+            _step(model, optimizer, loss_fn, x_all[i], labels[i * 32:(i + 1) * 32])
         result[name] = (time.perf_counter() - start) / steps
     return result
 

@@ -107,8 +107,8 @@ def test_same_seed_gives_identical_results(tmp_path):
     assert _comparable(tmp_path / "a")[0] != _comparable(tmp_path / "c")[0]
 
 
-@pytest.mark.parametrize("where", ["mid-epoch", "last step of an epoch"])
-def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, where):
+@pytest.mark.parametrize("where, sig", [("mid-epoch", signal.SIGINT), ("last step of an epoch", signal.SIGTERM)])
+def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, where, sig):
     argv = TINY + ["--batch-size", "8"]
     assert main.main(argv + ["--out", str(tmp_path / "whole")]) == 0
     n_train = sum(r["split"] == "train" for r in csv.DictReader(open(tmp_path / "whole" / "split.csv")))
@@ -120,7 +120,7 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, whe
     def interrupting(self, batch, generator):
         calls["n"] += 1
         if calls["n"] == stop_at:
-            os.kill(os.getpid(), signal.SIGINT)  # the handler lets this step finish, then saves
+            os.kill(os.getpid(), sig)  # the handler lets this step finish, then saves
         return real(self, batch, generator)
 
     monkeypatch.setattr(data.Preprocess, "train", interrupting)
@@ -143,7 +143,8 @@ def test_nan_loss_stops_with_message_and_still_evaluates(tmp_path, monkeypatch, 
     real = train.train_one_epoch
 
     def poisoned(model, images, labels, prep, optimizer, scheduler, loss_fn, *rest):
-        if len(rest[-3].history) >= 2:  # state.history: poison the third epoch
+        state = next(a for a in rest if isinstance(a, train.TrainState))
+        if len(state.history) >= 2:  # poison the third epoch
             loss_fn = lambda logits, y: logits.sum() * float("inf")  # noqa: E731
         return real(model, images, labels, prep, optimizer, scheduler, loss_fn, *rest)
 
