@@ -310,9 +310,13 @@ def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | N
     """
     images = np.zeros((len(paths), size, size), dtype=np.uint8)
     errors: list[str | None] = [None] * len(paths)
-    todo = []
+    todo, jobs = [], []
     for i, path in enumerate(paths):
-        entry = cache.entry(cache.hash(path)) if cache.dir else None
+        try:
+            entry = cache.entry(cache.hash(path)) if cache.dir else None
+        except OSError as err:
+            errors[i] = f"unreadable file: {err.strerror}"
+            continue
         if entry is not None and entry.exists():
             try:
                 images[i] = np.load(entry)
@@ -320,7 +324,7 @@ def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | N
             except (OSError, ValueError):
                 pass  # a damaged entry is decoded again
         todo.append(i)
-    jobs = [(paths[i], size, str(cache.entry(cache.hash(paths[i]))) if cache.dir else None) for i in todo]
+        jobs.append((path, size, str(entry) if entry else None))
     workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 32))
     bar = tqdm(total=len(jobs), desc="decoding images (once)", unit="img", disable=not progress or not jobs)
     if workers > 1:

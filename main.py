@@ -255,7 +255,12 @@ def run_train(args) -> int:
     args, run_dir, resume = resolve_run(args)
     device = configure_device(args)
     generator = train.set_seed(args.seed)
-    ds = load_training_data(args, run_dir)
+    try:
+        ds = load_training_data(args, run_dir)
+    except (UsageError, data.DataError):
+        if resume is None and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # leave no empty run folder behind a run that never started
+        raise
     config = run_config(args)
     if resume is None:
         write_json(run_dir / "config.json", config)

@@ -200,3 +200,9 @@ def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         data.atomic_write(target, boom)
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_unreadable_file_is_reported_not_fatal_with_cache(tiny_archive, tmp_path):
+    paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))[:3] + [str(tmp_path / "gone.jpeg")]
+    images, errors = data.load_images(paths, 16, data.ImageCache(str(tmp_path / "c"), 16), workers=1, progress=False)
+    assert errors[:3] == [None] * 3 and "unreadable file" in errors[3] and not images[3].any()

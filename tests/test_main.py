@@ -46,6 +46,7 @@ def test_empty_archive_exits_2_with_download_instructions(tmp_path, capsys):
     assert main.main(["--data", str(tmp_path / "archive"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "Kaggle" in err and "chest_xray/train/NORMAL" in err and "--demo" in err
+    assert not (tmp_path / "r").exists()  # no empty run folder left behind
 
 
 def test_command_line_without_archive_has_no_traceback(tmp_path):
