@@ -276,6 +276,7 @@ class ImageCache:
                 self.index = {}  # a damaged index only costs re-hashing
 
     def hash(self, path: str) -> str:
+        """Content hash of `path`, from the index when size and mtime are unchanged."""
         st = os.stat(path)
         key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
         if key not in self.index:
@@ -283,9 +284,11 @@ class ImageCache:
         return self.index[key]
 
     def entry(self, digest: str) -> Path | None:
+        """Where the decoded image of that content lives (None without a cache)."""
         return self.dir / digest[:2] / f"{digest}.npy" if self.dir else None
 
     def save_index(self) -> None:
+        """Persist the path-to-hash index atomically."""
         if self.dir:
             atomic_write(self.dir / "index.json", lambda f: f.write(json.dumps(self.index).encode()))
 
@@ -477,6 +480,7 @@ class Preprocess:
         return (x - self.mean) / self.std
 
     def state(self) -> dict:
+        """Plain-type settings for a checkpoint."""
         return {"image_size": self.image_size, "mean": self.mean, "std": self.std, "max_rotation": self.max_rotation}
 
 

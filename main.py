@@ -38,6 +38,7 @@ class UsageError(Exception):
 
 # ---------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
+    """The training command (the default): every flag with its default."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="main.py", description=__doc__.split("\n\n")[0], formatter_class=fmt,
                                 epilog="Sub-commands: `main.py evaluate --help`, `main.py predict --help`.")
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
+    """`main.py evaluate`: score a checkpoint on labelled data."""
     p = argparse.ArgumentParser(prog="main.py evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Score a trained model on a labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) "
                                             "or on the test rows of a run's split.csv, at the checkpoint's threshold.")
@@ -85,6 +87,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
 
 
 def build_predict_parser() -> argparse.ArgumentParser:
+    """`main.py predict`: probabilities for unlabelled images."""
     p = argparse.ArgumentParser(prog="main.py predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Pneumonia probability and label for images or folders of images.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
@@ -98,6 +101,7 @@ def build_predict_parser() -> argparse.ArgumentParser:
 
 
 def default_cache_dir() -> str:
+    """Where decoded images are kept: $XDG_CACHE_HOME/pneumonia-cnn, else ~/.cache/pneumonia-cnn."""
     return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pneumonia-cnn")
 
 
@@ -118,10 +122,12 @@ def new_run_dir(out: str | None, prefix: str = "") -> Path:
 
 
 def write_json(path: Path, obj) -> None:
+    """Pretty JSON, written atomically."""
     data.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, allow_nan=True).encode()))
 
 
 def write_csv(path: Path, header, rows) -> None:
+    """A CSV file with a header row."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -149,6 +155,7 @@ def load_model(ckpt: dict, device: torch.device) -> tuple[PneumoniaCNN, data.Pre
 
 
 def read_checkpoint(path: str | None) -> dict:
+    """Load a checkpoint safely, turning every failure into one UsageError sentence."""
     if not path:
         raise UsageError("no checkpoint given; pass --checkpoint runs/<run>/best.pt from a finished training run")
     if not Path(path).is_file():
@@ -231,6 +238,7 @@ def load_training_data(args, run_dir: Path) -> data.Dataset:
 
 
 def configure_device(args) -> torch.device:
+    """Resolve --device once and set the determinism / autotuning switches for it."""
     try:
         device = train.resolve_device(args.device)
     except ValueError as err:
@@ -252,6 +260,7 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def run_train(args) -> int:
+    """Train (or resume), then evaluate and explain; returns the exit status."""
     args, run_dir, resume = resolve_run(args)
     device = configure_device(args)
     generator = train.set_seed(args.seed)
@@ -330,6 +339,7 @@ def finish_train(args, run_dir, ds, splits, model, prep, threshold, state, devic
 
 
 def print_summary(metrics: dict, out: Path, banner: str = "") -> None:
+    """The metric table and Grad-CAM checks on the terminal."""
     if banner:
         print(banner)
     print(evaluate.summary_table(metrics["test"], "Test split (threshold chosen on validation)"))
@@ -342,6 +352,7 @@ def print_summary(metrics: dict, out: Path, banner: str = "") -> None:
 
 # ---------------------------------------------------------------- evaluate and predict
 def run_evaluate(args) -> int:
+    """Score a checkpoint on a labelled folder or a run's test split, with every plot and the report."""
     ckpt = read_checkpoint(args.checkpoint)
     device = configure_device(argparse.Namespace(device=args.device, deterministic=False))
     model, prep = load_model(ckpt, device)
@@ -387,6 +398,7 @@ def image_files(paths: list[str]) -> list[str]:
 
 
 def run_predict(args) -> int:
+    """Probabilities and labels at the stored threshold for images and folders; bad files are reported and skipped."""
     ckpt = read_checkpoint(args.checkpoint)
     device = configure_device(argparse.Namespace(device=args.device, deterministic=False))
     model, prep = load_model(ckpt, device)
@@ -418,6 +430,7 @@ def run_predict(args) -> int:
 
 
 def write_overlays(model, prep, batch, prob, files, out: Path, device, args) -> list[Path]:
+    """One Grad-CAM overlay per predicted image; returns their paths."""
     x = prep.eval(batch.to(device)).contiguous(memory_format=torch.channels_last)
     maps = gradcam.compute_maps(model, x, args.cam_target)
     shown = prep.eval(batch).numpy()[:, 0] * prep.std + prep.mean
@@ -430,6 +443,7 @@ def write_overlays(model, prep, batch, prob, files, out: Path, device, args) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch to train, evaluate or predict; user errors print one sentence and return 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["evaluate"]:

@@ -208,6 +208,7 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 @dataclass
 class TrainConfig:
+    """The settings fit() needs."""
     epochs: int
     batch_size: int
     lr: float
