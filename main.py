@@ -55,17 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patient: 70/15/15 grouped by child; random: image-level (leaky, for comparison); official: the archive's test/ folder")
     p.add_argument("--threshold", default="youden", help="decision threshold policy, chosen on validation: youden, sens=0.95, or a number")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation, shuffling and augmentation")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to train")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA)")
     p.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (slower); CPU runs always are")
-    p.add_argument("--cam-target", choices=["pneumonia", "normal"], default="pneumonia", help="class whose evidence Grad-CAM shows")
-    p.add_argument("--cache-dir", default=default_cache_dir(), help="where decoded images are kept between runs")
-    p.add_argument("--no-cache", action="store_true", help="decode every image afresh and keep nothing")
-    p.add_argument("--workers", type=int, default=None, help="processes for the one-time decode (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="processes for the one-time decode; None uses every core")
     p.add_argument("--resume", metavar="RUN", default=None, help="continue the interrupted run in folder RUN")
     p.add_argument("--demo", action="store_true", help="generate synthetic phantoms into the run folder and use them as data")
     p.add_argument("--demo-patients", type=int, default=60, help="phantom patients per class for --demo (3 images each)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_shared_flags(p, cache=True)
     return p
 
 
@@ -77,12 +73,8 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="best.pt of a finished run")
     p.add_argument("--data", required=True, help="labelled folder, or a run's split.csv (its test rows are scored)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/evaluate-<YYYYmmdd-HHMMSS>)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
-    p.add_argument("--cam-target", choices=["pneumonia", "normal"], default="pneumonia", help="class whose evidence Grad-CAM shows")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the randomisation test")
-    p.add_argument("--cache-dir", default=default_cache_dir(), help="where decoded images are kept between runs")
-    p.add_argument("--no-cache", action="store_true", help="decode every image afresh")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_shared_flags(p, cache=True)
     return p
 
 
@@ -94,10 +86,19 @@ def build_predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="best.pt of a finished run (required)")
     p.add_argument("--out", default=None, help="output folder (default runs/predict-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--cam", action="store_true", help="also write a Grad-CAM overlay per image (always for a single image)")
-    p.add_argument("--cam-target", choices=["pneumonia", "normal"], default="pneumonia", help="class whose evidence Grad-CAM shows")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    add_shared_flags(p, cache=False)
     return p
+
+
+def add_shared_flags(p: argparse.ArgumentParser, cache: bool) -> None:
+    """Flags every command shares: device and Grad-CAM target, plus the decode cache and progress bars."""
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
+    p.add_argument("--cam-target", choices=["pneumonia", "normal"], default="pneumonia", help="class whose evidence Grad-CAM shows")
+    if cache:
+        p.add_argument("--cache-dir", default=default_cache_dir(), help="where decoded images are kept between runs")
+        p.add_argument("--no-cache", action="store_true", help="decode every image afresh and keep nothing")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def default_cache_dir() -> str:

@@ -106,10 +106,7 @@ def our_epoch(images: torch.Tensor, labels: torch.Tensor) -> dict:
         x = prep.train(images[idx], g).contiguous(memory_format=torch.channels_last)
         y = labels[idx]
         data_time += time.perf_counter() - t0
-        loss = loss_fn(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _step(model, optimizer, loss_fn, x, y)
         scheduler.step()
     total = time.perf_counter() - start
     return {"seconds": total, "data_share": data_time / total}
