@@ -277,6 +277,8 @@ def run_train(args) -> int:
         write_data_files(run_dir, ds)
         (run_dir / "INCOMPLETE").write_text("training has not finished; resume with: python main.py --resume " + str(run_dir))
     print("config:", json.dumps({**config, "device": str(device)}))
+    audit = data.audit(ds)
+    print_data_summary(audit)
     splits = {name: ds.subset(name) for name in data.SPLITS}
     mean, std = data.fit_normalisation(ds.images[splits["train"][2]], args.image_size)
     prep = data.Preprocess(args.image_size, mean, std)
@@ -298,7 +300,15 @@ def run_train(args) -> int:
         print(f"evaluating the best checkpoint so far (epoch {state.best_epoch})", file=sys.stderr)
     threshold = save_best(args, run_dir, model, prep, state, splits["val"], device)
     evaluate.plot_history(state.history, state.best_epoch, run_dir / "training_curves.png")
-    return finish_train(args, run_dir, ds, splits, model, prep, threshold, state, device, started)
+    return finish_train(args, run_dir, ds, audit, splits, model, prep, threshold, state, device, started)
+
+
+def print_data_summary(audit: dict) -> None:
+    """Images and patients per split, duplicates, and skipped files counted by reason."""
+    sizes = ", ".join(f"{s} {a['images']} ({a['patients']} patients)" for s, a in audit["splits"].items())
+    reasons = "; ".join(f"{n} {why}" for why, n in audit["skipped_by_reason"].items())
+    print(f"data: {audit['images']} images: {sizes}; {audit['duplicates_merged']} duplicates merged; "
+          f"{audit['skipped']} files skipped" + (f" ({reasons}; see skipped.csv)" if reasons else ""))
 
 
 def save_best(args, run_dir: Path, model, prep, state, val, device) -> float:
@@ -318,7 +328,7 @@ def run_config(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("resume", "quiet")}
 
 
-def finish_train(args, run_dir, ds, splits, model, prep, threshold, state, device, started) -> int:
+def finish_train(args, run_dir, ds, audit, splits, model, prep, threshold, state, device, started) -> int:
     """Score the test split once, write metrics.json and report.html, and mark the run complete."""
     note = ", test split" + (" [SYNTHETIC DEMO]" if args.demo else "")
     images, labels, idx = splits["test"]
@@ -328,7 +338,7 @@ def finish_train(args, run_dir, ds, splits, model, prep, threshold, state, devic
     metrics.update({"synthetic": bool(args.demo), "split": args.split,
                     "validation": {"auc": state.best_auc, "best_epoch": state.best_epoch,
                                    "threshold_policy": args.threshold, "threshold": threshold},
-                    "data": data.audit(ds), "training_failure": state.failure})
+                    "data": audit, "training_failure": state.failure})
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "timing.json", {"seconds_since_data_loaded": round(time.perf_counter() - started, 1),
                                          "epochs_run": state.epoch})

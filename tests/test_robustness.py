@@ -64,7 +64,7 @@ def _good_variants(root, src):
     return files + [normal / "IM-9001-0001.JPG", normal / "IM-9002-0001.jpeg", normal / "IM-9003-0001.jpeg"]
 
 
-def test_zoo_archive_accounts_for_every_file(tmp_path):
+def test_zoo_archive_accounts_for_every_file(tmp_path, capsys):
     real = shared("chest_xray_256") / "train"
     root = tmp_path / "zoo"
     picks = []
@@ -80,6 +80,8 @@ def test_zoo_archive_accounts_for_every_file(tmp_path):
     with pytest.warns(UserWarning, match="ignoring folder .*COVID"):
         assert main.main(["--data", str(root), "--out", str(out), "--epochs", "1", "--image-size", "64", "--quiet",
                           "--cache-dir", str(tmp_path / "cache")]) == 0
+    shown = capsys.readouterr().out
+    assert f"{len(bad)} files skipped" in shown and "3 hidden or OS metadata" in shown and "4 unreadable image" in shown
     skipped = {row["path"]: row["reason"] for row in csv.DictReader(open(out / "skipped.csv"))}
     assert set(skipped) == {str(p) for p in bad}, set(skipped) ^ {str(p) for p in bad}
     for path, fragment in bad.items():
