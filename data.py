@@ -177,13 +177,12 @@ def _require_every_split(labels, groups, split, names, fractions) -> None:
                 )
 
 
-def assign_splits(paths, labels, root: str, mode: str, seed: int) -> tuple[np.ndarray, list[str]]:
+def assign_splits(paths, labels, patients, root: str, mode: str, seed: int) -> np.ndarray:
     """Split by `mode`: 'patient' (grouped 70/15/15), 'random' (image-level) or 'official' (archive's test/)."""
-    patients = [patient_id(p) for p in paths]
     if mode == "patient":
-        return split_groups(labels, patients, seed=seed), patients
+        return split_groups(labels, patients, seed=seed)
     if mode == "random":
-        return split_groups(labels, np.arange(len(paths)), seed=seed), patients
+        return split_groups(labels, np.arange(len(paths)), seed=seed)
     if mode != "official":
         raise ValueError(f"unknown split mode {mode!r}")
     in_test = np.array(["test" in Path(os.path.relpath(p, root)).parts[:-2] for p in paths])
@@ -193,7 +192,7 @@ def assign_splits(paths, labels, root: str, mode: str, seed: int) -> tuple[np.nd
     split[in_test] = "test"
     rest = np.flatnonzero(~in_test)
     split[rest] = split_groups(np.asarray(labels)[rest], np.asarray(patients)[rest], (0.85, 0.15), seed)
-    return split, patients
+    return split
 
 
 # ---------------------------------------------------------------- decoding
@@ -387,23 +386,31 @@ def deduplicate(found: Found, cache: ImageCache) -> None:
     found.hashes = [hashes[i] for i in keep]
 
 
+def decode_found(found: Found, cache: ImageCache, workers: int | None = None, progress: bool = True) -> Dataset:
+    """De-duplicate and decode what discovery found; unreadable files move to `found.skipped`.
+
+    Every image starts in the 'test' split: scoring uses it as is, training re-splits it.
+    """
+    deduplicate(found, cache)
+    images, errors = load_images(found.paths, cache.size, cache, workers, progress)
+    ok = np.array([e is None for e in errors], dtype=bool)
+    found.skipped += [(p, e) for p, e in zip(found.paths, errors) if e is not None]
+    paths = [p for p, good in zip(found.paths, ok) if good]
+    labels = np.asarray(found.labels, dtype=np.int64)[ok] if len(ok) else np.zeros(0, np.int64)
+    require_two_classes(labels)
+    return Dataset(images[ok], labels, paths, [patient_id(p) for p in paths],
+                   np.full(len(paths), "test", dtype=object), found, [h for h, good in zip(found.hashes, ok) if good])
+
+
 def load_dataset(root: str, image_size: int, split_mode: str, seed: int, cache_dir: str | None,
                  workers: int | None = None, progress: bool = True) -> Dataset:
     """Discover, de-duplicate, decode (cached) and split every image under `root`."""
     found = find_images(root)
     if not found.paths:
         raise NoImagesFound(f"no images found in NORMAL/ or PNEUMONIA/ folders under '{root}'")
-    cache = ImageCache(cache_dir, cache_size(image_size))
-    deduplicate(found, cache)
-    images, errors = load_images(found.paths, cache.size, cache, workers, progress)
-    ok = np.array([e is None for e in errors], dtype=bool)
-    found.skipped += [(p, e) for p, e in zip(found.paths, errors) if e is not None]
-    paths = [p for p, good in zip(found.paths, ok) if good]
-    hashes = [h for h, good in zip(found.hashes, ok) if good]
-    labels = np.asarray(found.labels, dtype=np.int64)[ok]
-    require_two_classes(labels)
-    split, patients = assign_splits(paths, labels, root, split_mode, seed)
-    return Dataset(images[ok], labels, paths, patients, split, found, hashes)
+    ds = decode_found(found, ImageCache(cache_dir, cache_size(image_size)), workers, progress)
+    ds.split = assign_splits(ds.paths, ds.labels, ds.patients, root, split_mode, seed)
+    return ds
 
 
 def _shared_across_splits(keys, split) -> int:

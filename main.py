@@ -368,33 +368,30 @@ def run_evaluate(args) -> int:
     device = configure_device(argparse.Namespace(device=args.device, deterministic=False))
     model, prep = load_model(ckpt, device)
     out = new_run_dir(args.out or str(Path(args.checkpoint).parent / ("evaluate-" + time.strftime("%Y%m%d-%H%M%S"))))
-    paths, labels = labelled_files(args.data)
     cache = data.ImageCache(None if args.no_cache else args.cache_dir, data.cache_size(prep.image_size))
-    images, errors = data.load_images(paths, cache.size, cache, progress=not args.quiet)
-    ok = [e is None for e in errors]
-    write_csv(out / "skipped.csv", ["path", "reason"], [(p, e) for p, e in zip(paths, errors) if e])
-    paths, labels = [p for p, g in zip(paths, ok) if g], np.asarray(labels)[ok]
-    data.require_two_classes(labels)
-    metrics = score_set(model, prep, ckpt["threshold"], torch.from_numpy(images[ok]).unsqueeze(1),
-                        torch.from_numpy(labels).float(), paths, [data.patient_id(p) for p in paths], out, device,
+    ds = data.decode_found(labelled_files(args.data), cache, progress=not args.quiet)
+    write_data_files(out, ds)
+    images, labels, _ = ds.subset("test")
+    metrics = score_set(model, prep, ckpt["threshold"], images, labels, ds.paths, ds.patients, out, device,
                         args.cam_target, args.seed, note=f", {Path(args.data).name}")
-    metrics["evaluated"] = {"checkpoint": args.checkpoint, "data": args.data, "skipped": int(len(ok) - sum(ok))}
+    metrics["data"] = data.audit(ds)
+    metrics["evaluated"] = {"checkpoint": args.checkpoint, "data": args.data}
     write_json(out / "metrics.json", metrics)
     report.write_report(out, f"Pneumonia CNN - evaluation of {args.checkpoint} on {args.data}", vars(args), metrics)
     print_summary(metrics, out)
     return 0
 
 
-def labelled_files(source: str) -> tuple[list[str], list[int]]:
-    """(paths, labels) from a labelled folder, or from the test rows of a run's split.csv."""
+def labelled_files(source: str) -> data.Found:
+    """The labelled files of a folder (DIR/**/{NORMAL,PNEUMONIA}/*), or the test rows of a run's split.csv."""
     if source.endswith(".csv"):
         with open(source, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
-        return [r["path"] for r in rows], [data.CLASSES.index(r["label"]) for r in rows]
+        return data.Found(paths=[r["path"] for r in rows], labels=[data.CLASSES.index(r["label"]) for r in rows])
     found = data.find_images(source)
     if not found.paths:
         raise UsageError(f"no images in NORMAL/ or PNEUMONIA/ folders under '{source}'")
-    return found.paths, found.labels
+    return found
 
 
 def image_files(paths: list[str]) -> list[str]:

@@ -105,7 +105,8 @@ def test_evaluate_external_folder_and_checkpoint_errors(demo_run, tmp_path, caps
     folder = demo_run / "demo_data" / "images"
     assert main.main(["evaluate", "--checkpoint", str(demo_run / "best.pt"), "--data", str(folder),
                       "--out", str(tmp_path / "ext"), "--quiet", "--no-cache"]) == 0
-    assert json.loads((tmp_path / "ext" / "metrics.json").read_text())["test"]["images"] == 240
+    external = json.loads((tmp_path / "ext" / "metrics.json").read_text())
+    assert external["test"]["images"] == 240 and external["data"]["splits"]["test"]["patients"] == 80
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert main.main(["evaluate", "--checkpoint", str(bad), "--data", str(folder)]) == 2
