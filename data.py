@@ -96,6 +96,8 @@ def find_images(root: str) -> Found:
     for class_root in _class_roots(root, found.skipped):
         for name in find_classes(class_root)[0]:
             folder = os.path.join(class_root, name)
+            if name.startswith(".") or name in JUNK_NAMES:
+                continue  # already recorded by _class_roots
             if name.upper() not in CLASSES:
                 warnings.warn(f"ignoring folder '{folder}': not a class (expected NORMAL or PNEUMONIA)")
                 found.ignored_folders.append(folder)

@@ -36,6 +36,8 @@ def _bad_zoo(root, good):
     (root / "__MACOSX").mkdir()
     (root / "__MACOSX" / "._x.jpeg").write_bytes(b"\0")
     bad[root / "__MACOSX"] = "hidden or OS metadata"
+    (root / "train" / ".ipynb_checkpoints").mkdir()  # hidden folder beside the class folders
+    bad[root / "train" / ".ipynb_checkpoints"] = "hidden or OS metadata"
     (root / "train" / "COVID").mkdir()
     shutil.copy(good[1], root / "train" / "COVID" / "covid1.jpeg")
     bad[root / "train" / "COVID"] = "not a class"
@@ -81,7 +83,7 @@ def test_zoo_archive_accounts_for_every_file(tmp_path, capsys):
         assert main.main(["--data", str(root), "--out", str(out), "--epochs", "1", "--image-size", "64", "--quiet",
                           "--cache-dir", str(tmp_path / "cache")]) == 0
     shown = capsys.readouterr().out
-    assert f"{len(bad)} files skipped" in shown and "3 hidden or OS metadata" in shown and "4 unreadable image" in shown
+    assert f"{len(bad)} files skipped" in shown and "4 hidden or OS metadata" in shown and "4 unreadable image" in shown
     skipped = {row["path"]: row["reason"] for row in csv.DictReader(open(out / "skipped.csv"))}
     assert set(skipped) == {str(p) for p in bad}, set(skipped) ^ {str(p) for p in bad}
     for path, fragment in bad.items():
