@@ -80,13 +80,18 @@ def compute_maps(model: nn.Module, x: torch.Tensor, target: str = "pneumonia", b
 
 # ---------------------------------------------------------------- sanity checks
 def _reset(module: nn.Module, seed: int) -> None:
-    """Re-initialise every layer in `module` (weights, and batch-norm running statistics)."""
-    torch.manual_seed(seed)
-    for m in module.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
+    """Re-initialise every layer in `module` (weights, and batch-norm running statistics).
+
+    The seed is applied inside `fork_rng`, so the caller's random-number state is left as it was.
+    """
+    device = next(module.parameters(), torch.empty(0)).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for m in module.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
 
 
 def _rank_corr(a: np.ndarray, b: np.ndarray) -> float:

@@ -93,6 +93,9 @@ def test_randomisation_test_flags_maps_that_ignore_the_weights(model):
     assert result["stages"] == ["head", "block3", "block2", "block1", "stem"]
     assert len(examples) == 6 and -1 <= result["fully_randomised_median_spearman"] <= 1
     assert all(p.grad is None for p in model.parameters())
+    before = torch.get_rng_state()
+    gradcam.randomisation_test(model, x)
+    assert torch.equal(before, torch.get_rng_state())  # the caller's RNG is untouched
 
     class Fixed(torch.nn.Module):  # a 'model' whose map is the input itself: weights don't matter
         def __init__(self):
