@@ -398,7 +398,7 @@ def decode_found(found: Found, cache: ImageCache, workers: int | None = None, pr
     ok = np.array([e is None for e in errors], dtype=bool)
     found.skipped += [(p, e) for p, e in zip(found.paths, errors) if e is not None]
     paths = [p for p, good in zip(found.paths, ok) if good]
-    labels = np.asarray(found.labels, dtype=np.int64)[ok] if len(ok) else np.zeros(0, np.int64)
+    labels = np.asarray(found.labels, dtype=np.int64)[ok]
     require_two_classes(labels)
     return Dataset(images[ok], labels, paths, [patient_id(p) for p in paths],
                    np.full(len(paths), "test", dtype=object), found, [h for h, good in zip(found.hashes, ok) if good])

@@ -188,13 +188,14 @@ def explain(model, prep, images, y_true, y_prob, threshold, out: Path, device, c
     y_pred = (y_prob >= threshold).astype(int)
     outcome = np.where(y_true == 1, np.where(y_pred == 1, "TP", "FN"), np.where(y_pred == 1, "FP", "TN"))
     (out / "gradcam").mkdir(exist_ok=True)
+    def describe(i):
+        return f"{outcome[i]} p={y_prob[i]:.2f} true={data.CLASSES[y_true[i]]}"
+
     picks = [i for kind in ("TP", "TN", "FP", "FN") for i in np.flatnonzero(outcome == kind)[:4]]
-    titles = [f"{outcome[i]} p={y_prob[i]:.2f} true={data.CLASSES[y_true[i]]}" for i in picks]
     for kind in ("TP", "TN", "FP", "FN"):  # two full-size overlays per outcome; the grid shows four
         for i in np.flatnonzero(outcome == kind)[:2]:
-            title = f"{kind} p={y_prob[i]:.2f} true={data.CLASSES[y_true[i]]}{note}"
-            gradcam.save_overlay(shown[i], maps[i], title, out / "gradcam" / f"{kind}_{i:04d}.png")
-    gradcam.save_grid(shown[picks], maps[picks], titles, out / "gradcam_grid.png",
+            gradcam.save_overlay(shown[i], maps[i], describe(i) + note, out / "gradcam" / f"{kind}_{i:04d}.png")
+    gradcam.save_grid(shown[picks], maps[picks], [describe(i) for i in picks], out / "gradcam_grid.png",
                       suptitle=f"Grad-CAM ({cam_target} evidence), up to 4 per outcome{note}")
     result = {"target": cam_target, "layer": "block3", "border": gradcam.border_mass(maps)}
     sample = x[: min(32, len(x))]
@@ -414,8 +415,8 @@ def run_predict(args) -> int:
     if not files:
         raise UsageError(f"no files found in {', '.join(args.paths)}")
     out = new_run_dir(args.out, prefix="predict-")
-    images, errors = data.load_images(files, data.cache_size(prep.image_size), data.ImageCache(None, data.cache_size(prep.image_size)),
-                                      progress=len(files) > 1)
+    no_cache = data.ImageCache(None, data.cache_size(prep.image_size))  # same decode and size as training
+    images, errors = data.load_images(files, no_cache.size, no_cache, progress=len(files) > 1)
     good = [i for i, e in enumerate(errors) if e is None]
     batch = torch.from_numpy(images[good]).unsqueeze(1)
     prob = train.predict(model, batch, prep, device, args.batch_size)
