@@ -188,6 +188,35 @@ def summary_table(m: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(sets: dict[str, dict]) -> str:
+    """Sets side by side (test split and external folders): each metric with its interval."""
+    names = list(sets)
+    width = max(22, *(len(n) + 2 for n in names))
+    lines = ["Side by side, each at the threshold chosen on validation (95% patient-bootstrap CI)",
+             f"{'metric':<12}" + "".join(f"{n:>{width}}" for n in names)]
+    for k in METRICS:
+        cells = [f"{m[k]:.3f} [{m['ci95'][k][0]:.3f}, {m['ci95'][k][1]:.3f}]" for m in sets.values()]
+        lines.append(f"{k:<12}" + "".join(f"{c:>{width}}" for c in cells))
+    lines.append(f"{'images':<12}" + "".join(f"{m['images']:>{width}}" for m in sets.values()))
+    return "\n".join(lines)
+
+
+def plot_roc_sets(curves: dict[str, tuple], path) -> None:
+    """ROC curves of several sets (name -> (y_true, y_prob, metrics)) on one plot, with operating points."""
+    fig, ax = plt.subplots(figsize=(5.6, 5.6))
+    for name, (y_true, y_prob, m) in curves.items():
+        fpr, tpr, _ = roc_curve(y_true, y_prob)
+        lo, hi = m["ci95"]["auc"]
+        line, = ax.plot(fpr, tpr, label=f"{name}: AUC {m['auc']:.3f} ({lo:.3f}-{hi:.3f})")
+        ax.plot(1 - m["specificity"], m["sensitivity"], "o", color=line.get_color(), ms=7)
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("ROC: test split and external sets\n(dots: the validation-chosen threshold)", fontsize=10)
+    ax.legend(loc="lower right", fontsize=7)
+    _save(fig, path)
+
+
 def draw_all(y_true, y_prob, m: dict, out_dir, note: str = "") -> list[str]:
     """Write roc.png, confusion_matrix.png, pr.png and calibration.png; return their names."""
     plot_roc(y_true, y_prob, m, out_dir / "roc.png", note)

@@ -44,16 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Sub-commands: `main.py evaluate --help`, `main.py predict --help`.")
     p.add_argument("--data", default="archive", help="folder holding the unzipped Kaggle archive (any NORMAL/ and PNEUMONIA/ folders below it)")
     p.add_argument("--out", default=None, help="run folder (default runs/<YYYYmmdd-HHMMSS>); must not exist yet")
-    p.add_argument("--epochs", type=int, default=15, help="maximum training epochs")
+    p.add_argument("--epochs", type=int, default=25, help="maximum training epochs")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the OneCycle SGD schedule")
     p.add_argument("--pos-weight", type=float, default=0.6, help="BCEWithLogitsLoss pos_weight for the PNEUMONIA class")
-    p.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better validation AUC")
-    p.add_argument("--image-size", type=int, default=160, help="model input side in pixels (images are stored 10%% larger and edge-cropped)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="training targets moved this far towards 0.5 (0 = off)")
+    p.add_argument("--patience", type=int, default=0, help="stop after this many epochs without a better validation AUC; 0: never (OneCycle's best epochs are its last)")
+    p.add_argument("--image-size", type=int, default=128, help="model input side in pixels (images are stored 10%% larger and edge-cropped)")
     p.add_argument("--widths", type=int, nargs=3, default=[24, 48, 96], help="channels of the three CNN blocks")
     p.add_argument("--split", choices=["patient", "random", "official"], default="patient",
                    help="patient: 70/15/15 grouped by child; random: image-level (leaky, for comparison); official: the archive's test/ folder")
-    p.add_argument("--threshold", default="youden", help="decision threshold policy, chosen on validation: youden, sens=0.95, or a number")
+    p.add_argument("--threshold", default="sens=0.95",
+                   help="decision threshold policy, applied to validation: sens=X (the strictest threshold reaching sensitivity X), youden, or a number")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation, shuffling and augmentation")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA)")
     p.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (slower); CPU runs always are")
@@ -61,8 +63,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", default=None, help="continue the interrupted run in folder RUN")
     p.add_argument("--demo", action="store_true", help="generate synthetic phantoms into the run folder and use them as data")
     p.add_argument("--demo-patients", type=int, default=60, help="phantom patients per class for --demo (3 images each)")
+    p.add_argument("--external", metavar="DIR", action="append", default=[],
+                   help="labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) scored after the test split at the validation threshold; repeatable")
+    add_augment_flags(p)
     add_shared_flags(p, cache=True)
     return p
+
+
+def add_augment_flags(p: argparse.ArgumentParser) -> None:
+    """Training augmentation against acquisition shift (data.Augment); the defaults are the measured best."""
+    d = data.Augment()
+    g = p.add_argument_group("augmentation", "drawn per training image, uniformly in +-range; see README 'Generalisation'")
+    g.add_argument("--augment", choices=["full", "none"], default="full",
+                   help="full: the settings below; none: the original project's rotation and crop only (ignores the settings below)")
+    g.add_argument("--rotation", type=float, default=d.rotation, help="rotation range in degrees")
+    g.add_argument("--zoom", type=float, default=d.zoom, help="per-axis scale jitter: each axis scaled by [1/(1+z), 1+z], so size and aspect ratio change")
+    g.add_argument("--translate", type=float, default=d.translate, help="extra shift as a fraction of the side, beyond the random crop position")
+    demo_note = f"; None: {{}} on real data, 0 with --demo (phantoms have no exposure shift; see README)"
+    g.add_argument("--gamma", type=float, default=None, help="log-gamma range: x ** exp(+-g), black and white stay fixed" + demo_note.format(d.gamma))
+    g.add_argument("--contrast", type=float, default=None, help="contrast range around each image's mean: x (1 +- c)" + demo_note.format(d.contrast))
+    g.add_argument("--brightness", type=float, default=None, help="brightness range in [0, 1] grey units" + demo_note.format(d.brightness))
+    g.add_argument("--noise", type=float, default=d.noise, help="std of added Gaussian noise in [0, 1] grey units")
+    g.add_argument("--sharpness", type=float, default=d.sharpness, help="blur/sharpen range: x + u (3x3 box blur - x), u in +-s")
+    g.add_argument("--padding", choices=data.PADDING, default=d.padding, help="fill outside the stored image (zeros paints black frames)")
+    g.add_argument("--intensity", choices=data.INTENSITY, default="dataset",
+                   help="dataset: normalise by the training split's mean/std; image: standardise each image by its own (train and scoring alike)")
+
+
+def resolve_intensity_defaults(args) -> None:
+    """Fill unset --gamma/--contrast/--brightness: the measured defaults, or 0 for --demo.
+
+    The phantoms' only finding is a brightness change and their 'scanner' never changes; with
+    intensity jitter the phantom model learns to compare the lungs with the heart and spine, and the
+    Grad-CAM maximum moves off the drawn lesions (README, Generalisation).
+    """
+    defaults = data.Augment()
+    for name in ("gamma", "contrast", "brightness"):
+        if getattr(args, name) is None:
+            setattr(args, name, 0.0 if args.demo else getattr(defaults, name))
+
+
+def augment_from_args(args) -> data.Augment:
+    """The data.Augment the flags describe."""
+    if args.augment == "none":
+        return data.Augment.plain(args.rotation)
+    return data.Augment(args.rotation, args.zoom, args.translate, args.gamma, args.contrast, args.brightness,
+                        args.noise, args.padding, args.sharpness)
 
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
@@ -148,7 +194,7 @@ def load_model(ckpt: dict, device: torch.device) -> tuple[PneumoniaCNN, data.Pre
     try:
         model = PneumoniaCNN(**ckpt["model_config"])
         model.load_state_dict(ckpt["model"])
-        prep = data.Preprocess(**ckpt["preprocess"])
+        prep = data.Preprocess.from_state(ckpt["preprocess"])
     except (KeyError, TypeError, RuntimeError) as err:
         raise UsageError(f"the checkpoint does not fit this model ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
                          f"it was made by another model config or version of this project") from None
@@ -169,22 +215,52 @@ def read_checkpoint(path: str | None) -> dict:
 
 
 # ---------------------------------------------------------------- scoring and explaining (train and evaluate)
-def score_set(model, prep, threshold, images, labels, paths, patients, out: Path, device, cam_target: str,
-              seed: int, note: str = "", masks=None) -> dict:
-    """Predict, score with intervals, draw, and explain one labelled set; returns the metrics dict."""
+def score_set(model, prep, threshold, ds: data.Dataset, idx, out: Path, device, cam_target: str,
+              seed: int, note: str = "", masks=None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Predict, score with intervals, draw, explain and list per image one labelled set.
+
+    Returns ({"test": metrics, "gradcam": checks}, y_true, y_prob); writes predictions.csv into `out`.
+    """
+    images = torch.from_numpy(ds.images[idx]).unsqueeze(1)
     y_prob = train.predict(model, images, prep, device)
-    y_true = labels.numpy().astype(int)
+    y_true = ds.labels[idx].astype(int)
+    patients = [ds.patients[i] for i in idx]
+    write_predictions(out / "predictions.csv", [ds.paths[i] for i in idx], patients, y_true, y_prob, threshold)
     metrics = evaluate.score(y_true, y_prob, patients, threshold, seed=seed)
     evaluate.draw_all(y_true, y_prob, metrics, out, note)
     explained = explain(model, prep, images, y_true, y_prob, threshold, out, device, cam_target, seed, note, masks)
-    return {"test": metrics, "gradcam": explained}
+    return {"test": metrics, "gradcam": explained}, y_true, y_prob
+
+
+def write_predictions(path: Path, paths, patients, y_true, y_prob, threshold: float) -> None:
+    """One row per scored image: where to start an error analysis."""
+    write_csv(path, ["path", "patient", "label", "probability", "predicted"],
+              ([p, pat, data.CLASSES[t], f"{prob:.6f}", data.CLASSES[int(prob >= threshold)]]
+               for p, pat, t, prob in zip(paths, patients, y_true, y_prob)))
+
+
+def score_externals(args, model, prep, threshold, run_dir: Path, device) -> dict:
+    """Score each --external folder like the test split, into external/<name>/; returns name -> (result, y, p)."""
+    results = {}
+    cache = data.ImageCache(None if args.no_cache else args.cache_dir, data.cache_size(prep.image_size))
+    for folder in args.external:
+        name = Path(folder.rstrip("/\\")).name or "external"
+        while name in results:
+            name += "+"
+        out = run_dir / "external" / name
+        out.mkdir(parents=True)
+        ds = data.decode_found(labelled_files(folder), cache, progress=not args.quiet)
+        write_data_files(out, ds)
+        results[name] = score_set(model, prep, threshold, ds, np.arange(len(ds.paths)), out, device,
+                                  args.cam_target, args.seed, note=f", external: {name}")
+    return results
 
 
 def explain(model, prep, images, y_true, y_prob, threshold, out: Path, device, cam_target, seed, note, masks) -> dict:
     """Grad-CAM overlays per outcome, the grid, border mass, randomisation test and (phantoms) localisation."""
     x = prep.eval(images.to(device)).contiguous(memory_format=torch.channels_last)
     maps = gradcam.compute_maps(model, x, cam_target)
-    shown = prep.eval(images).numpy()[:, 0] * prep.std + prep.mean  # the crop the model saw, in [0, 1]
+    shown = prep.crop(images).numpy()[:, 0]  # the crop the model saw, in [0, 1]
     y_pred = (y_prob >= threshold).astype(int)
     outcome = np.where(y_true == 1, np.where(y_pred == 1, "TP", "FN"), np.where(y_pred == 1, "FP", "TN"))
     (out / "gradcam").mkdir(exist_ok=True)
@@ -221,6 +297,7 @@ def resolve_run(args) -> tuple[argparse.Namespace, Path, dict | None]:
     if not (run_dir / "last.pt").exists():
         raise UsageError(f"'{run_dir}' has no last.pt to resume from; start a new run")
     saved = json.loads((run_dir / "config.json").read_text())
+    saved.setdefault("augment", "none")  # runs from before the augmentation flags used the plain transform
     resumed = argparse.Namespace(**{**vars(args), **saved, "resume": str(run_dir), "quiet": args.quiet})
     return resumed, run_dir, read_checkpoint(run_dir / "last.pt")
 
@@ -282,12 +359,12 @@ def run_train(args) -> int:
     print_data_summary(audit)
     splits = {name: ds.subset(name) for name in data.SPLITS}
     mean, std = data.fit_normalisation(ds.images[splits["train"][2]], args.image_size)
-    prep = data.Preprocess(args.image_size, mean, std)
+    prep = data.Preprocess(args.image_size, mean, std, augment_from_args(args), args.intensity)
     model = PneumoniaCNN(tuple(args.widths)).to(device, memory_format=torch.channels_last)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{count_flops(model, args.image_size) / 1e6:.0f} M multiply-adds per image")
     started = time.perf_counter()
-    cfg = train.TrainConfig(args.epochs, args.batch_size, args.lr, args.pos_weight, args.patience)
+    cfg = train.TrainConfig(args.epochs, args.batch_size, args.lr, args.pos_weight, args.patience, args.label_smoothing)
     tr, va = [(to_device(splits[s][0], device), splits[s][1].to(device)) for s in ("train", "val")]
     try:
         state = train.fit(model, tr, va, prep, cfg, run_dir, device, generator, resume, not args.quiet, args.compile)
@@ -299,7 +376,7 @@ def run_train(args) -> int:
         if state.best_model is None:
             return 1
         print(f"evaluating the best checkpoint so far (epoch {state.best_epoch})", file=sys.stderr)
-    threshold = save_best(args, run_dir, model, prep, state, splits["val"], device)
+    threshold = save_best(args, run_dir, model, prep, state, ds, splits["val"], device)
     evaluate.plot_history(state.history, state.best_epoch, run_dir / "training_curves.png")
     return finish_train(args, run_dir, ds, audit, splits, model, prep, threshold, state, device, started)
 
@@ -312,11 +389,19 @@ def print_data_summary(audit: dict) -> None:
           f"{audit['skipped']} files skipped" + (f" ({reasons}; see skipped.csv)" if reasons else ""))
 
 
-def save_best(args, run_dir: Path, model, prep, state, val, device) -> float:
-    """Load the best weights, choose the threshold on validation, and write best.pt; returns the threshold."""
+def save_best(args, run_dir: Path, model, prep, state, ds: data.Dataset, val, device) -> float:
+    """Load the best weights, choose the threshold on validation, and write best.pt; returns the threshold.
+
+    The validation predictions go to predictions_val.csv, so another threshold policy can be checked
+    later without retraining.
+    """
     model.load_state_dict(state.best_model)
     model.eval()
-    threshold = evaluate.choose_threshold(val[1].numpy(), train.predict(model, val[0], prep, device), args.threshold)
+    images, labels, idx = val
+    y_prob = train.predict(model, images, prep, device)
+    threshold = evaluate.choose_threshold(labels.numpy(), y_prob, args.threshold)
+    write_predictions(run_dir / "predictions_val.csv", [ds.paths[i] for i in idx], [ds.patients[i] for i in idx],
+                      labels.numpy().astype(int), y_prob, threshold)
     train.save_checkpoint(run_dir / "best.pt", {
         "model": state.best_model, "model_config": model.config, "preprocess": prep.state(), "threshold": threshold,
         "threshold_policy": args.threshold, "epoch": state.best_epoch, "val_auc": state.best_auc,
@@ -332,10 +417,16 @@ def run_config(args) -> dict:
 def finish_train(args, run_dir, ds, audit, splits, model, prep, threshold, state, device, started) -> int:
     """Score the test split once, write metrics.json and report.html, and mark the run complete."""
     note = ", test split" + (" [SYNTHETIC DEMO]" if args.demo else "")
-    images, labels, idx = splits["test"]
-    masks = demo.load_masks(run_dir / "demo_data", [ds.paths[i] for i in idx], images.shape[-1]) if args.demo else None
-    metrics = score_set(model, prep, threshold, images, labels, [ds.paths[i] for i in idx],
-                        [ds.patients[i] for i in idx], run_dir, device, args.cam_target, args.seed, note, masks)
+    idx = splits["test"][2]
+    masks = demo.load_masks(run_dir / "demo_data", [ds.paths[i] for i in idx], ds.images.shape[-1]) if args.demo else None
+    metrics, y_true, y_prob = score_set(model, prep, threshold, ds, idx, run_dir, device, args.cam_target, args.seed,
+                                        note, masks)
+    externals = score_externals(args, model, prep, threshold, run_dir, device)
+    if externals:
+        metrics["external"] = {name: r[0]["test"] for name, r in externals.items()}
+        metrics["external_gradcam"] = {name: r[0]["gradcam"] for name, r in externals.items()}
+        curves = {"test split": (y_true, y_prob, metrics["test"]), **{n: (r[1], r[2], r[0]["test"]) for n, r in externals.items()}}
+        evaluate.plot_roc_sets(curves, run_dir / "roc_all.png")
     metrics.update({"synthetic": bool(args.demo), "split": args.split,
                     "validation": {"auc": state.best_auc, "best_epoch": state.best_epoch,
                                    "threshold_policy": args.threshold, "threshold": threshold},
@@ -355,6 +446,8 @@ def print_summary(metrics: dict, out: Path, banner: str = "") -> None:
     if banner:
         print(banner)
     print(evaluate.summary_table(metrics["test"], "Test split (threshold chosen on validation)"))
+    if metrics.get("external"):
+        print(evaluate.comparison_table({"test split": metrics["test"], **metrics["external"]}))
     g = metrics["gradcam"]
     print(f"Grad-CAM: randomised-model median Spearman {g['randomisation']['fully_randomised_median_spearman']:.3f}, "
           f"border mass {g['border']['border_mass_share']:.3f} (area {g['border']['border_area_share']:.2f})"
@@ -372,9 +465,8 @@ def run_evaluate(args) -> int:
     cache = data.ImageCache(None if args.no_cache else args.cache_dir, data.cache_size(prep.image_size))
     ds = data.decode_found(labelled_files(args.data), cache, progress=not args.quiet)
     write_data_files(out, ds)
-    images, labels, _ = ds.subset("test")
-    metrics = score_set(model, prep, ckpt["threshold"], images, labels, ds.paths, ds.patients, out, device,
-                        args.cam_target, args.seed, note=f", {Path(args.data).name}")
+    metrics = score_set(model, prep, ckpt["threshold"], ds, np.flatnonzero(ds.split == "test"), out, device,
+                        args.cam_target, args.seed, note=f", {Path(args.data).name}")[0]
     metrics["data"] = data.audit(ds)
     metrics["evaluated"] = {"checkpoint": args.checkpoint, "data": args.data}
     write_json(out / "metrics.json", metrics)
@@ -442,7 +534,7 @@ def write_overlays(model, prep, batch, prob, files, out: Path, device, args) -> 
     """One Grad-CAM overlay per predicted image; returns their paths."""
     x = prep.eval(batch.to(device)).contiguous(memory_format=torch.channels_last)
     maps = gradcam.compute_maps(model, x, args.cam_target)
-    shown = prep.eval(batch).numpy()[:, 0] * prep.std + prep.mean
+    shown = prep.crop(batch).numpy()[:, 0]
     paths = []
     for i, f in enumerate(files):
         path = out / f"{i:05d}_{Path(f).stem}_cam.png"
@@ -459,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_evaluate(build_evaluate_parser().parse_args(argv[1:]))
         if argv[:1] == ["predict"]:
             return run_predict(build_predict_parser().parse_args(argv[1:]))
-        return run_train(build_parser().parse_args(argv))
+        args = build_parser().parse_args(argv)
+        resolve_intensity_defaults(args)
+        return run_train(args)
     except (UsageError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -37,6 +37,16 @@ def metric_table(m: dict) -> str:
             f"Brier {m['brier']:.3f}, ECE {m['ece']:.3f}.</p>")
 
 
+def comparison_table(sets: dict[str, dict]) -> str:
+    """Metrics of several sets side by side, each with its interval."""
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in sets)
+    rows = "".join(f"<tr><td>{k}</td>" + "".join(f"<td>{m[k]:.3f} ({m['ci95'][k][0]:.3f}-{m['ci95'][k][1]:.3f})</td>"
+                                                 for m in sets.values()) + "</tr>" for k in METRICS)
+    counts = "".join(f"<td>{m['images']} / {m['patients']}</td>" for m in sets.values())
+    return (f"<table><tr><th>metric (95% CI)</th>{head}</tr>{rows}<tr><td>images / patients</td>{counts}</tr></table>"
+            f"<p>Every set is scored at the one threshold chosen on validation; nothing is tuned on an external set.</p>")
+
+
 def audit_table(audit: dict) -> str:
     """Images and patients per split and label, and the leak checks."""
     rows = "".join(f"<tr><td>{s}</td><td>{a['images']}</td><td>{a['patients']}</td><td>{a['normal']}</td>"
@@ -87,6 +97,13 @@ def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner:
     body.append("<h2>Test metrics</h2>" + metric_table(test))
     body.append('<div class="figs">' + "".join(_img(out_dir / n) for n in
                 ("roc.png", "confusion_matrix.png", "pr.png", "calibration.png")) + "</div>")
+    if metrics.get("external"):
+        body.append("<h2>Test split and external sets</h2>" + comparison_table({"test split": test, **metrics["external"]}))
+        body.append(_img(out_dir / "roc_all.png"))
+        for name in metrics["external"]:
+            folder = out_dir / "external" / name
+            body.append(f"<h3>External: {html.escape(name)}</h3>" + gradcam_section(metrics["external_gradcam"][name]))
+            body.append(_img(folder / "gradcam_grid.png", wide=True))
     if (out_dir / "training_curves.png").exists():
         body.append("<h2>Training</h2>" + _img(out_dir / "training_curves.png", wide=True))
     if "data" in metrics:

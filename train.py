@@ -194,6 +194,14 @@ def validate(model, images, labels, prep, pos_weight: float, device) -> tuple[fl
     return loss, float(roc_auc_score(y.numpy(), logits.numpy()))
 
 
+def smoothed_bce(pos_weight: float, smoothing: float, device):
+    """BCEWithLogitsLoss(pos_weight), with targets moved `smoothing` towards 0.5 when it is above 0."""
+    bce = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
+    if not smoothing:
+        return bce
+    return lambda logits, y: bce(logits, y * (1 - smoothing) + 0.5 * smoothing)
+
+
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "val_auc", "lr", "seconds")
 
 
@@ -214,6 +222,7 @@ class TrainConfig:
     lr: float
     pos_weight: float
     patience: int
+    label_smoothing: float = 0.0
 
 
 def fit(model, train, val, prep, cfg: TrainConfig, run_dir: Path, device, generator,
@@ -228,7 +237,7 @@ def fit(model, train, val, prep, cfg: TrainConfig, run_dir: Path, device, genera
     steps = math.ceil(len(train[0]) / cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.epochs, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(cfg.pos_weight, device=device))
+    loss_fn = smoothed_bce(cfg.pos_weight, cfg.label_smoothing, device)
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     state = restore(resume, parts, generator) if resume is not None else TrainState()
     bar = tqdm(total=cfg.epochs * steps, initial=state.epoch * steps + state.step, desc="training",
@@ -289,4 +298,4 @@ def end_epoch(model, val, prep, device, state: TrainState, loss, scheduler, star
         state.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     else:
         state.stale += 1
-        state.stopped_early = state.stale >= cfg.patience
+        state.stopped_early = 0 < cfg.patience <= state.stale

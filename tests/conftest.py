@@ -51,8 +51,11 @@ def tiny_archive(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
     """One finished demo run, small enough for CI, shared by several tests."""
+    import demo
     import main
-    out = tmp_path_factory.mktemp("demo") / "run"
+    base = tmp_path_factory.mktemp("demo")
+    external = demo.make_phantoms(base / "other_site", patients_per_class=8, seed=99)  # an 'external' labelled folder
+    out = base / "run"
     assert main.main(["--demo", "--out", str(out), "--epochs", "10", "--demo-patients", "40",
-                      "--image-size", "128", "--quiet"]) == 0
+                      "--image-size", "128", "--quiet", "--external", str(external)]) == 0
     return out

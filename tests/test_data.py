@@ -104,7 +104,7 @@ def test_training_augmentation_rotates_within_range_and_eval_is_centre_crop():
     side, size = 66, 60
     bar = torch.zeros(64, 1, side, side, dtype=torch.uint8)
     bar[:, :, 31:35, 8:58] = 255  # a horizontal bar
-    prep = data.Preprocess(size, mean=0.0, std=1.0, max_rotation=15)
+    prep = data.Preprocess(size, mean=0.0, std=1.0, augment=data.Augment.plain(15))
     out = prep.train(bar, torch.Generator().manual_seed(0))
     assert out.shape == (64, 1, size, size)
     angles = [_orientation(o[0].numpy()) for o in out]
@@ -112,8 +112,96 @@ def test_training_augmentation_rotates_within_range_and_eval_is_centre_crop():
     assert max(abs(a) for a in angles) > 8.0  # it does rotate
     ev = prep.eval(bar)
     assert ev.shape == (64, 1, size, size) and torch.equal(ev, bar[..., 3:63, 3:63].float() / 255)
-    still = data.Preprocess(size, 0.0, 1.0, max_rotation=0).train(bar, torch.Generator().manual_seed(0))
+    still = data.Preprocess(size, 0.0, 1.0, data.Augment.plain(0)).train(bar, torch.Generator().manual_seed(0))
     assert abs(_orientation(still[0, 0].numpy())) < 0.5
+
+
+def _old_transform(batch, size, mean, std, max_rotation, generator):
+    """The original project's training transform, as it was before the augmentation flags (the reference)."""
+    n, side = batch.shape[0], batch.shape[-1]
+    angle = torch.deg2rad((torch.rand(n, generator=generator) * 2 - 1) * max_rotation)
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (side - size) / side
+    scale = size / side
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, [n, 1, size, size], align_corners=False)
+    x = torch.nn.functional.grid_sample(batch.float() / 255.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (x - mean) / std
+
+
+def test_augment_none_equals_the_original_transform():
+    batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (16, 1, 44, 44), dtype=np.uint8))
+    prep = data.Preprocess(40, 0.4, 0.2, data.Augment.plain(15))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(prep.train(batch, g1), _old_transform(batch, 40, 0.4, 0.2, 15, g2))
+    assert torch.equal(g1.get_state(), g2.get_state())  # same draws: resume and seeds behave as before
+    full = data.Preprocess(40, 0.4, 0.2).train(batch, torch.Generator().manual_seed(3))
+    assert not torch.allclose(full, _old_transform(batch, 40, 0.4, 0.2, 15, torch.Generator().manual_seed(3)))
+
+
+def _only(**kw) -> data.Augment:
+    """An Augment with everything off except `kw`."""
+    return data.Augment(**{**vars(data.Augment.plain(0)), **kw})
+
+
+def test_gamma_keeps_black_and_white_and_bends_the_greys():
+    row = torch.tensor([0, 64, 128, 192, 255], dtype=torch.uint8)
+    batch = row.repeat(32, 1, 5, 1)  # 32 images of 5x5, same grey ramp in every row
+    prep = data.Preprocess(5, mean=0.0, std=1.0, augment=_only(gamma=0.5))
+    out = prep.train(batch, torch.Generator().manual_seed(0))[:, 0, 2]  # the middle row of each image
+    assert torch.allclose(out[:, 0], torch.zeros(32), atol=1e-6) and torch.allclose(out[:, 4], torch.ones(32), atol=1e-6)
+    mid = out[:, 2]
+    assert mid.min() < 128 / 255 - 0.05 and mid.max() > 128 / 255 + 0.05  # both darker and brighter greys
+    assert bool(((out[:, 1:] - out[:, :-1]) > 0).all())  # monotone: the order of grey levels is kept
+
+
+def _aspect(img: np.ndarray) -> float:
+    """Width / height of the bright region."""
+    ys, xs = np.nonzero(img > 0.5)
+    return (xs.max() - xs.min() + 1) / (ys.max() - ys.min() + 1)
+
+
+def test_zoom_jitter_changes_the_aspect_ratio_and_border_padding_paints_no_black_frame():
+    side = 80
+    batch = torch.zeros(64, 1, side, side, dtype=torch.uint8)
+    batch[:, :, 30:50, 30:50] = 255  # a centred square: aspect 1
+    prep = data.Preprocess(side, 0.0, 1.0, _only(zoom=0.25))
+    ratios = [_aspect(o[0].numpy()) for o in prep.train(batch, torch.Generator().manual_seed(0))]
+    assert min(ratios) < 0.9 and max(ratios) > 1.1  # wider and taller squares
+    assert all(0.8 / 1.25 - 0.1 < r < 1.25 / 0.8 + 0.1 for r in ratios)
+    plain = [_aspect(o[0].numpy()) for o in data.Preprocess(side, 0.0, 1.0, _only()).train(batch, torch.Generator())]
+    assert all(abs(r - 1) < 0.06 for r in plain)
+    grey = torch.full((16, 1, side, side), 200, dtype=torch.uint8)
+    for padding, black in (("border", False), ("zeros", True)):
+        out = data.Preprocess(side, 0.0, 1.0, _only(zoom=0.5, rotation=15, padding=padding)).train(
+            grey, torch.Generator().manual_seed(1))
+        assert bool((out < 0.1).any()) == black, padding
+
+
+def test_contrast_brightness_and_noise_stay_in_range_and_vary_per_image():
+    batch = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (32, 1, 24, 24), dtype=np.uint8))
+    out = data.Preprocess(24, 0.0, 1.0, _only(contrast=0.3, brightness=0.1, noise=0.05)).train(
+        batch, torch.Generator().manual_seed(0))
+    assert out.min() >= 0 and out.max() <= 1
+    means = out.mean((1, 2, 3)) - batch.float().mean((1, 2, 3)) / 255
+    assert means.std() > 0.02  # brightness differs between images
+
+
+def test_per_image_standardisation_is_used_in_training_and_scoring_alike():
+    batch = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (4, 1, 20, 20), dtype=np.uint8))
+    prep = data.Preprocess(16, mean=0.9, std=9.0, augment=_only(), intensity="image")
+    for x in (prep.eval(batch), prep.train(batch, torch.Generator())):
+        assert torch.allclose(x.mean((1, 2, 3)), torch.zeros(4), atol=1e-5)
+        assert torch.allclose(x.std((1, 2, 3)), torch.ones(4), atol=1e-4)
+    darker = prep.eval((batch.float() * 0.5).to(torch.uint8))
+    assert torch.allclose(darker, prep.eval(batch), atol=0.05)  # a global exposure change is undone
+
+
+def test_preprocess_state_round_trips_and_reads_format_1_checkpoints():
+    prep = data.Preprocess(64, 0.3, 0.2, _only(zoom=0.3, gamma=0.2, padding="reflection"), "image")
+    assert data.Preprocess.from_state(prep.state()) == prep
+    old = data.Preprocess.from_state({"image_size": 64, "mean": 0.3, "std": 0.2, "max_rotation": 10.0})
+    assert old.augment == data.Augment.plain(10.0) and old.intensity == "dataset"
 
 
 def test_normalisation_uses_given_statistics():

@@ -4,12 +4,17 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+import evaluate
 import main
 from conftest import ROOT, shared, write_image
 
 OUTPUTS = ["config.json", "split.csv", "skipped.csv", "history.csv", "best.pt", "metrics.json", "roc.png",
+           "predictions.csv", "predictions_val.csv",
            "confusion_matrix.png", "pr.png", "calibration.png", "training_curves.png", "gradcam_grid.png",
            "gradcam_randomisation.png", "report.html"]
 
@@ -60,7 +65,9 @@ def test_help_documents_every_flag(capsys):
         main.main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--data", "--out", "--epochs", "--batch-size", "--lr", "--pos-weight", "--image-size", "--split",
-                 "--seed", "--device", "--demo", "--threshold", "--resume", "--no-cache", "--compile", "--cam-target"):
+                 "--seed", "--device", "--demo", "--threshold", "--resume", "--no-cache", "--compile", "--cam-target",
+                 "--external", "--augment", "--zoom", "--gamma", "--contrast", "--brightness", "--padding", "--intensity",
+                 "--label-smoothing"):
         assert flag in text, flag
     assert "default: 0.6" in text and "evaluate" in text
 
@@ -99,6 +106,50 @@ def test_evaluate_on_the_runs_own_test_split_reproduces_metrics(demo_run, tmp_pa
     assert again["test"] == original["test"]
     assert again["gradcam"]["border"] == original["gradcam"]["border"]
     assert (out / "report.html").is_file() and (out / "roc.png").is_file()
+
+
+PREDICTION_COLUMNS = ["path", "patient", "label", "probability", "predicted"]
+
+
+def _predictions(path) -> list[dict]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == PREDICTION_COLUMNS
+        return list(reader)
+
+
+def test_external_block_equals_evaluate_on_the_same_folder(demo_run, tmp_path):
+    m = json.loads((demo_run / "metrics.json").read_text())
+    (name, block), = m["external"].items()
+    assert set(block) == set(m["test"]) and block["threshold"] == m["test"]["threshold"]
+    folder = json.loads((demo_run / "config.json").read_text())["external"][0]
+    assert name == Path(folder).name
+    assert main.main(["evaluate", "--checkpoint", str(demo_run / "best.pt"), "--data", folder,
+                      "--out", str(tmp_path / "ev"), "--quiet", "--no-cache"]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["test"] == block
+    assert _predictions(tmp_path / "ev" / "predictions.csv") == _predictions(demo_run / "external" / name / "predictions.csv")
+    assert (demo_run / "roc_all.png").is_file() and (demo_run / "external" / name / "gradcam_grid.png").is_file()
+    page = (demo_run / "report.html").read_text()
+    assert "Test split and external sets" in page and f"External: {name}" in page
+
+
+def test_prediction_csvs_list_every_scored_image_at_the_validation_threshold(demo_run):
+    m = json.loads((demo_run / "metrics.json").read_text())
+    test = _predictions(demo_run / "predictions.csv")
+    split = list(csv.DictReader(open(demo_run / "split.csv")))
+    assert sorted(r["path"] for r in test) == sorted(r["path"] for r in split if r["split"] == "test")
+    threshold = m["test"]["threshold"]
+    for r in test:
+        assert r["predicted"] == ("PNEUMONIA" if float(r["probability"]) >= threshold else "NORMAL")
+    tp = sum(r["label"] == r["predicted"] == "PNEUMONIA" for r in test)
+    assert tp == m["test"]["tp"] and len(test) == m["test"]["images"]
+    val = _predictions(demo_run / "predictions_val.csv")
+    assert sorted(r["path"] for r in val) == sorted(r["path"] for r in split if r["split"] == "val")
+    ys = np.array([r["label"] == "PNEUMONIA" for r in val])
+    ps = np.array([float(r["probability"]) for r in val])
+    policy = m["validation"]["threshold_policy"]
+    assert evaluate.choose_threshold(ys, ps, policy) == pytest.approx(threshold, abs=1e-6)  # chosen there, nowhere else
 
 
 def test_evaluate_external_folder_and_checkpoint_errors(demo_run, tmp_path, capsys):

@@ -108,3 +108,25 @@ def test_predict_restores_mode_and_is_batch_size_independent():
     a = train.predict(model, images, prep, torch.device("cpu"), batch_size=7)
     b = train.predict(model, images, prep, torch.device("cpu"), batch_size=20)
     assert model.training and np.allclose(a, b, atol=1e-6) and ((a > 0) & (a < 1)).all()
+
+
+def test_label_smoothing_moves_targets_towards_one_half():
+    logits, y = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 1.0])
+    plain = train.smoothed_bce(0.6, 0.0, torch.device("cpu"))
+    assert isinstance(plain, torch.nn.BCEWithLogitsLoss)
+    smooth = train.smoothed_bce(0.6, 0.1, torch.device("cpu"))
+    expected = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))(logits, torch.tensor([0.95, 0.05, 0.95]))
+    assert smooth(logits, y).item() == pytest.approx(expected.item())
+    assert smooth(logits, y).item() != pytest.approx(plain(logits, y).item())
+
+
+def test_patience_zero_never_stops_early_and_positive_patience_does():
+    model = PneumoniaCNN((4, 4, 4), stem=4)
+    for patience, stops in ((0, False), (2, True)):
+        state = train.TrainState(best_auc=1.0, best_val_loss=0.0)  # nothing can beat it
+        cfg = train.TrainConfig(5, 8, 0.01, 0.6, patience)
+        sched = train.make_optimizer(model, 0.01, 5, 10)[1]
+        val = (torch.zeros(4, 1, 20, 20, dtype=torch.uint8), torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        for _ in range(3):
+            train.end_epoch(model, val, data.Preprocess(16), torch.device("cpu"), state, 0.5, sched, 0.0, cfg)
+        assert state.stopped_early is stops and state.stale == 3

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The CUDA path end to end, timed, in one go: `bash benchmarks/gpu_check.sh [OUT_DIR]` on a GPU machine.
+# Needs the real data under $PNEUMONIA_SHARED_DATA (default ../shared/data). Steps: a tiny demo run on
+# cuda (stops here if the CUDA path is broken), the default real run on cuda, the same with --compile,
+# and the pipeline benchmark where its full-resolution images are present. Set CPU_RUN=runs/X to print
+# a CPU run's metrics beside the GPU's.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${PNEUMONIA_SHARED_DATA:-../shared/data}
+OUT=${1:-benchmarks/results/gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+
+timed() {  # timed NAME CMD...: run CMD with its log in $OUT/NAME.log; print exit status and wall seconds
+  local name=$1; shift
+  local t0=$EPOCHREALTIME
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  printf '%-16s exit %d  %7.1f s wall\n' "$name" "$rc" "$($PY -c "print($EPOCHREALTIME - $t0)")"
+  [ $rc -eq 0 ] || tail -25 "$OUT/$name.log"
+  return $rc
+}
+
+REAL=(--data "$SHARED/chest_xray_224sq" --external "$SHARED/official_test_a_224sq" --device cuda --quiet)
+timed demo_cuda $PY main.py --demo --device cuda --epochs 3 --demo-patients 20 --quiet --out "$OUT/demo_cuda" || exit 1
+timed default_cuda $PY main.py "${REAL[@]}" --out "$OUT/default_cuda"
+timed compile_cuda $PY main.py "${REAL[@]}" --compile --out "$OUT/compile_cuda"
+if [ -d "$SHARED/chest_xray_fullres_train" ]; then
+  timed bench_pipeline $PY benchmarks/bench_pipeline.py --shared "$SHARED" && cat "$OUT/bench_pipeline.log"
+else
+  echo "bench_pipeline  skipped: $SHARED/chest_xray_fullres_train not present"
+fi
+$PY - "$OUT" "${CPU_RUN:-}" <<'PYEOF'
+import json, sys
+from pathlib import Path
+runs = {p.name: p for p in sorted(Path(sys.argv[1]).glob("*_cuda")) if (p / "metrics.json").exists()}
+if sys.argv[2]:
+    runs["cpu (" + sys.argv[2] + ")"] = Path(sys.argv[2])
+for name, run in runs.items():
+    m = json.loads((run / "metrics.json").read_text())
+    t = json.loads((run / "timing.json").read_text())
+    sets = {"test": m["test"], **m.get("external", {})}
+    text = "; ".join(f"{s}: " + " ".join(f"{k} {v[k]:.3f}" for k in ("auc", "accuracy", "sensitivity", "specificity"))
+                     for s, v in sets.items())
+    print(f"{name:<16} {t['epochs_run']} epochs, {t['seconds_since_data_loaded']:.1f} s after data load | {text}")
+PYEOF
