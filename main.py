@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the OneCycle SGD schedule")
     p.add_argument("--pos-weight", type=float, default=0.6, help="BCEWithLogitsLoss pos_weight for the PNEUMONIA class")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="training targets moved this far towards 0.5 (0 = off)")
-    p.add_argument("--patience", type=int, default=0, help="stop after this many epochs without a better validation AUC; 0: never (OneCycle's best epochs are its last)")
+    p.add_argument("--patience", type=int, default=5, help="stop after this many epochs in which neither validation AUC nor loss improved; 0: never")
     p.add_argument("--image-size", type=int, default=128, help="model input side in pixels (images are stored 10%% larger and edge-cropped)")
     p.add_argument("--widths", type=int, nargs=3, default=[24, 48, 96], help="channels of the three CNN blocks")
     p.add_argument("--split", choices=["patient", "random", "official"], default="patient",
@@ -133,6 +133,7 @@ def build_predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/predict-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--cam", action="store_true", help="also write a Grad-CAM overlay per image (always for a single image)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=None, help="processes decoding while the model scores; None uses every core")
     add_shared_flags(p, cache=False)
     return p
 
@@ -507,11 +508,10 @@ def run_predict(args) -> int:
     if not files:
         raise UsageError(f"no files found in {', '.join(args.paths)}")
     out = new_run_dir(args.out, prefix="predict-")
-    no_cache = data.ImageCache(None, data.cache_size(prep.image_size))  # same decode and size as training
-    images, errors = data.load_images(files, no_cache.size, no_cache, progress=len(files) > 1)
+    images, all_prob, errors = train.predict_files(model, files, prep, device, args.batch_size, args.workers,
+                                                   progress=len(files) > 1)
     good = [i for i, e in enumerate(errors) if e is None]
-    batch = torch.from_numpy(images[good]).unsqueeze(1)
-    prob = train.predict(model, batch, prep, device, args.batch_size)
+    batch, prob = torch.from_numpy(images[good]).unsqueeze(1), all_prob[good]
     rows = [[f, "", "", e] for f, e in zip(files, errors)]
     for k, i in enumerate(good):
         rows[i][1:3] = [f"{prob[k]:.6f}", data.CLASSES[int(prob[k] >= ckpt["threshold"])]]

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
-from data import Preprocess, atomic_write, batches
+from data import ImageCache, Preprocess, atomic_write, batches, cache_size, decode_stream
 
 CHECKPOINT_FORMAT = 1
 PROJECT_VERSION = "1.0.0"
@@ -88,6 +88,7 @@ class TrainState:
     history: list = field(default_factory=list)
     best_auc: float = -math.inf
     best_val_loss: float = math.inf
+    min_val_loss: float = math.inf  # lowest validation loss of any epoch, for early stopping
     best_epoch: int = -1
     best_model: dict | None = None
     stale: int = 0
@@ -140,6 +141,35 @@ def predict(model: nn.Module, images: torch.Tensor, prep: Preprocess, device: to
             batch_size: int = 128) -> np.ndarray:
     """Pneumonia probability for each uint8 image."""
     return torch.sigmoid(predict_logits(model, images, prep, device, batch_size)).numpy()
+
+
+def predict_files(model: nn.Module, files: list[str], prep: Preprocess, device: torch.device, batch_size: int = 64,
+                  workers: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """Decode and score image files, running the model on each full batch while later files still decode.
+
+    Returns the decoded uint8 images (N x S x S), the probabilities (NaN where unreadable) and, per
+    file, None or the reason it could not be read.
+    """
+    size = cache_size(prep.image_size)
+    images = np.zeros((len(files), size, size), dtype=np.uint8)
+    prob = np.full(len(files), np.nan)
+    errors: list[str | None] = [None] * len(files)
+    ready: list[int] = []
+
+    def flush():
+        prob[ready] = predict(model, torch.from_numpy(images[ready]).unsqueeze(1), prep, device, batch_size)
+        ready.clear()
+
+    for i, image, err in decode_stream(files, size, ImageCache(None, size), workers, progress):
+        errors[i] = err
+        if image is not None:
+            images[i] = image
+            ready.append(i)
+        if len(ready) == batch_size:
+            flush()
+    if ready:
+        flush()
+    return images, prob, errors
 
 
 def train_one_epoch(model, images, labels, prep, optimizer, scheduler, loss_fn, batch_size, generator,
@@ -294,8 +324,10 @@ def end_epoch(model, val, prep, device, state: TrainState, loss, scheduler, star
                           "seconds": round(time.perf_counter() - start, 2)})
     # AUC first; on a tie (it saturates at 1.0 on easy data) the lower validation loss wins
     if (val_auc, -val_loss) > (state.best_auc, -state.best_val_loss):
-        state.best_auc, state.best_val_loss, state.best_epoch, state.stale = val_auc, val_loss, state.epoch, 0
+        state.best_auc, state.best_val_loss, state.best_epoch = val_auc, val_loss, state.epoch
         state.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    else:
-        state.stale += 1
-        state.stopped_early = 0 < cfg.patience <= state.stale
+    # learning is done when neither the AUC nor the loss has improved for `patience` epochs
+    improved = state.best_epoch == state.epoch or val_loss < state.min_val_loss
+    state.min_val_loss = min(state.min_val_loss, val_loss)
+    state.stale = 0 if improved else state.stale + 1
+    state.stopped_early = 0 < cfg.patience <= state.stale

@@ -69,15 +69,15 @@ def run_folder(args, name: str, seed: int) -> Path:
     return Path(args.out) / name.replace(" ", "_").replace("/", "-") / f"seed{seed}"
 
 
-def run_one(args, name: str, seed: int, threads: int) -> Path:
-    """One main.py run (skipped when its metrics.json exists); returns its folder."""
+def run_one(args, name: str, flags: list[str], seed: int, threads: int) -> Path:
+    """One main.py run with `flags` (skipped when its metrics.json exists); returns its folder."""
     out = run_folder(args, name, seed)
     if (out / "metrics.json").exists():
         return out
     if out.exists():  # an interrupted earlier attempt: start it afresh
         shutil.rmtree(out)
     cmd = [sys.executable, str(ROOT / "main.py"), "--data", args.data, "--external", args.external, "--out", str(out),
-           "--seed", str(seed), "--device", args.device, "--quiet", *args.extra, *CONFIGS[name]]
+           "--seed", str(seed), "--device", args.device, "--quiet", *args.extra, *flags]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -160,28 +160,32 @@ def summarise(results: dict[str, list[dict]], out: Path) -> None:
     print(f"wrote {out / 'summary.csv'} and {out / 'runs.csv'}")
 
 
+def sweep(args, configs: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """Run (or read) every configuration's seeds; returns name -> per-seed figures (None where a run failed)."""
+    for path in (args.data, args.external):
+        if not Path(path).is_dir():
+            sys.exit(f"{path} not found: this benchmark needs the real data (../shared/data or PNEUMONIA_SHARED_DATA)")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    jobs = [(n, s) for n in configs for s in range(args.seeds)]
+    if args.summarise_only:
+        folders = [run_folder(args, n, s) for n, s in jobs]
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            folders = list(pool.map(lambda job: run_one(args, job[0], configs[job[0]], job[1], threads), jobs))
+    results: dict[str, list[dict]] = {n: [] for n in configs}
+    for (name, _), folder in zip(jobs, folders):
+        results[name].append(run_figures(folder))
+    return results
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     names = args.only or list(CONFIGS)
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         sys.exit(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
-    for path in (args.data, args.external):
-        if not Path(path).is_dir():
-            sys.exit(f"{path} not found: this benchmark needs the real data (../shared/data or PNEUMONIA_SHARED_DATA)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    jobs = [(n, s) for n in names for s in range(args.seeds)]
-    if args.summarise_only:
-        folders = [run_folder(args, n, s) for n, s in jobs]
-    else:
-        with ThreadPoolExecutor(args.jobs) as pool:
-            folders = list(pool.map(lambda job: run_one(args, job[0], job[1], threads), jobs))
-    results: dict[str, list[dict]] = {n: [] for n in names}
-    for (name, _), folder in zip(jobs, folders):
-        results[name].append(run_figures(folder))
-    summarise(results, out)
+    summarise(sweep(args, {n: CONFIGS[n] for n in names}), Path(args.out))
     return 0
 
 

@@ -194,6 +194,15 @@ def test_predict_matches_training_preprocessing_on_real_files(demo_run, tmp_path
     assert main.main(["predict", str(folder), "--checkpoint", str(demo_run / "best.pt"), "--out", str(tmp_path / "p")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
     assert len(rows) == 60 and all(r["error"] == "" for r in rows)
+    # the training path: decode as for training (cache format), then the scoring used on test splits
+    import data
+    import torch
+    import train
+    model, prep = main.load_model(train.load_checkpoint(demo_run / "best.pt"), torch.device("cpu"))
+    files = [r["path"] for r in rows]
+    images, _ = data.load_images(files, data.cache_size(prep.image_size), data.ImageCache(None, 0), progress=False)
+    expected = train.predict(model, torch.from_numpy(images).unsqueeze(1), prep, torch.device("cpu"))
+    assert np.allclose([float(r["probability"]) for r in rows], expected, atol=2e-6)
 
 
 def test_checkpoint_of_another_model_config_is_refused(demo_run, tmp_path, capsys):

@@ -120,13 +120,16 @@ def test_label_smoothing_moves_targets_towards_one_half():
     assert smooth(logits, y).item() != pytest.approx(plain(logits, y).item())
 
 
-def test_patience_zero_never_stops_early_and_positive_patience_does():
+def test_early_stopping_waits_for_both_auc_and_loss_and_patience_zero_never_stops(monkeypatch):
     model = PneumoniaCNN((4, 4, 4), stem=4)
-    for patience, stops in ((0, False), (2, True)):
-        state = train.TrainState(best_auc=1.0, best_val_loss=0.0)  # nothing can beat it
+    val = (torch.zeros(4, 1, 20, 20, dtype=torch.uint8), torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    sched = train.make_optimizer(model, 0.01, 5, 10)[1]
+    for patience, losses, stops in ((0, [0.5, 0.6, 0.7, 0.8], False), (2, [0.5, 0.6, 0.7, 0.8], True),
+                                    (2, [0.5, 0.4, 0.3, 0.2], False)):
+        state = train.TrainState()
         cfg = train.TrainConfig(5, 8, 0.01, 0.6, patience)
-        sched = train.make_optimizer(model, 0.01, 5, 10)[1]
-        val = (torch.zeros(4, 1, 20, 20, dtype=torch.uint8), torch.tensor([0.0, 1.0, 0.0, 1.0]))
-        for _ in range(3):
+        scores = iter(zip(losses, [0.9, 0.8, 0.8, 0.8]))  # the AUC never beats epoch 1
+        monkeypatch.setattr(train, "validate", lambda *a: next(scores))
+        for _ in losses:
             train.end_epoch(model, val, data.Preprocess(16), torch.device("cpu"), state, 0.5, sched, 0.0, cfg)
-        assert state.stopped_early is stops and state.stale == 3
+        assert state.best_epoch == 1 and state.stopped_early is stops, (patience, losses)
