@@ -67,6 +67,25 @@ def _walk(directory: str, seen: set[str], skipped: list):
             skipped.append((entry.path, "broken symlink or not a regular file"))
 
 
+def list_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files named, plus the image files below named folders, with the skip rules of training discovery.
+
+    Returns the files and (path, reason) for everything left out, so predict and training agree
+    about every file (a Thumbs.db is OS metadata to both).
+    """
+    files, skipped, seen = [], [], set()
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)  # named explicitly: the decoder decides
+            continue
+        for found in _walk(path, seen, skipped):
+            if has_file_allowed_extension(found, IMG_EXTENSIONS):
+                files.append(found)
+            else:
+                skipped.append((found, "not an image file extension"))
+    return files, skipped
+
+
 def _class_roots(root: str, skipped: list) -> list[str]:
     """Folders that hold NORMAL/PNEUMONIA sub-folders (e.g. chest_xray/train), at any depth."""
     roots, seen = [], set()
@@ -501,6 +520,12 @@ class Augment:
         return cls(rotation, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "zeros", 0.0)
 
 
+def centre_crop(images, size: int):
+    """The centre size x size of the last two axes (numpy or torch): edges, markers and text cut off."""
+    offset = (images.shape[-1] - size) // 2
+    return images[..., offset:offset + size, offset:offset + size]
+
+
 def _uniform(shape, generator: torch.Generator, bound: float) -> torch.Tensor:
     """Uniform draws in [-bound, bound] from the training generator (on the CPU, so runs are reproducible)."""
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
@@ -523,8 +548,7 @@ class Preprocess:
 
     def crop(self, batch: torch.Tensor) -> torch.Tensor:
         """Centre crop of a uint8 N x 1 x S x S batch, as floats in [0, 1]: the pixels the model sees."""
-        offset = (batch.shape[-1] - self.image_size) // 2
-        return batch[..., offset:offset + self.image_size, offset:offset + self.image_size].float() / 255.0
+        return centre_crop(batch, self.image_size).float() / 255.0
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """Standardise [0, 1] images by the dataset statistics or by each image's own."""
@@ -591,8 +615,7 @@ class Preprocess:
 
 def fit_normalisation(images: np.ndarray, image_size: int) -> tuple[float, float]:
     """Mean and std of the centre crops of the training images, in [0, 1] units."""
-    offset = (images.shape[-1] - image_size) // 2
-    crop = images[:, offset:offset + image_size, offset:offset + image_size].astype(np.float64) / 255.0
+    crop = centre_crop(images, image_size).astype(np.float64) / 255.0
     return float(crop.mean()), float(crop.std())
 
 

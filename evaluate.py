@@ -11,6 +11,7 @@ from sklearn.calibration import CalibrationDisplay
 from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay, average_precision_score,
                              brier_score_loss, confusion_matrix, roc_auc_score, roc_curve)
 
+BOOTSTRAP_RESAMPLES = 2000
 METRICS = ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv")
 
 
@@ -64,7 +65,8 @@ def weighted_auc(y_true, y_prob, weights: np.ndarray) -> np.ndarray:
         return (p * (below + 0.5 * n)).sum(1) / (p.sum(1) * n.sum(1))
 
 
-def bootstrap_ci(y_true, y_prob, patients, threshold: float, n_resamples: int = 2000, seed: int = 0) -> dict:
+def bootstrap_ci(y_true, y_prob, patients, threshold: float, n_resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = 0) -> dict:
     """95% percentile intervals for every metric, resampling patients (with all their images).
 
     Images of one child are correlated; resampling images would make the intervals too narrow.
@@ -97,11 +99,12 @@ def expected_calibration_error(y_true, y_prob, n_bins: int = 10) -> float:
     return float(np.sum(gaps) / len(y_true))
 
 
-def score(y_true, y_prob, patients, threshold: float, n_resamples: int = 2000, seed: int = 0) -> dict:
+def score(y_true, y_prob, patients, threshold: float, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
     """Every test figure: metrics, their intervals, average precision and calibration."""
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
     result = binary_metrics(y_true, y_prob, threshold)
     result["ci95"] = bootstrap_ci(y_true, y_prob, patients, threshold, n_resamples, seed)
+    result["bootstrap_resamples"] = n_resamples
     result["average_precision"] = float(average_precision_score(y_true, y_prob))
     result["brier"] = float(brier_score_loss(y_true, y_prob))
     result["ece"] = expected_calibration_error(y_true, y_prob)

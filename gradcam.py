@@ -101,12 +101,14 @@ def _rank_corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a.ravel(), b.ravel())[0])
 
 
-def randomisation_test(model: nn.Module, x: torch.Tensor, seed: int = 0, warn_above: float = 0.5) -> dict:
+def randomisation_test(model: nn.Module, x: torch.Tensor, seed: int = 0,
+                       warn_above: float = 0.5) -> tuple[dict, list[np.ndarray]]:
     """Adebayo et al.'s cascading model-parameter randomisation test for Grad-CAM.
 
     Layers are re-initialised from the output back to the input; after each step the maps of the
     same images are compared, at the layer's resolution, with the trained model's by Spearman rank
     correlation. Maps that survive full randomisation do not depend on what the model learned.
+    Returns the result and the maps after each stage (the trained model's first).
     """
     def maps(m):
         with GradCAM(m, m.cam_layer) as cam:
@@ -140,7 +142,7 @@ def border_mass(maps: np.ndarray, frame: float = 0.10) -> dict:
     share = maps[:, ~inner].sum(1) / np.maximum(total, 1e-12)
     valid = total > 0
     return {"border_mass_share": float(share[valid].mean()) if valid.any() else float("nan"),
-            "border_area_share": float((~inner).mean()), "images": int(valid.sum())}
+            "border_area_share": float((~inner).mean()), "frame": frame, "images": int(valid.sum())}
 
 
 def localisation(maps: np.ndarray, masks: np.ndarray) -> dict:

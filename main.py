@@ -6,6 +6,7 @@ Usage: `python main.py` (Kaggle archive in archive/), `python main.py --demo` (s
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -37,32 +38,86 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------- arguments
+class Parser(argparse.ArgumentParser):
+    """argparse with one-sentence errors: the flag, what it accepts, and where to read more; exit status 2.
+
+    Abbreviated flags are off, so the flags a user typed can be told from the defaults (`given`).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def given(self, argv: list[str]) -> set[str]:
+        """The destinations of the flags that appear in `argv`."""
+        return {a.dest for a in self._actions for opt in a.option_strings for tok in argv
+                if tok == opt or tok.startswith(opt + "=")}
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, open_low: bool = False,
+           open_high: bool = False):
+    """An argparse type for an int or float within a range; refuses anything else with what it accepts."""
+    what = "a whole number" if kind is int else "a number"
+    if low is not None and high is not None:
+        what += f" in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    elif low is not None:
+        what += f" {'>' if open_low else '>='} {low}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        too_low = low is not None and (value <= low if open_low else value < low)
+        too_high = high is not None and (value >= high if open_high else value > high)
+        if too_low or too_high or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+def threshold_policy(text: str) -> str:
+    """--threshold: 'youden', 'sens=X' with X in (0, 1], or a probability in [0, 1]."""
+    try:
+        if text == "youden":
+            return text
+        value = float(text[5:]) if text.startswith("sens=") else float(text)
+        if (0 < value <= 1) if text.startswith("sens=") else (0 <= value <= 1):
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected youden, sens=X with X in (0, 1], or a probability in [0, 1], got {text!r}")
+
+
+POSITIVE_INT, COUNT = number(int, 1), number(int, 0)
 def build_parser() -> argparse.ArgumentParser:
     """The training command (the default): every flag with its default."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(prog="main.py", description=__doc__.split("\n\n")[0], formatter_class=fmt,
+    p = Parser(prog="main.py", description=__doc__.split("\n\n")[0], formatter_class=fmt,
                                 epilog="Sub-commands: `main.py evaluate --help`, `main.py predict --help`.")
     p.add_argument("--data", default="archive", help="folder holding the unzipped Kaggle archive (any NORMAL/ and PNEUMONIA/ folders below it)")
     p.add_argument("--out", default=None, help="run folder (default runs/<YYYYmmdd-HHMMSS>); must not exist yet")
-    p.add_argument("--epochs", type=int, default=25, help="maximum training epochs")
-    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the OneCycle SGD schedule")
-    p.add_argument("--pos-weight", type=float, default=0.6, help="BCEWithLogitsLoss pos_weight for the PNEUMONIA class")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="training targets moved this far towards 0.5 (0 = off)")
-    p.add_argument("--patience", type=int, default=5, help="stop after this many epochs in which neither validation AUC nor loss improved; 0: never")
-    p.add_argument("--image-size", type=int, default=128, help="model input side in pixels (images are stored 10%% larger and edge-cropped)")
-    p.add_argument("--widths", type=int, nargs=3, default=[24, 48, 96], help="channels of the three CNN blocks")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=25, help="maximum training epochs")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="training batch size")
+    p.add_argument("--lr", type=number(float, 0, open_low=True), default=0.05, help="peak learning rate of the OneCycle SGD schedule")
+    p.add_argument("--pos-weight", type=number(float, 0, open_low=True), default=0.6, help="BCEWithLogitsLoss pos_weight for the PNEUMONIA class")
+    p.add_argument("--label-smoothing", type=number(float, 0, 1, open_high=True), default=0.0, help="training targets moved this far towards 0.5 (0 = off)")
+    p.add_argument("--patience", type=COUNT, default=5, help="stop after this many epochs in which neither validation AUC nor loss improved; 0: never")
+    p.add_argument("--image-size", type=number(int, 16), default=128, help="model input side in pixels (images are stored 10%% larger and edge-cropped)")
+    p.add_argument("--widths", type=POSITIVE_INT, nargs=3, default=[24, 48, 96], help="channels of the three CNN blocks")
     p.add_argument("--split", choices=["patient", "random", "official"], default="patient",
                    help="patient: 70/15/15 grouped by child; random: image-level (leaky, for comparison); official: the archive's test/ folder")
-    p.add_argument("--threshold", default="sens=0.95",
+    p.add_argument("--threshold", type=threshold_policy, default="sens=0.95",
                    help="decision threshold policy, applied to validation: sens=X (the strictest threshold reaching sensitivity X), youden, or a number")
-    p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation, shuffling and augmentation")
+    p.add_argument("--seed", type=number(int), default=0, help="seed for the split, initialisation, shuffling and augmentation")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA)")
     p.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (slower); CPU runs always are")
-    p.add_argument("--workers", type=int, default=None, help="processes for the one-time decode; None uses every core")
+    p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes for the one-time decode; None uses every core")
     p.add_argument("--resume", metavar="RUN", default=None, help="continue the interrupted run in folder RUN")
     p.add_argument("--demo", action="store_true", help="generate synthetic phantoms into the run folder and use them as data")
-    p.add_argument("--demo-patients", type=int, default=60, help="phantom patients per class for --demo (3 images each)")
+    p.add_argument("--demo-patients", type=POSITIVE_INT, default=60, help="phantom patients per class for --demo (3 images each)")
     p.add_argument("--external", metavar="DIR", action="append", default=[],
                    help="labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) scored after the test split at the validation threshold; repeatable")
     add_augment_flags(p)
@@ -76,15 +131,15 @@ def add_augment_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("augmentation", "drawn per training image, uniformly in +-range; see README 'Generalisation'")
     g.add_argument("--augment", choices=["full", "none"], default="full",
                    help="full: the settings below; none: the original project's rotation and crop only (ignores the settings below)")
-    g.add_argument("--rotation", type=float, default=d.rotation, help="rotation range in degrees")
-    g.add_argument("--zoom", type=float, default=d.zoom, help="per-axis scale jitter: each axis scaled by [1/(1+z), 1+z], so size and aspect ratio change")
-    g.add_argument("--translate", type=float, default=d.translate, help="extra shift as a fraction of the side, beyond the random crop position")
+    g.add_argument("--rotation", type=number(float, 0, 180), default=d.rotation, help="rotation range in degrees")
+    g.add_argument("--zoom", type=number(float, 0), default=d.zoom, help="per-axis scale jitter: each axis scaled by [1/(1+z), 1+z], so size and aspect ratio change")
+    g.add_argument("--translate", type=number(float, 0, 0.5), default=d.translate, help="extra shift as a fraction of the side, beyond the random crop position")
     demo_note = f"; None: {{}} on real data, 0 with --demo (phantoms have no exposure shift; see README)"
-    g.add_argument("--gamma", type=float, default=None, help="log-gamma range: x ** exp(+-g), black and white stay fixed" + demo_note.format(d.gamma))
-    g.add_argument("--contrast", type=float, default=None, help="contrast range around each image's mean: x (1 +- c)" + demo_note.format(d.contrast))
-    g.add_argument("--brightness", type=float, default=None, help="brightness range in [0, 1] grey units" + demo_note.format(d.brightness))
-    g.add_argument("--noise", type=float, default=d.noise, help="std of added Gaussian noise in [0, 1] grey units")
-    g.add_argument("--sharpness", type=float, default=d.sharpness, help="blur/sharpen range: x + u (3x3 box blur - x), u in +-s")
+    g.add_argument("--gamma", type=number(float, 0), default=None, help="log-gamma range: x ** exp(+-g), black and white stay fixed" + demo_note.format(d.gamma))
+    g.add_argument("--contrast", type=number(float, 0, 1, open_high=True), default=None, help="contrast range around each image's mean: x (1 +- c)" + demo_note.format(d.contrast))
+    g.add_argument("--brightness", type=number(float, 0, 1), default=None, help="brightness range in [0, 1] grey units" + demo_note.format(d.brightness))
+    g.add_argument("--noise", type=number(float, 0), default=d.noise, help="std of added Gaussian noise in [0, 1] grey units")
+    g.add_argument("--sharpness", type=number(float, 0, 1), default=d.sharpness, help="blur/sharpen range: x + u (3x3 box blur - x), u in +-s")
     g.add_argument("--padding", choices=data.PADDING, default=d.padding, help="fill outside the stored image (zeros paints black frames)")
     g.add_argument("--intensity", choices=data.INTENSITY, default="dataset",
                    help="dataset: normalise by the training split's mean/std; image: standardise each image by its own (train and scoring alike)")
@@ -113,27 +168,27 @@ def augment_from_args(args) -> data.Augment:
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
     """`main.py evaluate`: score a checkpoint on labelled data."""
-    p = argparse.ArgumentParser(prog="main.py evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(prog="main.py evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Score a trained model on a labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) "
                                             "or on the test rows of a run's split.csv, at the checkpoint's threshold.")
     p.add_argument("--checkpoint", required=True, help="best.pt of a finished run")
     p.add_argument("--data", required=True, help="labelled folder, or a run's split.csv (its test rows are scored)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/evaluate-<YYYYmmdd-HHMMSS>)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the randomisation test")
+    p.add_argument("--seed", type=number(int), default=0, help="seed of the bootstrap and the randomisation test")
     add_shared_flags(p, cache=True)
     return p
 
 
 def build_predict_parser() -> argparse.ArgumentParser:
     """`main.py predict`: probabilities for unlabelled images."""
-    p = argparse.ArgumentParser(prog="main.py predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(prog="main.py predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Pneumonia probability and label for images or folders of images.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--checkpoint", default=None, help="best.pt of a finished run (required)")
     p.add_argument("--out", default=None, help="output folder (default runs/predict-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--cam", action="store_true", help="also write a Grad-CAM overlay per image (always for a single image)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=None, help="processes decoding while the model scores; None uses every core")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes decoding while the model scores; None uses every core")
     add_shared_flags(p, cache=False)
     return p
 
@@ -274,22 +329,29 @@ def explain(model, prep, images, y_true, y_prob, threshold, out: Path, device, c
             gradcam.save_overlay(shown[i], maps[i], describe(i) + note, out / "gradcam" / f"{kind}_{i:04d}.png")
     gradcam.save_grid(shown[picks], maps[picks], [describe(i) for i in picks], out / "gradcam_grid.png",
                       suptitle=f"Grad-CAM ({cam_target} evidence), up to 4 per outcome{note}")
-    result = {"target": cam_target, "layer": "block3", "border": gradcam.border_mass(maps)}
+    layer = next(name for name, module in model.named_children() if module is model.cam_layer)
+    result = {"target": cam_target, "layer": layer, "border": gradcam.border_mass(maps)}
     sample = x[: min(32, len(x))]
     result["randomisation"], stages = gradcam.randomisation_test(model, sample, seed)
     gradcam.save_randomisation_figure(shown, stages, result["randomisation"]["stages"],
                                       result["randomisation"]["median_spearman"], out / "gradcam_randomisation.png")
     if masks is not None:
-        offset = (masks.shape[-1] - prep.image_size) // 2
-        crop = masks[:, offset:offset + prep.image_size, offset:offset + prep.image_size]
+        crop = data.centre_crop(masks, prep.image_size)
         hit = outcome == "TP"
         result["localisation"] = gradcam.localisation(maps[hit], crop[hit])
     return result
 
 
 # ---------------------------------------------------------------- train
-def resolve_run(args) -> tuple[argparse.Namespace, Path, dict | None]:
-    """The run folder and settings: a new folder, or an interrupted one to resume."""
+# flags that change how a run executes, not what it computes: a resumed run takes them from the command line
+RUNTIME_FLAGS = ("quiet", "device", "workers", "cache_dir", "no_cache", "compile")
+
+
+def resolve_run(args, given: set[str] = frozenset()) -> tuple[argparse.Namespace, Path, dict | None]:
+    """The run folder and settings: a new folder, or an interrupted one to resume with its saved settings.
+
+    With --resume, the runtime flags given apply; any other flag given is refused, never silently dropped.
+    """
     if not args.resume:
         return args, new_run_dir(args.out), None
     run_dir = Path(args.resume)
@@ -297,9 +359,15 @@ def resolve_run(args) -> tuple[argparse.Namespace, Path, dict | None]:
         raise UsageError(f"'{run_dir}' is not an interrupted run (no INCOMPLETE marker); nothing to resume")
     if not (run_dir / "last.pt").exists():
         raise UsageError(f"'{run_dir}' has no last.pt to resume from; start a new run")
+    refused = sorted(given - {"resume", *RUNTIME_FLAGS})
+    if refused:
+        flags = ", ".join("--" + f.replace("_", "-") for f in refused)
+        raise UsageError(f"--resume continues '{run_dir}' with the settings in its config.json, so {flags} cannot "
+                         f"change now; drop {'them' if len(refused) > 1 else 'it'}, or start a new run")
     saved = json.loads((run_dir / "config.json").read_text())
     saved.setdefault("augment", "none")  # runs from before the augmentation flags used the plain transform
-    resumed = argparse.Namespace(**{**vars(args), **saved, "resume": str(run_dir), "quiet": args.quiet})
+    runtime = {k: getattr(args, k) for k in RUNTIME_FLAGS}
+    resumed = argparse.Namespace(**{**vars(args), **saved, **runtime, "resume": str(run_dir)})
     return resumed, run_dir, read_checkpoint(run_dir / "last.pt")
 
 
@@ -317,13 +385,13 @@ def load_training_data(args, run_dir: Path) -> data.Dataset:
         raise UsageError(DOWNLOAD_HELP.format(root=root)) from None
 
 
-def configure_device(args) -> torch.device:
+def configure_device(name: str, deterministic: bool = False) -> torch.device:
     """Resolve --device once and set the determinism / autotuning switches for it."""
     try:
-        device = train.resolve_device(args.device)
+        device = train.resolve_device(name)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if args.deterministic:
+    if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     elif device.type == "cuda":
@@ -339,10 +407,10 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device)
 
 
-def run_train(args) -> int:
+def run_train(args, given: set[str] = frozenset()) -> int:
     """Train (or resume), then evaluate and explain; returns the exit status."""
-    args, run_dir, resume = resolve_run(args)
-    device = configure_device(args)
+    args, run_dir, resume = resolve_run(args, given)
+    device = configure_device(args.device, args.deterministic)
     generator = train.set_seed(args.seed)
     try:
         ds = load_training_data(args, run_dir)
@@ -368,7 +436,8 @@ def run_train(args) -> int:
     cfg = train.TrainConfig(args.epochs, args.batch_size, args.lr, args.pos_weight, args.patience, args.label_smoothing)
     tr, va = [(to_device(splits[s][0], device), splits[s][1].to(device)) for s in ("train", "val")]
     try:
-        state = train.fit(model, tr, va, prep, cfg, run_dir, device, generator, resume, not args.quiet, args.compile)
+        state = train.fit(model, tr, va, prep, cfg, run_dir, device, generator, resume, not args.quiet,
+                          compile_model=args.compile)
     except train.Interrupted as err:
         print(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}", file=sys.stderr)
         return 130
@@ -460,7 +529,7 @@ def print_summary(metrics: dict, out: Path, banner: str = "") -> None:
 def run_evaluate(args) -> int:
     """Score a checkpoint on a labelled folder or a run's test split, with every plot and the report."""
     ckpt = read_checkpoint(args.checkpoint)
-    device = configure_device(argparse.Namespace(device=args.device, deterministic=False))
+    device = configure_device(args.device)
     model, prep = load_model(ckpt, device)
     out = new_run_dir(args.out or str(Path(args.checkpoint).parent / ("evaluate-" + time.strftime("%Y%m%d-%H%M%S"))))
     cache = data.ImageCache(None if args.no_cache else args.cache_dir, data.cache_size(prep.image_size))
@@ -488,25 +557,15 @@ def labelled_files(source: str) -> data.Found:
     return found
 
 
-def image_files(paths: list[str]) -> list[str]:
-    """The files named, with folders expanded to every file below them (sorted)."""
-    files = []
-    for p in paths:
-        if os.path.isdir(p):
-            files += sorted(str(f) for f in Path(p).rglob("*") if f.is_file() and not f.name.startswith("."))
-        else:
-            files.append(p)
-    return files
-
-
 def run_predict(args) -> int:
     """Probabilities and labels at the stored threshold for images and folders; bad files are reported and skipped."""
     ckpt = read_checkpoint(args.checkpoint)
-    device = configure_device(argparse.Namespace(device=args.device, deterministic=False))
+    device = configure_device(args.device)
     model, prep = load_model(ckpt, device)
-    files = image_files(args.paths)
+    files, skipped = data.list_files(args.paths)
     if not files:
-        raise UsageError(f"no files found in {', '.join(args.paths)}")
+        raise UsageError(f"no image files found in {', '.join(args.paths)}"
+                         + (f" ({len(skipped)} other files skipped)" if skipped else ""))
     out = new_run_dir(args.out, prefix="predict-")
     images, all_prob, errors = train.predict_files(model, files, prep, device, args.batch_size, args.workers,
                                                    progress=len(files) > 1)
@@ -515,7 +574,8 @@ def run_predict(args) -> int:
     rows = [[f, "", "", e] for f, e in zip(files, errors)]
     for k, i in enumerate(good):
         rows[i][1:3] = [f"{prob[k]:.6f}", data.CLASSES[int(prob[k] >= ckpt["threshold"])]]
-    for f, e in zip(files, errors):
+    rows += [[f, "", "", why] for f, why in skipped]
+    for f, _, _, e in rows:
         if e:
             print(f"skipped {f}: {e}", file=sys.stderr)
     write_csv(out / "predictions.csv", ["path", "probability", "label", "error"], rows)
@@ -551,9 +611,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_evaluate(build_evaluate_parser().parse_args(argv[1:]))
         if argv[:1] == ["predict"]:
             return run_predict(build_predict_parser().parse_args(argv[1:]))
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
         resolve_intensity_defaults(args)
-        return run_train(args)
+        return run_train(args, parser.given(argv))
     except (UsageError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

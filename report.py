@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from data import atomic_write
-from evaluate import METRICS
+from evaluate import BOOTSTRAP_RESAMPLES, METRICS
 
 STYLE = """body{font:15px/1.45 system-ui,sans-serif;max-width:1180px;margin:24px auto;padding:0 16px;color:#222}
 h1{font-size:24px}h2{font-size:19px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:30px}
@@ -31,7 +31,7 @@ def metric_table(m: dict) -> str:
     """Metric, value and 95% interval rows."""
     rows = "".join(f"<tr><td>{k}</td><td>{m[k]:.3f}</td><td>{m['ci95'][k][0]:.3f} - {m['ci95'][k][1]:.3f}</td></tr>"
                    for k in METRICS)
-    return (f"<table><tr><th>metric</th><th>value</th><th>95% CI (patient bootstrap, 2,000 resamples)</th></tr>{rows}"
+    return (f"<table><tr><th>metric</th><th>value</th><th>95% CI (patient bootstrap, {m.get('bootstrap_resamples', BOOTSTRAP_RESAMPLES):,} resamples)</th></tr>{rows}"
             f"</table><p>Threshold {m['threshold']:.4f}: TP {m['tp']}, TN {m['tn']}, FP {m['fp']}, FN {m['fn']} "
             f"on {m['images']} images of {m['patients']} patients. Average precision {m['average_precision']:.3f}, "
             f"Brier {m['brier']:.3f}, ECE {m['ece']:.3f}.</p>")
@@ -78,7 +78,7 @@ def gradcam_section(g: dict) -> str:
             parts.append('<p class="warn">The maps barely change when the weights are randomised: do not trust them.</p>')
     border = g.get("border")
     if border:
-        parts.append(f"<p>CAM mass in the outer 10% frame (where markers and text sit): {border['border_mass_share']:.3f} "
+        parts.append(f"<p>CAM mass in the outer {border.get('frame', 0.1):.0%} frame (where markers and text sit): {border['border_mass_share']:.3f} "
                      f"of the total, against {border['border_area_share']:.2f} of the area.</p>")
     loc = g.get("localisation")
     if loc:

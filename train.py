@@ -255,16 +255,16 @@ class TrainConfig:
     label_smoothing: float = 0.0
 
 
-def fit(model, train, val, prep, cfg: TrainConfig, run_dir: Path, device, generator,
-        resume: dict | None = None, progress: bool = True, compile: bool = False) -> TrainState:
+def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, device, generator,
+        resume: dict | None = None, progress: bool = True, compile_model: bool = False) -> TrainState:
     """Train, keeping the best-validation-AUC weights; resumable from `resume` (a last.pt dict).
 
-    `train` and `val` are (uint8 images, float labels) on `device`. Writes history.csv and last.pt
+    `train_set` and `val_set` are (uint8 images, float labels) on `device`. Writes history.csv and last.pt
     after every epoch, and last.pt again when interrupted. A non-finite loss ends training with
     `state.failure` set; the best weights so far are kept.
     """
-    net = torch.compile(model) if compile else model  # compiled for the training steps only
-    steps = math.ceil(len(train[0]) / cfg.batch_size)
+    net = torch.compile(model) if compile_model else model  # compiled for the training steps only
+    steps = math.ceil(len(train_set[0]) / cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.epochs, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     loss_fn = smoothed_bce(cfg.pos_weight, cfg.label_smoothing, device)
@@ -277,7 +277,7 @@ def fit(model, train, val, prep, cfg: TrainConfig, run_dir: Path, device, genera
             while state.epoch < cfg.epochs and not state.stopped_early:
                 start = time.perf_counter()
                 try:
-                    loss = train_one_epoch(net, *train, prep, optimizer, scheduler, loss_fn, cfg.batch_size,
+                    loss = train_one_epoch(net, *train_set, prep, optimizer, scheduler, loss_fn, cfg.batch_size,
                                            generator, device, state, stop, bar, scaler)
                 except Interrupted:
                     save_last(run_dir, parts, generator, state)
@@ -285,7 +285,7 @@ def fit(model, train, val, prep, cfg: TrainConfig, run_dir: Path, device, genera
                 except NonFiniteLoss as err:
                     state.failure = str(err)
                     break
-                end_epoch(model, val, prep, device, state, loss, scheduler, start, cfg)
+                end_epoch(model, val_set, prep, device, state, loss, scheduler, start, cfg)
                 write_history(run_dir / "history.csv", state.history)
                 bar.set_postfix(loss=f"{loss:.4f}", val_auc=f"{state.history[-1]['val_auc']:.4f}")
                 save_last(run_dir, parts, generator, state)

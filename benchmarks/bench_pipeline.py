@@ -156,7 +156,7 @@ def bench_predict(folders: list[Path], tmp: Path) -> dict:
     model = PneumoniaCNN()
     train.save_checkpoint(tmp / "bench.pt", {"model": model.state_dict(), "model_config": model.config,
                                              "preprocess": data.Preprocess(IMAGE_SIZE).state(), "threshold": 0.5})
-    files = main.image_files([str(f) for f in folders])
+    files = data.list_files([str(f) for f in folders])[0]
     prep, device = data.Preprocess(IMAGE_SIZE), torch.device("cpu")
 
     def before():

@@ -175,12 +175,17 @@ def test_predict_single_image_folder_and_bad_files(demo_run, tmp_path, capsys):
     for f in sorted((demo_run / "demo_data" / "images" / "NORMAL").glob("*.png"))[:3]:
         (folder / f.name).write_bytes(f.read_bytes())
     (folder / "notes.jpeg").write_text("not an image")
+    (folder / "Thumbs.db").write_bytes(b"\0" * 64)  # OS metadata: skipped by the same rule as in training
+    (folder / "labels.txt").write_text("x")
     assert main.main(["predict", str(folder), "--checkpoint", str(demo_run / "best.pt"), "--out", str(tmp_path / "many"), "--cam"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "many" / "predictions.csv")))
-    assert len(rows) == 4
+    assert len(rows) == 6
+    why = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert "unreadable image" in why["notes.jpeg"] and why["Thumbs.db"] == "hidden or OS metadata"
+    assert why["labels.txt"] == "not an image file extension" and len(why) == 3
     bad = [r for r in rows if r["path"].endswith("notes.jpeg")][0]
     assert bad["probability"] == "" and "unreadable image" in bad["error"]
-    assert all(r["label"] in ("NORMAL", "PNEUMONIA") for r in rows if r is not bad)
+    assert all(r["label"] in ("NORMAL", "PNEUMONIA") for r in rows if not r["error"])
     assert "skipped" in capsys.readouterr().err and len(list((tmp_path / "many").glob("*_cam.png"))) == 3
 
 
@@ -218,3 +223,36 @@ def test_checkpoint_of_another_model_config_is_refused(demo_run, tmp_path, capsy
     torch.save({**ckpt, "format": 0}, tmp_path / "old.pt")
     assert main.main(["predict", str(image), "--checkpoint", str(tmp_path / "old.pt")]) == 2
     assert "not a checkpoint of this project's format" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--batch-size", "0"], "--batch-size"),
+    (["--threshold", "banana"], "--threshold"), (["--threshold", "sens=1.5"], "--threshold"),
+    (["--widths", "0", "4", "4"], "--widths"), (["--pos-weight", "-1"], "--pos-weight"),
+    (["--patience", "-1"], "--patience"), (["--lr", "nan"], "--lr"), (["--image-size", "8"], "--image-size"),
+    (["--contrast", "1"], "--contrast"), (["--label-smoothing", "1"], "--label-smoothing"),
+    (["--zoom", "-0.1"], "--zoom"), (["predict", "x", "--batch-size", "0"], "--batch-size"),
+    (["evaluate", "--checkpoint", "x", "--data", "y", "--seed", "one"], "--seed"),
+])
+def test_each_bad_flag_value_is_refused_with_one_sentence(argv, flag, capsys, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main.main(argv + ["--out", str(tmp_path / "r")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {flag}: expected" in err and "--help" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_applies_runtime_flags_and_refuses_the_others(demo_run, tmp_path, capsys):
+    run = tmp_path / "interrupted"
+    run.mkdir()
+    (run / "config.json").write_text((demo_run / "config.json").read_text())
+    (run / "INCOMPLETE").write_text("")
+    (run / "last.pt").write_bytes((demo_run / "best.pt").read_bytes())  # any checkpoint; refused before it matters
+    assert main.main(["--resume", str(run), "--epochs", "30", "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--epochs, --lr cannot change now" in err and err.count("\n") == 1
+    args, _, _ = main.resolve_run(main.build_parser().parse_args(["--resume", str(run), "--device", "cpu", "--quiet"]),
+                                  {"resume", "device", "quiet"})
+    saved = json.loads((run / "config.json").read_text())
+    assert args.device == "cpu" and args.quiet and args.epochs == saved["epochs"] and args.demo is True
