@@ -269,14 +269,19 @@ def file_hash(path: str) -> str:
 
 def atomic_write(path: Path, write) -> None:
     """Write through a temp file in the same folder, then rename: a killed run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         os.unlink(tmp)
+        if isinstance(err, OSError):  # name the file the caller asked for, not the temp file
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 

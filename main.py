@@ -618,6 +618,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk or a folder that became unwritable mid-run
+        print(f"error: could not write '{err.filename or 'a file'}' ({err.strerror or err}); every file written "
+              f"before it is complete, checkpoints included: free space or fix permissions, then --resume the run "
+              f"folder or start again", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -158,3 +158,23 @@ def test_nan_loss_stops_with_message_and_still_evaluates(tmp_path, monkeypatch, 
     assert "epoch 3, step 1" in err and "best checkpoint so far" in err
     m = json.loads((tmp_path / "nan" / "metrics.json").read_text())
     assert "epoch 3" in m["training_failure"] and m["validation"]["best_epoch"] <= 2
+
+
+def test_full_disk_mid_run_ends_with_one_sentence_and_a_loadable_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+    import train
+    real = train.write_history
+
+    def full_after_first_epoch(path, history):
+        if len(history) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, history)
+
+    monkeypatch.setattr(train, "write_history", full_after_first_epoch)
+    out = tmp_path / "run"
+    assert main.main(["--demo", "--out", str(out), "--epochs", "3", "--demo-patients", "8", "--image-size", "48",
+                      "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and str(out / "history.csv") in err
+    assert "Traceback" not in err and (out / "INCOMPLETE").exists()
+    assert train.load_checkpoint(out / "last.pt")["state"]["epoch"] == 1  # the last complete checkpoint loads
