@@ -1,25 +1,21 @@
-"""Find, audit, split, decode, cache and augment chest X-rays. Usage: `found = find_images("archive")`."""
+"""Find, de-duplicate, split and audit labelled chest X-rays. Usage: `ds = load_dataset("archive", 128, "patient", 0, cache_dir)`."""
+import csv
 import hashlib
-import json
-import math
 import os
 import re
-import tempfile
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
-from tqdm import tqdm
+
+from images import ImageCache, cache_size, load_images
+from runs import write_csv
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # label = index: NORMAL=0, PNEUMONIA=1
 JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
-CACHE_VERSION = 2  # bump when decode_image changes what it returns
 SPLITS = ("train", "val", "test")
 
 
@@ -217,176 +213,6 @@ def assign_splits(paths, labels, patients, root: str, mode: str, seed: int) -> n
     return split
 
 
-# ---------------------------------------------------------------- decoding
-def cache_size(image_size: int) -> int:
-    """Stored image side: 10% larger than the model input, so cropping can remove the edges."""
-    return int(round(image_size * 1.1))
-
-
-def _to_gray(img: Image.Image) -> Image.Image:
-    """8-bit grayscale; 16-bit and float images are stretched over their own range rather than clipped."""
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(np.round(arr).astype(np.uint8), "L")
-    return img if img.mode == "L" else img.convert("L")
-
-
-def decode_image(path: str, size: int) -> np.ndarray:
-    """Decode any image to a size x size uint8 grayscale array; JPEGs decode straight to near that size.
-
-    `draft` lets libjpeg scale by 1/2, 1/4 or 1/8 inside the IDCT, which is most of the cost of a
-    2000x1500 X-ray. It is asked for twice the final size: the DCT's box-like scaling alone drifts up
-    to 3 grey levels from a full decode, while leaving the last halving to Pillow's antialiased resize
-    stays within 1.3 (measured on the 120 full-resolution samples). Pillow's decompression-bomb
-    warning is raised as an error, so such files are refused. Raises on any unreadable file.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            if img.format == "JPEG":
-                img.draft("L", (2 * size, 2 * size))
-            img = ImageOps.exif_transpose(img)
-            gray = _to_gray(img)
-            return np.asarray(gray.resize((size, size), Image.BILINEAR), dtype=np.uint8)
-
-
-def decode_naive(path: str, size: int) -> np.ndarray:
-    """The reference decode: full-resolution decode, grayscale, resize (used in tests and benchmarks)."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
-
-
-def file_hash(path: str) -> str:
-    """Content hash of a file (blake2b: as safe as sha256 for dedup and about twice as fast)."""
-    h = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: a killed run leaves no half file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    except OSError as err:
-        raise OSError(err.errno, err.strerror, str(path)) from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as err:
-        os.unlink(tmp)
-        if isinstance(err, OSError):  # name the file the caller asked for, not the temp file
-            raise OSError(err.errno, err.strerror, str(path)) from err
-        raise
-
-
-class ImageCache:
-    """Decoded images on disk keyed by content hash, image size and format version; None disables it.
-
-    A small index maps (path, size, mtime) to the content hash so a second run need not re-read files.
-    """
-
-    def __init__(self, directory: str | None, size: int):
-        self.size = size
-        self.dir = Path(directory) / f"v{CACHE_VERSION}-{size}px" if directory else None
-        self.index = {}
-        if self.dir and (self.dir / "index.json").exists():
-            try:
-                self.index = json.loads((self.dir / "index.json").read_text())
-            except (OSError, ValueError):
-                self.index = {}  # a damaged index only costs re-hashing
-
-    def hash(self, path: str) -> str:
-        """Content hash of `path`, from the index when size and mtime are unchanged."""
-        st = os.stat(path)
-        key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
-        if key not in self.index:
-            self.index[key] = file_hash(path)
-        return self.index[key]
-
-    def entry(self, digest: str) -> Path | None:
-        """Where the decoded image of that content lives (None without a cache)."""
-        return self.dir / digest[:2] / f"{digest}.npy" if self.dir else None
-
-    def save_index(self) -> None:
-        """Persist the path-to-hash index atomically."""
-        if self.dir:
-            atomic_write(self.dir / "index.json", lambda f: f.write(json.dumps(self.index).encode()))
-
-
-def _decode_job(job: tuple[str, int, str | None]) -> tuple[np.ndarray | None, str | None]:
-    """Decode one file (in a worker process) and store it in the cache; returns (image, error)."""
-    path, size, entry = job
-    try:
-        image = decode_image(path, size)
-    except Exception as err:  # any unreadable file is skipped with its reason, never fatal
-        return None, f"unreadable image: {type(err).__name__}: {err}".splitlines()[0][:200]
-    if entry:
-        atomic_write(Path(entry), lambda f: np.save(f, image))
-    return image, None
-
-
-def decode_stream(paths: list[str], size: int, cache: ImageCache, workers: int | None = None,
-                  progress: bool = True):
-    """Yield (index, image or None, error or None) for every path: cache hits first, then each decode
-    as soon as worker processes finish it, so a consumer can work while later files decode."""
-    todo, jobs = [], []
-    for i, path in enumerate(paths):
-        try:
-            entry = cache.entry(cache.hash(path)) if cache.dir else None
-        except OSError as err:
-            yield i, None, f"unreadable file: {err.strerror}"
-            continue
-        if entry is not None and entry.exists():
-            try:
-                image = np.load(entry)
-            except (OSError, ValueError):
-                image = None  # a damaged entry is decoded again
-            if image is not None:
-                yield i, image, None
-                continue
-        todo.append(i)
-        jobs.append((path, size, str(entry) if entry else None))
-    # at least 8 files per worker: for fewer, starting a process costs more than it saves
-    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 8))
-    bar = tqdm(total=len(jobs), desc="decoding images (once)", unit="img", disable=not progress or not jobs)
-    try:
-        if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                chunk = max(1, min(16, len(jobs) // (4 * workers)))  # small chunks: results flow early
-                for i, (image, err) in zip(todo, pool.map(_decode_job, jobs, chunksize=chunk)):
-                    bar.update()
-                    yield i, image, err
-        else:
-            for i, job in zip(todo, jobs):
-                image, err = _decode_job(job)
-                bar.update()
-                yield i, image, err
-    finally:
-        bar.close()
-        cache.save_index()
-
-
-def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | None = None,
-                progress: bool = True) -> tuple[np.ndarray, list[str | None]]:
-    """Decode `paths` to an N x size x size uint8 array, from the cache where possible.
-
-    Returns the images and, per path, None or the reason it could not be read (its image is zeros).
-    """
-    images = np.zeros((len(paths), size, size), dtype=np.uint8)
-    errors: list[str | None] = [None] * len(paths)
-    for i, image, err in decode_stream(paths, size, cache, workers, progress):
-        if image is not None:
-            images[i] = image
-        errors[i] = err
-    return images, errors
-
-
 @dataclass
 class Dataset:
     """Decoded, de-duplicated images with labels, patients and split, plus what was left out."""
@@ -495,137 +321,21 @@ def audit(ds: Dataset) -> dict:
     }
 
 
-# ---------------------------------------------------------------- tensors and augmentation
-PADDING = ("border", "reflection", "zeros")
-INTENSITY = ("dataset", "image")
+def find_labelled(source: str) -> Found:
+    """The labelled files of a folder (DIR/**/{NORMAL,PNEUMONIA}/*), or the test rows of a run's split.csv."""
+    if source.endswith(".csv"):
+        with open(source, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+        return Found(paths=[r["path"] for r in rows], labels=[CLASSES.index(r["label"]) for r in rows])
+    found = find_images(source)
+    if not found.paths:
+        raise NoImagesFound(f"no images in NORMAL/ or PNEUMONIA/ folders under '{source}'")
+    return found
 
 
-@dataclass
-class Augment:
-    """Training augmentation for acquisition shift; every value is drawn per image, uniformly in +-range.
-
-    Geometry (rotation, per-axis zoom, which changes size and aspect ratio, translation) is one affine
-    resampling of the whole batch; intensity (gamma, contrast, brightness, noise) follows in [0, 1].
-    `padding` fills what the resampling pulls in from outside the stored image.
-    """
-
-    rotation: float = 15.0  # degrees
-    zoom: float = 0.25  # each axis scaled by a factor in [1/(1+zoom), 1+zoom], log-uniform
-    translate: float = 0.0  # extra shift, as a fraction of the side, beyond the random crop position
-    gamma: float = 0.5  # x ** exp(u), u in +-gamma: keeps black and white, bends the grey levels
-    contrast: float = 0.3  # (x - image mean) * (1 + u) + image mean
-    brightness: float = 0.1  # + u, in [0, 1] grey units
-    noise: float = 0.0  # std of added Gaussian noise, in [0, 1] grey units
-    padding: str = "border"
-    sharpness: float = 0.0  # x + u (3x3 box blur of x - x): u > 0 blurs, u < 0 sharpens
-
-    @classmethod
-    def plain(cls, rotation: float = 15.0) -> "Augment":
-        """The original project's transform: rotation and crop position only, zero padding."""
-        return cls(rotation, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "zeros", 0.0)
-
-
-def centre_crop(images, size: int):
-    """The centre size x size of the last two axes (numpy or torch): edges, markers and text cut off."""
-    offset = (images.shape[-1] - size) // 2
-    return images[..., offset:offset + size, offset:offset + size]
-
-
-def _uniform(shape, generator: torch.Generator, bound: float) -> torch.Tensor:
-    """Uniform draws in [-bound, bound] from the training generator (on the CPU, so runs are reproducible)."""
-    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
-
-
-@dataclass
-class Preprocess:
-    """Turns stored uint8 images into model input: crop the edges to `image_size`, normalise.
-
-    `intensity` 'dataset' normalises with the training split's mean and std; 'image' standardises
-    each image by its own mean and std, the same in training and scoring. Training batches are
-    also augmented (see Augment) in one batched pass.
-    """
-
-    image_size: int
-    mean: float = 0.5
-    std: float = 0.25
-    augment: Augment = field(default_factory=Augment)
-    intensity: str = "dataset"
-
-    def crop(self, batch: torch.Tensor) -> torch.Tensor:
-        """Centre crop of a uint8 N x 1 x S x S batch, as floats in [0, 1]: the pixels the model sees."""
-        return centre_crop(batch, self.image_size).float() / 255.0
-
-    def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardise [0, 1] images by the dataset statistics or by each image's own."""
-        if self.intensity == "image":
-            mean = x.mean((1, 2, 3), keepdim=True)
-            return (x - mean) / x.std((1, 2, 3), keepdim=True).clamp_min(1e-3)
-        return (x - self.mean) / self.std
-
-    def eval(self, batch: torch.Tensor) -> torch.Tensor:
-        """Centre crop and normalise a uint8 N x 1 x S x S batch."""
-        return self.normalise(self.crop(batch))
-
-    def train(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augment (geometry, then intensity) and normalise a uint8 batch.
-
-        Draws only what the settings use, in a fixed order, so `Augment.plain()` reproduces the
-        original rotation-and-crop transform draw for draw.
-        """
-        a, n, side = self.augment, batch.shape[0], batch.shape[-1]
-        angle = torch.deg2rad(_uniform(n, generator, a.rotation))
-        # crop position plus extra translation; written as (u * pixels) / side to match the original rounding
-        shift = _uniform((n, 2), generator, 1.0) * (side - self.image_size + 2 * a.translate * side) / side
-        zoom = torch.exp(_uniform((n, 2), generator, math.log1p(a.zoom))) if a.zoom else torch.ones(n, 2)
-        scale = self.image_size / side  # the output grid covers image_size / zoom of the side pixels
-        cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
-        zx, zy = zoom[:, 0], zoom[:, 1]
-        theta = torch.stack([torch.stack([cos / zx, -sin / zy, shift[:, 0]], 1),
-                             torch.stack([sin / zx, cos / zy, shift[:, 1]], 1)], 1).to(batch.device)
-        grid = F.affine_grid(theta, [n, 1, self.image_size, self.image_size], align_corners=False)
-        x = F.grid_sample(batch.float() / 255.0, grid, mode="bilinear", padding_mode=a.padding, align_corners=False)
-        return self.normalise(self._intensity(x, generator))
-
-    def _intensity(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Gamma, contrast, brightness, sharpness and noise per image, on [0, 1] images; the result stays in [0, 1]."""
-        a, n, dev = self.augment, x.shape[0], x.device
-
-        def per_image(bound):
-            return _uniform(n, generator, bound).view(n, 1, 1, 1).to(dev)
-
-        if a.gamma:
-            x = x.clamp(0, 1) ** torch.exp(per_image(a.gamma))
-        if a.contrast or a.brightness:
-            mean = x.mean((1, 2, 3), keepdim=True)
-            x = ((x - mean) * (1 + per_image(a.contrast)) + mean + per_image(a.brightness)).clamp(0, 1)
-        if a.sharpness:
-            blurred = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-            x = (x + per_image(a.sharpness) * (blurred - x)).clamp(0, 1)
-        if a.noise:
-            x = (x + a.noise * torch.randn(x.shape, generator=generator).to(dev)).clamp(0, 1)
-        return x
-
-    def state(self) -> dict:
-        """Plain-type settings for a checkpoint."""
-        return {"image_size": self.image_size, "mean": self.mean, "std": self.std,
-                "augment": vars(self.augment).copy(), "intensity": self.intensity}
-
-    @classmethod
-    def from_state(cls, state: dict) -> "Preprocess":
-        """Rebuild from `state()`; checkpoints of format 1 stored only `max_rotation`."""
-        state = dict(state)
-        augment = Augment(**state.pop("augment")) if "augment" in state else Augment.plain(state.pop("max_rotation", 15.0))
-        return cls(**state, augment=augment)
-
-
-def fit_normalisation(images: np.ndarray, image_size: int) -> tuple[float, float]:
-    """Mean and std of the centre crops of the training images, in [0, 1] units."""
-    crop = centre_crop(images, image_size).astype(np.float64) / 255.0
-    return float(crop.mean()), float(crop.std())
-
-
-def batches(n: int, batch_size: int, generator: torch.Generator | None = None):
-    """Index batches over n items: shuffled when a generator is given, in order otherwise."""
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for start in range(0, n, batch_size):
-        yield order[start:start + batch_size]
+def write_split_files(folder: Path, ds: Dataset) -> None:
+    """split.csv, skipped.csv and duplicates.csv: every file found is in exactly one of them."""
+    write_csv(folder / "split.csv", ["path", "patient", "label", "split"],
+              zip(ds.paths, ds.patients, [CLASSES[i] for i in ds.labels], ds.split))
+    write_csv(folder / "skipped.csv", ["path", "reason"], ds.found.skipped)
+    write_csv(folder / "duplicates.csv", ["path", "same_bytes_as"], ds.found.duplicates)

@@ -85,7 +85,7 @@ def make_phantoms(out: str | Path, patients_per_class: int = 60, images_per_pati
 
 def load_masks(data_root: str | Path, paths: list[str], size: int) -> np.ndarray:
     """Lesion masks matching `paths` at the stored image size (all-false for images without one)."""
-    from data import decode_image  # the same resize as the images
+    from images import decode_image  # the same resize as the images
     masks = np.zeros((len(paths), size, size), bool)
     for i, p in enumerate(paths):
         mask = Path(data_root) / "masks" / Path(p).name

@@ -2,14 +2,25 @@
 
 Usage: `threshold = choose_threshold(y_val, p_val, "youden"); m = score(y, p, patients, threshold)`.
 """
+from dataclasses import dataclass
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from sklearn.calibration import CalibrationDisplay
 from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay, average_precision_score,
                              brier_score_loss, confusion_matrix, roc_auc_score, roc_curve)
+
+import data
+import gradcam
+import train
+from images import ImageCache
+from runs import write_csv
+from transforms import Preprocess
 
 BOOTSTRAP_RESAMPLES = 2000
 METRICS = ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv")
@@ -111,6 +122,59 @@ def score(y_true, y_prob, patients, threshold: float, n_resamples: int = BOOTSTR
     result["images"], result["patients"] = int(len(y_true)), int(len(set(patients)))
     return result
 
+
+
+# ---------------------------------------------------------------- scoring a labelled set
+@dataclass
+class Scorer:
+    """What scoring any labelled set needs besides the set itself."""
+
+    model: torch.nn.Module
+    prep: Preprocess
+    threshold: float  # chosen on validation; every set is scored at it
+    device: torch.device
+    cam_target: str = "pneumonia"
+    seed: int = 0  # of the bootstrap and the randomisation test
+
+
+def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note: str = "",
+              masks: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Predict, score with intervals, draw, explain and list per image the images `idx` of `ds`.
+
+    Returns ({"test": metrics, "gradcam": checks}, y_true, y_prob); writes predictions.csv into `out`.
+    """
+    images = torch.from_numpy(ds.images[idx]).unsqueeze(1)
+    y_prob = train.predict(scorer.model, images, scorer.prep, scorer.device)
+    y_true = ds.labels[idx].astype(int)
+    patients = [ds.patients[i] for i in idx]
+    write_predictions(out / "predictions.csv", [ds.paths[i] for i in idx], patients, y_true, y_prob, scorer.threshold)
+    metrics = score(y_true, y_prob, patients, scorer.threshold, seed=scorer.seed)
+    draw_all(y_true, y_prob, metrics, out, note)
+    explained = gradcam.explain(scorer, images, y_true, y_prob, out, note, masks)
+    return {"test": metrics, "gradcam": explained}, y_true, y_prob
+
+
+def score_externals(scorer: Scorer, folders: list[str], cache: ImageCache, out_root: Path,
+                    progress: bool = True) -> dict[str, tuple[dict, np.ndarray, np.ndarray]]:
+    """Score each labelled folder like the test split, into out_root/external/<folder name>/."""
+    results = {}
+    for folder in folders:
+        name = Path(folder.rstrip("/\\")).name or "external"
+        while name in results:
+            name += "+"
+        out = out_root / "external" / name
+        out.mkdir(parents=True)
+        ds = data.decode_found(data.find_labelled(folder), cache, progress=progress)
+        data.write_split_files(out, ds)
+        results[name] = score_set(scorer, ds, np.arange(len(ds.paths)), out, note=f", external: {name}")
+    return results
+
+
+def write_predictions(path: Path, paths, patients, y_true, y_prob, threshold: float) -> None:
+    """One row per scored image: where to start an error analysis."""
+    write_csv(path, ["path", "patient", "label", "probability", "predicted"],
+              ([p, pat, data.CLASSES[t], f"{prob:.6f}", data.CLASSES[int(prob >= threshold)]]
+               for p, pat, t, prob in zip(paths, patients, y_true, y_prob)))
 
 # ---------------------------------------------------------------- plots
 def _save(fig, path) -> None:

@@ -4,6 +4,7 @@ Usage: `with GradCAM(model, model.cam_layer) as cam: maps = cam(x)`.
 """
 import copy
 import warnings
+from pathlib import Path
 
 import matplotlib
 
@@ -14,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
+
+from data import CLASSES
+from transforms import centre_crop
 
 
 class GradCAM:
@@ -212,3 +216,51 @@ def save_randomisation_figure(images, examples, stages, medians, path) -> None:
             if r == 0:
                 axes[r, c].set_title(cols[c], fontsize=7)
     _save(fig, path, "Cascading randomisation: maps should degrade as layers are re-initialised")
+
+
+def explain(scorer, images: torch.Tensor, y_true: np.ndarray, y_prob: np.ndarray, out: Path, note: str = "",
+            masks: np.ndarray | None = None) -> dict:
+    """Grad-CAM overlays per outcome, the grid, border mass, randomisation test and (phantoms) localisation.
+
+    `scorer` (an evaluate.Scorer) gives the model, preprocessing, threshold, device, target and seed.
+    """
+    s = scorer
+    x = s.prep.eval(images.to(s.device)).contiguous(memory_format=torch.channels_last)
+    maps = compute_maps(s.model, x, s.cam_target)
+    shown = s.prep.crop(images).numpy()[:, 0]  # the crop the model saw, in [0, 1]
+    y_pred = (y_prob >= s.threshold).astype(int)
+    outcome = np.where(y_true == 1, np.where(y_pred == 1, "TP", "FN"), np.where(y_pred == 1, "FP", "TN"))
+    (out / "gradcam").mkdir(exist_ok=True)
+
+    def describe(i):
+        return f"{outcome[i]} p={y_prob[i]:.2f} true={CLASSES[y_true[i]]}"
+
+    picks = [i for kind in ("TP", "TN", "FP", "FN") for i in np.flatnonzero(outcome == kind)[:4]]
+    for kind in ("TP", "TN", "FP", "FN"):  # two full-size overlays per outcome; the grid shows four
+        for i in np.flatnonzero(outcome == kind)[:2]:
+            save_overlay(shown[i], maps[i], describe(i) + note, out / "gradcam" / f"{kind}_{i:04d}.png")
+    save_grid(shown[picks], maps[picks], [describe(i) for i in picks], out / "gradcam_grid.png",
+              suptitle=f"Grad-CAM ({s.cam_target} evidence), up to 4 per outcome{note}")
+    layer = next(name for name, module in s.model.named_children() if module is s.model.cam_layer)
+    result = {"target": s.cam_target, "layer": layer, "border": border_mass(maps)}
+    result["randomisation"], stages = randomisation_test(s.model, x[: min(32, len(x))], s.seed)
+    save_randomisation_figure(shown, stages, result["randomisation"]["stages"],
+                              result["randomisation"]["median_spearman"], out / "gradcam_randomisation.png")
+    if masks is not None:
+        hit = outcome == "TP"
+        result["localisation"] = localisation(maps[hit], centre_crop(masks, s.prep.image_size)[hit])
+    return result
+
+
+def save_overlays(scorer, batch: torch.Tensor, prob: np.ndarray, files: list[str], out: Path) -> list[Path]:
+    """One Grad-CAM overlay per predicted image, named after its file; returns their paths."""
+    s = scorer
+    x = s.prep.eval(batch.to(s.device)).contiguous(memory_format=torch.channels_last)
+    maps = compute_maps(s.model, x, s.cam_target)
+    shown = s.prep.crop(batch).numpy()[:, 0]
+    paths = []
+    for i, f in enumerate(files):
+        path = out / f"{i:05d}_{Path(f).stem}_cam.png"
+        save_overlay(shown[i], maps[i], f"{Path(f).name}: p(pneumonia)={prob[i]:.3f} ({s.cam_target} evidence)", path)
+        paths.append(path)
+    return paths

@@ -20,8 +20,11 @@ import demo
 import evaluate
 import gradcam
 import report
+import runs
 import train
+from images import ImageCache, cache_size
 from model import PneumoniaCNN, count_flops
+from transforms import INTENSITY, PADDING, Augment, Preprocess, fit_normalisation
 
 DOWNLOAD_HELP = """No chest X-rays found in '{root}'.
 Download "Chest X-Ray Images (Pneumonia)" from Kaggle (https://www.kaggle.com/datasets/paultimothymooney/chest-xray-pneumonia),
@@ -126,22 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_augment_flags(p: argparse.ArgumentParser) -> None:
-    """Training augmentation against acquisition shift (data.Augment); the defaults are the measured best."""
-    d = data.Augment()
+    """Training augmentation against acquisition shift (Augment); the defaults are the measured best."""
+    d = Augment()
     g = p.add_argument_group("augmentation", "drawn per training image, uniformly in +-range; see README 'Generalisation'")
     g.add_argument("--augment", choices=["full", "none"], default="full",
                    help="full: the settings below; none: the original project's rotation and crop only (ignores the settings below)")
     g.add_argument("--rotation", type=number(float, 0, 180), default=d.rotation, help="rotation range in degrees")
     g.add_argument("--zoom", type=number(float, 0), default=d.zoom, help="per-axis scale jitter: each axis scaled by [1/(1+z), 1+z], so size and aspect ratio change")
     g.add_argument("--translate", type=number(float, 0, 0.5), default=d.translate, help="extra shift as a fraction of the side, beyond the random crop position")
-    demo_note = f"; None: {{}} on real data, 0 with --demo (phantoms have no exposure shift; see README)"
+    demo_note = "; None: {} on real data, 0 with --demo (phantoms have no exposure shift; see README)"
     g.add_argument("--gamma", type=number(float, 0), default=None, help="log-gamma range: x ** exp(+-g), black and white stay fixed" + demo_note.format(d.gamma))
     g.add_argument("--contrast", type=number(float, 0, 1, open_high=True), default=None, help="contrast range around each image's mean: x (1 +- c)" + demo_note.format(d.contrast))
     g.add_argument("--brightness", type=number(float, 0, 1), default=None, help="brightness range in [0, 1] grey units" + demo_note.format(d.brightness))
     g.add_argument("--noise", type=number(float, 0), default=d.noise, help="std of added Gaussian noise in [0, 1] grey units")
     g.add_argument("--sharpness", type=number(float, 0, 1), default=d.sharpness, help="blur/sharpen range: x + u (3x3 box blur - x), u in +-s")
-    g.add_argument("--padding", choices=data.PADDING, default=d.padding, help="fill outside the stored image (zeros paints black frames)")
-    g.add_argument("--intensity", choices=data.INTENSITY, default="dataset",
+    g.add_argument("--padding", choices=PADDING, default=d.padding, help="fill outside the stored image (zeros paints black frames)")
+    g.add_argument("--intensity", choices=INTENSITY, default="dataset",
                    help="dataset: normalise by the training split's mean/std; image: standardise each image by its own (train and scoring alike)")
 
 
@@ -152,17 +155,17 @@ def resolve_intensity_defaults(args) -> None:
     intensity jitter the phantom model learns to compare the lungs with the heart and spine, and the
     Grad-CAM maximum moves off the drawn lesions (README, Generalisation).
     """
-    defaults = data.Augment()
+    defaults = Augment()
     for name in ("gamma", "contrast", "brightness"):
         if getattr(args, name) is None:
             setattr(args, name, 0.0 if args.demo else getattr(defaults, name))
 
 
-def augment_from_args(args) -> data.Augment:
-    """The data.Augment the flags describe."""
+def augment_from_args(args) -> Augment:
+    """The Augment the flags describe."""
     if args.augment == "none":
-        return data.Augment.plain(args.rotation)
-    return data.Augment(args.rotation, args.zoom, args.translate, args.gamma, args.contrast, args.brightness,
+        return Augment.plain(args.rotation)
+    return Augment(args.rotation, args.zoom, args.translate, args.gamma, args.contrast, args.brightness,
                         args.noise, args.padding, args.sharpness)
 
 
@@ -209,26 +212,6 @@ def default_cache_dir() -> str:
 
 
 # ---------------------------------------------------------------- run folders and files
-def new_run_dir(out: str | None, prefix: str = "") -> Path:
-    """Create a fresh run folder; refuse one that exists, so nothing is overwritten."""
-    path = Path(out) if out else Path("runs") / (prefix + time.strftime("%Y%m%d-%H%M%S"))
-    if path.exists() and any(path.iterdir()):
-        raise UsageError(f"output folder '{path}' already exists and is not empty; choose another --out "
-                         f"(or `--resume {path}` if it is an interrupted run)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / ".write-test").touch()
-        (path / ".write-test").unlink()
-    except OSError as err:
-        raise UsageError(f"cannot write to output folder '{path}' ({err.strerror}); choose a writable --out") from None
-    return path
-
-
-def write_json(path: Path, obj) -> None:
-    """Pretty JSON, written atomically."""
-    data.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, allow_nan=True).encode()))
-
-
 def write_csv(path: Path, header, rows) -> None:
     """A CSV file with a header row."""
     with open(path, "w", newline="") as f:
@@ -245,18 +228,6 @@ def write_data_files(run_dir: Path, ds: data.Dataset) -> None:
     write_csv(run_dir / "duplicates.csv", ["path", "same_bytes_as"], ds.found.duplicates)
 
 
-def load_model(ckpt: dict, device: torch.device) -> tuple[PneumoniaCNN, data.Preprocess]:
-    """Rebuild the model and preprocessing a checkpoint describes; a mismatch is a UsageError."""
-    try:
-        model = PneumoniaCNN(**ckpt["model_config"])
-        model.load_state_dict(ckpt["model"])
-        prep = data.Preprocess.from_state(ckpt["preprocess"])
-    except (KeyError, TypeError, RuntimeError) as err:
-        raise UsageError(f"the checkpoint does not fit this model ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
-                         f"it was made by another model config or version of this project") from None
-    return model.to(device, memory_format=torch.channels_last).eval(), prep
-
-
 def read_checkpoint(path: str | None) -> dict:
     """Load a checkpoint safely, turning every failure into one UsageError sentence."""
     if not path:
@@ -270,78 +241,6 @@ def read_checkpoint(path: str | None) -> dict:
                          f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
 
 
-# ---------------------------------------------------------------- scoring and explaining (train and evaluate)
-def score_set(model, prep, threshold, ds: data.Dataset, idx, out: Path, device, cam_target: str,
-              seed: int, note: str = "", masks=None) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Predict, score with intervals, draw, explain and list per image one labelled set.
-
-    Returns ({"test": metrics, "gradcam": checks}, y_true, y_prob); writes predictions.csv into `out`.
-    """
-    images = torch.from_numpy(ds.images[idx]).unsqueeze(1)
-    y_prob = train.predict(model, images, prep, device)
-    y_true = ds.labels[idx].astype(int)
-    patients = [ds.patients[i] for i in idx]
-    write_predictions(out / "predictions.csv", [ds.paths[i] for i in idx], patients, y_true, y_prob, threshold)
-    metrics = evaluate.score(y_true, y_prob, patients, threshold, seed=seed)
-    evaluate.draw_all(y_true, y_prob, metrics, out, note)
-    explained = explain(model, prep, images, y_true, y_prob, threshold, out, device, cam_target, seed, note, masks)
-    return {"test": metrics, "gradcam": explained}, y_true, y_prob
-
-
-def write_predictions(path: Path, paths, patients, y_true, y_prob, threshold: float) -> None:
-    """One row per scored image: where to start an error analysis."""
-    write_csv(path, ["path", "patient", "label", "probability", "predicted"],
-              ([p, pat, data.CLASSES[t], f"{prob:.6f}", data.CLASSES[int(prob >= threshold)]]
-               for p, pat, t, prob in zip(paths, patients, y_true, y_prob)))
-
-
-def score_externals(args, model, prep, threshold, run_dir: Path, device) -> dict:
-    """Score each --external folder like the test split, into external/<name>/; returns name -> (result, y, p)."""
-    results = {}
-    cache = data.ImageCache(None if args.no_cache else args.cache_dir, data.cache_size(prep.image_size))
-    for folder in args.external:
-        name = Path(folder.rstrip("/\\")).name or "external"
-        while name in results:
-            name += "+"
-        out = run_dir / "external" / name
-        out.mkdir(parents=True)
-        ds = data.decode_found(labelled_files(folder), cache, progress=not args.quiet)
-        write_data_files(out, ds)
-        results[name] = score_set(model, prep, threshold, ds, np.arange(len(ds.paths)), out, device,
-                                  args.cam_target, args.seed, note=f", external: {name}")
-    return results
-
-
-def explain(model, prep, images, y_true, y_prob, threshold, out: Path, device, cam_target, seed, note, masks) -> dict:
-    """Grad-CAM overlays per outcome, the grid, border mass, randomisation test and (phantoms) localisation."""
-    x = prep.eval(images.to(device)).contiguous(memory_format=torch.channels_last)
-    maps = gradcam.compute_maps(model, x, cam_target)
-    shown = prep.crop(images).numpy()[:, 0]  # the crop the model saw, in [0, 1]
-    y_pred = (y_prob >= threshold).astype(int)
-    outcome = np.where(y_true == 1, np.where(y_pred == 1, "TP", "FN"), np.where(y_pred == 1, "FP", "TN"))
-    (out / "gradcam").mkdir(exist_ok=True)
-    def describe(i):
-        return f"{outcome[i]} p={y_prob[i]:.2f} true={data.CLASSES[y_true[i]]}"
-
-    picks = [i for kind in ("TP", "TN", "FP", "FN") for i in np.flatnonzero(outcome == kind)[:4]]
-    for kind in ("TP", "TN", "FP", "FN"):  # two full-size overlays per outcome; the grid shows four
-        for i in np.flatnonzero(outcome == kind)[:2]:
-            gradcam.save_overlay(shown[i], maps[i], describe(i) + note, out / "gradcam" / f"{kind}_{i:04d}.png")
-    gradcam.save_grid(shown[picks], maps[picks], [describe(i) for i in picks], out / "gradcam_grid.png",
-                      suptitle=f"Grad-CAM ({cam_target} evidence), up to 4 per outcome{note}")
-    layer = next(name for name, module in model.named_children() if module is model.cam_layer)
-    result = {"target": cam_target, "layer": layer, "border": gradcam.border_mass(maps)}
-    sample = x[: min(32, len(x))]
-    result["randomisation"], stages = gradcam.randomisation_test(model, sample, seed)
-    gradcam.save_randomisation_figure(shown, stages, result["randomisation"]["stages"],
-                                      result["randomisation"]["median_spearman"], out / "gradcam_randomisation.png")
-    if masks is not None:
-        crop = data.centre_crop(masks, prep.image_size)
-        hit = outcome == "TP"
-        result["localisation"] = gradcam.localisation(maps[hit], crop[hit])
-    return result
-
-
 # ---------------------------------------------------------------- train
 # flags that change how a run executes, not what it computes: a resumed run takes them from the command line
 RUNTIME_FLAGS = ("quiet", "device", "workers", "cache_dir", "no_cache", "compile")
@@ -353,22 +252,17 @@ def resolve_run(args, given: set[str] = frozenset()) -> tuple[argparse.Namespace
     With --resume, the runtime flags given apply; any other flag given is refused, never silently dropped.
     """
     if not args.resume:
-        return args, new_run_dir(args.out), None
+        return args, runs.create(args.out), None
     run_dir = Path(args.resume)
-    if not (run_dir / "INCOMPLETE").exists():
-        raise UsageError(f"'{run_dir}' is not an interrupted run (no INCOMPLETE marker); nothing to resume")
-    if not (run_dir / "last.pt").exists():
-        raise UsageError(f"'{run_dir}' has no last.pt to resume from; start a new run")
+    saved = runs.interrupted_config(run_dir)
     refused = sorted(given - {"resume", *RUNTIME_FLAGS})
     if refused:
         flags = ", ".join("--" + f.replace("_", "-") for f in refused)
         raise UsageError(f"--resume continues '{run_dir}' with the settings in its config.json, so {flags} cannot "
                          f"change now; drop {'them' if len(refused) > 1 else 'it'}, or start a new run")
-    saved = json.loads((run_dir / "config.json").read_text())
-    saved.setdefault("augment", "none")  # runs from before the augmentation flags used the plain transform
     runtime = {k: getattr(args, k) for k in RUNTIME_FLAGS}
     resumed = argparse.Namespace(**{**vars(args), **saved, **runtime, "resume": str(run_dir)})
-    return resumed, run_dir, read_checkpoint(run_dir / "last.pt")
+    return resumed, run_dir, runs.read_checkpoint(run_dir / "last.pt")
 
 
 def load_training_data(args, run_dir: Path) -> data.Dataset:
@@ -388,23 +282,9 @@ def load_training_data(args, run_dir: Path) -> data.Dataset:
 def configure_device(name: str, deterministic: bool = False) -> torch.device:
     """Resolve --device once and set the determinism / autotuning switches for it."""
     try:
-        device = train.resolve_device(name)
+        return train.setup_device(name, deterministic)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    return device
-
-
-def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The whole uint8 set on the GPU when it fits in a quarter of free memory, else pinned host memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return images.to(device) if images.numel() < free // 4 else images.pin_memory()
-    return images.to(device)
 
 
 def run_train(args, given: set[str] = frozenset()) -> int:
@@ -415,28 +295,26 @@ def run_train(args, given: set[str] = frozenset()) -> int:
     try:
         ds = load_training_data(args, run_dir)
     except (UsageError, data.DataError):
-        if resume is None and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # leave no empty run folder behind a run that never started
+        if resume is None:
+            runs.discard_if_empty(run_dir)
         raise
-    config = run_config(args)
     if resume is None:
-        write_json(run_dir / "config.json", config)
-        write_data_files(run_dir, ds)
-        (run_dir / "INCOMPLETE").write_text("training has not finished; resume with: python main.py --resume " + str(run_dir))
-    print("config:", json.dumps({**config, "device": str(device)}))
+        runs.start(run_dir, run_config(args))
+        data.write_split_files(run_dir, ds)
+    print("config:", json.dumps({**run_config(args), "device": str(device)}))
     audit = data.audit(ds)
     print_data_summary(audit)
-    splits = {name: ds.subset(name) for name in data.SPLITS}
-    mean, std = data.fit_normalisation(ds.images[splits["train"][2]], args.image_size)
-    prep = data.Preprocess(args.image_size, mean, std, augment_from_args(args), args.intensity)
+    train_set, val_set = ds.subset("train"), ds.subset("val")
+    mean, std = fit_normalisation(ds.images[train_set[2]], args.image_size)
+    prep = Preprocess(args.image_size, mean, std, augment_from_args(args), args.intensity)
     model = PneumoniaCNN(tuple(args.widths)).to(device, memory_format=torch.channels_last)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{count_flops(model, args.image_size) / 1e6:.0f} M multiply-adds per image")
     started = time.perf_counter()
     cfg = train.TrainConfig(args.epochs, args.batch_size, args.lr, args.pos_weight, args.patience, args.label_smoothing)
-    tr, va = [(to_device(splits[s][0], device), splits[s][1].to(device)) for s in ("train", "val")]
+    on_device = [(train.to_device(s[0], device), s[1].to(device)) for s in (train_set, val_set)]
     try:
-        state = train.fit(model, tr, va, prep, cfg, run_dir, device, generator, resume, not args.quiet,
+        state = train.fit(model, *on_device, prep, cfg, run_dir, device, generator, resume, not args.quiet,
                           compile_model=args.compile)
     except train.Interrupted as err:
         print(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}", file=sys.stderr)
@@ -446,9 +324,23 @@ def run_train(args, given: set[str] = frozenset()) -> int:
         if state.best_model is None:
             return 1
         print(f"evaluating the best checkpoint so far (epoch {state.best_epoch})", file=sys.stderr)
-    threshold = save_best(args, run_dir, model, prep, state, ds, splits["val"], device)
+    scorer = evaluate.Scorer(model, prep, float("nan"), device, args.cam_target, args.seed)
+    save_best(args, run_dir, state, ds, scorer)
     evaluate.plot_history(state.history, state.best_epoch, run_dir / "training_curves.png")
-    return finish_train(args, run_dir, ds, audit, splits, model, prep, threshold, state, device, started)
+    metrics = finish_train(args, run_dir, ds, scorer)
+    metrics.update({"synthetic": bool(args.demo), "split": args.split,
+                    "validation": {"auc": state.best_auc, "best_epoch": state.best_epoch,
+                                   "threshold_policy": args.threshold, "threshold": scorer.threshold},
+                    "data": audit, "training_failure": state.failure})
+    runs.write_json(run_dir / "metrics.json", metrics)
+    runs.write_json(run_dir / "timing.json", {"seconds_since_data_loaded": round(time.perf_counter() - started, 1),
+                                              "epochs_run": state.epoch})
+    banner = SYNTHETIC if args.demo else ""
+    report.write_report(run_dir, "Pneumonia CNN" + (" - " + banner if banner else "") + f" - run {run_dir.name}",
+                        run_config(args), metrics, banner)
+    runs.finish(run_dir)
+    print_summary(metrics, run_dir, banner)
+    return 0
 
 
 def print_data_summary(audit: dict) -> None:
@@ -459,24 +351,22 @@ def print_data_summary(audit: dict) -> None:
           f"{audit['skipped']} files skipped" + (f" ({reasons}; see skipped.csv)" if reasons else ""))
 
 
-def save_best(args, run_dir: Path, model, prep, state, ds: data.Dataset, val, device) -> float:
-    """Load the best weights, choose the threshold on validation, and write best.pt; returns the threshold.
+def save_best(args, run_dir: Path, state, ds: data.Dataset, scorer: evaluate.Scorer) -> None:
+    """Load the best weights, choose the threshold on validation (into `scorer`), and write best.pt.
 
     The validation predictions go to predictions_val.csv, so another threshold policy can be checked
     later without retraining.
     """
-    model.load_state_dict(state.best_model)
-    model.eval()
-    images, labels, idx = val
-    y_prob = train.predict(model, images, prep, device)
-    threshold = evaluate.choose_threshold(labels.numpy(), y_prob, args.threshold)
-    write_predictions(run_dir / "predictions_val.csv", [ds.paths[i] for i in idx], [ds.patients[i] for i in idx],
-                      labels.numpy().astype(int), y_prob, threshold)
-    train.save_checkpoint(run_dir / "best.pt", {
-        "model": state.best_model, "model_config": model.config, "preprocess": prep.state(), "threshold": threshold,
-        "threshold_policy": args.threshold, "epoch": state.best_epoch, "val_auc": state.best_auc,
-        "config": run_config(args)})
-    return threshold
+    scorer.model.load_state_dict(state.best_model)
+    scorer.model.eval()
+    images, labels, idx = ds.subset("val")
+    y_true, y_prob = labels.numpy().astype(int), train.predict(scorer.model, images, scorer.prep, scorer.device)
+    scorer.threshold = evaluate.choose_threshold(y_true, y_prob, args.threshold)
+    evaluate.write_predictions(run_dir / "predictions_val.csv", [ds.paths[i] for i in idx],
+                               [ds.patients[i] for i in idx], y_true, y_prob, scorer.threshold)
+    runs.save_best(run_dir / "best.pt", model=scorer.model, weights=state.best_model, prep=scorer.prep,
+                   threshold=scorer.threshold, policy=args.threshold, epoch=state.best_epoch, val_auc=state.best_auc,
+                   config=run_config(args))
 
 
 def run_config(args) -> dict:
@@ -484,31 +374,20 @@ def run_config(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("resume", "quiet")}
 
 
-def finish_train(args, run_dir, ds, audit, splits, model, prep, threshold, state, device, started) -> int:
-    """Score the test split once, write metrics.json and report.html, and mark the run complete."""
-    note = ", test split" + (" [SYNTHETIC DEMO]" if args.demo else "")
-    idx = splits["test"][2]
+def finish_train(args, run_dir: Path, ds: data.Dataset, scorer: evaluate.Scorer) -> dict:
+    """Score the test split once, then each --external folder; returns the metrics."""
+    idx = np.flatnonzero(ds.split == "test")
     masks = demo.load_masks(run_dir / "demo_data", [ds.paths[i] for i in idx], ds.images.shape[-1]) if args.demo else None
-    metrics, y_true, y_prob = score_set(model, prep, threshold, ds, idx, run_dir, device, args.cam_target, args.seed,
-                                        note, masks)
-    externals = score_externals(args, model, prep, threshold, run_dir, device)
+    note = ", test split" + (" [SYNTHETIC DEMO]" if args.demo else "")
+    metrics, y_true, y_prob = evaluate.score_set(scorer, ds, idx, run_dir, note, masks)
+    cache = ImageCache(None if args.no_cache else args.cache_dir, cache_size(scorer.prep.image_size))
+    externals = evaluate.score_externals(scorer, args.external, cache, run_dir, progress=not args.quiet)
     if externals:
         metrics["external"] = {name: r[0]["test"] for name, r in externals.items()}
         metrics["external_gradcam"] = {name: r[0]["gradcam"] for name, r in externals.items()}
         curves = {"test split": (y_true, y_prob, metrics["test"]), **{n: (r[1], r[2], r[0]["test"]) for n, r in externals.items()}}
         evaluate.plot_roc_sets(curves, run_dir / "roc_all.png")
-    metrics.update({"synthetic": bool(args.demo), "split": args.split,
-                    "validation": {"auc": state.best_auc, "best_epoch": state.best_epoch,
-                                   "threshold_policy": args.threshold, "threshold": threshold},
-                    "data": audit, "training_failure": state.failure})
-    write_json(run_dir / "metrics.json", metrics)
-    write_json(run_dir / "timing.json", {"seconds_since_data_loaded": round(time.perf_counter() - started, 1),
-                                         "epochs_run": state.epoch})
-    title = ("Pneumonia CNN" + (" - " + SYNTHETIC if args.demo else "") + f" - run {run_dir.name}")
-    report.write_report(run_dir, title, run_config(args), metrics, SYNTHETIC if args.demo else "")
-    (run_dir / "INCOMPLETE").unlink(missing_ok=True)
-    print_summary(metrics, run_dir, SYNTHETIC if args.demo else "")
-    return 0
+    return metrics
 
 
 def print_summary(metrics: dict, out: Path, banner: str = "") -> None:
@@ -526,81 +405,59 @@ def print_summary(metrics: dict, out: Path, banner: str = "") -> None:
 
 
 # ---------------------------------------------------------------- evaluate and predict
+def load_scorer(args) -> tuple[evaluate.Scorer, dict]:
+    """The checkpoint's model, preprocessing and threshold on the chosen device."""
+    ckpt = runs.read_checkpoint(args.checkpoint)
+    device = configure_device(args.device)
+    model, prep = runs.load_model(ckpt, device)
+    return evaluate.Scorer(model, prep, ckpt["threshold"], device, args.cam_target, getattr(args, "seed", 0)), ckpt
+
+
 def run_evaluate(args) -> int:
     """Score a checkpoint on a labelled folder or a run's test split, with every plot and the report."""
-    ckpt = read_checkpoint(args.checkpoint)
-    device = configure_device(args.device)
-    model, prep = load_model(ckpt, device)
-    out = new_run_dir(args.out or str(Path(args.checkpoint).parent / ("evaluate-" + time.strftime("%Y%m%d-%H%M%S"))))
-    cache = data.ImageCache(None if args.no_cache else args.cache_dir, data.cache_size(prep.image_size))
-    ds = data.decode_found(labelled_files(args.data), cache, progress=not args.quiet)
-    write_data_files(out, ds)
-    metrics = score_set(model, prep, ckpt["threshold"], ds, np.flatnonzero(ds.split == "test"), out, device,
-                        args.cam_target, args.seed, note=f", {Path(args.data).name}")[0]
+    scorer, _ = load_scorer(args)
+    out = runs.create(args.out or str(Path(args.checkpoint).parent / ("evaluate-" + time.strftime("%Y%m%d-%H%M%S"))))
+    cache = ImageCache(None if args.no_cache else args.cache_dir, cache_size(scorer.prep.image_size))
+    ds = data.decode_found(data.find_labelled(args.data), cache, progress=not args.quiet)
+    data.write_split_files(out, ds)
+    metrics = evaluate.score_set(scorer, ds, np.flatnonzero(ds.split == "test"), out, note=f", {Path(args.data).name}")[0]
     metrics["data"] = data.audit(ds)
     metrics["evaluated"] = {"checkpoint": args.checkpoint, "data": args.data}
-    write_json(out / "metrics.json", metrics)
+    runs.write_json(out / "metrics.json", metrics)
     report.write_report(out, f"Pneumonia CNN - evaluation of {args.checkpoint} on {args.data}", vars(args), metrics)
     print_summary(metrics, out)
     return 0
 
 
-def labelled_files(source: str) -> data.Found:
-    """The labelled files of a folder (DIR/**/{NORMAL,PNEUMONIA}/*), or the test rows of a run's split.csv."""
-    if source.endswith(".csv"):
-        with open(source, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
-        return data.Found(paths=[r["path"] for r in rows], labels=[data.CLASSES.index(r["label"]) for r in rows])
-    found = data.find_images(source)
-    if not found.paths:
-        raise UsageError(f"no images in NORMAL/ or PNEUMONIA/ folders under '{source}'")
-    return found
-
-
 def run_predict(args) -> int:
     """Probabilities and labels at the stored threshold for images and folders; bad files are reported and skipped."""
-    ckpt = read_checkpoint(args.checkpoint)
-    device = configure_device(args.device)
-    model, prep = load_model(ckpt, device)
+    scorer, _ = load_scorer(args)
     files, skipped = data.list_files(args.paths)
     if not files:
         raise UsageError(f"no image files found in {', '.join(args.paths)}"
                          + (f" ({len(skipped)} other files skipped)" if skipped else ""))
-    out = new_run_dir(args.out, prefix="predict-")
-    images, all_prob, errors = train.predict_files(model, files, prep, device, args.batch_size, args.workers,
-                                                   progress=len(files) > 1)
+    out = runs.create(args.out, prefix="predict-")
+    images, all_prob, errors = train.predict_files(scorer.model, files, scorer.prep, scorer.device, args.batch_size,
+                                                   args.workers, progress=len(files) > 1)
     good = [i for i, e in enumerate(errors) if e is None]
     batch, prob = torch.from_numpy(images[good]).unsqueeze(1), all_prob[good]
     rows = [[f, "", "", e] for f, e in zip(files, errors)]
     for k, i in enumerate(good):
-        rows[i][1:3] = [f"{prob[k]:.6f}", data.CLASSES[int(prob[k] >= ckpt["threshold"])]]
+        rows[i][1:3] = [f"{prob[k]:.6f}", data.CLASSES[int(prob[k] >= scorer.threshold)]]
     rows += [[f, "", "", why] for f, why in skipped]
     for f, _, _, e in rows:
         if e:
             print(f"skipped {f}: {e}", file=sys.stderr)
-    write_csv(out / "predictions.csv", ["path", "probability", "label", "error"], rows)
-    overlays = write_overlays(model, prep, batch, prob, [files[i] for i in good], out, device, args) \
-        if (args.cam or len(files) == 1) and good else []
+    runs.write_csv(out / "predictions.csv", ["path", "probability", "label", "error"], rows)
+    explain = (args.cam or len(files) == 1) and good
+    overlays = gradcam.save_overlays(scorer, batch, prob, [files[i] for i in good], out) if explain else []
     if len(files) == 1 and good:
         print(f"{files[0]}: probability of pneumonia {prob[0]:.4f} -> {rows[0][2]} "
-              f"(threshold {ckpt['threshold']:.4f}); overlay: {overlays[0]}")
+              f"(threshold {scorer.threshold:.4f}); overlay: {overlays[0]}")
     else:
         print(f"{len(good)} of {len(files)} images scored; wrote {out / 'predictions.csv'}"
               + (f" and {len(overlays)} overlays" if overlays else ""))
     return 0
-
-
-def write_overlays(model, prep, batch, prob, files, out: Path, device, args) -> list[Path]:
-    """One Grad-CAM overlay per predicted image; returns their paths."""
-    x = prep.eval(batch.to(device)).contiguous(memory_format=torch.channels_last)
-    maps = gradcam.compute_maps(model, x, args.cam_target)
-    shown = prep.crop(batch).numpy()[:, 0]
-    paths = []
-    for i, f in enumerate(files):
-        path = out / f"{i:05d}_{Path(f).stem}_cam.png"
-        gradcam.save_overlay(shown[i], maps[i], f"{Path(f).name}: p(pneumonia)={prob[i]:.3f} ({args.cam_target} evidence)", path)
-        paths.append(path)
-    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -615,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         resolve_intensity_defaults(args)
         return run_train(args, parser.given(argv))
-    except (UsageError, data.DataError) as err:
+    except (UsageError, data.DataError, runs.RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk or a folder that became unwritable mid-run

@@ -8,7 +8,7 @@ import html
 import json
 from pathlib import Path
 
-from data import atomic_write
+from runs import atomic_write
 from evaluate import BOOTSTRAP_RESAMPLES, METRICS
 
 STYLE = """body{font:15px/1.45 system-ui,sans-serif;max-width:1180px;margin:24px auto;padding:0 16px;color:#222}

@@ -1,11 +1,9 @@
 """Fit the CNN: SGD + OneCycle, best epoch by validation AUC (then loss), exact resume. Usage: `state = fit(...)`."""
-import csv
-import io
 import math
+import os
 import random
 import signal
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,10 +13,10 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
-from data import ImageCache, Preprocess, atomic_write, batches, cache_size, decode_stream
+import runs
+from images import ImageCache, cache_size, decode_stream
+from transforms import Preprocess
 
-CHECKPOINT_FORMAT = 1
-PROJECT_VERSION = "1.0.0"
 
 
 class Interrupted(Exception):
@@ -49,31 +47,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def setup_device(name: str, deterministic: bool = False) -> torch.device:
+    """resolve_device, plus the determinism / autotuning switches for it."""
+    device = resolve_device(name)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    return device
+
+
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The whole uint8 set on the GPU when it fits in a quarter of free memory, else pinned host memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return images.to(device) if images.numel() < free // 4 else images.pin_memory()
+    return images.to(device)
+
+
 def amp_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 autocast on GPUs that support it, fp16 on older CUDA GPUs, none on the CPU (it is slower there)."""
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """torch.save through a temp file and rename, so a crash never leaves a half-written checkpoint."""
-    payload = {"format": CHECKPOINT_FORMAT, "versions": {"torch": str(torch.__version__), "project": PROJECT_VERSION}, **payload}
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint without running any code (weights_only), checking its format."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"'{path}' is not a checkpoint of this project's format {CHECKPOINT_FORMAT}")
-    saved = ckpt.get("versions", {})
-    if saved.get("torch") != torch.__version__ or saved.get("project") != PROJECT_VERSION:
-        warnings.warn(f"checkpoint made with torch {saved.get('torch')} / project {saved.get('project')}; "
-                      f"running torch {torch.__version__} / project {PROJECT_VERSION}")
-    return ckpt
 
 
 @dataclass
@@ -119,6 +116,13 @@ def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: in
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs,
                                                     steps_per_epoch=steps_per_epoch, pct_start=0.2)
     return optimizer, scheduler
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None):
+    """Index batches over n items: shuffled when a generator is given, in order otherwise."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]
 
 
 @torch.no_grad()
@@ -237,11 +241,7 @@ HISTORY_FIELDS = ("epoch", "loss", "val_loss", "val_auc", "lr", "seconds")
 
 def write_history(path: Path, history: list[dict]) -> None:
     """history.csv: one row per finished epoch."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+    runs.write_csv(path, HISTORY_FIELDS, [[h[k] for k in HISTORY_FIELDS] for h in history])
 
 
 @dataclass
@@ -269,7 +269,7 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, device
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     loss_fn = smoothed_bce(cfg.pos_weight, cfg.label_smoothing, device)
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    state = restore(resume, parts, generator) if resume is not None else TrainState()
+    state = TrainState(**runs.restore_last(resume, parts, generator)) if resume is not None else TrainState()
     bar = tqdm(total=cfg.epochs * steps, initial=state.epoch * steps + state.step, desc="training",
                unit="step", disable=not progress)
     try:
@@ -280,7 +280,7 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, device
                     loss = train_one_epoch(net, *train_set, prep, optimizer, scheduler, loss_fn, cfg.batch_size,
                                            generator, device, state, stop, bar, scaler)
                 except Interrupted:
-                    save_last(run_dir, parts, generator, state)
+                    runs.save_last(run_dir / "last.pt", parts, generator, vars(state))
                     raise
                 except NonFiniteLoss as err:
                     state.failure = str(err)
@@ -288,30 +288,12 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, device
                 end_epoch(model, val_set, prep, device, state, loss, scheduler, start, cfg)
                 write_history(run_dir / "history.csv", state.history)
                 bar.set_postfix(loss=f"{loss:.4f}", val_auc=f"{state.history[-1]['val_auc']:.4f}")
-                save_last(run_dir, parts, generator, state)
+                runs.save_last(run_dir / "last.pt", parts, generator, vars(state))
                 if stop.raised:  # the signal came during validation: the epoch is saved, stop here
                     raise Interrupted(stop.raised)
     finally:
         bar.close()
     return state
-
-
-def save_last(run_dir: Path, parts: dict, generator: torch.Generator, state: TrainState) -> None:
-    """last.pt: every state dict, every random-number state and the loop position."""
-    rng = {"generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    save_checkpoint(run_dir / "last.pt", {**{k: v.state_dict() for k, v in parts.items()}, **rng, "state": vars(state)})
-
-
-def restore(resume: dict, parts: dict, generator: torch.Generator) -> TrainState:
-    """Put a last.pt back into the model, optimizer, scheduler, scaler and random-number generators."""
-    for name, part in parts.items():
-        part.load_state_dict(resume[name])
-    generator.set_state(resume["generator"])
-    torch.set_rng_state(resume["torch_rng"])
-    if resume["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(resume["cuda_rng"])
-    return TrainState(**resume["state"])
 
 
 def end_epoch(model, val, prep, device, state: TrainState, loss, scheduler, start, cfg) -> None:

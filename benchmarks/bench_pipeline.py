@@ -18,10 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import images  # noqa: E402
+import runs  # noqa: E402
+import transforms  # noqa: E402
 import train  # noqa: E402
 from model import PneumoniaCNN  # noqa: E402
 
-IMAGE_SIZE = 160
+IMAGE_SIZE = 128  # the default model input
 
 
 def best_of(fn, repeats: int = 2) -> float:
@@ -43,7 +46,7 @@ def bench_decode(paths: list[str]) -> dict:
     """
     from PIL import Image
     from torchvision.datasets.folder import pil_loader
-    size = data.cache_size(IMAGE_SIZE)
+    size = images.cache_size(IMAGE_SIZE)
 
     def minimal(p):
         with Image.open(p) as img:
@@ -51,10 +54,10 @@ def bench_decode(paths: list[str]) -> dict:
             img.load()
 
     times = {
-        "naive_gray": best_of(lambda: [data.decode_naive(p, size) for p in paths]),
+        "naive_gray": best_of(lambda: [images.decode_naive(p, size) for p in paths]),
         "naive_rgb": best_of(lambda: [pil_loader(p).resize((size, size), Image.BILINEAR) for p in paths]),
         "minimal": best_of(lambda: [minimal(p) for p in paths]),
-        "ours": best_of(lambda: [data.decode_image(p, size) for p in paths]),
+        "ours": best_of(lambda: [images.decode_image(p, size) for p in paths]),
     }
     return {k: 1000 * v / len(paths) for k, v in times.items()}
 
@@ -95,13 +98,13 @@ def our_epoch(images: torch.Tensor, labels: torch.Tensor) -> dict:
     """One epoch of our training step on cached uint8 tensors, with the time spent in the data side."""
     train.set_seed(0)
     model = PneumoniaCNN().to(memory_format=torch.channels_last)
-    prep = data.Preprocess(IMAGE_SIZE, 0.5, 0.25)
+    prep = transforms.Preprocess(IMAGE_SIZE, 0.5, 0.25)
     optimizer, scheduler = train.make_optimizer(model, 0.05, 1, math.ceil(len(images) / 32))
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))
     g = torch.Generator().manual_seed(0)
     data_time = 0.0
     start = time.perf_counter()
-    for idx in data.batches(len(images), 32, g):
+    for idx in train.batches(len(images), 32, g):
         t0 = time.perf_counter()
         x = prep.train(images[idx], g).contiguous(memory_format=torch.channels_last)
         y = labels[idx]
@@ -121,7 +124,7 @@ def _step(model, optimizer, loss_fn, x, y) -> None:
 
 def bench_memory_format(images: torch.Tensor, labels: torch.Tensor, steps: int = 15) -> dict:
     """Training-step time with channels_last against the default layout, same batches."""
-    prep = data.Preprocess(IMAGE_SIZE, 0.5, 0.25)
+    prep = transforms.Preprocess(IMAGE_SIZE, 0.5, 0.25)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))
     result = {}
     for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
@@ -154,16 +157,16 @@ def bench_predict(folders: list[Path], tmp: Path) -> dict:
     the first build ran: decode everything (one worker per 32 files, at most one per core), then score."""
     import main
     model = PneumoniaCNN()
-    train.save_checkpoint(tmp / "bench.pt", {"model": model.state_dict(), "model_config": model.config,
-                                             "preprocess": data.Preprocess(IMAGE_SIZE).state(), "threshold": 0.5})
+    runs.save_checkpoint(tmp / "bench.pt", {"model": model.state_dict(), "model_config": model.config,
+                                             "preprocess": transforms.Preprocess(IMAGE_SIZE).state(), "threshold": 0.5})
     files = data.list_files([str(f) for f in folders])[0]
-    prep, device = data.Preprocess(IMAGE_SIZE), torch.device("cpu")
+    prep, device = transforms.Preprocess(IMAGE_SIZE), torch.device("cpu")
 
     def before():
-        size = data.cache_size(IMAGE_SIZE)
+        size = images.cache_size(IMAGE_SIZE)
         old_workers = min(os.cpu_count() or 1, max(1, len(files) // 32))
-        images, _ = data.load_images(files, size, data.ImageCache(None, size), old_workers, progress=False)
-        train.predict(model.eval(), torch.from_numpy(images).unsqueeze(1), prep, device, 64)
+        decoded, _ = images.load_images(files, size, images.ImageCache(None, size), old_workers, progress=False)
+        train.predict(model.eval(), torch.from_numpy(decoded).unsqueeze(1), prep, device, 64)
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         after = best_of(lambda: main.main(["predict", *map(str, folders), "--checkpoint", str(tmp / "bench.pt"),
@@ -190,11 +193,11 @@ def main() -> None:
         base_s, n = baseline_epoch(root)
         files = sorted(str(p) for p in root.rglob("*.jpeg"))
         t0 = time.perf_counter()
-        images, _ = data.load_images(files, data.cache_size(IMAGE_SIZE), data.ImageCache(None, 0), progress=False)
+        decoded, _ = images.load_images(files, images.cache_size(IMAGE_SIZE), images.ImageCache(None, 0), progress=False)
         cold_decode = time.perf_counter() - t0
         labels = torch.tensor([float("PNEUMONIA" in f) for f in files])
-        ours = our_epoch(torch.from_numpy(images).unsqueeze(1), labels)
-        layout = bench_memory_format(torch.from_numpy(images).unsqueeze(1), labels)
+        ours = our_epoch(torch.from_numpy(decoded).unsqueeze(1), labels)
+        layout = bench_memory_format(torch.from_numpy(decoded).unsqueeze(1), labels)
         startup = bench_startup(fullres, tmp)
         pred = bench_predict([fullres / "NORMAL", fullres / "PNEUMONIA"], tmp)
     rows = [

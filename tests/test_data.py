@@ -8,6 +8,9 @@ import torch
 from PIL import Image
 
 import data
+import images
+import runs
+import transforms
 from conftest import kaggle_names, shared, write_image
 
 
@@ -24,7 +27,7 @@ def test_discovery_handles_nested_copy_macosx_and_junk(tmp_path):
     assert sorted(os.path.basename(p) for p in found.paths) == ["IM-0001-0001.jpeg"] * 2 + ["person1_bacteria_1.jpeg"]
     assert not any("__MACOSX" in p for p in found.paths)
     assert any(p.endswith(".DS_Store") for p, _ in found.skipped)
-    data.deduplicate(found, data.ImageCache(None, 8))
+    data.deduplicate(found, images.ImageCache(None, 8))
     assert len(found.paths) == 2 and len(found.duplicates) == 1
     assert found.labels == [0, 1] and found.paths[0] == str(first)  # the shorter path is kept
 
@@ -104,7 +107,7 @@ def test_training_augmentation_rotates_within_range_and_eval_is_centre_crop():
     side, size = 66, 60
     bar = torch.zeros(64, 1, side, side, dtype=torch.uint8)
     bar[:, :, 31:35, 8:58] = 255  # a horizontal bar
-    prep = data.Preprocess(size, mean=0.0, std=1.0, augment=data.Augment.plain(15))
+    prep = transforms.Preprocess(size, mean=0.0, std=1.0, augment=transforms.Augment.plain(15))
     out = prep.train(bar, torch.Generator().manual_seed(0))
     assert out.shape == (64, 1, size, size)
     angles = [_orientation(o[0].numpy()) for o in out]
@@ -112,7 +115,7 @@ def test_training_augmentation_rotates_within_range_and_eval_is_centre_crop():
     assert max(abs(a) for a in angles) > 8.0  # it does rotate
     ev = prep.eval(bar)
     assert ev.shape == (64, 1, size, size) and torch.equal(ev, bar[..., 3:63, 3:63].float() / 255)
-    still = data.Preprocess(size, 0.0, 1.0, data.Augment.plain(0)).train(bar, torch.Generator().manual_seed(0))
+    still = transforms.Preprocess(size, 0.0, 1.0, transforms.Augment.plain(0)).train(bar, torch.Generator().manual_seed(0))
     assert abs(_orientation(still[0, 0].numpy())) < 0.5
 
 
@@ -131,23 +134,23 @@ def _old_transform(batch, size, mean, std, max_rotation, generator):
 
 def test_augment_none_equals_the_original_transform():
     batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (16, 1, 44, 44), dtype=np.uint8))
-    prep = data.Preprocess(40, 0.4, 0.2, data.Augment.plain(15))
+    prep = transforms.Preprocess(40, 0.4, 0.2, transforms.Augment.plain(15))
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(prep.train(batch, g1), _old_transform(batch, 40, 0.4, 0.2, 15, g2))
     assert torch.equal(g1.get_state(), g2.get_state())  # same draws: resume and seeds behave as before
-    full = data.Preprocess(40, 0.4, 0.2).train(batch, torch.Generator().manual_seed(3))
+    full = transforms.Preprocess(40, 0.4, 0.2).train(batch, torch.Generator().manual_seed(3))
     assert not torch.allclose(full, _old_transform(batch, 40, 0.4, 0.2, 15, torch.Generator().manual_seed(3)))
 
 
-def _only(**kw) -> data.Augment:
+def _only(**kw) -> transforms.Augment:
     """An Augment with everything off except `kw`."""
-    return data.Augment(**{**vars(data.Augment.plain(0)), **kw})
+    return transforms.Augment(**{**vars(transforms.Augment.plain(0)), **kw})
 
 
 def test_gamma_keeps_black_and_white_and_bends_the_greys():
     row = torch.tensor([0, 64, 128, 192, 255], dtype=torch.uint8)
     batch = row.repeat(32, 1, 5, 1)  # 32 images of 5x5, same grey ramp in every row
-    prep = data.Preprocess(5, mean=0.0, std=1.0, augment=_only(gamma=0.5))
+    prep = transforms.Preprocess(5, mean=0.0, std=1.0, augment=_only(gamma=0.5))
     out = prep.train(batch, torch.Generator().manual_seed(0))[:, 0, 2]  # the middle row of each image
     assert torch.allclose(out[:, 0], torch.zeros(32), atol=1e-6) and torch.allclose(out[:, 4], torch.ones(32), atol=1e-6)
     mid = out[:, 2]
@@ -165,22 +168,22 @@ def test_zoom_jitter_changes_the_aspect_ratio_and_border_padding_paints_no_black
     side = 80
     batch = torch.zeros(64, 1, side, side, dtype=torch.uint8)
     batch[:, :, 30:50, 30:50] = 255  # a centred square: aspect 1
-    prep = data.Preprocess(side, 0.0, 1.0, _only(zoom=0.25))
+    prep = transforms.Preprocess(side, 0.0, 1.0, _only(zoom=0.25))
     ratios = [_aspect(o[0].numpy()) for o in prep.train(batch, torch.Generator().manual_seed(0))]
     assert min(ratios) < 0.9 and max(ratios) > 1.1  # wider and taller squares
     assert all(0.8 / 1.25 - 0.1 < r < 1.25 / 0.8 + 0.1 for r in ratios)
-    plain = [_aspect(o[0].numpy()) for o in data.Preprocess(side, 0.0, 1.0, _only()).train(batch, torch.Generator())]
+    plain = [_aspect(o[0].numpy()) for o in transforms.Preprocess(side, 0.0, 1.0, _only()).train(batch, torch.Generator())]
     assert all(abs(r - 1) < 0.06 for r in plain)
     grey = torch.full((16, 1, side, side), 200, dtype=torch.uint8)
     for padding, black in (("border", False), ("zeros", True)):
-        out = data.Preprocess(side, 0.0, 1.0, _only(zoom=0.5, rotation=15, padding=padding)).train(
+        out = transforms.Preprocess(side, 0.0, 1.0, _only(zoom=0.5, rotation=15, padding=padding)).train(
             grey, torch.Generator().manual_seed(1))
         assert bool((out < 0.1).any()) == black, padding
 
 
 def test_contrast_brightness_and_noise_stay_in_range_and_vary_per_image():
     batch = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (32, 1, 24, 24), dtype=np.uint8))
-    out = data.Preprocess(24, 0.0, 1.0, _only(contrast=0.3, brightness=0.1, noise=0.05)).train(
+    out = transforms.Preprocess(24, 0.0, 1.0, _only(contrast=0.3, brightness=0.1, noise=0.05)).train(
         batch, torch.Generator().manual_seed(0))
     assert out.min() >= 0 and out.max() <= 1
     means = out.mean((1, 2, 3)) - batch.float().mean((1, 2, 3)) / 255
@@ -189,7 +192,7 @@ def test_contrast_brightness_and_noise_stay_in_range_and_vary_per_image():
 
 def test_per_image_standardisation_is_used_in_training_and_scoring_alike():
     batch = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (4, 1, 20, 20), dtype=np.uint8))
-    prep = data.Preprocess(16, mean=0.9, std=9.0, augment=_only(), intensity="image")
+    prep = transforms.Preprocess(16, mean=0.9, std=9.0, augment=_only(), intensity="image")
     for x in (prep.eval(batch), prep.train(batch, torch.Generator())):
         assert torch.allclose(x.mean((1, 2, 3)), torch.zeros(4), atol=1e-5)
         assert torch.allclose(x.std((1, 2, 3)), torch.ones(4), atol=1e-4)
@@ -198,17 +201,17 @@ def test_per_image_standardisation_is_used_in_training_and_scoring_alike():
 
 
 def test_preprocess_state_round_trips_and_reads_format_1_checkpoints():
-    prep = data.Preprocess(64, 0.3, 0.2, _only(zoom=0.3, gamma=0.2, padding="reflection"), "image")
-    assert data.Preprocess.from_state(prep.state()) == prep
-    old = data.Preprocess.from_state({"image_size": 64, "mean": 0.3, "std": 0.2, "max_rotation": 10.0})
-    assert old.augment == data.Augment.plain(10.0) and old.intensity == "dataset"
+    prep = transforms.Preprocess(64, 0.3, 0.2, _only(zoom=0.3, gamma=0.2, padding="reflection"), "image")
+    assert transforms.Preprocess.from_state(prep.state()) == prep
+    old = transforms.Preprocess.from_state({"image_size": 64, "mean": 0.3, "std": 0.2, "max_rotation": 10.0})
+    assert old.augment == transforms.Augment.plain(10.0) and old.intensity == "dataset"
 
 
 def test_normalisation_uses_given_statistics():
     batch = torch.full((2, 1, 10, 10), 128, dtype=torch.uint8)
-    x = data.Preprocess(8, mean=0.5, std=0.25).eval(batch)
+    x = transforms.Preprocess(8, mean=0.5, std=0.25).eval(batch)
     assert torch.allclose(x, torch.full_like(x, (128 / 255 - 0.5) / 0.25), atol=1e-6)
-    mean, std = data.fit_normalisation(np.full((3, 10, 10), 51, np.uint8), 8)
+    mean, std = transforms.fit_normalisation(np.full((3, 10, 10), 51, np.uint8), 8)
     assert mean == pytest.approx(0.2) and std == pytest.approx(0.0)
 
 
@@ -221,10 +224,10 @@ def test_modes_convert_to_the_same_grey(tmp_path):
         path = tmp_path / f"x_{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
         img.save(path, quality=100) if mode == "CMYK" else img.save(path)
         tol = 12 if mode in ("P", "CMYK") else 1  # palette quantisation and CMYK JPEG are lossy
-        assert np.abs(data.decode_image(str(path), 32).astype(int) - reference).mean() < tol, mode
+        assert np.abs(images.decode_image(str(path), 32).astype(int) - reference).mean() < tol, mode
     la = tmp_path / "x_LA.png"
     Image.fromarray(rgb).convert("LA").save(la)
-    assert np.abs(data.decode_image(str(la), 32).astype(int) - reference).mean() <= 1
+    assert np.abs(images.decode_image(str(la), 32).astype(int) - reference).mean() <= 1
 
 
 def test_16bit_png_keeps_contrast(tmp_path):
@@ -232,7 +235,7 @@ def test_16bit_png_keeps_contrast(tmp_path):
     wide = (grey.astype(np.uint16) * 16)  # a 12-bit image stored in 16 bits
     path = tmp_path / "deep.png"
     Image.fromarray(wide).save(path)
-    out = data.decode_image(str(path), 64)
+    out = images.decode_image(str(path), 64)
     assert out.min() <= 1 and out.max() >= 254  # not clipped to white, not crushed to black
     assert np.abs(out.astype(int) - grey).mean() < 2
 
@@ -244,36 +247,36 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to view
     path = tmp_path / "rot.jpg"
     Image.fromarray(img).save(path, exif=exif, quality=95)
-    out = data.decode_image(str(path), 20)
+    out = images.decode_image(str(path), 20)
     assert out[:5].mean() > 200 and out[-5:].mean() < 50  # white ends up on top
 
 
 def test_fast_decode_matches_full_decode_on_real_full_resolution_images():
     folder = shared("chest_xray_fullres_train")
     paths = sorted(str(p) for p in folder.rglob("*.jpeg"))[::6]
-    diffs = [np.abs(data.decode_image(p, 176).astype(int) - data.decode_naive(p, 176).astype(int)).mean() for p in paths]
+    diffs = [np.abs(images.decode_image(p, 176).astype(int) - images.decode_naive(p, 176).astype(int)).mean() for p in paths]
     assert len(paths) >= 15 and max(diffs) < 2.0, max(diffs)
 
 
 def test_cache_second_load_decodes_nothing_and_rebuilds_only_changes(tiny_archive, tmp_path, monkeypatch):
     paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))
     cache_dir = tmp_path / "cache"
-    first, _ = data.load_images(paths, 24, data.ImageCache(str(cache_dir), 24), workers=1, progress=False)
+    first, _ = images.load_images(paths, 24, images.ImageCache(str(cache_dir), 24), workers=1, progress=False)
     calls = []
-    real = data.decode_image
-    monkeypatch.setattr(data, "decode_image", lambda p, s: calls.append(p) or real(p, s))
-    again, _ = data.load_images(paths, 24, data.ImageCache(str(cache_dir), 24), workers=1, progress=False)
+    real = images.decode_image
+    monkeypatch.setattr(images, "decode_image", lambda p, s: calls.append(p) or real(p, s))
+    again, _ = images.load_images(paths, 24, images.ImageCache(str(cache_dir), 24), workers=1, progress=False)
     assert calls == [] and np.array_equal(first, again)
     write_image(tiny_archive / "chest_xray" / "train" / "NORMAL" / "IM-0001-0001.jpeg", seed=999)
-    data.load_images(paths, 24, data.ImageCache(str(cache_dir), 24), workers=1, progress=False)
+    images.load_images(paths, 24, images.ImageCache(str(cache_dir), 24), workers=1, progress=False)
     assert [os.path.basename(p) for p in calls] == ["IM-0001-0001.jpeg"]
     assert not list(cache_dir.rglob(".tmp-*"))
 
 
 def test_parallel_decode_equals_serial(tiny_archive):
     paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))
-    serial, _ = data.load_images(paths, 24, data.ImageCache(None, 24), workers=1, progress=False)
-    parallel, _ = data.load_images(paths, 24, data.ImageCache(None, 24), workers=2, progress=False)
+    serial, _ = images.load_images(paths, 24, images.ImageCache(None, 24), workers=1, progress=False)
+    parallel, _ = images.load_images(paths, 24, images.ImageCache(None, 24), workers=2, progress=False)
     assert np.array_equal(serial, parallel)
 
 
@@ -286,11 +289,11 @@ def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        data.atomic_write(target, boom)
+        runs.atomic_write(target, boom)
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
 
 
 def test_unreadable_file_is_reported_not_fatal_with_cache(tiny_archive, tmp_path):
     paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))[:3] + [str(tmp_path / "gone.jpeg")]
-    images, errors = data.load_images(paths, 16, data.ImageCache(str(tmp_path / "c"), 16), workers=1, progress=False)
-    assert errors[:3] == [None] * 3 and "unreadable file" in errors[3] and not images[3].any()
+    decoded, errors = images.load_images(paths, 16, images.ImageCache(str(tmp_path / "c"), 16), workers=1, progress=False)
+    assert errors[:3] == [None] * 3 and "unreadable file" in errors[3] and not decoded[3].any()

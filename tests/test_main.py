@@ -11,6 +11,7 @@ import pytest
 
 import evaluate
 import main
+import runs
 from conftest import ROOT, shared, write_image
 
 OUTPUTS = ["config.json", "split.csv", "skipped.csv", "history.csv", "best.pt", "metrics.json", "roc.png",
@@ -200,22 +201,21 @@ def test_predict_matches_training_preprocessing_on_real_files(demo_run, tmp_path
     rows = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
     assert len(rows) == 60 and all(r["error"] == "" for r in rows)
     # the training path: decode as for training (cache format), then the scoring used on test splits
-    import data
+    import images
     import torch
     import train
-    model, prep = main.load_model(train.load_checkpoint(demo_run / "best.pt"), torch.device("cpu"))
+    model, prep = runs.load_model(runs.load_checkpoint(demo_run / "best.pt"), torch.device("cpu"))
     files = [r["path"] for r in rows]
-    images, _ = data.load_images(files, data.cache_size(prep.image_size), data.ImageCache(None, 0), progress=False)
-    expected = train.predict(model, torch.from_numpy(images).unsqueeze(1), prep, torch.device("cpu"))
+    decoded, _ = images.load_images(files, images.cache_size(prep.image_size), images.ImageCache(None, 0), progress=False)
+    expected = train.predict(model, torch.from_numpy(decoded).unsqueeze(1), prep, torch.device("cpu"))
     assert np.allclose([float(r["probability"]) for r in rows], expected, atol=2e-6)
 
 
 def test_checkpoint_of_another_model_config_is_refused(demo_run, tmp_path, capsys):
     import torch
-    import train
-    ckpt = train.load_checkpoint(demo_run / "best.pt")
+    ckpt = runs.load_checkpoint(demo_run / "best.pt")
     ckpt["model_config"]["widths"] = [8, 8, 8]  # weights no longer fit the model it describes
-    train.save_checkpoint(tmp_path / "other.pt", ckpt)
+    runs.save_checkpoint(tmp_path / "other.pt", ckpt)
     image = next((demo_run / "demo_data" / "images" / "NORMAL").glob("*.png"))
     assert main.main(["predict", str(image), "--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err

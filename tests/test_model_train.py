@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import runs
+import transforms
 import train
 from model import PneumoniaCNN, count_flops
 
@@ -36,7 +37,7 @@ def test_one_epoch_lowers_the_loss():
     train.set_seed(0)
     images, labels = _toy_set()
     model = PneumoniaCNN((8, 16, 16), stem=8).to(memory_format=torch.channels_last)
-    prep = data.Preprocess(36, 0.3, 0.2)
+    prep = transforms.Preprocess(36, 0.3, 0.2)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))
     before = loss_fn(model.eval()(prep.eval(images)), labels).item()
     optimizer, scheduler = train.make_optimizer(model, 0.05, 3, 8)
@@ -54,7 +55,7 @@ def test_non_finite_loss_names_epoch_and_step():
     optimizer, scheduler = train.make_optimizer(model, 0.05, 1, 2)
     loss_fn = lambda logits, y: logits.sum() * float("nan")  # noqa: E731
     with pytest.raises(train.NonFiniteLoss, match=r"epoch 1, step 1"):
-        train.train_one_epoch(model, images, labels, data.Preprocess(36), optimizer, scheduler, loss_fn, 8,
+        train.train_one_epoch(model, images, labels, transforms.Preprocess(36), optimizer, scheduler, loss_fn, 8,
                               torch.Generator(), torch.device("cpu"), train.TrainState())
 
 
@@ -69,21 +70,21 @@ def test_crafted_pickle_is_refused_and_does_not_run(tmp_path, monkeypatch):
     path = tmp_path / "evil.pt"
     torch.save({"format": 1, "model": _Evil()}, path)
     with pytest.raises(pickle.UnpicklingError):
-        train.load_checkpoint(path)
+        runs.load_checkpoint(path)
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
 
 
 def test_checkpoint_roundtrip_and_version_warning(tmp_path):
-    train.save_checkpoint(tmp_path / "c.pt", {"model": PneumoniaCNN().state_dict(), "threshold": 0.3})
-    ckpt = train.load_checkpoint(tmp_path / "c.pt")
+    runs.save_checkpoint(tmp_path / "c.pt", {"model": PneumoniaCNN().state_dict(), "threshold": 0.3})
+    ckpt = runs.load_checkpoint(tmp_path / "c.pt")
     assert ckpt["threshold"] == 0.3 and ckpt["versions"]["torch"] == torch.__version__
     ckpt["versions"]["project"] = "0.0.1"
     torch.save(ckpt, tmp_path / "old.pt")
     with pytest.warns(UserWarning, match="project 0.0.1"):
-        train.load_checkpoint(tmp_path / "old.pt")
+        runs.load_checkpoint(tmp_path / "old.pt")
     torch.save({"format": 99}, tmp_path / "future.pt")
     with pytest.raises(ValueError, match="format"):
-        train.load_checkpoint(tmp_path / "future.pt")
+        runs.load_checkpoint(tmp_path / "future.pt")
 
 
 def test_device_choice(monkeypatch):
@@ -104,7 +105,7 @@ def test_device_choice(monkeypatch):
 def test_predict_restores_mode_and_is_batch_size_independent():
     images, _ = _toy_set(20)
     model = PneumoniaCNN((8, 8, 8), stem=4).train()
-    prep = data.Preprocess(36)
+    prep = transforms.Preprocess(36)
     a = train.predict(model, images, prep, torch.device("cpu"), batch_size=7)
     b = train.predict(model, images, prep, torch.device("cpu"), batch_size=20)
     assert model.training and np.allclose(a, b, atol=1e-6) and ((a > 0) & (a < 1)).all()
@@ -131,5 +132,5 @@ def test_early_stopping_waits_for_both_auc_and_loss_and_patience_zero_never_stop
         scores = iter(zip(losses, [0.9, 0.8, 0.8, 0.8]))  # the AUC never beats epoch 1
         monkeypatch.setattr(train, "validate", lambda *a: next(scores))
         for _ in losses:
-            train.end_epoch(model, val, data.Preprocess(16), torch.device("cpu"), state, 0.5, sched, 0.0, cfg)
+            train.end_epoch(model, val, transforms.Preprocess(16), torch.device("cpu"), state, 0.5, sched, 0.0, cfg)
         assert state.best_epoch == 1 and state.stopped_early is stops, (patience, losses)

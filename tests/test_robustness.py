@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
+import images
+import runs
+import transforms
 import main
 from conftest import shared
 
@@ -93,8 +95,8 @@ def test_zoo_archive_accounts_for_every_file(tmp_path, capsys):
     assert {str(p) for p in picks + variants} == used | dups
     audit = json.loads((out / "metrics.json").read_text())["data"]
     assert audit["skipped"] == len(bad) and audit["ignored_folders"] == [str(root / "train" / "COVID")]
-    gray = data.decode_image(str(picks[0]), 70).astype(int)
-    deep = data.decode_image(str(root / "train" / "PNEUMONIA" / "person9001_virus_1.png"), 70).astype(int)
+    gray = images.decode_image(str(picks[0]), 70).astype(int)
+    deep = images.decode_image(str(root / "train" / "PNEUMONIA" / "person9001_virus_1.png"), 70).astype(int)
     assert np.abs(gray - deep).mean() < 2  # 16-bit: same picture, not clipped
 
 
@@ -119,7 +121,7 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, whe
     steps = -(-n_train // 8)
     stop_at = steps + 2 if where == "mid-epoch" else 2 * steps  # the n-th training batch overall
     calls = {"n": 0}
-    real = data.Preprocess.train
+    real = transforms.Preprocess.train
 
     def interrupting(self, batch, generator):
         calls["n"] += 1
@@ -127,11 +129,11 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, whe
             os.kill(os.getpid(), sig)  # the handler lets this step finish, then saves
         return real(self, batch, generator)
 
-    monkeypatch.setattr(data.Preprocess, "train", interrupting)
+    monkeypatch.setattr(transforms.Preprocess, "train", interrupting)
     assert main.main(argv + ["--out", str(tmp_path / "cut")]) == 130
     assert (tmp_path / "cut" / "INCOMPLETE").exists() and (tmp_path / "cut" / "last.pt").exists()
     assert not (tmp_path / "cut" / "metrics.json").exists()
-    monkeypatch.setattr(data.Preprocess, "train", real)
+    monkeypatch.setattr(transforms.Preprocess, "train", real)
     assert main.main(["--resume", str(tmp_path / "cut"), "--quiet"]) == 0
     assert not (tmp_path / "cut" / "INCOMPLETE").exists()
     assert _comparable(tmp_path / "cut") == _comparable(tmp_path / "whole")
@@ -177,4 +179,4 @@ def test_full_disk_mid_run_ends_with_one_sentence_and_a_loadable_checkpoint(tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and str(out / "history.csv") in err
     assert "Traceback" not in err and (out / "INCOMPLETE").exists()
-    assert train.load_checkpoint(out / "last.pt")["state"]["epoch"] == 1  # the last complete checkpoint loads
+    assert runs.load_checkpoint(out / "last.pt")["state"]["epoch"] == 1  # the last complete checkpoint loads

@@ -1,0 +1,137 @@
+"""Stored uint8 images to model input: centre crop, normalisation, and batched training augmentation.
+
+Usage: `prep = Preprocess(128, mean, std); x = prep.train(batch, generator)` (or `prep.eval(batch)`).
+"""
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PADDING = ("border", "reflection", "zeros")
+INTENSITY = ("dataset", "image")
+
+
+@dataclass
+class Augment:
+    """Training augmentation for acquisition shift; every value is drawn per image, uniformly in +-range.
+
+    Geometry (rotation, per-axis zoom, which changes size and aspect ratio, translation) is one affine
+    resampling of the whole batch; intensity (gamma, contrast, brightness, noise) follows in [0, 1].
+    `padding` fills what the resampling pulls in from outside the stored image.
+    """
+
+    rotation: float = 15.0  # degrees
+    zoom: float = 0.25  # each axis scaled by a factor in [1/(1+zoom), 1+zoom], log-uniform
+    translate: float = 0.0  # extra shift, as a fraction of the side, beyond the random crop position
+    gamma: float = 0.5  # x ** exp(u), u in +-gamma: keeps black and white, bends the grey levels
+    contrast: float = 0.3  # (x - image mean) * (1 + u) + image mean
+    brightness: float = 0.1  # + u, in [0, 1] grey units
+    noise: float = 0.0  # std of added Gaussian noise, in [0, 1] grey units
+    padding: str = "border"
+    sharpness: float = 0.0  # x + u (3x3 box blur of x - x): u > 0 blurs, u < 0 sharpens
+
+    @classmethod
+    def plain(cls, rotation: float = 15.0) -> "Augment":
+        """The original project's transform: rotation and crop position only, zero padding."""
+        return cls(rotation, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "zeros", 0.0)
+
+
+def centre_crop(images, size: int):
+    """The centre size x size of the last two axes (numpy or torch): edges, markers and text cut off."""
+    offset = (images.shape[-1] - size) // 2
+    return images[..., offset:offset + size, offset:offset + size]
+
+
+def _uniform(shape, generator: torch.Generator, bound: float) -> torch.Tensor:
+    """Uniform draws in [-bound, bound] from the training generator (on the CPU, so runs are reproducible)."""
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+@dataclass
+class Preprocess:
+    """Turns stored uint8 images into model input: crop the edges to `image_size`, normalise.
+
+    `intensity` 'dataset' normalises with the training split's mean and std; 'image' standardises
+    each image by its own mean and std, the same in training and scoring. Training batches are
+    also augmented (see Augment) in one batched pass.
+    """
+
+    image_size: int
+    mean: float = 0.5
+    std: float = 0.25
+    augment: Augment = field(default_factory=Augment)
+    intensity: str = "dataset"
+
+    def crop(self, batch: torch.Tensor) -> torch.Tensor:
+        """Centre crop of a uint8 N x 1 x S x S batch, as floats in [0, 1]: the pixels the model sees."""
+        return centre_crop(batch, self.image_size).float() / 255.0
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardise [0, 1] images by the dataset statistics or by each image's own."""
+        if self.intensity == "image":
+            mean = x.mean((1, 2, 3), keepdim=True)
+            return (x - mean) / x.std((1, 2, 3), keepdim=True).clamp_min(1e-3)
+        return (x - self.mean) / self.std
+
+    def eval(self, batch: torch.Tensor) -> torch.Tensor:
+        """Centre crop and normalise a uint8 N x 1 x S x S batch."""
+        return self.normalise(self.crop(batch))
+
+    def train(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augment (geometry, then intensity) and normalise a uint8 batch.
+
+        Draws only what the settings use, in a fixed order, so `Augment.plain()` reproduces the
+        original rotation-and-crop transform draw for draw.
+        """
+        a, n, side = self.augment, batch.shape[0], batch.shape[-1]
+        angle = torch.deg2rad(_uniform(n, generator, a.rotation))
+        # crop position plus extra translation; written as (u * pixels) / side to match the original rounding
+        shift = _uniform((n, 2), generator, 1.0) * (side - self.image_size + 2 * a.translate * side) / side
+        zoom = torch.exp(_uniform((n, 2), generator, math.log1p(a.zoom))) if a.zoom else torch.ones(n, 2)
+        scale = self.image_size / side  # the output grid covers image_size / zoom of the side pixels
+        cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+        zx, zy = zoom[:, 0], zoom[:, 1]
+        theta = torch.stack([torch.stack([cos / zx, -sin / zy, shift[:, 0]], 1),
+                             torch.stack([sin / zx, cos / zy, shift[:, 1]], 1)], 1).to(batch.device)
+        grid = F.affine_grid(theta, [n, 1, self.image_size, self.image_size], align_corners=False)
+        x = F.grid_sample(batch.float() / 255.0, grid, mode="bilinear", padding_mode=a.padding, align_corners=False)
+        return self.normalise(self._intensity(x, generator))
+
+    def _intensity(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Gamma, contrast, brightness, sharpness and noise per image, on [0, 1] images; the result stays in [0, 1]."""
+        a, n, dev = self.augment, x.shape[0], x.device
+
+        def per_image(bound):
+            return _uniform(n, generator, bound).view(n, 1, 1, 1).to(dev)
+
+        if a.gamma:
+            x = x.clamp(0, 1) ** torch.exp(per_image(a.gamma))
+        if a.contrast or a.brightness:
+            mean = x.mean((1, 2, 3), keepdim=True)
+            x = ((x - mean) * (1 + per_image(a.contrast)) + mean + per_image(a.brightness)).clamp(0, 1)
+        if a.sharpness:
+            blurred = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+            x = (x + per_image(a.sharpness) * (blurred - x)).clamp(0, 1)
+        if a.noise:
+            x = (x + a.noise * torch.randn(x.shape, generator=generator).to(dev)).clamp(0, 1)
+        return x
+
+    def state(self) -> dict:
+        """Plain-type settings for a checkpoint."""
+        return {"image_size": self.image_size, "mean": self.mean, "std": self.std,
+                "augment": vars(self.augment).copy(), "intensity": self.intensity}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Preprocess":
+        """Rebuild from `state()`; checkpoints of format 1 stored only `max_rotation`."""
+        state = dict(state)
+        augment = Augment(**state.pop("augment")) if "augment" in state else Augment.plain(state.pop("max_rotation", 15.0))
+        return cls(**state, augment=augment)
+
+
+def fit_normalisation(images: np.ndarray, image_size: int) -> tuple[float, float]:
+    """Mean and std of the centre crops of the training images, in [0, 1] units."""
+    crop = centre_crop(images, image_size).astype(np.float64) / 255.0
+    return float(crop.mean()), float(crop.std())
