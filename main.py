@@ -311,11 +311,11 @@ def run_train(args, given: set[str] = frozenset()) -> int:
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{count_flops(model, args.image_size) / 1e6:.0f} M multiply-adds per image")
     started = time.perf_counter()
-    cfg = train.TrainConfig(args.epochs, args.batch_size, args.lr, args.pos_weight, args.patience, args.label_smoothing)
+    cfg = train.TrainConfig(args.epochs, args.batch_size, args.lr, args.pos_weight, args.patience, args.label_smoothing,
+                            progress=not args.quiet, compile_model=args.compile)
     on_device = [(train.to_device(s[0], device), s[1].to(device)) for s in (train_set, val_set)]
     try:
-        state = train.fit(model, *on_device, prep, cfg, run_dir, device, generator, resume, not args.quiet,
-                          compile_model=args.compile)
+        state = train.fit(model, *on_device, prep, cfg, run_dir, device, generator, resume)
     except train.Interrupted as err:
         print(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}", file=sys.stderr)
         return 130

@@ -5,6 +5,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -176,13 +177,28 @@ def predict_files(model: nn.Module, files: list[str], prep: Preprocess, device: 
     return images, prob, errors
 
 
-def train_one_epoch(model, images, labels, prep, optimizer, scheduler, loss_fn, batch_size, generator,
-                    device, state: TrainState, stop: StopFlag | None = None, progress=None, scaler=None) -> float:
+@dataclass
+class Parts:
+    """What a training step touches: the network, its optimiser, schedule, loss, and the batch pipeline."""
+
+    model: nn.Module  # the module stepped: `torch.compile`d when asked
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: Callable
+    prep: Preprocess
+    device: torch.device
+    generator: torch.Generator  # drives shuffling and augmentation
+    scaler: torch.amp.GradScaler | None = None  # loss scaling for fp16 autocast
+
+
+def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainState, stop: StopFlag | None = None,
+                    progress=None) -> float:
     """One pass over the training images from `state.step` on; returns the mean loss.
 
     The permutation is drawn from the generator state saved at the epoch's start, so a run resumed
     mid-epoch sees the same batches, and the same augmentation, as one that never stopped.
     """
+    p, generator, device = parts, parts.generator, parts.device
     if state.step == 0:
         state.epoch_start_rng, state.loss_sum, state.seen = generator.get_state(), 0.0, 0
     resume_rng = generator.get_state()
@@ -190,23 +206,23 @@ def train_one_epoch(model, images, labels, prep, optimizer, scheduler, loss_fn, 
     order = list(batches(len(images), batch_size, generator))
     if state.step > 0:
         generator.set_state(resume_rng)
-    model.train()
+    p.model.train()
     dtype = amp_dtype(device)
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    scaler = p.scaler or torch.amp.GradScaler(device.type, enabled=False)
     for k in range(state.step, len(order)):
         idx = order[k]
-        x = prep.train(images[idx].to(device, non_blocking=True), generator).contiguous(memory_format=torch.channels_last)
+        x = p.prep.train(images[idx].to(device, non_blocking=True), generator).contiguous(memory_format=torch.channels_last)
         y = labels[idx].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = loss_fn(model(x).float(), y)
+            loss = p.loss_fn(p.model(x).float(), y)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {state.epoch + 1}, step {k + 1}; "
                                 f"try a lower --lr")
-        optimizer.zero_grad(set_to_none=True)
+        p.optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # a pass-through unless fp16 autocast needs loss scaling
-        scaler.step(optimizer)
+        scaler.step(p.optimizer)
         scaler.update()
-        scheduler.step()
+        p.scheduler.step()
         state.loss_sum += loss.item() * len(idx)
         state.seen += len(idx)
         state.step = k + 1
@@ -253,42 +269,43 @@ class TrainConfig:
     pos_weight: float
     patience: int
     label_smoothing: float = 0.0
+    progress: bool = True  # progress bar
+    compile_model: bool = False  # torch.compile the training steps
 
 
 def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, device, generator,
-        resume: dict | None = None, progress: bool = True, compile_model: bool = False) -> TrainState:
+        resume: dict | None = None) -> TrainState:
     """Train, keeping the best-validation-AUC weights; resumable from `resume` (a last.pt dict).
 
     `train_set` and `val_set` are (uint8 images, float labels) on `device`. Writes history.csv and last.pt
     after every epoch, and last.pt again when interrupted. A non-finite loss ends training with
     `state.failure` set; the best weights so far are kept.
     """
-    net = torch.compile(model) if compile_model else model  # compiled for the training steps only
     steps = math.ceil(len(train_set[0]) / cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.epochs, steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
-    loss_fn = smoothed_bce(cfg.pos_weight, cfg.label_smoothing, device)
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    state = TrainState(**runs.restore_last(resume, parts, generator)) if resume is not None else TrainState()
+    parts = Parts(torch.compile(model) if cfg.compile_model else model, optimizer, scheduler,  # compiled for steps only
+                  smoothed_bce(cfg.pos_weight, cfg.label_smoothing, device), prep, device, generator,
+                  torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16))
+    saved = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": parts.scaler}
+    state = TrainState(**runs.restore_last(resume, saved, generator)) if resume is not None else TrainState()
     bar = tqdm(total=cfg.epochs * steps, initial=state.epoch * steps + state.step, desc="training",
-               unit="step", disable=not progress)
+               unit="step", disable=not cfg.progress)
     try:
         with StopFlag() as stop:
             while state.epoch < cfg.epochs and not state.stopped_early:
                 start = time.perf_counter()
                 try:
-                    loss = train_one_epoch(net, *train_set, prep, optimizer, scheduler, loss_fn, cfg.batch_size,
-                                           generator, device, state, stop, bar, scaler)
+                    loss = train_one_epoch(parts, *train_set, cfg.batch_size, state, stop, bar)
                 except Interrupted:
-                    runs.save_last(run_dir / "last.pt", parts, generator, vars(state))
+                    runs.save_last(run_dir / "last.pt", saved, generator, vars(state))
                     raise
                 except NonFiniteLoss as err:
                     state.failure = str(err)
                     break
-                end_epoch(model, val_set, prep, device, state, loss, scheduler, start, cfg)
+                end_epoch(model, val_set, parts, state, loss, start, cfg)
                 write_history(run_dir / "history.csv", state.history)
                 bar.set_postfix(loss=f"{loss:.4f}", val_auc=f"{state.history[-1]['val_auc']:.4f}")
-                runs.save_last(run_dir / "last.pt", parts, generator, vars(state))
+                runs.save_last(run_dir / "last.pt", saved, generator, vars(state))
                 if stop.raised:  # the signal came during validation: the epoch is saved, stop here
                     raise Interrupted(stop.raised)
     finally:
@@ -296,13 +313,13 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, device
     return state
 
 
-def end_epoch(model, val, prep, device, state: TrainState, loss, scheduler, start, cfg) -> None:
-    """Validate, record the epoch, keep the best weights, and decide on early stopping."""
-    val_loss, val_auc = validate(model, *val, prep, cfg.pos_weight, device)
+def end_epoch(model, val_set, parts: Parts, state: TrainState, loss: float, start: float, cfg: TrainConfig) -> None:
+    """Validate `model` (the uncompiled one), record the epoch, keep the best weights, decide on early stopping."""
+    val_loss, val_auc = validate(model, *val_set, parts.prep, cfg.pos_weight, parts.device)
     state.epoch += 1
     state.step = 0
     state.history.append({"epoch": state.epoch, "loss": round(loss, 6), "val_loss": round(val_loss, 6),
-                          "val_auc": round(val_auc, 6), "lr": round(scheduler.get_last_lr()[0], 8),
+                          "val_auc": round(val_auc, 6), "lr": round(parts.scheduler.get_last_lr()[0], 8),
                           "seconds": round(time.perf_counter() - start, 2)})
     # AUC first; on a tie (it saturates at 1.0 on easy data) the lower validation loss wins
     if (val_auc, -val_loss) > (state.best_auc, -state.best_val_loss):

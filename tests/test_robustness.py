@@ -1,5 +1,6 @@
 """Bad files in a real archive, resume after interruption, determinism."""
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -148,11 +149,10 @@ def test_nan_loss_stops_with_message_and_still_evaluates(tmp_path, monkeypatch, 
     import train
     real = train.train_one_epoch
 
-    def poisoned(model, images, labels, prep, optimizer, scheduler, loss_fn, *rest):
-        state = next(a for a in rest if isinstance(a, train.TrainState))
+    def poisoned(parts, images, labels, batch_size, state, *rest):
         if len(state.history) >= 2:  # poison the third epoch
-            loss_fn = lambda logits, y: logits.sum() * float("inf")  # noqa: E731
-        return real(model, images, labels, prep, optimizer, scheduler, loss_fn, *rest)
+            parts = dataclasses.replace(parts, loss_fn=lambda logits, y: logits.sum() * float("inf"))
+        return real(parts, images, labels, batch_size, state, *rest)
 
     monkeypatch.setattr(train, "train_one_epoch", poisoned)
     assert main.main(TINY + ["--out", str(tmp_path / "nan")]) == 0
