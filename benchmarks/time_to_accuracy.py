@@ -1,16 +1,20 @@
 """Wall time against accuracy: sweep image size, width and epochs, 3 seeds a point, and mark the Pareto front.
 
-Usage: `python benchmarks/time_to_accuracy.py [--seeds 3] [--only NAME ...] [--docs]`.
+Usage: `python benchmarks/time_to_accuracy.py [--seeds 3] [--only NAME ...] [--time] [--docs]`.
 Every point is a real default `main.py` run with the point's flags (see generalisation.py, whose runner
 this reuses: finished runs are read, not repeated). Metrics are re-scored at the validation-chosen
 `sens=0.95` threshold from the runs' prediction CSVs, so runs made under another default policy
 compare fairly. Writes time_to_accuracy.csv and front.png under --out (benchmarks/results/, ignored by
-git); --docs also writes the plot to docs/time_to_accuracy.png for the README. Wall times are only
+git); --docs also writes the plot to docs/time_to_accuracy.png for the README. --time adds a timing
+pass: one run per point of the plain command a user types (`main.py --data ... <flags>`, seed 0, no
+external set), one after another; those walls, not the sweep's, place the points. Wall times are only
 comparable within one quiet machine: run nothing else meanwhile.
 """
 import csv
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib
@@ -26,6 +30,7 @@ GRID = {  # in the order they run: the likeliest candidates for a 2-minute defau
     "96 px, 25 ep": ["--image-size", "96", "--epochs", "25"],
     "112 px, 20 ep": ["--image-size", "112", "--epochs", "20"],
     "96 px, 20 ep": ["--image-size", "96", "--epochs", "20"],
+    "128 px, widths 16/32/64, 25 ep": ["--image-size", "128", "--epochs", "25", "--widths", "16", "32", "64"],
     "112 px, 25 ep": ["--image-size", "112", "--epochs", "25"],
     "128 px, 20 ep": ["--image-size", "128", "--epochs", "20"],
 }
@@ -47,6 +52,22 @@ def point(figs: list[dict]) -> dict:
     return out
 
 
+def timed_wall(args, name: str, flags: list[str]) -> float:
+    """Wall seconds of one plain run of the point (read back when it was timed before)."""
+    out = Path(args.out) / "timing" / gen.run_folder(args, name, 0).parent.name
+    record = out / "wall_seconds.txt"
+    if not record.exists():
+        if out.exists():
+            gen.shutil.rmtree(out)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(gen.ROOT / "main.py"), "--data", args.data, "--out", str(out / "run"),
+                        "--quiet", *flags], check=True, capture_output=True)
+        out.mkdir(parents=True, exist_ok=True)
+        record.write_text(f"{time.perf_counter() - start:.1f}\n")
+        print(f"timed {name}: {record.read_text().strip()} s", flush=True)
+    return float(record.read_text())
+
+
 def pareto(points: dict[str, dict]) -> set[str]:
     """Names no other point beats on both wall time (lower) and half-A AUC (higher)."""
     return {n for n, p in points.items()
@@ -55,7 +76,7 @@ def pareto(points: dict[str, dict]) -> set[str]:
 
 
 def table(points: dict[str, dict], front: set[str]) -> list[list]:
-    header = ["point", "front", "meets", "wall s (median)", "walls", "half-A AUC", "half-A acc", "half-A sens",
+    header = ["point", "front", "meets", "wall s", "sweep walls", "half-A AUC", "half-A acc", "half-A sens",
               "half-A spec", "test AUC", "test acc", "test sens", "test spec"]
     rows = [header]
     for name, p in sorted(points.items(), key=lambda kv: kv[1]["wall"]):
@@ -74,7 +95,7 @@ def plot(points: dict[str, dict], front: set[str], path: Path) -> None:
     line = sorted((points[n]["wall"], points[n]["ext auc"]) for n in front)
     ax.plot(*zip(*line), "--", color="crimson", lw=1, label="Pareto front")
     ax.axhline(TARGETS[("ext", "auc")], color="green", ls=":", lw=1, label="target AUC 0.99")
-    ax.set_xlabel("wall time of the whole run, s (median of 3 seeds, 2 CPU cores)")
+    ax.set_xlabel("wall time of `main.py --data ...` with the point's flags, s (2 CPU cores)")
     ax.set_ylabel("official test half A: AUC (mean ± sd)")
     ax.set_title("Time to accuracy (real runs; generated plot)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
@@ -85,14 +106,17 @@ def plot(points: dict[str, dict], front: set[str], path: Path) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    docs = "--docs" in argv
-    argv = [a for a in argv if a != "--docs"]
+    docs, timing = "--docs" in argv, "--time" in argv
+    argv = [a for a in argv if a not in ("--docs", "--time")]
     if not any(a.startswith("--out") for a in argv):
         argv += ["--out", str(gen.ROOT / "benchmarks" / "results" / "time_to_accuracy")]
     args = gen.parse_args(argv)
     names = args.only or list(GRID)
     results = gen.sweep(args, {n: GRID[n] for n in names})
     points = {n: point([f for f in figs if f]) for n, figs in results.items() if any(figs)}
+    if timing:
+        for name, p in points.items():
+            p["sweep wall"], p["wall"] = p["wall"], timed_wall(args, name, GRID[name])
     front = pareto(points)
     rows = table(points, front)
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
