@@ -113,47 +113,6 @@ def _decode_job(job: tuple[str, int, str | None]) -> tuple[np.ndarray | None, st
     return image, None
 
 
-def decode_stream(paths: list[str], size: int, cache: ImageCache, workers: int | None = None,
-                  progress: bool = True):
-    """Yield (index, image or None, error or None) for every path: cache hits first, then each decode
-    as soon as worker processes finish it, so a consumer can work while later files decode."""
-    todo, jobs = [], []
-    for i, path in enumerate(paths):
-        try:
-            entry = cache.entry(cache.hash(path)) if cache.dir else None
-        except OSError as err:
-            yield i, None, f"unreadable file: {err.strerror}"
-            continue
-        if entry is not None and entry.exists():
-            try:
-                image = np.load(entry)
-            except (OSError, ValueError):
-                image = None  # a damaged entry is decoded again
-            if image is not None:
-                yield i, image, None
-                continue
-        todo.append(i)
-        jobs.append((path, size, str(entry) if entry else None))
-    # at least 8 files per worker: for fewer, starting a process costs more than it saves
-    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 8))
-    bar = tqdm(total=len(jobs), desc="decoding images (once)", unit="img", disable=not progress or not jobs)
-    try:
-        if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                chunk = max(1, min(16, len(jobs) // (4 * workers)))  # small chunks: results flow early
-                for i, (image, err) in zip(todo, pool.map(_decode_job, jobs, chunksize=chunk)):
-                    bar.update()
-                    yield i, image, err
-        else:
-            for i, job in zip(todo, jobs):
-                image, err = _decode_job(job)
-                bar.update()
-                yield i, image, err
-    finally:
-        bar.close()
-        cache.save_index()
-
-
 def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | None = None,
                 progress: bool = True) -> tuple[np.ndarray, list[str | None]]:
     """Decode `paths` to an N x size x size uint8 array, from the cache where possible.
@@ -162,8 +121,35 @@ def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | N
     """
     images = np.zeros((len(paths), size, size), dtype=np.uint8)
     errors: list[str | None] = [None] * len(paths)
-    for i, image, err in decode_stream(paths, size, cache, workers, progress):
-        if image is not None:
-            images[i] = image
-        errors[i] = err
+    todo, jobs = [], []
+    for i, path in enumerate(paths):
+        try:
+            entry = cache.entry(cache.hash(path)) if cache.dir else None
+        except OSError as err:
+            errors[i] = f"unreadable file: {err.strerror}"
+            continue
+        if entry is not None and entry.exists():
+            try:
+                images[i] = np.load(entry)
+                continue
+            except (OSError, ValueError):
+                pass  # a damaged entry is decoded again
+        todo.append(i)
+        jobs.append((path, size, str(entry) if entry else None))
+    # every core, but at least 8 files per worker: for fewer, starting a process costs more than it saves
+    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 8))
+    bar = tqdm(total=len(jobs), desc="decoding images (once)", unit="img", disable=not progress or not jobs)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = pool.map(_decode_job, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
+            for i, (image, err) in zip(todo, results):
+                images[i], errors[i] = (image if image is not None else 0), err
+                bar.update()
+    else:
+        for i, job in zip(todo, jobs):
+            image, errors[i] = _decode_job(job)
+            images[i] = image if image is not None else 0
+            bar.update()
+    bar.close()
+    cache.save_index()
     return images, errors

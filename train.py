@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 import runs
-from images import ImageCache, cache_size, decode_stream
+from images import ImageCache, cache_size, load_images
 from transforms import Preprocess
 
 
@@ -150,30 +150,17 @@ def predict(model: nn.Module, images: torch.Tensor, prep: Preprocess, device: to
 
 def predict_files(model: nn.Module, files: list[str], prep: Preprocess, device: torch.device, batch_size: int = 64,
                   workers: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-    """Decode and score image files, running the model on each full batch while later files still decode.
+    """Decode image files (as for training, on every core) and score them.
 
     Returns the decoded uint8 images (N x S x S), the probabilities (NaN where unreadable) and, per
     file, None or the reason it could not be read.
     """
     size = cache_size(prep.image_size)
-    images = np.zeros((len(files), size, size), dtype=np.uint8)
+    images, errors = load_images(files, size, ImageCache(None, size), workers, progress)
+    good = [i for i, e in enumerate(errors) if e is None]
     prob = np.full(len(files), np.nan)
-    errors: list[str | None] = [None] * len(files)
-    ready: list[int] = []
-
-    def flush():
-        prob[ready] = predict(model, torch.from_numpy(images[ready]).unsqueeze(1), prep, device, batch_size)
-        ready.clear()
-
-    for i, image, err in decode_stream(files, size, ImageCache(None, size), workers, progress):
-        errors[i] = err
-        if image is not None:
-            images[i] = image
-            ready.append(i)
-        if len(ready) == batch_size:
-            flush()
-    if ready:
-        flush()
+    if good:
+        prob[good] = predict(model, torch.from_numpy(images[good]).unsqueeze(1), prep, device, batch_size)
     return images, prob, errors
 
 

@@ -88,17 +88,22 @@ def table(points: dict[str, dict], front: set[str]) -> list[list]:
 
 
 def plot(points: dict[str, dict], front: set[str], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for name, p in points.items():
-        ax.errorbar(p["wall"], p["ext auc"], yerr=p["ext auc sd"], fmt="o", color="crimson" if name in front else "grey")
-        ax.annotate(name, (p["wall"], p["ext auc"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    """Half-A AUC (with the Pareto front) and half-A specificity, the metric that binds, against wall time."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for ax, key, floor in ((axes[0], "ext auc", TARGETS[("ext", "auc")]), (axes[1], "ext specificity", TARGETS[("ext", "specificity")])):
+        for name, p in points.items():
+            ax.errorbar(p["wall"], p[key], yerr=p[f"{key} sd"], fmt="*" if p["meets"] else "o", ms=10 if p["meets"] else 6,
+                        color="crimson" if name in front else "grey")
+            ax.annotate(name, (p["wall"], p[key]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.axhline(floor, color="green", ls=":", lw=1, label=f"target {floor}")
+        ax.set_xlabel("wall time of `main.py --data ...` with the point's flags, s (2 CPU cores)")
+        ax.set_ylabel(f"official test half A: {key.split()[1]} (mean ± sd, 3 seeds)")
     line = sorted((points[n]["wall"], points[n]["ext auc"]) for n in front)
-    ax.plot(*zip(*line), "--", color="crimson", lw=1, label="Pareto front")
-    ax.axhline(TARGETS[("ext", "auc")], color="green", ls=":", lw=1, label="target AUC 0.99")
-    ax.set_xlabel("wall time of `main.py --data ...` with the point's flags, s (2 CPU cores)")
-    ax.set_ylabel("official test half A: AUC (mean ± sd)")
-    ax.set_title("Time to accuracy (real runs; generated plot)", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    axes[0].plot(*zip(*line), "--", color="crimson", lw=1, label="Pareto front (AUC vs time)")
+    for ax in axes:
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Time to accuracy (real runs; stars meet every target of the generalisation issue; generated plot)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
