@@ -166,7 +166,7 @@ def augment_from_args(args) -> Augment:
     if args.augment == "none":
         return Augment.plain(args.rotation)
     return Augment(args.rotation, args.zoom, args.translate, args.gamma, args.contrast, args.brightness,
-                        args.noise, args.padding, args.sharpness)
+                   args.noise, args.padding, args.sharpness)
 
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
@@ -191,7 +191,7 @@ def build_predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/predict-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--cam", action="store_true", help="also write a Grad-CAM overlay per image (always for a single image)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per forward pass")
-    p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes decoding while the model scores; None uses every core")
+    p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes for decoding; None uses every core (one per 8 files at most)")
     add_shared_flags(p, cache=False)
     return p
 
@@ -324,7 +324,7 @@ def run_train(args, given: set[str] = frozenset()) -> int:
         if state.best_model is None:
             return 1
         print(f"evaluating the best checkpoint so far (epoch {state.best_epoch})", file=sys.stderr)
-    scorer = evaluate.Scorer(model, prep, float("nan"), device, args.cam_target, args.seed)
+    scorer = evaluate.Scorer(model, prep, float("nan"), device, args.cam_target, args.seed)  # save_best sets the threshold
     save_best(args, run_dir, state, ds, scorer)
     evaluate.plot_history(state.history, state.best_epoch, run_dir / "training_curves.png")
     metrics = finish_train(args, run_dir, ds, scorer)

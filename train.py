@@ -5,8 +5,8 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
