@@ -218,6 +218,12 @@ def save_randomisation_figure(images, examples, stages, medians, path) -> None:
     _save(fig, path, "Cascading randomisation: maps should degrade as layers are re-initialised")
 
 
+def _maps(scorer, images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Model input, Grad-CAM maps and the [0, 1] crop the model saw, for a uint8 batch."""
+    x = scorer.prep.eval(images.to(scorer.device)).contiguous(memory_format=torch.channels_last)
+    return x, compute_maps(scorer.model, x, scorer.cam_target), scorer.prep.crop(images).numpy()[:, 0]
+
+
 def explain(scorer, images: torch.Tensor, y_true: np.ndarray, y_prob: np.ndarray, out: Path, note: str = "",
             masks: np.ndarray | None = None) -> dict:
     """Grad-CAM overlays per outcome, the grid, border mass, randomisation test and (phantoms) localisation.
@@ -225,9 +231,7 @@ def explain(scorer, images: torch.Tensor, y_true: np.ndarray, y_prob: np.ndarray
     `scorer` (an evaluate.Scorer) gives the model, preprocessing, threshold, device, target and seed.
     """
     s = scorer
-    x = s.prep.eval(images.to(s.device)).contiguous(memory_format=torch.channels_last)
-    maps = compute_maps(s.model, x, s.cam_target)
-    shown = s.prep.crop(images).numpy()[:, 0]  # the crop the model saw, in [0, 1]
+    x, maps, shown = _maps(s, images)
     y_pred = (y_prob >= s.threshold).astype(int)
     outcome = np.where(y_true == 1, np.where(y_pred == 1, "TP", "FN"), np.where(y_pred == 1, "FP", "TN"))
     (out / "gradcam").mkdir(exist_ok=True)
@@ -255,9 +259,7 @@ def explain(scorer, images: torch.Tensor, y_true: np.ndarray, y_prob: np.ndarray
 def save_overlays(scorer, batch: torch.Tensor, prob: np.ndarray, files: list[str], out: Path) -> list[Path]:
     """One Grad-CAM overlay per predicted image, named after its file; returns their paths."""
     s = scorer
-    x = s.prep.eval(batch.to(s.device)).contiguous(memory_format=torch.channels_last)
-    maps = compute_maps(s.model, x, s.cam_target)
-    shown = s.prep.crop(batch).numpy()[:, 0]
+    _, maps, shown = _maps(s, batch)
     paths = []
     for i, f in enumerate(files):
         path = out / f"{i:05d}_{Path(f).stem}_cam.png"

@@ -380,7 +380,7 @@ def finish_train(args, run_dir: Path, ds: data.Dataset, scorer: evaluate.Scorer)
     masks = demo.load_masks(run_dir / "demo_data", [ds.paths[i] for i in idx], ds.images.shape[-1]) if args.demo else None
     note = ", test split" + (" [SYNTHETIC DEMO]" if args.demo else "")
     metrics, y_true, y_prob = evaluate.score_set(scorer, ds, idx, run_dir, note, masks)
-    cache = ImageCache(None if args.no_cache else args.cache_dir, cache_size(scorer.prep.image_size))
+    cache = decode_cache(args, scorer.prep.image_size)
     externals = evaluate.score_externals(scorer, args.external, cache, run_dir, progress=not args.quiet)
     if externals:
         metrics["external"] = {name: r[0]["test"] for name, r in externals.items()}
@@ -388,6 +388,11 @@ def finish_train(args, run_dir: Path, ds: data.Dataset, scorer: evaluate.Scorer)
         curves = {"test split": (y_true, y_prob, metrics["test"]), **{n: (r[1], r[2], r[0]["test"]) for n, r in externals.items()}}
         evaluate.plot_roc_sets(curves, run_dir / "roc_all.png")
     return metrics
+
+
+def decode_cache(args, image_size: int) -> ImageCache:
+    """The decode cache the flags ask for (--cache-dir, or none with --no-cache) at the model's stored size."""
+    return ImageCache(None if args.no_cache else args.cache_dir, cache_size(image_size))
 
 
 def print_summary(metrics: dict, out: Path, banner: str = "") -> None:
@@ -417,7 +422,7 @@ def run_evaluate(args) -> int:
     """Score a checkpoint on a labelled folder or a run's test split, with every plot and the report."""
     scorer, _ = load_scorer(args)
     out = runs.create(args.out or str(Path(args.checkpoint).parent / ("evaluate-" + time.strftime("%Y%m%d-%H%M%S"))))
-    cache = ImageCache(None if args.no_cache else args.cache_dir, cache_size(scorer.prep.image_size))
+    cache = decode_cache(args, scorer.prep.image_size)
     ds = data.decode_found(data.find_labelled(args.data), cache, progress=not args.quiet)
     data.write_split_files(out, ds)
     metrics = evaluate.score_set(scorer, ds, np.flatnonzero(ds.split == "test"), out, note=f", {Path(args.data).name}")[0]

@@ -64,9 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def folder_name(name: str) -> str:
+    """A configuration's name as a folder name."""
+    return name.replace(" ", "_").replace("/", "-")
+
+
 def run_folder(args, name: str, seed: int) -> Path:
     """Where one configuration's seed runs."""
-    return Path(args.out) / name.replace(" ", "_").replace("/", "-") / f"seed{seed}"
+    return Path(args.out) / folder_name(name) / f"seed{seed}"
 
 
 def run_one(args, name: str, flags: list[str], seed: int, threads: int) -> Path:

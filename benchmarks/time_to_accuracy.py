@@ -11,6 +11,7 @@ external set), one after another; those walls, not the sweep's, place the points
 comparable within one quiet machine: run nothing else meanwhile.
 """
 import csv
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,11 +55,11 @@ def point(figs: list[dict]) -> dict:
 
 def timed_wall(args, name: str, flags: list[str]) -> float:
     """Wall seconds of one plain run of the point (read back when it was timed before)."""
-    out = Path(args.out) / "timing" / gen.run_folder(args, name, 0).parent.name
+    out = Path(args.out) / "timing" / gen.folder_name(name)
     record = out / "wall_seconds.txt"
     if not record.exists():
         if out.exists():
-            gen.shutil.rmtree(out)
+            shutil.rmtree(out)
         start = time.perf_counter()
         subprocess.run([sys.executable, str(gen.ROOT / "main.py"), "--data", args.data, "--out", str(out / "run"),
                         "--quiet", *flags], check=True, capture_output=True)
