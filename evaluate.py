@@ -137,6 +137,17 @@ class Scorer:
     seed: int = 0  # of the bootstrap and the randomisation test
 
 
+def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> None:
+    """Choose the scorer's threshold on the validation split by `policy`; its predictions go to `path`.
+
+    Kept as predictions_val.csv, so another threshold policy can be checked later without retraining.
+    """
+    images, labels, idx = ds.subset("val")
+    y_true, y_prob = labels.numpy().astype(int), train.predict(scorer.model, images, scorer.prep, scorer.device)
+    scorer.threshold = choose_threshold(y_true, y_prob, policy)
+    write_predictions(path, [ds.paths[i] for i in idx], [ds.patients[i] for i in idx], y_true, y_prob, scorer.threshold)
+
+
 def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note: str = "",
               masks: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Predict, score with intervals, draw, explain and list per image the images `idx` of `ds`.
@@ -170,6 +181,18 @@ def score_externals(scorer: Scorer, folders: list[str], cache: ImageCache, out_r
     return results
 
 
+def merge_externals(test: tuple[dict, np.ndarray, np.ndarray], externals: dict, roc_path: Path) -> dict:
+    """The run's metrics: the test split's, plus an "external" block per folder and one ROC plot of every set."""
+    metrics, y_true, y_prob = test
+    if externals:
+        metrics["external"] = {name: r[0]["test"] for name, r in externals.items()}
+        metrics["external_gradcam"] = {name: r[0]["gradcam"] for name, r in externals.items()}
+        curves = {"test split": (y_true, y_prob, metrics["test"]),
+                  **{name: (r[1], r[2], r[0]["test"]) for name, r in externals.items()}}
+        plot_roc_sets(curves, roc_path)
+    return metrics
+
+
 def write_predictions(path: Path, paths, patients, y_true, y_prob, threshold: float) -> None:
     """One row per scored image: where to start an error analysis."""
     write_csv(path, ["path", "patient", "label", "probability", "predicted"],
@@ -177,6 +200,16 @@ def write_predictions(path: Path, paths, patients, y_true, y_prob, threshold: fl
                for p, pat, t, prob in zip(paths, patients, y_true, y_prob)))
 
 # ---------------------------------------------------------------- plots
+def write_file_predictions(path: Path, files: list[str], prob: np.ndarray, errors: list[str | None],
+                           skipped: list[tuple[str, str]], threshold: float) -> list[list[str]]:
+    """predict's predictions.csv: probability and label per readable file, the reason for every other; returns the rows."""
+    rows = [[f, "", "", e] if e else [f, f"{p:.6f}", data.CLASSES[int(p >= threshold)], ""]
+            for f, p, e in zip(files, prob, errors)]
+    rows += [[f, "", "", why] for f, why in skipped]
+    write_csv(path, ["path", "probability", "label", "error"], rows)
+    return rows
+
+
 def _save(fig, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from runs import atomic_write
-from evaluate import BOOTSTRAP_RESAMPLES, METRICS
+from evaluate import BOOTSTRAP_RESAMPLES, METRICS, comparison_table as text_comparison, summary_table
 
 STYLE = """body{font:15px/1.45 system-ui,sans-serif;max-width:1180px;margin:24px auto;padding:0 16px;color:#222}
 h1{font-size:24px}h2{font-size:19px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:30px}
@@ -118,3 +118,25 @@ def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner:
     path = out_dir / "report.html"
     atomic_write(path, lambda f: f.write(page.encode()))
     return path
+
+
+def data_summary(audit: dict) -> str:
+    """One line: images and patients per split, duplicates, and skipped files counted by reason."""
+    sizes = ", ".join(f"{s} {a['images']} ({a['patients']} patients)" for s, a in audit["splits"].items())
+    reasons = "; ".join(f"{n} {why}" for why, n in audit["skipped_by_reason"].items())
+    return (f"data: {audit['images']} images: {sizes}; {audit['duplicates_merged']} duplicates merged; "
+            f"{audit['skipped']} files skipped" + (f" ({reasons}; see skipped.csv)" if reasons else ""))
+
+
+def terminal_summary(metrics: dict, out: Path, banner: str = "") -> str:
+    """The metric table and the Grad-CAM checks, as printed at the end of a run."""
+    lines = [banner] if banner else []
+    lines.append(summary_table(metrics["test"], "Test split (threshold chosen on validation)"))
+    if metrics.get("external"):
+        lines.append(text_comparison({"test split": metrics["test"], **metrics["external"]}))
+    g = metrics["gradcam"]
+    lines.append(f"Grad-CAM: randomised-model median Spearman {g['randomisation']['fully_randomised_median_spearman']:.3f}, "
+                 f"border mass {g['border']['border_mass_share']:.3f} (area {g['border']['border_area_share']:.2f})"
+                 + (f", pointing game {g['localisation']['pointing_game']:.3f}" if "localisation" in g else ""))
+    lines.append(f"wrote {out}/report.html and everything beside it")
+    return "\n".join(lines)

@@ -258,16 +258,18 @@ class TrainConfig:
     label_smoothing: float = 0.0
     progress: bool = True  # progress bar
     compile_model: bool = False  # torch.compile the training steps
+    seed: int = 0  # of the generator that drives shuffling and augmentation
+    device: torch.device = torch.device("cpu")
 
 
-def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, device, generator,
-        resume: dict | None = None) -> TrainState:
+def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume: dict | None = None) -> TrainState:
     """Train, keeping the best-validation-AUC weights; resumable from `resume` (a last.pt dict).
 
-    `train_set` and `val_set` are (uint8 images, float labels) on `device`. Writes history.csv and last.pt
+    `train_set` and `val_set` are (uint8 images, float labels) on `cfg.device`. Writes history.csv and last.pt
     after every epoch, and last.pt again when interrupted. A non-finite loss ends training with
     `state.failure` set; the best weights so far are kept.
     """
+    device, generator = cfg.device, torch.Generator().manual_seed(cfg.seed)  # the state set_seed(seed) returns
     steps = math.ceil(len(train_set[0]) / cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.epochs, steps)
     parts = Parts(torch.compile(model) if cfg.compile_model else model, optimizer, scheduler,  # compiled for steps only

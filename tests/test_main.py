@@ -12,6 +12,7 @@ import pytest
 import evaluate
 import main
 import runs
+from settings import Settings
 from conftest import ROOT, shared, write_image
 
 OUTPUTS = ["config.json", "split.csv", "skipped.csv", "history.csv", "best.pt", "metrics.json", "roc.png",
@@ -252,7 +253,6 @@ def test_resume_applies_runtime_flags_and_refuses_the_others(demo_run, tmp_path,
     assert main.main(["--resume", str(run), "--epochs", "30", "--lr", "0.1"]) == 2
     err = capsys.readouterr().err
     assert "--epochs, --lr cannot change now" in err and err.count("\n") == 1
-    args, _, _ = main.resolve_run(main.build_parser().parse_args(["--resume", str(run), "--device", "cpu", "--quiet"]),
-                                  {"resume", "device", "quiet"})
+    args, _, _ = main.resolve_run(Settings.parse(["--resume", str(run), "--device", "cpu", "--quiet"]))
     saved = json.loads((run / "config.json").read_text())
     assert args.device == "cpu" and args.quiet and args.epochs == saved["epochs"] and args.demo is True

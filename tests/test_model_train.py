@@ -137,3 +137,20 @@ def test_early_stopping_waits_for_both_auc_and_loss_and_patience_zero_never_stop
             parts = train.Parts(model, None, sched, None, transforms.Preprocess(16), torch.device("cpu"), torch.Generator())
             train.end_epoch(model, val, parts, state, 0.5, 0.0, cfg)
         assert state.best_epoch == 1 and state.stopped_early is stops, (patience, losses)
+
+
+# each module may import only modules of a lower rank: data flows one way, from main down to model
+RANKS = {"model": 0, "transforms": 0, "runs": 1, "images": 2, "demo": 3, "data": 3, "train": 3, "gradcam": 4,
+         "evaluate": 5, "report": 6, "settings": 6, "main": 7}
+
+
+def test_imports_run_one_way():
+    import ast
+    from conftest import ROOT
+    assert {p.stem for p in ROOT.glob("*.py")} == set(RANKS)  # a new module must be given its place
+    for name, rank in RANKS.items():
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        for other in imported & set(RANKS):
+            assert RANKS[other] < rank, f"{name}.py imports {other}.py, which sits above or beside it"

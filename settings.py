@@ -1,0 +1,276 @@
+"""Settings: every flag parsed and checked, and the training settings as one object.
+
+Usage: `settings = Settings.parse(argv)` for training (`settings.config()` is config.json);
+`build_evaluate_parser().parse_args(argv)` and `build_predict_parser()` for the two sub-commands.
+A value out of range is refused when it is parsed, in one sentence naming the flag, exit status 2.
+"""
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from train import TrainConfig
+from transforms import INTENSITY, PADDING, Augment
+
+
+DESCRIPTION = "Pneumonia detector for pediatric chest X-rays: train, evaluate and explain a custom CNN."
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed as one sentence, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-sentence errors: the flag, what it accepts, and where to read more; exit status 2.
+
+    Abbreviated flags are off, so the flags a user typed can be told from the defaults (`given`).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def given(self, argv: list[str]) -> set[str]:
+        """The destinations of the flags that appear in `argv`."""
+        return {a.dest for a in self._actions for opt in a.option_strings for tok in argv
+                if tok == opt or tok.startswith(opt + "=")}
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, open_low: bool = False,
+           open_high: bool = False):
+    """An argparse type for an int or float within a range; refuses anything else with what it accepts."""
+    what = "a whole number" if kind is int else "a number"
+    if low is not None and high is not None:
+        what += f" in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    elif low is not None:
+        what += f" {'>' if open_low else '>='} {low}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        too_low = low is not None and (value <= low if open_low else value < low)
+        too_high = high is not None and (value >= high if open_high else value > high)
+        if too_low or too_high or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+def threshold_policy(text: str) -> str:
+    """--threshold: 'youden', 'sens=X' with X in (0, 1], or a probability in [0, 1]."""
+    try:
+        if text == "youden":
+            return text
+        value = float(text[5:]) if text.startswith("sens=") else float(text)
+        if (0 < value <= 1) if text.startswith("sens=") else (0 <= value <= 1):
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected youden, sens=X with X in (0, 1], or a probability in [0, 1], got {text!r}")
+
+
+POSITIVE_INT, COUNT = number(int, 1), number(int, 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The training command (the default): every flag with its default."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = Parser(prog="main.py", description=DESCRIPTION, formatter_class=fmt,
+               epilog="Sub-commands: `main.py evaluate --help`, `main.py predict --help`.")
+    p.add_argument("--data", default="archive", help="folder holding the unzipped Kaggle archive (any NORMAL/ and PNEUMONIA/ folders below it)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<YYYYmmdd-HHMMSS>); must not exist yet")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=25, help="maximum training epochs")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="training batch size")
+    p.add_argument("--lr", type=number(float, 0, open_low=True), default=0.05, help="peak learning rate of the OneCycle SGD schedule")
+    p.add_argument("--pos-weight", type=number(float, 0, open_low=True), default=0.6, help="BCEWithLogitsLoss pos_weight for the PNEUMONIA class")
+    p.add_argument("--label-smoothing", type=number(float, 0, 1, open_high=True), default=0.0, help="training targets moved this far towards 0.5 (0 = off)")
+    p.add_argument("--patience", type=COUNT, default=5, help="stop after this many epochs in which neither validation AUC nor loss improved; 0: never")
+    p.add_argument("--image-size", type=number(int, 16), default=128, help="model input side in pixels (images are stored 10%% larger and edge-cropped)")
+    p.add_argument("--widths", type=POSITIVE_INT, nargs=3, default=[24, 48, 96], help="channels of the three CNN blocks")
+    p.add_argument("--split", choices=["patient", "random", "official"], default="patient",
+                   help="patient: 70/15/15 grouped by child; random: image-level (leaky, for comparison); official: the archive's test/ folder")
+    p.add_argument("--threshold", type=threshold_policy, default="sens=0.95",
+                   help="decision threshold policy, applied to validation: sens=X (the strictest threshold reaching sensitivity X), youden, or a number")
+    p.add_argument("--seed", type=number(int), default=0, help="seed for the split, initialisation, shuffling and augmentation")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (slower); CPU runs always are")
+    p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes for the one-time decode; None uses every core")
+    p.add_argument("--resume", metavar="RUN", default=None, help="continue the interrupted run in folder RUN")
+    p.add_argument("--demo", action="store_true", help="generate synthetic phantoms into the run folder and use them as data")
+    p.add_argument("--demo-patients", type=POSITIVE_INT, default=60, help="phantom patients per class for --demo (3 images each)")
+    p.add_argument("--external", metavar="DIR", action="append", default=[],
+                   help="labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) scored after the test split at the validation threshold; repeatable")
+    add_augment_flags(p)
+    add_shared_flags(p, cache=True)
+    return p
+
+
+def add_augment_flags(p: argparse.ArgumentParser) -> None:
+    """Training augmentation against acquisition shift (Augment); the defaults are the measured best."""
+    d = Augment()
+    g = p.add_argument_group("augmentation", "drawn per training image, uniformly in +-range; see README 'Generalisation'")
+    g.add_argument("--augment", choices=["full", "none"], default="full",
+                   help="full: the settings below; none: the original project's rotation and crop only (ignores the settings below)")
+    g.add_argument("--rotation", type=number(float, 0, 180), default=d.rotation, help="rotation range in degrees")
+    g.add_argument("--zoom", type=number(float, 0), default=d.zoom, help="per-axis scale jitter: each axis scaled by [1/(1+z), 1+z], so size and aspect ratio change")
+    g.add_argument("--translate", type=number(float, 0, 0.5), default=d.translate, help="extra shift as a fraction of the side, beyond the random crop position")
+    demo_note = "; None: {} on real data, 0 with --demo (phantoms have no exposure shift; see README)"
+    g.add_argument("--gamma", type=number(float, 0), default=None, help="log-gamma range: x ** exp(+-g), black and white stay fixed" + demo_note.format(d.gamma))
+    g.add_argument("--contrast", type=number(float, 0, 1, open_high=True), default=None, help="contrast range around each image's mean: x (1 +- c)" + demo_note.format(d.contrast))
+    g.add_argument("--brightness", type=number(float, 0, 1), default=None, help="brightness range in [0, 1] grey units" + demo_note.format(d.brightness))
+    g.add_argument("--noise", type=number(float, 0), default=d.noise, help="std of added Gaussian noise in [0, 1] grey units")
+    g.add_argument("--sharpness", type=number(float, 0, 1), default=d.sharpness, help="blur/sharpen range: x + u (3x3 box blur - x), u in +-s")
+    g.add_argument("--padding", choices=PADDING, default=d.padding, help="fill outside the stored image (zeros paints black frames)")
+    g.add_argument("--intensity", choices=INTENSITY, default="dataset",
+                   help="dataset: normalise by the training split's mean/std; image: standardise each image by its own (train and scoring alike)")
+
+
+def build_evaluate_parser() -> argparse.ArgumentParser:
+    """`main.py evaluate`: score a checkpoint on labelled data."""
+    p = Parser(prog="main.py evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               description="Score a trained model on a labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) "
+                           "or on the test rows of a run's split.csv, at the checkpoint's threshold.")
+    p.add_argument("--checkpoint", required=True, help="best.pt of a finished run")
+    p.add_argument("--data", required=True, help="labelled folder, or a run's split.csv (its test rows are scored)")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/evaluate-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--seed", type=number(int), default=0, help="seed of the bootstrap and the randomisation test")
+    add_shared_flags(p, cache=True)
+    return p
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    """`main.py predict`: probabilities for unlabelled images."""
+    p = Parser(prog="main.py predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               description="Pneumonia probability and label for images or folders of images.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--checkpoint", default=None, help="best.pt of a finished run (required)")
+    p.add_argument("--out", default=None, help="output folder (default runs/predict-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--cam", action="store_true", help="also write a Grad-CAM overlay per image (always for a single image)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes for decoding; None uses every core (one per 8 files at most)")
+    add_shared_flags(p, cache=False)
+    return p
+
+
+def add_shared_flags(p: argparse.ArgumentParser, cache: bool) -> None:
+    """Flags every command shares: device and Grad-CAM target, plus the decode cache and progress bars."""
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
+    p.add_argument("--cam-target", choices=["pneumonia", "normal"], default="pneumonia", help="class whose evidence Grad-CAM shows")
+    if cache:
+        p.add_argument("--cache-dir", default=default_cache_dir(), help="where decoded images are kept between runs")
+        p.add_argument("--no-cache", action="store_true", help="decode every image afresh and keep nothing")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def default_cache_dir() -> str:
+    """Where decoded images are kept: $XDG_CACHE_HOME/pneumonia-cnn, else ~/.cache/pneumonia-cnn."""
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pneumonia-cnn")
+
+
+# flags that change how a run executes, not what it computes: a resumed run takes them from the command line
+RUNTIME_FLAGS = ("quiet", "device", "workers", "cache_dir", "no_cache", "compile")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The training command's settings, resolved: built from the flags, saved as config.json, restored on --resume.
+
+    The parser is the one source of defaults and ranges; this object only carries the values.
+    """
+
+    data: str
+    out: str | None
+    epochs: int
+    batch_size: int
+    lr: float
+    pos_weight: float
+    label_smoothing: float
+    patience: int
+    image_size: int
+    widths: tuple[int, int, int]
+    split: str
+    threshold: str
+    seed: int
+    compile: bool
+    deterministic: bool
+    workers: int | None
+    resume: str | None
+    demo: bool
+    demo_patients: int
+    external: tuple[str, ...]
+    augment: str
+    rotation: float
+    zoom: float
+    translate: float
+    gamma: float
+    contrast: float
+    brightness: float
+    noise: float
+    sharpness: float
+    padding: str
+    intensity: str
+    device: str
+    cam_target: str
+    cache_dir: str
+    no_cache: bool
+    quiet: bool
+    given: frozenset = frozenset()  # the flags typed on the command line (not saved)
+
+    @classmethod
+    def parse(cls, argv: list[str]) -> "Settings":
+        """Parse and check the training flags; unset intensity jitter takes its default (0 with --demo)."""
+        parser = build_parser()
+        values = vars(parser.parse_args(argv))
+        # The phantoms' only finding is a brightness change and their 'scanner' never changes; with
+        # intensity jitter the phantom model learns to compare the lungs with the heart and spine, and
+        # the Grad-CAM maximum moves off the drawn lesions (README, Generalisation).
+        for name in ("gamma", "contrast", "brightness"):
+            if values[name] is None:
+                values[name] = 0.0 if values["demo"] else getattr(Augment(), name)
+        return cls.from_dict(values, given=frozenset(parser.given(argv)))
+
+    @classmethod
+    def from_dict(cls, values: dict, given: frozenset = frozenset()) -> "Settings":
+        """Settings from parsed or saved values (lists become tuples, unknown keys of older runs are dropped)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"given"}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+        return cls(**values, given=given)
+
+    def config(self) -> dict:
+        """What config.json holds: every setting that defines the run."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+                if k not in ("resume", "quiet", "given")}
+
+    def resumed(self, saved: dict) -> "Settings":
+        """The saved settings of the run in --resume, with the runtime flags given now.
+
+        Any other flag given is refused, never silently dropped.
+        """
+        refused = sorted(self.given - {"resume", *RUNTIME_FLAGS})
+        if refused:
+            flags = ", ".join("--" + f.replace("_", "-") for f in refused)
+            raise UsageError(f"--resume continues '{self.resume}' with the settings in its config.json, so {flags} "
+                             f"cannot change now; drop {'them' if len(refused) > 1 else 'it'}, or start a new run")
+        runtime = {k: getattr(self, k) for k in (*RUNTIME_FLAGS, "resume")}
+        # a key missing from an older config.json keeps today's default from the command line
+        return Settings.from_dict({**self.config(), **saved, **runtime}, self.given)
+
+    def augmentation(self) -> Augment:
+        """The Augment the flags describe."""
+        if self.augment == "none":
+            return Augment.plain(self.rotation)
+        return Augment(self.rotation, self.zoom, self.translate, self.gamma, self.contrast, self.brightness,
+                       self.noise, self.padding, self.sharpness)
+
+    def train_config(self, device: torch.device) -> TrainConfig:
+        """What train.fit needs, on the resolved device."""
+        return TrainConfig(self.epochs, self.batch_size, self.lr, self.pos_weight, self.patience, self.label_smoothing,
+                           progress=not self.quiet, compile_model=self.compile, seed=self.seed, device=device)
