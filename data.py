@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
-from images import ImageCache, cache_size, load_images
+from images import DICOM_SUFFIXES, ImageCache, cache_size, header, is_dicom, load_images, view_problem
 from runs import write_csv
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # label = index: NORMAL=0, PNEUMONIA=1
@@ -34,7 +34,7 @@ class Found:
     paths: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (dropped path, kept path)
+    duplicates: list[tuple[str, str, str]] = field(default_factory=list)  # (dropped path, kept path, why)
     ignored_folders: list[str] = field(default_factory=list)
     hashes: list[str] = field(default_factory=list)  # content hash per path, after de-duplication
 
@@ -63,6 +63,11 @@ def _walk(directory: str, seen: set[str], skipped: list):
             skipped.append((entry.path, "broken symlink or not a regular file"))
 
 
+def is_image_file(path: str) -> bool:
+    """An image by its extension (torchvision's list, plus .dcm), or an extension-less DICOM file."""
+    return has_file_allowed_extension(path, IMG_EXTENSIONS + DICOM_SUFFIXES) or is_dicom(path)
+
+
 def list_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Files named, plus the image files below named folders, with the skip rules of training discovery.
 
@@ -75,7 +80,7 @@ def list_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
             files.append(path)  # named explicitly: the decoder decides
             continue
         for found in _walk(path, seen, skipped):
-            if has_file_allowed_extension(found, IMG_EXTENSIONS):
+            if is_image_file(found):
                 files.append(found)
             else:
                 skipped.append((found, "not an image file extension"))
@@ -120,12 +125,27 @@ def find_images(root: str) -> Found:
                 found.skipped.append((folder, "folder is not a class (expected NORMAL or PNEUMONIA)"))
                 continue
             for path in _walk(folder, seen, found.skipped):
-                if has_file_allowed_extension(path, IMG_EXTENSIONS):
+                problem = "not an image file extension" if not is_image_file(path) else _dicom_problem(path)
+                if problem:
+                    found.skipped.append((path, problem))
+                else:
                     found.paths.append(path)
                     found.labels.append(CLASSES.index(name.upper()))
-                else:
-                    found.skipped.append((path, "not an image file extension"))
     return found
+
+
+def _dicom_problem(path: str) -> str | None:
+    """Why a DICOM file cannot be labelled data: a lateral or non-chest view, or an unreadable header.
+
+    Training and evaluation leave such files out (a lateral film is not the population the model is
+    for); predict scores them but says so in its warnings column.
+    """
+    if not is_dicom(path):
+        return None
+    try:
+        return view_problem(header(path))
+    except Exception as err:  # any header pydicom cannot parse
+        return f"unreadable DICOM header: {type(err).__name__}: {err}".splitlines()[0][:200]
 
 
 def require_two_classes(labels) -> None:
@@ -146,7 +166,9 @@ _PATIENT_PATTERNS = (
 
 
 def patient_id(path: str) -> str:
-    """The child an image belongs to, from Kaggle's file names; an unknown name is its own patient."""
+    """The child an image belongs to: a DICOM's PatientID, else from Kaggle's file names; else its own patient."""
+    if is_dicom(path) and header(path)["patient"]:
+        return header(path)["patient"]
     name = os.path.basename(path)
     for pattern in _PATIENT_PATTERNS:
         match = pattern.match(name)
@@ -231,27 +253,81 @@ class Dataset:
         return torch.from_numpy(self.images[idx]).unsqueeze(1), torch.from_numpy(self.labels[idx]).float(), idx
 
 
+def _merge_copies(found: Found, groups: list[list[int]], what: str) -> list[int]:
+    """Keep one file of each group of copies (the shortest path); returns the indices dropped.
+
+    Copies filed under both labels are all dropped: their label cannot be trusted.
+    """
+    dropped = []
+    for members in groups:
+        if len(members) < 2:
+            continue
+        members = sorted(members, key=lambda i: (found.paths[i].count(os.sep), found.paths[i]))
+        if len({found.labels[i] for i in members}) > 1:
+            found.skipped += [(found.paths[i], f"{what} filed under both NORMAL and PNEUMONIA") for i in members]
+            dropped += members
+        else:
+            found.duplicates += [(found.paths[i], found.paths[members[0]], what) for i in members[1:]]
+            dropped += members[1:]
+    return dropped
+
+
 def deduplicate(found: Found, cache: ImageCache) -> None:
-    """Keep one copy of byte-identical files (the shortest path); copies under both labels are dropped."""
+    """Keep one copy of byte-identical files; unreadable files move to `found.skipped`."""
     by_hash: dict[str, list[int]] = {}
     for i, path in enumerate(found.paths):
         try:
             by_hash.setdefault(cache.hash(path), []).append(i)
         except OSError as err:
             found.skipped.append((path, f"unreadable file: {err.strerror}"))
-    keep = []
-    for members in by_hash.values():
-        members.sort(key=lambda i: (found.paths[i].count(os.sep), found.paths[i]))
-        if len({found.labels[i] for i in members}) > 1:
-            found.skipped += [(found.paths[i], "identical bytes filed under both NORMAL and PNEUMONIA") for i in members]
-            continue
-        keep.append(members[0])
-        found.duplicates += [(found.paths[i], found.paths[members[0]]) for i in members[1:]]
-    keep.sort()
+    dropped = set(_merge_copies(found, list(by_hash.values()), "identical bytes"))
+    keep = sorted(i for members in by_hash.values() for i in members if i not in dropped)
     hashes = {i: h for h, members in by_hash.items() for i in members}
     found.paths = [found.paths[i] for i in keep]
     found.labels = [found.labels[i] for i in keep]
     found.hashes = [hashes[i] for i in keep]
+
+
+# On the 8x8 thumbnails, distinct films of the Kaggle train split differ somewhere by 20+ grey levels,
+# a JPEG and its DICOM copy by under 4 (at 32 px, where JPEG draft decoding differs most)
+NEAR_COPY_GREY = 6.0
+
+
+def _thumbnails(images: np.ndarray, side: int = 8) -> np.ndarray:
+    """Each image averaged down to side x side, flattened: what survives re-encoding and format changes."""
+    n, size = len(images), images.shape[-1] // side * side
+    blocks = images[:, :size, :size].reshape(n, side, size // side, side, size // side)
+    return blocks.mean((2, 4), dtype=np.float32).reshape(n, -1)
+
+
+def merge_copies_of_one_image(found: Found, images: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """`ok` without the decoded images that are copies of another: a JPEG and its DICOM, a re-encode.
+
+    Different bytes, one image: left in, such a pair could sit in two splits and leak. Two images are
+    copies when their 8x8 thumbnails differ nowhere by more than NEAR_COPY_GREY grey levels.
+    """
+    idx = np.flatnonzero(ok)
+    thumbs = _thumbnails(images[idx])
+    means = thumbs.mean(1)
+    order = np.argsort(means, kind="stable")
+    sorted_means = means[order]
+    parent = {int(i): int(i) for i in idx}
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for a, i in enumerate(order):  # only images of nearly the same mean grey can be copies
+        near = order[a + 1:np.searchsorted(sorted_means, means[i] + NEAR_COPY_GREY, side="right")]
+        for j in near[np.abs(thumbs[near] - thumbs[i]).max(1) <= NEAR_COPY_GREY]:
+            parent[root(int(idx[j]))] = root(int(idx[i]))
+    groups: dict[int, list[int]] = {}
+    for i in parent:
+        groups.setdefault(root(i), []).append(i)
+    ok = ok.copy()
+    ok[_merge_copies(found, list(groups.values()), "the same image after decoding")] = False
+    return ok
 
 
 def decode_found(found: Found, cache: ImageCache, workers: int | None = None, progress: bool = True) -> Dataset:
@@ -263,6 +339,7 @@ def decode_found(found: Found, cache: ImageCache, workers: int | None = None, pr
     images, errors = load_images(found.paths, cache.size, cache, workers, progress)
     ok = np.array([e is None for e in errors], dtype=bool)
     found.skipped += [(p, e) for p, e in zip(found.paths, errors) if e is not None]
+    ok = merge_copies_of_one_image(found, images, ok)
     paths = [p for p, good in zip(found.paths, ok) if good]
     labels = np.asarray(found.labels, dtype=np.int64)[ok]
     require_two_classes(labels)
@@ -338,4 +415,4 @@ def write_split_files(folder: Path, ds: Dataset) -> None:
     write_csv(folder / "split.csv", ["path", "patient", "label", "split"],
               zip(ds.paths, ds.patients, [CLASSES[i] for i in ds.labels], ds.split))
     write_csv(folder / "skipped.csv", ["path", "reason"], ds.found.skipped)
-    write_csv(folder / "duplicates.csv", ["path", "same_bytes_as"], ds.found.duplicates)
+    write_csv(folder / "duplicates.csv", ["path", "duplicate_of", "why"], ds.found.duplicates)

@@ -18,7 +18,7 @@ from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, Roc
 import data
 import gradcam
 import train
-from images import ImageCache
+from images import ImageCache, input_warnings
 from runs import write_csv
 from transforms import Preprocess
 
@@ -143,9 +143,9 @@ def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> 
     Kept as predictions_val.csv, so another threshold policy can be checked later without retraining.
     """
     images, labels, idx = ds.subset("val")
-    y_true, y_prob = labels.numpy().astype(int), train.predict(scorer.model, images, scorer.prep, scorer.device)
-    scorer.threshold = choose_threshold(y_true, y_prob, policy)
-    write_predictions(path, [ds.paths[i] for i in idx], [ds.patients[i] for i in idx], y_true, y_prob, scorer.threshold)
+    y_prob = train.predict(scorer.model, images, scorer.prep, scorer.device)
+    scorer.threshold = choose_threshold(labels.numpy().astype(int), y_prob, policy)
+    write_predictions(path, labelled_rows(ds, idx, y_prob, scorer.prep), scorer.threshold)
 
 
 def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note: str = "",
@@ -158,7 +158,7 @@ def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note
     y_prob = train.predict(scorer.model, images, scorer.prep, scorer.device)
     y_true = ds.labels[idx].astype(int)
     patients = [ds.patients[i] for i in idx]
-    write_predictions(out / "predictions.csv", [ds.paths[i] for i in idx], patients, y_true, y_prob, scorer.threshold)
+    write_predictions(out / "predictions.csv", labelled_rows(ds, idx, y_prob, scorer.prep), scorer.threshold)
     metrics = score(y_true, y_prob, patients, scorer.threshold, seed=scorer.seed)
     draw_all(y_true, y_prob, metrics, out, note)
     explained = gradcam.explain(scorer, images, y_true, y_prob, out, note, masks)
@@ -193,22 +193,32 @@ def merge_externals(test: tuple[dict, np.ndarray, np.ndarray], externals: dict, 
     return metrics
 
 
-def write_predictions(path: Path, paths, patients, y_true, y_prob, threshold: float) -> None:
-    """One row per scored image: where to start an error analysis."""
-    write_csv(path, ["path", "patient", "label", "probability", "predicted"],
-              ([p, pat, data.CLASSES[t], f"{prob:.6f}", data.CLASSES[int(prob >= threshold)]]
-               for p, pat, t, prob in zip(paths, patients, y_true, y_prob)))
+def write_predictions(path: Path, rows: tuple, threshold: float) -> None:
+    """One row per scored image, from (paths, patients, y_true, y_prob, warnings): where error analysis starts."""
+    write_csv(path, ["path", "patient", "label", "probability", "predicted", "warnings"],
+              ([p, pat, data.CLASSES[t], f"{prob:.6f}", data.CLASSES[int(prob >= threshold)], note]
+               for p, pat, t, prob, note in zip(*rows)))
 
-# ---------------------------------------------------------------- plots
-def write_file_predictions(path: Path, files: list[str], prob: np.ndarray, errors: list[str | None],
-                           skipped: list[tuple[str, str]], threshold: float) -> list[list[str]]:
-    """predict's predictions.csv: probability and label per readable file, the reason for every other; returns the rows."""
-    rows = [[f, "", "", e] if e else [f, f"{p:.6f}", data.CLASSES[int(p >= threshold)], ""]
-            for f, p, e in zip(files, prob, errors)]
-    rows += [[f, "", "", why] for f, why in skipped]
-    write_csv(path, ["path", "probability", "label", "error"], rows)
+
+def labelled_rows(ds: data.Dataset, idx: np.ndarray, y_prob: np.ndarray, prep: Preprocess) -> tuple:
+    """(paths, patients, y_true, y_prob, warnings) of the images `idx` of `ds`, for write_predictions."""
+    paths = [ds.paths[i] for i in idx]
+    notes = [input_warnings(p, ds.images[i], prep) for p, i in zip(paths, idx)]
+    return paths, [ds.patients[i] for i in idx], ds.labels[idx].astype(int), y_prob, notes
+
+
+def write_file_predictions(path: Path, results: list[tuple], skipped: list[tuple[str, str]],
+                           threshold: float) -> list[list[str]]:
+    """predict's predictions.csv from (file, probability, error, warnings) tuples: probability, label and
+    warnings per readable file, the reason for every other; returns the rows."""
+    rows = [[f, "", "", e, ""] if e else [f, f"{p:.6f}", data.CLASSES[int(p >= threshold)], "", w]
+            for f, p, e, w in results]
+    rows += [[f, "", "", why, ""] for f, why in skipped]
+    write_csv(path, ["path", "probability", "label", "error", "warnings"], rows)
     return rows
 
+
+# ---------------------------------------------------------------- plots
 
 def _save(fig, path) -> None:
     fig.tight_layout()

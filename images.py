@@ -1,7 +1,10 @@
-"""Decode chest X-rays once to small grayscale arrays, and keep them in a disk cache keyed by content.
+"""Decode chest X-rays (JPEG, PNG, ... and DICOM) once to small grayscale arrays, kept in a disk cache keyed by content.
 
 Usage: `images, errors = load_images(paths, cache_size(128), ImageCache(cache_dir, cache_size(128)))`.
+DICOM files follow the display pipeline of PS3.3 C.11: Modality LUT (rescale), then the VOI LUT or
+window, then MONOCHROME1 inversion; `header(path)` reads what predict warns about without the pixels.
 """
+import functools
 import hashlib
 import json
 import os
@@ -10,12 +13,21 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from PIL import Image, ImageOps
+from pydicom.pixels import apply_modality_lut
 from tqdm import tqdm
 
 from runs import atomic_write
 
 CACHE_VERSION = 2  # bump when decode_image changes what it returns
+DICOM_SUFFIXES = (".dcm", ".dicom")
+FRONTAL_VIEWS = {"", "AP", "PA"}  # ViewPosition values of a frontal chest film (empty: not recorded)
+CHEST_PARTS = {"", "CHEST", "THORAX", "LUNG", "PORT CHEST"}  # BodyPartExamined values of a chest film
+
+
+class NotARadiograph(ValueError):
+    """A readable file whose content is not one grayscale radiograph; the message is the reason it is skipped."""
 
 
 def cache_size(image_size: int) -> int:
@@ -33,6 +45,125 @@ def _to_gray(img: Image.Image) -> Image.Image:
     return img if img.mode == "L" else img.convert("L")
 
 
+def is_dicom(path: str) -> bool:
+    """A .dcm/.dicom file, or an extension-less file with the DICOM preamble ('DICM' at byte 128)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True
+    if suffix:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=4096)
+def header(path: str) -> dict:
+    """What a DICOM header says about the image, without reading the pixels (cached per path and process)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return {"patient": str(ds.get("PatientID", "") or ""), "view": str(ds.get("ViewPosition", "") or "").upper(),
+            "body_part": str(ds.get("BodyPartExamined", "") or "").upper(),
+            "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
+            "width": int(ds.get("Columns", 0) or 0), "height": int(ds.get("Rows", 0) or 0)}
+
+
+def view_problem(facts: dict) -> str | None:
+    """Why a DICOM header says this is not a frontal chest film, or None."""
+    if facts["view"] not in FRONTAL_VIEWS:
+        return f"not a frontal view (ViewPosition {facts['view']})"
+    if facts["body_part"] not in CHEST_PARTS:
+        return f"not a chest image (BodyPartExamined {facts['body_part']})"
+    return None
+
+
+MAX_ASPECT = 2.5  # the Kaggle originals run from 1.0 to 2.4 (longer side / shorter side)
+
+
+def describe(path: str) -> dict:
+    """Header facts of any image file: its size, plus for DICOM the photometric, view, body part and patient."""
+    if is_dicom(path):
+        return header(path)
+    with Image.open(path) as img:  # reads the header only
+        width, height = img.size
+    return {"patient": "", "view": "", "body_part": "", "photometric": "", "width": width, "height": height}
+
+
+def input_warnings(path: str, image: np.ndarray, prep) -> str:
+    """What predict cannot vouch for in one decoded image ('; '-separated), or ''.
+
+    Not a frontal chest view, an inverted (MONOCHROME1) source, a size or aspect unlike the training
+    films, or a mean grey level outside the training images' range (`prep.grey_range`).
+    """
+    facts, notes = describe(path), []
+    notes.append(view_problem(facts) or "")
+    if facts["photometric"] == "MONOCHROME1":
+        notes.append("inverted photometric (MONOCHROME1), turned to MONOCHROME2 before scoring")
+    short, long = sorted((facts["width"], facts["height"]))
+    if short < image.shape[-1]:
+        notes.append(f"small image ({facts['width']}x{facts['height']}), enlarged to {image.shape[-1]} px")
+    elif long > MAX_ASPECT * short:
+        notes.append(f"unusual aspect ratio ({facts['width']}x{facts['height']})")
+    grey = prep.grey_level(image)
+    if prep.grey_range and not prep.grey_range[0] <= grey <= prep.grey_range[1]:
+        notes.append(f"mean grey level {grey:.2f} outside the training range "
+                     f"[{prep.grey_range[0]:.2f}, {prep.grey_range[1]:.2f}]")
+    return "; ".join(n for n in notes if n)
+
+
+def _dicom_gray(path: str) -> Image.Image:
+    """A DICOM radiograph as an 8-bit display image: rescale, VOI LUT or window (else its full range), MONOCHROME1 inverted."""
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise NotARadiograph("no pixel data (a report, presentation state or other non-image object)")
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise NotARadiograph(f"colour image ({photometric or 'no PhotometricInterpretation'}), not a radiograph")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise NotARadiograph(f"{ds.NumberOfFrames} frames (a cine or multi-frame object), not one radiograph")
+    stored = ds.pixel_array  # decodes the compressed transfer syntaxes pydicom has a plug-in for
+    plain_8bit = int(ds.get("BitsStored", 8)) <= 8 and "RescaleSlope" not in ds and "ModalityLUTSequence" not in ds
+    values = apply_modality_lut(stored, ds).astype(np.float64)
+    if "VOILUTSequence" in ds:
+        unit = _voi_lut(values, ds.VOILUTSequence[0])
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        unit = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth))
+    elif plain_8bit:
+        unit = values / 255.0  # 8-bit values with no LUT are already display values: keep them as they are
+    else:
+        lo, hi = values.min(), values.max()
+        unit = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    if photometric == "MONOCHROME1":  # 0 means white: turn it into the usual black background
+        unit = 1.0 - unit
+    return Image.fromarray(np.round(np.clip(unit, 0, 1) * 255).astype(np.uint8), "L")
+
+
+def _voi_lut(values: np.ndarray, item: pydicom.Dataset) -> np.ndarray:
+    """A VOI LUT (PS3.3 C.11.2.1.1), mapped to [0, 1] by its output bit depth.
+
+    Our own lookup: pydicom 3.0.2's apply_voi indexes an 8-bit LUT with uint8 indices, so a 4096-entry
+    LUT wraps round and returns nonsense (found by a test here).
+    """
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    raw = item.LUTData
+    lut = np.frombuffer(raw, "<u2") if isinstance(raw, bytes) else np.asarray(raw, dtype=np.float64)
+    index = np.clip(np.round(values) - first, 0, (entries or 65536) - 1).astype(np.int64)
+    return lut[index].astype(np.float64) / (2 ** bits - 1)
+
+
+def _first(value) -> float:
+    """The first of a multi-valued DICOM element (several windows may be offered), as a float."""
+    return float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
+
+
+def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """The LINEAR window of PS3.3 C.11.2.1.2.1, mapped to [0, 1]."""
+    if width <= 1:  # the standard's width-1 window is a threshold
+        return (values >= center - 0.5) * 1.0
+    return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+
+
 def decode_image(path: str, size: int) -> np.ndarray:
     """Decode any image to a size x size uint8 grayscale array; JPEGs decode straight to near that size.
 
@@ -42,6 +173,8 @@ def decode_image(path: str, size: int) -> np.ndarray:
     stays within 1.3 (measured on the 120 full-resolution samples). Pillow's decompression-bomb
     warning is raised as an error, so such files are refused. Raises on any unreadable file.
     """
+    if is_dicom(path):
+        return np.asarray(_dicom_gray(path).resize((size, size), Image.BILINEAR), dtype=np.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
@@ -106,6 +239,8 @@ def _decode_job(job: tuple[str, int, str | None]) -> tuple[np.ndarray | None, st
     path, size, entry = job
     try:
         image = decode_image(path, size)
+    except NotARadiograph as err:
+        return None, str(err)
     except Exception as err:  # any unreadable file is skipped with its reason, never fatal
         return None, f"unreadable image: {type(err).__name__}: {err}".splitlines()[0][:200]
     if entry:

@@ -19,7 +19,7 @@ import gradcam
 import report
 import runs
 import train
-from images import ImageCache, cache_size
+from images import ImageCache, cache_size, input_warnings
 from model import PneumoniaCNN, count_flops
 from settings import Settings, UsageError, build_evaluate_parser, build_predict_parser
 from transforms import Preprocess, fit_normalisation
@@ -85,8 +85,8 @@ def run_train(s: Settings) -> int:
     audit = data.audit(ds)
     print(report.data_summary(audit))
     train_set, val_set = ds.subset("train"), ds.subset("val")
-    mean, std = fit_normalisation(ds.images[train_set[2]], s.image_size)
-    prep = Preprocess(s.image_size, mean, std, s.augmentation(), s.intensity)
+    mean, std, grey_range = fit_normalisation(ds.images[train_set[2]], s.image_size)
+    prep = Preprocess(s.image_size, mean, std, s.augmentation(), s.intensity, grey_range)
     model = PneumoniaCNN(s.widths).to(device, memory_format=torch.channels_last)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{count_flops(model, s.image_size) / 1e6:.0f} M multiply-adds per image")
@@ -107,11 +107,13 @@ def run_train(s: Settings) -> int:
     metrics = {**score_run(s, run_dir, ds, scorer), "synthetic": s.demo, "split": s.split, "data": audit,
                "validation": {"auc": state.best_auc, "best_epoch": state.best_epoch,
                               "threshold_policy": s.threshold, "threshold": scorer.threshold},
-               "training_failure": state.failure}
+               "training_failure": state.failure,
+               "provenance": {"command": s.command, "versions": runs.versions(), "device": str(device)}}
     runs.write_json(run_dir / "metrics.json", metrics)
     runs.write_json(run_dir / "timing.json", {"seconds_since_data_loaded": round(time.perf_counter() - started, 1),
                                               "epochs_run": state.epoch})
     banner = SYNTHETIC if s.demo else ""
+    report.write_model_card(run_dir, s.config(), metrics, banner)
     report.write_report(run_dir, "Pneumonia CNN" + (" - " + banner if banner else "") + f" - run {run_dir.name}",
                         s.config(), metrics, banner)
     runs.finish(run_dir)
@@ -176,10 +178,12 @@ def run_predict(args) -> int:
     out = runs.create(args.out, prefix="predict-")
     images, prob, errors = train.predict_files(scorer.model, files, scorer.prep, scorer.device, args.batch_size,
                                                args.workers, progress=len(files) > 1)
-    rows = evaluate.write_file_predictions(out / "predictions.csv", files, prob, errors, skipped, scorer.threshold)
-    for path, _, _, error in rows:
-        if error:
-            print(f"skipped {path}: {error}", file=sys.stderr)
+    notes = [input_warnings(f, image, scorer.prep) if e is None else "" for f, image, e in zip(files, images, errors)]
+    rows = evaluate.write_file_predictions(out / "predictions.csv", list(zip(files, prob, errors, notes)), skipped,
+                                           scorer.threshold)
+    for path, _, _, error, warning in rows:
+        if error or warning:
+            print(f"{'skipped' if error else 'warning:'} {path}: {error or warning}", file=sys.stderr)
     good = [i for i, e in enumerate(errors) if e is None]
     overlays = []
     if good and (args.cam or len(files) == 1):

@@ -111,6 +111,8 @@ def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner:
     if "gradcam" in metrics:
         body.append("<h2>Grad-CAM</h2>" + gradcam_section(metrics["gradcam"]))
         body.append(_img(out_dir / "gradcam_grid.png", wide=True) + _img(out_dir / "gradcam_randomisation.png", wide=True))
+    if (out_dir / "MODEL_CARD.md").exists():
+        body.append('<p>What this model is for, and where it fails: <a href="MODEL_CARD.md">MODEL_CARD.md</a>.</p>')
     body.append("<h2>Configuration</h2><pre>" + html.escape(json.dumps(config, indent=2)) + "</pre>")
     body.append("<p><em>A research tool, not a medical device: not clinically validated.</em></p>")
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
@@ -140,3 +142,112 @@ def terminal_summary(metrics: dict, out: Path, banner: str = "") -> str:
                  + (f", pointing game {g['localisation']['pointing_game']:.3f}" if "localisation" in g else ""))
     lines.append(f"wrote {out}/report.html and everything beside it")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- model card
+SPLITS_EXPLAINED = {
+    "patient": "70/15/15 by child (every image of one child in one split), stratified by label",
+    "random": "70/15/15 by image, ignoring which child an image belongs to (leaky; kept only for comparison)",
+    "official": "the archive's own test/ folder as test; the rest 85/15 by child into train and validation",
+}
+
+
+def _md_metrics(m: dict) -> list[str]:
+    """A markdown table of the six rates with their intervals, and the counts they come from."""
+    rows = ["| metric | value | 95% CI |", "|---|---:|---|"]
+    rows += [f"| {k} | {m[k]:.3f} | {m['ci95'][k][0]:.3f} - {m['ci95'][k][1]:.3f} |" for k in METRICS]
+    rows += ["", f"{m['images']} images of {m['patients']} patients; TP {m['tp']}, TN {m['tn']}, FP {m['fp']}, "
+                 f"FN {m['fn']}. Calibration, how far the probabilities stand from the observed frequencies (0 is "
+                 f"perfect): Brier score {m['brier']:.3f}, expected calibration error {m['ece']:.3f}. Read the "
+                 f"probability as a score to rank and threshold, not as a patient's risk."]
+    return rows
+
+
+def _md_data(audit: dict) -> list[str]:
+    """Images, patients and prevalence per split, and what was merged or left out."""
+    rows = ["| split | images | patients | NORMAL | PNEUMONIA | pneumonia share |", "|---|---:|---:|---:|---:|---:|"]
+    rows += [f"| {s} | {a['images']} | {a['patients']} | {a['normal']} | {a['pneumonia']} | "
+             f"{a['pneumonia'] / max(a['images'], 1):.1%} |" for s, a in audit["splits"].items()]
+    rows += ["", f"Copies merged: {audit['duplicates_merged']} (duplicates.csv). Files left out: {audit['skipped']} "
+                 f"(skipped.csv). Children in more than one split: {audit['patients_in_several_splits']}."]
+    return rows
+
+
+def _md_gradcam(g: dict) -> list[str]:
+    """The Grad-CAM sanity checks in one paragraph."""
+    rnd, border = g["randomisation"], g["border"]
+    text = (f"Grad-CAM on layer `{g['layer']}` for the {g['target']} class. Randomisation test (Adebayo et al. 2018): "
+            f"median Spearman correlation between trained and randomised-weight maps "
+            f"{rnd['fully_randomised_median_spearman']:.3f} over {rnd['images']} images "
+            f"({'passed: the maps depend on the learned weights' if rnd['passed'] else 'FAILED: do not trust the maps'}). "
+            f"Share of map mass in the outer {border['frame']:.0%} frame, where markers and text sit: "
+            f"{border['border_mass_share']:.3f}, against {border['border_area_share']:.3f} of the area.")
+    if "localisation" in g:
+        text += f" Phantom lesions: pointing game {g['localisation']['pointing_game']:.3f}."
+    return [text, "The maps show where the evidence for a score lies; they are not lesion segmentations."]
+
+
+def _md_limitations(metrics: dict) -> list[str]:
+    """Known limitations, with this run's own figures for the train-to-test shift."""
+    items = [
+        "**One centre, children only.** Trained on the Kaggle archive, every image is a pediatric (age 1-5) "
+        "anterior-posterior film from Guangzhou Women and Children's Medical Center (Kermany et al. 2018). Adults, "
+        "other hospitals, other scanners and other positioning have not been tested by this run.",
+        "**Labels without lesion annotations.** Each image carries one folder label (NORMAL or PNEUMONIA), graded "
+        "by two physicians; no lesion was outlined, so where the model looks cannot be checked against ground truth.",
+        "**Not bacterial vs viral.** The model says pneumonia or not, not its cause.",
+        "**Prevalence.** PPV and NPV hold at the prevalence of the scored set; in a population with fewer "
+        "pneumonias the PPV falls.",
+    ]
+    shift = "**Train-to-test shift.** The test split comes from the same folder as the training images."
+    for name, m in metrics.get("external", {}).items():
+        shift += (f" On the external set `{name}` the same threshold gives sensitivity {m['sensitivity']:.3f} and "
+                  f"specificity {m['specificity']:.3f}, against {metrics['test']['sensitivity']:.3f} and "
+                  f"{metrics['test']['specificity']:.3f} on the test split.")
+    if not metrics.get("external"):
+        shift += " This run was not scored on any other set (`--external`): expect lower specificity elsewhere."
+    return ["- " + item for item in [shift, *items]]
+
+
+def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "") -> Path:
+    """MODEL_CARD.md (Mitchell et al. 2019; TRIPOD+AI items), every figure taken from `metrics` (metrics.json)."""
+    val, prov = metrics["validation"], metrics["provenance"]
+    lines = [f"# Model card: pediatric pneumonia CNN, run `{out_dir.name}`", ""]
+    if banner:
+        lines += [f"> **{banner}**", ""]
+    lines += [
+        "## Intended use",
+        "A research and teaching tool: it scores frontal (PA/AP) pediatric chest radiographs for pneumonia against "
+        "normal, and shows with Grad-CAM where the evidence lies. It is for studying methods, not for patients.",
+        "", "## Not intended for",
+        "- diagnosis, triage or any clinical decision; it is not a medical device and has not been clinically validated;",
+        "- adults, lateral or other views, other body parts, CT or ultrasound (`predict` flags such inputs);",
+        "- telling bacterial from viral pneumonia, or pneumonia from other opacities it was never shown.",
+        "", "## Training data",
+        f"Source: `{config['data'] if not config.get('demo') else 'generated phantoms (--demo)'}`, "
+        f"{metrics['data']['images']} images after merging copies.", "",
+        *_md_data(metrics["data"]),
+        "", "## Split method",
+        f"`--split {metrics['split']}`: {SPLITS_EXPLAINED[metrics['split']]}. Seed {config['seed']}. The best epoch "
+        f"(by validation AUC, then loss) and the threshold were chosen on the validation split only; the test split "
+        f"was scored once, at the end.",
+        "", "## Threshold",
+        f"{metrics['test']['threshold']:.4f} on the pneumonia probability, chosen on validation by the policy "
+        f"`{val['threshold_policy']}` (validation AUC {val['auc']:.3f}, best epoch {val['best_epoch']}).",
+        "", "## Performance on the test split",
+        f"95% intervals from {metrics['test'].get('bootstrap_resamples', BOOTSTRAP_RESAMPLES):,} patient-level "
+        f"bootstrap resamples.", "",
+        *_md_metrics(metrics["test"]),
+    ]
+    for name, m in metrics.get("external", {}).items():
+        lines += ["", f"## Performance on the external set `{name}`", *_md_metrics(m)]
+    lines += ["", "## Grad-CAM checks", *_md_gradcam(metrics["gradcam"]),
+              "", "## Known limitations", *_md_limitations(metrics),
+              "", "## How this model was made",
+              f"Command: `{prov['command']}`", "",
+              "Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()) + f"; device {prov['device']}.",
+              "", "Everything above is generated from this folder's metrics.json and config.json; report.html has "
+                  "the plots."]
+    path = out_dir / "MODEL_CARD.md"
+    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    return path

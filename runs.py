@@ -8,9 +8,11 @@ import csv
 import io
 import json
 import os
+import platform
 import tempfile
 import time
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from model import PneumoniaCNN
 from transforms import Preprocess
 
 CHECKPOINT_FORMAT = 1
-PROJECT_VERSION = "1.1.0"
+PROJECT_VERSION = "1.2.0"
 MARKER = "INCOMPLETE"  # present while a training run has not finished
 
 
@@ -59,6 +61,14 @@ def write_csv(path: Path, header, rows) -> None:
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def versions() -> dict:
+    """The versions a run depends on, for its model card."""
+    found = {"python": platform.python_version(), "project": PROJECT_VERSION}
+    for package in ("torch", "torchvision", "numpy", "scikit-learn", "pillow", "pydicom"):
+        found[package] = version(package)
+    return found
 
 
 # ---------------------------------------------------------------- run folders

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,6 +224,7 @@ class Settings:
     no_cache: bool
     quiet: bool
     given: frozenset = frozenset()  # the flags typed on the command line (not saved)
+    command: str = ""  # the command line that started the run, for the model card
 
     @classmethod
     def parse(cls, argv: list[str]) -> "Settings":
@@ -235,6 +237,7 @@ class Settings:
         for name in ("gamma", "contrast", "brightness"):
             if values[name] is None:
                 values[name] = 0.0 if values["demo"] else getattr(Augment(), name)
+        values["command"] = shlex.join(["python", "main.py", *argv])
         return cls.from_dict(values, given=frozenset(parser.given(argv)))
 
     @classmethod

@@ -63,6 +63,11 @@ class Preprocess:
     std: float = 0.25
     augment: Augment = field(default_factory=Augment)
     intensity: str = "dataset"
+    grey_range: tuple[float, float] | None = None  # lowest and highest mean grey level of the training images
+
+    def grey_level(self, image: np.ndarray) -> float:
+        """Mean grey level, in [0, 1], of the pixels the model sees of one stored uint8 image."""
+        return float(centre_crop(image, self.image_size).mean() / 255.0)
 
     def crop(self, batch: torch.Tensor) -> torch.Tensor:
         """Centre crop of a uint8 N x 1 x S x S batch, as floats in [0, 1]: the pixels the model sees."""
@@ -121,17 +126,23 @@ class Preprocess:
     def state(self) -> dict:
         """Plain-type settings for a checkpoint."""
         return {"image_size": self.image_size, "mean": self.mean, "std": self.std,
-                "augment": vars(self.augment).copy(), "intensity": self.intensity}
+                "augment": vars(self.augment).copy(), "intensity": self.intensity,
+                "grey_range": list(self.grey_range) if self.grey_range else None}
 
     @classmethod
     def from_state(cls, state: dict) -> "Preprocess":
         """Rebuild from `state()`; checkpoints of format 1 stored only `max_rotation`."""
         state = dict(state)
         augment = Augment(**state.pop("augment")) if "augment" in state else Augment.plain(state.pop("max_rotation", 15.0))
-        return cls(**state, augment=augment)
+        grey_range = state.pop("grey_range", None)  # absent before project 1.2
+        return cls(**state, augment=augment, grey_range=tuple(grey_range) if grey_range else None)
 
 
-def fit_normalisation(images: np.ndarray, image_size: int) -> tuple[float, float]:
-    """Mean and std of the centre crops of the training images, in [0, 1] units."""
+def fit_normalisation(images: np.ndarray, image_size: int) -> tuple[float, float, tuple[float, float]]:
+    """Mean and std of the centre crops of the training images, in [0, 1] units, and the range of their grey levels.
+
+    The range (lowest to highest mean grey level of any training image) is what predict calls in range.
+    """
     crop = centre_crop(images, image_size).astype(np.float64) / 255.0
-    return float(crop.mean()), float(crop.std())
+    per_image = crop.reshape(len(crop), -1).mean(1)
+    return float(crop.mean()), float(crop.std()), (float(per_image.min()), float(per_image.max()))

@@ -211,8 +211,8 @@ def test_normalisation_uses_given_statistics():
     batch = torch.full((2, 1, 10, 10), 128, dtype=torch.uint8)
     x = transforms.Preprocess(8, mean=0.5, std=0.25).eval(batch)
     assert torch.allclose(x, torch.full_like(x, (128 / 255 - 0.5) / 0.25), atol=1e-6)
-    mean, std = transforms.fit_normalisation(np.full((3, 10, 10), 51, np.uint8), 8)
-    assert mean == pytest.approx(0.2) and std == pytest.approx(0.0)
+    mean, std, grey_range = transforms.fit_normalisation(np.full((3, 10, 10), 51, np.uint8), 8)
+    assert mean == pytest.approx(0.2) and std == pytest.approx(0.0) and grey_range == pytest.approx((0.2, 0.2))
 
 
 def test_modes_convert_to_the_same_grey(tmp_path):
@@ -297,3 +297,23 @@ def test_unreadable_file_is_reported_not_fatal_with_cache(tiny_archive, tmp_path
     paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))[:3] + [str(tmp_path / "gone.jpeg")]
     decoded, errors = images.load_images(paths, 16, images.ImageCache(str(tmp_path / "c"), 16), workers=1, progress=False)
     assert errors[:3] == [None] * 3 and "unreadable file" in errors[3] and not decoded[3].any()
+
+
+def test_the_same_picture_in_two_formats_is_one_image_and_under_both_labels_none(tmp_path):
+    root = tmp_path / "archive"
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    for label in ("NORMAL", "PNEUMONIA"):
+        (root / label).mkdir(parents=True)
+    Image.fromarray(pixels).save(root / "NORMAL" / "IM-0001-0001.png")
+    Image.fromarray(pixels).save(root / "NORMAL" / "IM-0001-0001.bmp")  # other bytes, same picture
+    Image.fromarray(pixels).save(root / "PNEUMONIA" / "person1_virus_1.tiff")  # and under the other label
+    other = np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(other).save(root / "PNEUMONIA" / "person2_virus_1.png")
+    Image.fromarray(255 - other).save(root / "NORMAL" / "IM-0002-0001.png")
+    found = data.find_images(str(root))
+    ds = data.decode_found(found, images.ImageCache(None, 40), workers=1, progress=False)
+    assert sorted(os.path.basename(p) for p in ds.paths) == ["IM-0002-0001.png", "person2_virus_1.png"]
+    reasons = dict(found.skipped)
+    for name in ("NORMAL/IM-0001-0001.png", "NORMAL/IM-0001-0001.bmp", "PNEUMONIA/person1_virus_1.tiff"):
+        assert reasons[str(root / name)] == "the same image after decoding filed under both NORMAL and PNEUMONIA"
+    assert not found.duplicates

@@ -18,7 +18,7 @@ from conftest import ROOT, shared, write_image
 OUTPUTS = ["config.json", "split.csv", "skipped.csv", "history.csv", "best.pt", "metrics.json", "roc.png",
            "predictions.csv", "predictions_val.csv",
            "confusion_matrix.png", "pr.png", "calibration.png", "training_curves.png", "gradcam_grid.png",
-           "gradcam_randomisation.png", "report.html"]
+           "gradcam_randomisation.png", "report.html", "MODEL_CARD.md"]
 
 
 def test_demo_run_writes_every_output_and_learns(demo_run):
@@ -110,7 +110,7 @@ def test_evaluate_on_the_runs_own_test_split_reproduces_metrics(demo_run, tmp_pa
     assert (out / "report.html").is_file() and (out / "roc.png").is_file()
 
 
-PREDICTION_COLUMNS = ["path", "patient", "label", "probability", "predicted"]
+PREDICTION_COLUMNS = ["path", "patient", "label", "probability", "predicted", "warnings"]
 
 
 def _predictions(path) -> list[dict]:
@@ -256,3 +256,36 @@ def test_resume_applies_runtime_flags_and_refuses_the_others(demo_run, tmp_path,
     args, _, _ = main.resolve_run(Settings.parse(["--resume", str(run), "--device", "cpu", "--quiet"]))
     saved = json.loads((run / "config.json").read_text())
     assert args.device == "cpu" and args.quiet and args.epochs == saved["epochs"] and args.demo is True
+
+
+def _figures(obj, fmt: str) -> set[str]:
+    """Every float in a metrics.json-like tree, formatted with `fmt`."""
+    if isinstance(obj, dict):
+        return set().union(*(_figures(v, fmt) for v in obj.values())) if obj else set()
+    if isinstance(obj, list):
+        return set().union(*(_figures(v, fmt) for v in obj)) if obj else set()
+    return {format(obj, fmt)} if isinstance(obj, float) else set()
+
+
+def test_model_card_figures_all_come_from_metrics_json(demo_run):
+    import re
+    card = (demo_run / "MODEL_CARD.md").read_text()
+    m = json.loads((demo_run / "metrics.json").read_text())
+    # every metric row of every scored set, value and interval, as metrics.json has it
+    sets = {"## Performance on the test split": m["test"],
+            **{f"## Performance on the external set `{n}`": e for n, e in m["external"].items()}}
+    for heading, metrics in sets.items():
+        section = card.split(heading)[1].split("\n## ")[0]
+        for k in evaluate.METRICS:
+            lo, hi = metrics["ci95"][k]
+            assert f"| {k} | {metrics[k]:.3f} | {lo:.3f} - {hi:.3f} |" in section, (heading, k)
+        assert f"{metrics['images']} images of {metrics['patients']} patients" in section
+        assert f"Brier score {metrics['brier']:.3f}" in section
+    # and no three-decimal figure anywhere that metrics.json does not hold
+    stray = set(re.findall(r"(?<![\d.])\d+\.\d{3}(?![\d])", card)) - _figures(m, ".3f")
+    assert not stray, stray
+    assert f"{m['test']['threshold']:.4f}" in card and m["validation"]["threshold_policy"] in card
+    for split, a in m["data"]["splits"].items():
+        assert f"| {split} | {a['images']} | {a['patients']} | {a['normal']} | {a['pneumonia']} |" in card
+    assert "SYNTHETIC" in card and "python main.py --demo" in card and "not intended" in card.lower()
+    assert 'href="MODEL_CARD.md"' in (demo_run / "report.html").read_text()
