@@ -15,6 +15,7 @@ from images import DICOM_SUFFIXES, ImageCache, cache_size, header, is_dicom, loa
 from runs import write_csv
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # label = index: NORMAL=0, PNEUMONIA=1
+CAUSES = ("NORMAL", "BACTERIAL", "VIRAL")  # --task cause: class = index; -1 where a pneumonia file's name says neither
 JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 SPLITS = ("train", "val", "test")
 
@@ -206,14 +207,14 @@ def split_groups(labels, groups, fractions=(0.70, 0.15, 0.15), seed: int = 0) ->
 def _require_every_split(labels, groups, split, names, fractions) -> None:
     """Raise a DataError naming the counts when a split lacks a class."""
     shares = "/".join(str(round(100 * f / sum(fractions))) for f in fractions)
+    classes = CAUSES if labels.max() > 1 else CLASSES
     for name in names:
-        for label in (0, 1):
+        for label in np.unique(labels):
             if not np.any((split == name) & (labels == label)):
-                n_pat = [len(np.unique(groups[labels == c])) for c in (0, 1)]
+                n_pat = " and ".join(f"{len(np.unique(groups[labels == c]))} {classes[c]}" for c in np.unique(labels))
                 raise DataError(
-                    f"too few patients for a {shares} split: {n_pat[0]} NORMAL and {n_pat[1]} PNEUMONIA "
-                    f"patients leave the {name} split without {CLASSES[label]} images; add data (a few "
-                    f"patients of each class per split at least)"
+                    f"too few patients for a {shares} split: {n_pat} patients leave the {name} split without "
+                    f"{classes[label]} images; add data (a few patients of each class per split at least)"
                 )
 
 
@@ -246,11 +247,13 @@ class Dataset:
     split: np.ndarray
     found: Found
     hashes: list[str]
+    causes: np.ndarray  # CAUSES index per image, from the file name; -1 where unknown
 
-    def subset(self, name: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """(N x 1 x S x S uint8 images, float labels, indices) of one split."""
+    def subset(self, name: str, task: str = "pneumonia") -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(N x 1 x S x S uint8 images, targets, indices) of one split: float labels, or the causes for 'cause'."""
         idx = np.flatnonzero(self.split == name)
-        return torch.from_numpy(self.images[idx]).unsqueeze(1), torch.from_numpy(self.labels[idx]).float(), idx
+        targets = torch.from_numpy(self.causes[idx]) if task == "cause" else torch.from_numpy(self.labels[idx]).float()
+        return torch.from_numpy(self.images[idx]).unsqueeze(1), targets, idx
 
 
 def _merge_copies(found: Found, groups: list[list[int]], what: str) -> list[int]:
@@ -330,6 +333,23 @@ def merge_copies_of_one_image(found: Found, images: np.ndarray, ok: np.ndarray) 
     return ok
 
 
+def cause_of(path: str, label: int) -> int:
+    """NORMAL 0, bacterial 1, viral 2, from the Kaggle file name (personN_bacteria_M / personN_virus_M); -1: unknown."""
+    if label == 0:
+        return 0
+    name = os.path.basename(path).lower()
+    return 1 if "_bacteria_" in name else 2 if "_virus_" in name else -1
+
+
+def keep_known_causes(found: Found) -> None:
+    """For --task cause: a pneumonia file whose name says neither bacteria nor virus moves to `found.skipped`."""
+    known = [cause_of(p, label) >= 0 for p, label in zip(found.paths, found.labels)]
+    found.skipped += [(p, "cause unknown: a PNEUMONIA file name with neither _bacteria_ nor _virus_")
+                      for p, k in zip(found.paths, known) if not k]
+    found.paths = [p for p, k in zip(found.paths, known) if k]
+    found.labels = [label for label, k in zip(found.labels, known) if k]
+
+
 def decode_found(found: Found, cache: ImageCache, workers: int | None = None, progress: bool = True) -> Dataset:
     """De-duplicate and decode what discovery found; unreadable files move to `found.skipped`.
 
@@ -344,17 +364,24 @@ def decode_found(found: Found, cache: ImageCache, workers: int | None = None, pr
     labels = np.asarray(found.labels, dtype=np.int64)[ok]
     require_two_classes(labels)
     return Dataset(images[ok], labels, paths, [patient_id(p) for p in paths],
-                   np.full(len(paths), "test", dtype=object), found, [h for h, good in zip(found.hashes, ok) if good])
+                   np.full(len(paths), "test", dtype=object), found, [h for h, good in zip(found.hashes, ok) if good],
+                   np.array([cause_of(p, label) for p, label in zip(paths, labels)], dtype=np.int64))
 
 
-def load_dataset(root: str, image_size: int, split_mode: str, seed: int, cache_dir: str | None,
-                 workers: int | None = None, progress: bool = True) -> Dataset:
-    """Discover, de-duplicate, decode (cached) and split every image under `root`."""
+def load_dataset(root: str, image_size: int, split_mode: str, seed: int, cache_dir: str | None, *,
+                 workers: int | None = None, progress: bool = True, task: str = "pneumonia") -> Dataset:
+    """Discover, de-duplicate, decode (cached) and split every image under `root`.
+
+    With task 'cause' the split is stratified by the three classes, not by the two labels.
+    """
     found = find_images(root)
     if not found.paths:
         raise NoImagesFound(f"no images found in NORMAL/ or PNEUMONIA/ folders under '{root}'")
+    if task == "cause":
+        keep_known_causes(found)
     ds = decode_found(found, ImageCache(cache_dir, cache_size(image_size)), workers, progress)
-    ds.split = assign_splits(ds.paths, ds.labels, ds.patients, root, split_mode, seed)
+    strata = ds.causes if task == "cause" else ds.labels
+    ds.split = assign_splits(ds.paths, strata, ds.patients, root, split_mode, seed)
     return ds
 
 
@@ -375,6 +402,7 @@ def audit(ds: Dataset) -> dict:
             "images": int(idx.sum()),
             "patients": len({p for p, i in zip(ds.patients, idx) if i}),
             **{CLASSES[c].lower(): int((idx & (ds.labels == c)).sum()) for c in (0, 1)},
+            **{CAUSES[c].lower(): int((idx & (ds.causes == c)).sum()) for c in (1, 2)},
         }
     patient_splits: dict[str, set] = {}
     for p, s in zip(ds.patients, ds.split):

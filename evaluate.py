@@ -76,6 +76,19 @@ def weighted_auc(y_true, y_prob, weights: np.ndarray) -> np.ndarray:
         return (p * (below + 0.5 * n)).sum(1) / (p.sum(1) * n.sum(1))
 
 
+def patient_resamples(patients, n_resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap resamples of patients as multiplicities (R x patients), and each image's patient index."""
+    codes = np.unique(np.asarray(patients), return_inverse=True)[1]
+    n_pat = codes.max() + 1
+    rng = np.random.default_rng(seed)
+    return np.stack([np.bincount(rng.integers(0, n_pat, n_pat), minlength=n_pat) for _ in range(n_resamples)]), codes
+
+
+def auc_draws(y_true, y_prob, weights: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The AUC of every resample (patient multiplicities applied as image weights), in chunks to bound memory."""
+    return np.concatenate([weighted_auc(y_true, y_prob, chunk[:, codes]) for chunk in np.array_split(weights, 8)])
+
+
 def bootstrap_ci(y_true, y_prob, patients, threshold: float, n_resamples: int = BOOTSTRAP_RESAMPLES,
                  seed: int = 0) -> dict:
     """95% percentile intervals for every metric, resampling patients (with all their images).
@@ -84,16 +97,14 @@ def bootstrap_ci(y_true, y_prob, patients, threshold: float, n_resamples: int = 
     Each resample is a vector of patient multiplicities, applied as image weights.
     """
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
-    codes = np.unique(np.asarray(patients), return_inverse=True)[1]
-    n_pat = codes.max() + 1
-    rng = np.random.default_rng(seed)
-    weights = np.stack([np.bincount(rng.integers(0, n_pat, n_pat), minlength=n_pat) for _ in range(n_resamples)])
+    weights, codes = patient_resamples(patients, n_resamples, seed)
+    n_pat = weights.shape[1]
     pos, pred = y_true == 1, y_prob >= threshold
     # per-patient confusion counts: one matrix product then gives every resample's counts
     per_patient = np.stack([np.bincount(codes, weights=m, minlength=n_pat)
                             for m in (pos & pred, ~pos & ~pred, ~pos & pred, pos & ~pred)], 1)
     tp, tn, fp, fn = (weights @ per_patient).T
-    auc = np.concatenate([weighted_auc(y_true, y_prob, chunk[:, codes]) for chunk in np.array_split(weights, 8)])
+    auc = auc_draws(y_true, y_prob, weights, codes)
     with np.errstate(invalid="ignore", divide="ignore"):
         draws = np.stack([(tp + tn) / (tp + tn + fp + fn), auc, tp / (tp + fn), tn / (tn + fp), tp / (tp + fp),
                           tn / (tn + fn)], 1)
@@ -124,6 +135,38 @@ def score(y_true, y_prob, patients, threshold: float, n_resamples: int = BOOTSTR
 
 
 
+def bacterial_share(classes: np.ndarray) -> np.ndarray:
+    """P(bacterial) / (P(bacterial) + P(viral)): the bacterial-vs-viral score of Kermany et al.'s protocol."""
+    return classes[:, 1] / np.maximum(classes[:, 1] + classes[:, 2], 1e-12)
+
+
+def score_cause(causes: np.ndarray, classes: np.ndarray, patients, cause_threshold: float,
+                n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """The three-class figures: one-vs-rest and macro AUC with patient-bootstrap intervals, the 3x3 confusion
+    matrix (argmax), and bacterial vs viral among the pneumonia cases (every `score` figure, bacterial positive).
+
+    Images whose cause is unknown (-1) are left out.
+    """
+    known = causes >= 0
+    causes, classes, patients = causes[known], classes[known], np.asarray(patients)[known]
+    weights, codes = patient_resamples(patients, n_resamples, seed)
+    draws = np.stack([auc_draws(causes == c, classes[:, c], weights, codes) for c in range(len(data.CAUSES))])
+    aucs = [float(roc_auc_score(causes == c, classes[:, c])) for c in range(len(data.CAUSES))]
+
+    def interval(values):
+        return [float(v) for v in np.nanpercentile(values, [2.5, 97.5])]
+
+    pneumonia = causes > 0
+    return {
+        "classes": [c.lower() for c in data.CAUSES],
+        "one_vs_rest_auc": {c.lower(): {"auc": a, "ci95": interval(d)} for c, a, d in zip(data.CAUSES, aucs, draws)},
+        "macro_auc": {"auc": float(np.mean(aucs)), "ci95": interval(draws.mean(0))},
+        "confusion": confusion_matrix(causes, classes.argmax(1), labels=[0, 1, 2]).tolist(),  # rows: true class
+        "bacterial_vs_viral": score((causes[pneumonia] == 1).astype(int), bacterial_share(classes[pneumonia]),
+                                    patients[pneumonia], cause_threshold, n_resamples, seed),
+    }
+
+
 # ---------------------------------------------------------------- scoring a labelled set
 @dataclass
 class Scorer:
@@ -135,6 +178,11 @@ class Scorer:
     device: torch.device
     cam_target: str = "pneumonia"
     seed: int = 0  # of the bootstrap and the randomisation test
+    cause_threshold: float = 0.5  # three-class models: on bacterial_share, chosen on validation
+
+    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """P(pneumonia) per uint8 image, and the three class probabilities of a --task cause model (else None)."""
+        return train.probabilities(train.predict_logits(self.model, images, self.prep, self.device))
 
 
 def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> None:
@@ -143,9 +191,12 @@ def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> 
     Kept as predictions_val.csv, so another threshold policy can be checked later without retraining.
     """
     images, labels, idx = ds.subset("val")
-    y_prob = train.predict(scorer.model, images, scorer.prep, scorer.device)
+    y_prob, classes = scorer.predict(images)
     scorer.threshold = choose_threshold(labels.numpy().astype(int), y_prob, policy)
-    write_predictions(path, labelled_rows(ds, idx, y_prob, scorer.prep), scorer.threshold)
+    if classes is not None:  # the bacterial-vs-viral threshold: Youden's, among the validation pneumonias
+        causes = ds.causes[idx]
+        scorer.cause_threshold = choose_threshold(causes[causes > 0] == 1, bacterial_share(classes[causes > 0]), "youden")
+    write_predictions(path, labelled_rows(ds, idx, y_prob, scorer.prep, classes), scorer.threshold)
 
 
 def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note: str = "",
@@ -155,14 +206,19 @@ def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note
     Returns ({"test": metrics, "gradcam": checks}, y_true, y_prob); writes predictions.csv into `out`.
     """
     images = torch.from_numpy(ds.images[idx]).unsqueeze(1)
-    y_prob = train.predict(scorer.model, images, scorer.prep, scorer.device)
+    y_prob, classes = scorer.predict(images)
     y_true = ds.labels[idx].astype(int)
     patients = [ds.patients[i] for i in idx]
-    write_predictions(out / "predictions.csv", labelled_rows(ds, idx, y_prob, scorer.prep), scorer.threshold)
+    write_predictions(out / "predictions.csv", labelled_rows(ds, idx, y_prob, scorer.prep, classes), scorer.threshold)
     metrics = score(y_true, y_prob, patients, scorer.threshold, seed=scorer.seed)
     draw_all(y_true, y_prob, metrics, out, note)
-    explained = gradcam.explain(scorer, images, y_true, y_prob, out, note, masks)
-    return {"test": metrics, "gradcam": explained}, y_true, y_prob
+    result = {"test": metrics, "gradcam": gradcam.explain(scorer, images, y_true, y_prob, out, note, masks)}
+    causes = ds.causes[idx]
+    if classes is not None and {1, 2} <= set(causes.tolist()):  # file names tell both causes apart
+        result["cause"] = score_cause(causes, classes, patients, scorer.cause_threshold, seed=scorer.seed)
+        draw_cause(causes, classes, result["cause"], out, note)
+        result["cause_gradcam"] = gradcam.explain_causes(scorer, images, causes, classes, out, note)
+    return result, y_true, y_prob
 
 
 def score_externals(scorer: Scorer, folders: list[str], cache: ImageCache, out_root: Path,
@@ -187,34 +243,49 @@ def merge_externals(test: tuple[dict, np.ndarray, np.ndarray], externals: dict, 
     if externals:
         metrics["external"] = {name: r[0]["test"] for name, r in externals.items()}
         metrics["external_gradcam"] = {name: r[0]["gradcam"] for name, r in externals.items()}
+        for key in ("cause", "cause_gradcam"):
+            if any(key in r[0] for r in externals.values()):
+                metrics["external_" + key] = {name: r[0][key] for name, r in externals.items() if key in r[0]}
         curves = {"test split": (y_true, y_prob, metrics["test"]),
                   **{name: (r[1], r[2], r[0]["test"]) for name, r in externals.items()}}
         plot_roc_sets(curves, roc_path)
     return metrics
 
 
+CLASS_COLUMNS = ["p_normal", "p_bacterial", "p_viral"]
+
+
 def write_predictions(path: Path, rows: tuple, threshold: float) -> None:
-    """One row per scored image, from (paths, patients, y_true, y_prob, warnings): where error analysis starts."""
-    write_csv(path, ["path", "patient", "label", "probability", "predicted", "warnings"],
-              ([p, pat, data.CLASSES[t], f"{prob:.6f}", data.CLASSES[int(prob >= threshold)], note]
-               for p, pat, t, prob, note in zip(*rows)))
+    """One row per scored image, from (paths, patients, y_true, y_prob, warnings, class probabilities or None):
+    where error analysis starts. A three-class model adds one probability column per class."""
+    paths, patients, y_true, y_prob, notes, classes = rows
+    extra = [[f"{v:.6f}" for v in row] for row in classes] if classes is not None else [[] for _ in paths]
+    write_csv(path, ["path", "patient", "label", "probability", "predicted", "warnings",
+                     *(CLASS_COLUMNS if classes is not None else [])],
+              ([p, pat, data.CLASSES[t], f"{prob:.6f}", data.CLASSES[int(prob >= threshold)], note, *more]
+               for p, pat, t, prob, note, more in zip(paths, patients, y_true, y_prob, notes, extra)))
 
 
-def labelled_rows(ds: data.Dataset, idx: np.ndarray, y_prob: np.ndarray, prep: Preprocess) -> tuple:
-    """(paths, patients, y_true, y_prob, warnings) of the images `idx` of `ds`, for write_predictions."""
+def labelled_rows(ds: data.Dataset, idx: np.ndarray, y_prob: np.ndarray, prep: Preprocess,
+                  classes: np.ndarray | None = None) -> tuple:
+    """(paths, patients, y_true, y_prob, warnings, classes) of the images `idx` of `ds`, for write_predictions."""
     paths = [ds.paths[i] for i in idx]
     notes = [input_warnings(p, ds.images[i], prep) for p, i in zip(paths, idx)]
-    return paths, [ds.patients[i] for i in idx], ds.labels[idx].astype(int), y_prob, notes
+    return paths, [ds.patients[i] for i in idx], ds.labels[idx].astype(int), y_prob, notes, classes
 
 
 def write_file_predictions(path: Path, results: list[tuple], skipped: list[tuple[str, str]],
                            threshold: float) -> list[list[str]]:
-    """predict's predictions.csv from (file, probability, error, warnings) tuples: probability, label and
-    warnings per readable file, the reason for every other; returns the rows."""
-    rows = [[f, "", "", e, ""] if e else [f, f"{p:.6f}", data.CLASSES[int(p >= threshold)], "", w]
+    """predict's predictions.csv from (file, probabilities, error, warnings) tuples: P(pneumonia), label and
+    warnings per readable file, the reason for every other; returns the rows. Probabilities are
+    train.predict_files' rows: a three-class model adds p_normal, p_bacterial and p_viral."""
+    classes = len(results[0][1]) > 1 if results else False
+    blank = [""] * (len(CLASS_COLUMNS) if classes else 0)
+    rows = [[f, "", "", e, "", *blank] if e else
+            [f, f"{p[0]:.6f}", data.CLASSES[int(p[0] >= threshold)], "", w, *(f"{v:.6f}" for v in p[1:])]
             for f, p, e, w in results]
-    rows += [[f, "", "", why, ""] for f, why in skipped]
-    write_csv(path, ["path", "probability", "label", "error", "warnings"], rows)
+    rows += [[f, "", "", why, "", *blank] for f, why in skipped]
+    write_csv(path, ["path", "probability", "label", "error", "warnings", *(CLASS_COLUMNS if classes else [])], rows)
     return rows
 
 
@@ -325,6 +396,31 @@ def plot_roc_sets(curves: dict[str, tuple], path) -> None:
     ax.set_title("ROC: test split and external sets\n(dots: the validation-chosen threshold)", fontsize=10)
     ax.legend(loc="lower right", fontsize=7)
     _save(fig, path)
+
+
+def draw_cause(causes: np.ndarray, classes: np.ndarray, cause: dict, out_dir: Path, note: str = "") -> None:
+    """confusion_cause.png (3x3), roc_cause.png (one vs rest) and roc_bacterial_viral.png (among pneumonias)."""
+    known = causes >= 0
+    causes, classes = causes[known], classes[known]
+    cm = np.array(cause["confusion"])
+    fig, ax = plt.subplots(figsize=(5.4, 4.8))
+    ConfusionMatrixDisplay(cm, display_labels=list(data.CAUSES)).plot(ax=ax, colorbar=False, cmap="Blues")
+    ax.set_title(f"Three classes, most probable class{note}", fontsize=9)
+    _save(fig, out_dir / "confusion_cause.png")
+    fig, ax = plt.subplots(figsize=(5.4, 5.4))
+    for c, name in enumerate(data.CAUSES):
+        fpr, tpr, _ = roc_curve(causes == c, classes[:, c])
+        a = cause["one_vs_rest_auc"][name.lower()]
+        ax.plot(fpr, tpr, label=f"{name} vs rest: AUC {a['auc']:.3f} ({a['ci95'][0]:.3f}-{a['ci95'][1]:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"One-vs-rest ROC, macro AUC {cause['macro_auc']['auc']:.3f}{note}", fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
+    _save(fig, out_dir / "roc_cause.png")
+    pneumonia = causes > 0
+    plot_roc((causes[pneumonia] == 1).astype(int), bacterial_share(classes[pneumonia]), cause["bacterial_vs_viral"],
+             out_dir / "roc_bacterial_viral.png", note + ", bacterial vs viral among pneumonias")
 
 
 def draw_all(y_true, y_prob, m: dict, out_dir, note: str = "") -> list[str]:

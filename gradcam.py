@@ -44,17 +44,13 @@ class GradCAM:
         self.activation = output
 
     def layer_maps(self, x: torch.Tensor, target: str = "pneumonia") -> torch.Tensor:
-        """Un-normalised ReLU(sum_k w_k A_k) at the layer's resolution (N x h x w).
-
-        Evidence for 'normal' in a one-logit model is the gradient of the negated logit.
-        """
+        """Un-normalised ReLU(sum_k w_k A_k) at the layer's resolution (N x h x w), for `target_score`."""
         if self.handle is None:
             raise RuntimeError("use GradCAM inside a `with` block")
-        sign = {"pneumonia": 1.0, "normal": -1.0}[target]
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)  # a graph exists even for a frozen model
             logits = self.model(x)
-            grads = torch.autograd.grad((sign * logits.float()).sum(), self.activation)[0]
+            grads = torch.autograd.grad(target_score(logits.float(), target).sum(), self.activation)[0]
         weights = grads.float().mean(dim=(2, 3), keepdim=True)
         return F.relu((weights * self.activation.detach().float()).sum(1))
 
@@ -63,6 +59,26 @@ class GradCAM:
         cam = F.interpolate(self.layer_maps(x, target)[:, None], size=x.shape[-2:], mode="bilinear",
                             align_corners=False)[:, 0]
         return normalise(cam)
+
+
+TARGETS = ("pneumonia", "normal", "bacterial", "viral")
+
+
+def target_score(logits: torch.Tensor, target: str) -> torch.Tensor:
+    """The per-image score whose gradient Grad-CAM follows: a log-odds, so each target has an opposite.
+
+    One logit: pneumonia is the logit, normal its negation. Three (normal, bacterial, viral): pneumonia
+    is log((P(b) + P(v)) / P(n)), the same log-odds a one-logit model has; bacterial is the
+    bacterial-vs-viral log-odds and viral its negation, so the two maps show where the evidence for
+    one cause over the other lies, not the pneumonia both share.
+    """
+    if logits.ndim == 1:
+        if target not in ("pneumonia", "normal"):
+            raise ValueError(f"Grad-CAM target '{target}' needs a three-class (--task cause) model")
+        return logits if target == "pneumonia" else -logits
+    pneumonia = torch.logsumexp(logits[:, 1:], 1) - logits[:, 0]
+    cause = logits[:, 1] - logits[:, 2]
+    return {"pneumonia": pneumonia, "normal": -pneumonia, "bacterial": cause, "viral": -cause}[target]
 
 
 def normalise(cam: torch.Tensor) -> torch.Tensor:
@@ -266,3 +282,28 @@ def save_overlays(scorer, batch: torch.Tensor, prob: np.ndarray, files: list[str
         save_overlay(shown[i], maps[i], f"{Path(f).name}: p(pneumonia)={prob[i]:.3f} ({s.cam_target} evidence)", path)
         paths.append(path)
     return paths
+
+
+def explain_causes(scorer, images: torch.Tensor, causes: np.ndarray, classes: np.ndarray, out: Path,
+                   note: str = "") -> dict:
+    """Bacterial and viral evidence side by side on the same pneumonia images (correctly classified ones
+    first), and the border mass of each kind of map over every pneumonia image of the set."""
+    s = scorer
+    pneumonia = np.flatnonzero(causes > 0)
+    x = s.prep.eval(images[pneumonia].to(s.device)).contiguous(memory_format=torch.channels_last)
+    maps = {t: compute_maps(s.model, x, t) for t in ("bacterial", "viral")}
+    shown = s.prep.crop(images[pneumonia]).numpy()[:, 0]
+    right = causes[pneumonia] == classes[pneumonia].argmax(1)  # the most probable of the three classes
+    # four images of each cause, correctly classified ones first
+    picks = [i for c in (1, 2) for i in sorted(np.flatnonzero(causes[pneumonia] == c), key=lambda i: not right[i])[:4]]
+    if picks:
+        fig, axes = plt.subplots(len(picks), 3, figsize=(6.6, 2.3 * len(picks)), squeeze=False)
+        for row, i in enumerate(picks):
+            p = classes[pneumonia[i]]
+            title = f"true {('bacterial', 'viral')[causes[pneumonia[i]] - 1]}: P(b)={p[1]:.2f} P(v)={p[2]:.2f}"
+            for col, (cam, label) in enumerate([(None, title), (maps["bacterial"][i], "bacterial evidence"),
+                                                (maps["viral"][i], "viral evidence")]):
+                _show(axes[row, col], shown[i], cam)
+                axes[row, col].set_title(label, fontsize=7)
+        _save(fig, out / "gradcam_cause_pairs.png", f"Grad-CAM: bacterial vs viral evidence{note}")
+    return {t: border_mass(m) for t, m in maps.items()}

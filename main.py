@@ -63,7 +63,8 @@ def load_training_data(s: Settings, run_dir: Path, resumed: bool) -> data.Datase
         demo.make_phantoms(root, patients_per_class=s.demo_patients, seed=s.seed)
     cache = None if s.no_cache or s.demo else s.cache_dir
     try:
-        return data.load_dataset(root, s.image_size, s.split, s.seed, cache, s.workers, not s.quiet)
+        return data.load_dataset(root, s.image_size, s.split, s.seed, cache, workers=s.workers, progress=not s.quiet,
+                                 task=s.task)
     except data.DataError as err:
         if not resumed:
             runs.discard_if_empty(run_dir)
@@ -84,10 +85,10 @@ def run_train(s: Settings) -> int:
     print("config:", json.dumps({**s.config(), "device": str(device)}))
     audit = data.audit(ds)
     print(report.data_summary(audit))
-    train_set, val_set = ds.subset("train"), ds.subset("val")
+    train_set, val_set = ds.subset("train", s.task), ds.subset("val", s.task)
     mean, std, grey_range = fit_normalisation(ds.images[train_set[2]], s.image_size)
     prep = Preprocess(s.image_size, mean, std, s.augmentation(), s.intensity, grey_range)
-    model = PneumoniaCNN(s.widths).to(device, memory_format=torch.channels_last)
+    model = PneumoniaCNN(s.widths, outputs=3 if s.task == "cause" else 1).to(device, memory_format=torch.channels_last)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{count_flops(model, s.image_size) / 1e6:.0f} M multiply-adds per image")
     started = time.perf_counter()
@@ -128,8 +129,8 @@ def save_best(s: Settings, run_dir: Path, state: train.TrainState, ds: data.Data
     scorer.model.eval()
     evaluate.set_threshold(scorer, ds, s.threshold, run_dir / "predictions_val.csv")
     runs.save_best(run_dir / "best.pt", model=scorer.model, weights=state.best_model, prep=scorer.prep,
-                   threshold=scorer.threshold, policy=s.threshold, epoch=state.best_epoch, val_auc=state.best_auc,
-                   config=s.config())
+                   thresholds={"threshold": scorer.threshold, "cause_threshold": scorer.cause_threshold},
+                   policy=s.threshold, epoch=state.best_epoch, val_auc=state.best_auc, config=s.config())
     return scorer
 
 
@@ -149,7 +150,11 @@ def load_scorer(args) -> evaluate.Scorer:
     ckpt = runs.read_checkpoint(args.checkpoint)
     device = configure_device(args.device)
     model, prep = runs.load_model(ckpt, device)
-    return evaluate.Scorer(model, prep, ckpt["threshold"], device, args.cam_target, getattr(args, "seed", 0))
+    if args.cam_target in ("bacterial", "viral") and model.outputs == 1:
+        raise UsageError(f"--cam-target {args.cam_target} needs a model trained with --task cause; "
+                         f"'{args.checkpoint}' tells pneumonia from normal only")
+    return evaluate.Scorer(model, prep, ckpt["threshold"], device, args.cam_target, getattr(args, "seed", 0),
+                           ckpt.get("cause_threshold", 0.5))
 
 
 def run_evaluate(args) -> int:
@@ -181,16 +186,16 @@ def run_predict(args) -> int:
     notes = [input_warnings(f, image, scorer.prep) if e is None else "" for f, image, e in zip(files, images, errors)]
     rows = evaluate.write_file_predictions(out / "predictions.csv", list(zip(files, prob, errors, notes)), skipped,
                                            scorer.threshold)
-    for path, _, _, error, warning in rows:
+    for path, _, _, error, warning, *_ in rows:
         if error or warning:
             print(f"{'skipped' if error else 'warning:'} {path}: {error or warning}", file=sys.stderr)
     good = [i for i, e in enumerate(errors) if e is None]
     overlays = []
     if good and (args.cam or len(files) == 1):
-        overlays = gradcam.save_overlays(scorer, torch.from_numpy(images[good]).unsqueeze(1), prob[good],
+        overlays = gradcam.save_overlays(scorer, torch.from_numpy(images[good]).unsqueeze(1), prob[good, 0],
                                          [files[i] for i in good], out)
     if len(files) == 1 and good:
-        print(f"{files[0]}: probability of pneumonia {prob[0]:.4f} -> {rows[0][2]} "
+        print(f"{files[0]}: probability of pneumonia {prob[0, 0]:.4f} -> {rows[0][2]} "
               f"(threshold {scorer.threshold:.4f}); overlay: {overlays[0]}")
     else:
         print(f"{len(good)} of {len(files)} images scored; wrote {out / 'predictions.csv'}"

@@ -1,4 +1,4 @@
-"""The custom CNN: grayscale in, one pneumonia logit out. Usage: `model = PneumoniaCNN()`."""
+"""The custom CNN: grayscale in, one pneumonia logit out (or three class logits). Usage: `model = PneumoniaCNN()`."""
 import torch
 from torch import nn
 
@@ -17,15 +17,17 @@ class PneumoniaCNN(nn.Module):
     """
 
     def __init__(self, widths: tuple[int, int, int] = (24, 48, 96), stem: int = 16, dropout: float = 0.2,
-                 in_channels: int = 1):
+                 in_channels: int = 1, outputs: int = 1):
         super().__init__()
         w1, w2, w3 = widths
-        self.config = {"widths": list(widths), "stem": stem, "dropout": dropout, "in_channels": in_channels}
+        self.outputs = outputs  # 1: the pneumonia logit; 3: normal, bacterial, viral logits (--task cause)
+        self.config = {"widths": list(widths), "stem": stem, "dropout": dropout, "in_channels": in_channels,
+                       "outputs": outputs}
         self.stem = nn.Sequential(*conv_bn_relu(in_channels, stem, stride=2))
         self.block1 = nn.Sequential(*conv_bn_relu(stem, w1), nn.MaxPool2d(2))
         self.block2 = nn.Sequential(*conv_bn_relu(w1, w2), *conv_bn_relu(w2, w2), nn.MaxPool2d(2))
         self.block3 = nn.Sequential(*conv_bn_relu(w2, w3), *conv_bn_relu(w3, w3))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(w3, 1))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(w3, outputs))
 
     @property
     def cam_layer(self) -> nn.Module:
@@ -33,7 +35,8 @@ class PneumoniaCNN(nn.Module):
         return self.block3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.block3(self.block2(self.block1(self.stem(x))))).squeeze(1)
+        logits = self.head(self.block3(self.block2(self.block1(self.stem(x)))))
+        return logits.squeeze(1) if self.outputs == 1 else logits
 
 
 def count_flops(model: nn.Module, image_size: int) -> int:

@@ -88,6 +88,39 @@ def gradcam_section(g: dict) -> str:
     return "".join(parts)
 
 
+def cause_table(sets: dict[str, dict]) -> str:
+    """Per set: one-vs-rest and macro AUC, and bacterial vs viral among the pneumonias, each with its interval."""
+    def cell(value, ci):
+        return f"{value:.3f} ({ci[0]:.3f}-{ci[1]:.3f})"
+    rows = [("macro AUC", lambda c: cell(c["macro_auc"]["auc"], c["macro_auc"]["ci95"]))]
+    rows += [(f"{k} vs rest AUC", lambda c, k=k: cell(c["one_vs_rest_auc"][k]["auc"], c["one_vs_rest_auc"][k]["ci95"]))
+             for k in ("normal", "bacterial", "viral")]
+    rows += [(f"bacterial vs viral {k}", lambda c, k=k: cell(c["bacterial_vs_viral"][k], c["bacterial_vs_viral"]["ci95"][k]))
+             for k in ("auc", "accuracy", "sensitivity", "specificity")]
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in sets)
+    body = "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{fn(c)}</td>" for c in sets.values()) + "</tr>"
+                   for name, fn in rows)
+    return f"<table><tr><th>metric (95% CI)</th>{head}</tr>{body}</table>"
+
+
+def cause_section(metrics: dict, out_dir: Path) -> str:
+    """--task cause: the three-class figures, the plots, and bacterial vs viral Grad-CAM side by side."""
+    sets = {"test split": metrics["cause"], **metrics.get("external_cause", {})}
+    bvv = metrics["cause"]["bacterial_vs_viral"]
+    borders = {"test split": metrics["cause_gradcam"], **metrics.get("external_cause_gradcam", {})}
+    mass = "; ".join(f"{n}: bacterial maps {g['bacterial']['border_mass_share']:.3f}, viral maps "
+                     f"{g['viral']['border_mass_share']:.3f}" for n, g in borders.items())
+    return ("<h2>Bacterial or viral (--task cause)</h2>"
+            f"<p>Bacterial vs viral among the pneumonia cases scores P(bacterial) / (P(bacterial) + P(viral)); the "
+            f"threshold {bvv['threshold']:.4f} is Youden's on validation. Sensitivity is for bacterial, specificity "
+            f"for viral.</p>" + cause_table(sets) +
+            '<div class="figs">' + "".join(_img(out_dir / n) for n in
+                                           ("confusion_cause.png", "roc_cause.png", "roc_bacterial_viral.png")) + "</div>"
+            f"<p>Share of Grad-CAM mass in the outer frame, against {borders['test split']['bacterial']['border_area_share']:.2f} "
+            f"of the area: {html.escape(mass)}. The bacterial map shows where the evidence for bacterial over viral "
+            f"lies, the viral map the reverse.</p>" + _img(out_dir / "gradcam_cause_pairs.png", wide=True))
+
+
 def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner: str = "") -> Path:
     """Assemble report.html from metrics.json-style figures and the PNGs in `out_dir`."""
     test = metrics["test"]
@@ -104,6 +137,8 @@ def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner:
             folder = out_dir / "external" / name
             body.append(f"<h3>External: {html.escape(name)}</h3>" + gradcam_section(metrics["external_gradcam"][name]))
             body.append(_img(folder / "gradcam_grid.png", wide=True))
+    if "cause" in metrics:
+        body.append(cause_section(metrics, out_dir))
     if (out_dir / "training_curves.png").exists():
         body.append("<h2>Training</h2>" + _img(out_dir / "training_curves.png", wide=True))
     if "data" in metrics:
@@ -136,6 +171,16 @@ def terminal_summary(metrics: dict, out: Path, banner: str = "") -> str:
     lines.append(summary_table(metrics["test"], "Test split (threshold chosen on validation)"))
     if metrics.get("external"):
         lines.append(text_comparison({"test split": metrics["test"], **metrics["external"]}))
+    if "cause" in metrics:
+        c = metrics["cause"]["bacterial_vs_viral"]
+        lines.append(f"Bacterial vs viral (test split pneumonias): AUC {c['auc']:.3f} [{c['ci95']['auc'][0]:.3f}, "
+                     f"{c['ci95']['auc'][1]:.3f}], accuracy {c['accuracy']:.3f}, sensitivity {c['sensitivity']:.3f}, "
+                     f"specificity {c['specificity']:.3f}; macro one-vs-rest AUC {metrics['cause']['macro_auc']['auc']:.3f}")
+        for name, ext in metrics.get("external_cause", {}).items():
+            e = ext["bacterial_vs_viral"]
+            lines.append(f"Bacterial vs viral ({name}): AUC {e['auc']:.3f} [{e['ci95']['auc'][0]:.3f}, "
+                         f"{e['ci95']['auc'][1]:.3f}], accuracy {e['accuracy']:.3f}, sensitivity {e['sensitivity']:.3f}, "
+                         f"specificity {e['specificity']:.3f}")
     g = metrics["gradcam"]
     lines.append(f"Grad-CAM: randomised-model median Spearman {g['randomisation']['fully_randomised_median_spearman']:.3f}, "
                  f"border mass {g['border']['border_mass_share']:.3f} (area {g['border']['border_area_share']:.2f})"
@@ -195,7 +240,8 @@ def _md_limitations(metrics: dict) -> list[str]:
         "other hospitals, other scanners and other positioning have not been tested by this run.",
         "**Labels without lesion annotations.** Each image carries one folder label (NORMAL or PNEUMONIA), graded "
         "by two physicians; no lesion was outlined, so where the model looks cannot be checked against ground truth.",
-        "**Not bacterial vs viral.** The model says pneumonia or not, not its cause.",
+        "**Not bacterial vs viral**, unless trained with `--task cause`; even then the cause comes from the file "
+        "names, not from culture or PCR, and the Grad-CAM maps of the two causes are for reading, not for proof.",
         "**Prevalence.** PPV and NPV hold at the prevalence of the scored set; in a population with fewer "
         "pneumonias the PPV falls.",
     ]
@@ -222,7 +268,9 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
         "", "## Not intended for",
         "- diagnosis, triage or any clinical decision; it is not a medical device and has not been clinically validated;",
         "- adults, lateral or other views, other body parts, CT or ultrasound (`predict` flags such inputs);",
-        "- telling bacterial from viral pneumonia, or pneumonia from other opacities it was never shown.",
+        "- deciding on antibiotics: even a `--task cause` model only ranks bacterial against viral, with labels "
+        "taken from file names;",
+        "- telling pneumonia from other opacities it was never shown.",
         "", "## Training data",
         f"Source: `{config['data'] if not config.get('demo') else 'generated phantoms (--demo)'}`, "
         f"{metrics['data']['images']} images after merging copies.", "",
@@ -241,6 +289,12 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
     ]
     for name, m in metrics.get("external", {}).items():
         lines += ["", f"## Performance on the external set `{name}`", *_md_metrics(m)]
+    for name, c in {"the test split": metrics.get("cause"), **metrics.get("external_cause", {})}.items():
+        if c:
+            lines += ["", f"## Bacterial vs viral on {name if name == 'the test split' else f'`{name}`'}",
+                      "Among the pneumonia cases, P(bacterial) / (P(bacterial) + P(viral)) at the threshold chosen on "
+                      "validation (Youden); sensitivity is for bacterial, specificity for viral.", "",
+                      *_md_metrics(c["bacterial_vs_viral"])]
     lines += ["", "## Grad-CAM checks", *_md_gradcam(metrics["gradcam"]),
               "", "## Known limitations", *_md_limitations(metrics),
               "", "## How this model was made",

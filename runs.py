@@ -149,12 +149,14 @@ def read_checkpoint(path: str | Path | None) -> dict:
                        f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
 
 
-def save_best(path: Path, *, model: PneumoniaCNN, weights: dict, prep: Preprocess, threshold: float, policy: str,
+def save_best(path: Path, *, model: PneumoniaCNN, weights: dict, prep: Preprocess, thresholds: dict, policy: str,
               epoch: int, val_auc: float, config: dict) -> None:
-    """best.pt: what scoring new data needs (weights, model config, preprocessing, threshold) and the run's config."""
-    save_checkpoint(path, {"model": weights, "model_config": model.config, "preprocess": prep.state(),
-                           "threshold": threshold, "threshold_policy": policy, "epoch": epoch, "val_auc": val_auc,
-                           "config": config})
+    """best.pt: what scoring new data needs (weights, model config, preprocessing, thresholds) and the run's config.
+
+    `thresholds` holds "threshold" (on P(pneumonia)) and, for three-class models, "cause_threshold".
+    """
+    save_checkpoint(path, {"model": weights, "model_config": model.config, "preprocess": prep.state(), **thresholds,
+                           "threshold_policy": policy, "epoch": epoch, "val_auc": val_auc, "config": config})
 
 
 def load_model(ckpt: dict, device: torch.device) -> tuple[PneumoniaCNN, Preprocess]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from gradcam import TARGETS
 from train import TrainConfig
 from transforms import INTENSITY, PADDING, Augment
 
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", default=None, help="continue the interrupted run in folder RUN")
     p.add_argument("--demo", action="store_true", help="generate synthetic phantoms into the run folder and use them as data")
     p.add_argument("--demo-patients", type=POSITIVE_INT, default=60, help="phantom patients per class for --demo (3 images each)")
+    p.add_argument("--task", choices=["pneumonia", "cause"], default="pneumonia",
+                   help="pneumonia: normal vs pneumonia (one logit); cause: normal, bacterial or viral (three classes, "
+                        "the cause read from Kaggle file names), whose P(bacterial)+P(viral) also gives the pneumonia metrics")
     p.add_argument("--external", metavar="DIR", action="append", default=[],
                    help="labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) scored after the test split at the validation threshold; repeatable")
     add_augment_flags(p)
@@ -164,7 +168,8 @@ def build_predict_parser() -> argparse.ArgumentParser:
 def add_shared_flags(p: argparse.ArgumentParser, cache: bool) -> None:
     """Flags every command shares: device and Grad-CAM target, plus the decode cache and progress bars."""
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
-    p.add_argument("--cam-target", choices=["pneumonia", "normal"], default="pneumonia", help="class whose evidence Grad-CAM shows")
+    p.add_argument("--cam-target", choices=TARGETS, default="pneumonia",
+                   help="class whose evidence Grad-CAM shows; bacterial and viral (each against the other) need a --task cause model")
     if cache:
         p.add_argument("--cache-dir", default=default_cache_dir(), help="where decoded images are kept between runs")
         p.add_argument("--no-cache", action="store_true", help="decode every image afresh and keep nothing")
@@ -206,6 +211,7 @@ class Settings:
     resume: str | None
     demo: bool
     demo_patients: int
+    task: str
     external: tuple[str, ...]
     augment: str
     rotation: float
@@ -238,6 +244,8 @@ class Settings:
             if values[name] is None:
                 values[name] = 0.0 if values["demo"] else getattr(Augment(), name)
         values["command"] = shlex.join(["python", "main.py", *argv])
+        if values["cam_target"] in ("bacterial", "viral") and values["task"] != "cause":
+            parser.error(f"argument --cam-target: {values['cam_target']} needs --task cause")
         return cls.from_dict(values, given=frozenset(parser.given(argv)))
 
     @classmethod
@@ -276,4 +284,5 @@ class Settings:
     def train_config(self, device: torch.device) -> TrainConfig:
         """What train.fit needs, on the resolved device."""
         return TrainConfig(self.epochs, self.batch_size, self.lr, self.pos_weight, self.patience, self.label_smoothing,
-                           progress=not self.quiet, compile_model=self.compile, seed=self.seed, device=device)
+                           progress=not self.quiet, compile_model=self.compile, seed=self.seed, device=device,
+                           task=self.task)

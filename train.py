@@ -142,25 +142,40 @@ def predict_logits(model: nn.Module, images: torch.Tensor, prep: Preprocess, dev
     return torch.cat(logits)
 
 
+def probabilities(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """P(pneumonia) per image, and for a three-class model P(normal, bacterial, viral) (else None).
+
+    For three classes P(pneumonia) = P(bacterial) + P(viral), so every binary metric and threshold
+    works on either model.
+    """
+    if logits.ndim == 1:
+        return torch.sigmoid(logits).numpy(), None
+    classes = torch.softmax(logits, 1).numpy()
+    return classes[:, 1:].sum(1), classes
+
+
 def predict(model: nn.Module, images: torch.Tensor, prep: Preprocess, device: torch.device,
             batch_size: int = 128) -> np.ndarray:
     """Pneumonia probability for each uint8 image."""
-    return torch.sigmoid(predict_logits(model, images, prep, device, batch_size)).numpy()
+    return probabilities(predict_logits(model, images, prep, device, batch_size))[0]
 
 
 def predict_files(model: nn.Module, files: list[str], prep: Preprocess, device: torch.device, batch_size: int = 64,
                   workers: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """Decode image files (as for training, on every core) and score them.
 
-    Returns the decoded uint8 images (N x S x S), the probabilities (NaN where unreadable) and, per
-    file, None or the reason it could not be read.
+    Returns the decoded uint8 images (N x S x S), the probabilities (NaN where unreadable: N x 1, or
+    N x 4 as pneumonia, normal, bacterial, viral for a three-class model) and, per file, None or the
+    reason it could not be read.
     """
     size = cache_size(prep.image_size)
     images, errors = load_images(files, size, ImageCache(None, size), workers, progress)
     good = [i for i, e in enumerate(errors) if e is None]
-    prob = np.full(len(files), np.nan)
+    prob = np.full((len(files), 1 if getattr(model, "outputs", 1) == 1 else 4), np.nan)
     if good:
-        prob[good] = predict(model, torch.from_numpy(images[good]).unsqueeze(1), prep, device, batch_size)
+        pneumonia, classes = probabilities(predict_logits(model, torch.from_numpy(images[good]).unsqueeze(1), prep,
+                                                          device, batch_size))
+        prob[good] = pneumonia[:, None] if classes is None else np.column_stack([pneumonia, classes])
     return images, prob, errors
 
 
@@ -172,6 +187,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: Callable
+    val_loss_fn: Callable  # the same loss without smoothing, on the CPU
     prep: Preprocess
     device: torch.device
     generator: torch.Generator  # drives shuffling and augmentation
@@ -224,11 +240,13 @@ def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainS
     return state.loss_sum / max(state.seen, 1)
 
 
-def validate(model, images, labels, prep, pos_weight: float, device) -> tuple[float, float]:
-    """Validation loss and AUC, computed on the CPU whatever device the model and labels are on."""
-    logits, y = predict_logits(model, images, prep, device), labels.float().cpu()
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(pos_weight)).item()
-    return loss, float(roc_auc_score(y.numpy(), logits.numpy()))
+def validate(model, images, labels, prep, loss_fn: Callable, device) -> tuple[float, float]:
+    """Validation loss and AUC (macro one-vs-rest for three classes), on the CPU whatever device the model is on."""
+    logits, y = predict_logits(model, images, prep, device), labels.cpu()
+    if logits.ndim == 1:
+        return loss_fn(logits, y.float()).item(), float(roc_auc_score(y.numpy(), logits.numpy()))
+    auc = roc_auc_score(y.numpy(), torch.softmax(logits, 1).numpy(), multi_class="ovr", average="macro")
+    return loss_fn(logits, y).item(), float(auc)
 
 
 def smoothed_bce(pos_weight: float, smoothing: float, device):
@@ -237,6 +255,19 @@ def smoothed_bce(pos_weight: float, smoothing: float, device):
     if not smoothing:
         return bce
     return lambda logits, y: bce(logits, y * (1 - smoothing) + 0.5 * smoothing)
+
+
+def class_weights(labels: torch.Tensor, classes: int = 3) -> torch.Tensor:
+    """n / (classes x count) per class: each class weighs the same in the cross-entropy, whatever its size."""
+    counts = torch.bincount(labels.cpu().long(), minlength=classes).float()
+    return len(labels) / (classes * counts.clamp_min(1))
+
+
+def make_loss(cfg: "TrainConfig", train_labels: torch.Tensor, device, smoothing: float) -> Callable:
+    """The task's loss: BCE with pos_weight for 'pneumonia', class-weighted cross-entropy for 'cause'."""
+    if cfg.task == "cause":
+        return nn.CrossEntropyLoss(weight=class_weights(train_labels).to(device), label_smoothing=smoothing)
+    return smoothed_bce(cfg.pos_weight, smoothing, device)
 
 
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "val_auc", "lr", "seconds")
@@ -260,6 +291,7 @@ class TrainConfig:
     compile_model: bool = False  # torch.compile the training steps
     seed: int = 0  # of the generator that drives shuffling and augmentation
     device: torch.device = torch.device("cpu")
+    task: str = "pneumonia"  # or 'cause': normal / bacterial / viral
 
 
 def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume: dict | None = None) -> TrainState:
@@ -273,7 +305,8 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume
     steps = math.ceil(len(train_set[0]) / cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.epochs, steps)
     parts = Parts(torch.compile(model) if cfg.compile_model else model, optimizer, scheduler,  # compiled for steps only
-                  smoothed_bce(cfg.pos_weight, cfg.label_smoothing, device), prep, device, generator,
+                  make_loss(cfg, train_set[1], device, cfg.label_smoothing),
+                  make_loss(cfg, train_set[1], torch.device("cpu"), 0.0), prep, device, generator,
                   torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16))
     saved = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": parts.scaler}
     state = TrainState(**runs.restore_last(resume, saved, generator)) if resume is not None else TrainState()
@@ -304,7 +337,7 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume
 
 def end_epoch(model, val_set, parts: Parts, state: TrainState, loss: float, start: float, cfg: TrainConfig) -> None:
     """Validate `model` (the uncompiled one), record the epoch, keep the best weights, decide on early stopping."""
-    val_loss, val_auc = validate(model, *val_set, parts.prep, cfg.pos_weight, parts.device)
+    val_loss, val_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device)
     state.epoch += 1
     state.step = 0
     state.history.append({"epoch": state.epoch, "loss": round(loss, 6), "val_loss": round(val_loss, 6),

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny generated archives, the real data in ../shared/data (skipped when absent),
 and one small demo run reused by the tests that read a finished run's outputs."""
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -59,3 +60,17 @@ def demo_run(tmp_path_factory) -> Path:
     assert main.main(["--demo", "--out", str(out), "--epochs", "10", "--demo-patients", "40",
                       "--image-size", "128", "--quiet", "--external", str(external)]) == 0
     return out
+
+
+def _figures(obj, fmt: str) -> set[str]:
+    """Every float in a metrics.json-like tree, formatted with `fmt`."""
+    if isinstance(obj, dict):
+        return set().union(*(_figures(v, fmt) for v in obj.values())) if obj else set()
+    if isinstance(obj, list):
+        return set().union(*(_figures(v, fmt) for v in obj)) if obj else set()
+    return {format(obj, fmt)} if isinstance(obj, float) else set()
+
+
+def stray_figures(text: str, metrics: dict) -> set[str]:
+    """The three-decimal figures in `text` that no float of `metrics` gives (a model card must have none)."""
+    return set(re.findall(r"(?<![\d.])-?\d+\.\d{3}(?![\d])", text)) - _figures(metrics, ".3f")

@@ -13,7 +13,7 @@ import evaluate
 import main
 import runs
 from settings import Settings
-from conftest import ROOT, shared, write_image
+from conftest import ROOT, shared, stray_figures, write_image
 
 OUTPUTS = ["config.json", "split.csv", "skipped.csv", "history.csv", "best.pt", "metrics.json", "roc.png",
            "predictions.csv", "predictions_val.csv",
@@ -258,17 +258,7 @@ def test_resume_applies_runtime_flags_and_refuses_the_others(demo_run, tmp_path,
     assert args.device == "cpu" and args.quiet and args.epochs == saved["epochs"] and args.demo is True
 
 
-def _figures(obj, fmt: str) -> set[str]:
-    """Every float in a metrics.json-like tree, formatted with `fmt`."""
-    if isinstance(obj, dict):
-        return set().union(*(_figures(v, fmt) for v in obj.values())) if obj else set()
-    if isinstance(obj, list):
-        return set().union(*(_figures(v, fmt) for v in obj)) if obj else set()
-    return {format(obj, fmt)} if isinstance(obj, float) else set()
-
-
 def test_model_card_figures_all_come_from_metrics_json(demo_run):
-    import re
     card = (demo_run / "MODEL_CARD.md").read_text()
     m = json.loads((demo_run / "metrics.json").read_text())
     # every metric row of every scored set, value and interval, as metrics.json has it
@@ -281,9 +271,7 @@ def test_model_card_figures_all_come_from_metrics_json(demo_run):
             assert f"| {k} | {metrics[k]:.3f} | {lo:.3f} - {hi:.3f} |" in section, (heading, k)
         assert f"{metrics['images']} images of {metrics['patients']} patients" in section
         assert f"Brier score {metrics['brier']:.3f}" in section
-    # and no three-decimal figure anywhere that metrics.json does not hold
-    stray = set(re.findall(r"(?<![\d.])\d+\.\d{3}(?![\d])", card)) - _figures(m, ".3f")
-    assert not stray, stray
+    assert not stray_figures(card, m)
     assert f"{m['test']['threshold']:.4f}" in card and m["validation"]["threshold_policy"] in card
     for split, a in m["data"]["splits"].items():
         assert f"| {split} | {a['images']} | {a['patients']} | {a['normal']} | {a['pneumonia']} |" in card

@@ -42,7 +42,7 @@ def test_one_epoch_lowers_the_loss():
     before = loss_fn(model.eval()(prep.eval(images)), labels).item()
     optimizer, scheduler = train.make_optimizer(model, 0.05, 3, 8)
     state = train.TrainState()
-    parts = train.Parts(model, optimizer, scheduler, loss_fn, prep, torch.device("cpu"), torch.Generator().manual_seed(0))
+    parts = train.Parts(model, optimizer, scheduler, loss_fn, loss_fn, prep, torch.device("cpu"), torch.Generator().manual_seed(0))
     for _ in range(3):
         train.train_one_epoch(parts, images, labels, 8, state)
         state.step = 0
@@ -56,7 +56,7 @@ def test_non_finite_loss_names_epoch_and_step():
     optimizer, scheduler = train.make_optimizer(model, 0.05, 1, 2)
     loss_fn = lambda logits, y: logits.sum() * float("nan")  # noqa: E731
     with pytest.raises(train.NonFiniteLoss, match=r"epoch 1, step 1"):
-        parts = train.Parts(model, optimizer, scheduler, loss_fn, transforms.Preprocess(36), torch.device("cpu"),
+        parts = train.Parts(model, optimizer, scheduler, loss_fn, loss_fn, transforms.Preprocess(36), torch.device("cpu"),
                             torch.Generator())
         train.train_one_epoch(parts, images, labels, 8, train.TrainState())
 
@@ -134,7 +134,7 @@ def test_early_stopping_waits_for_both_auc_and_loss_and_patience_zero_never_stop
         scores = iter(zip(losses, [0.9, 0.8, 0.8, 0.8]))  # the AUC never beats epoch 1
         monkeypatch.setattr(train, "validate", lambda *a: next(scores))
         for _ in losses:
-            parts = train.Parts(model, None, sched, None, transforms.Preprocess(16), torch.device("cpu"), torch.Generator())
+            parts = train.Parts(model, None, sched, None, None, transforms.Preprocess(16), torch.device("cpu"), torch.Generator())
             train.end_epoch(model, val, parts, state, 0.5, 0.0, cfg)
         assert state.best_epoch == 1 and state.stopped_early is stops, (patience, losses)
 
