@@ -193,8 +193,8 @@ def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> 
     images, labels, idx = ds.subset("val")
     y_prob, classes = scorer.predict(images)
     scorer.threshold = choose_threshold(labels.numpy().astype(int), y_prob, policy)
-    if classes is not None:  # the bacterial-vs-viral threshold: Youden's, among the validation pneumonias
-        causes = ds.causes[idx]
+    causes = ds.causes[idx]
+    if classes is not None and {1, 2} <= set(causes.tolist()):  # bacterial vs viral: Youden's, among the pneumonias
         scorer.cause_threshold = choose_threshold(causes[causes > 0] == 1, bacterial_share(classes[causes > 0]), "youden")
     write_predictions(path, labelled_rows(ds, idx, y_prob, scorer.prep, classes), scorer.threshold)
 

@@ -85,14 +85,10 @@ def run_train(s: Settings) -> int:
     print("config:", json.dumps({**s.config(), "device": str(device)}))
     audit = data.audit(ds)
     print(report.data_summary(audit))
-    train_set, val_set = ds.subset("train", s.task), ds.subset("val", s.task)
-    mean, std, grey_range = fit_normalisation(ds.images[train_set[2]], s.image_size)
-    prep = Preprocess(s.image_size, mean, std, s.augmentation(), s.intensity, grey_range)
-    model = PneumoniaCNN(s.widths, outputs=3 if s.task == "cause" else 1).to(device, memory_format=torch.channels_last)
-    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{count_flops(model, s.image_size) / 1e6:.0f} M multiply-adds per image")
+    prep, model = build_model(s, ds, device)
     started = time.perf_counter()
-    on_device = [(train.to_device(images, device), labels.to(device)) for images, labels, _ in (train_set, val_set)]
+    on_device = [(train.to_device(images, device), labels.to(device))
+                 for images, labels, _ in (ds.subset("train", s.task), ds.subset("val", s.task))]
     try:
         state = train.fit(model, *on_device, prep, s.train_config(device), run_dir, resume)
     except train.Interrupted as err:
@@ -110,16 +106,31 @@ def run_train(s: Settings) -> int:
                               "threshold_policy": s.threshold, "threshold": scorer.threshold},
                "training_failure": state.failure,
                "provenance": {"command": s.command, "versions": runs.versions(), "device": str(device)}}
-    runs.write_json(run_dir / "metrics.json", metrics)
     runs.write_json(run_dir / "timing.json", {"seconds_since_data_loaded": round(time.perf_counter() - started, 1),
                                               "epochs_run": state.epoch})
+    write_results(s, run_dir, metrics)
+    return 0
+
+
+def build_model(s: Settings, ds: data.Dataset, device: torch.device) -> tuple[Preprocess, PneumoniaCNN]:
+    """The preprocessing, its normalisation fitted on the training split, and the network for the task."""
+    mean, std, grey_range = fit_normalisation(ds.images[ds.split == "train"], s.image_size)
+    prep = Preprocess(s.image_size, mean, std, s.augmentation(), s.intensity, grey_range)
+    model = PneumoniaCNN(s.widths, outputs=3 if s.task == "cause" else 1).to(device, memory_format=torch.channels_last)
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{count_flops(model, s.image_size) / 1e6:.0f} M multiply-adds per image")
+    return prep, model
+
+
+def write_results(s: Settings, run_dir: Path, metrics: dict) -> None:
+    """metrics.json, MODEL_CARD.md and report.html; then the run is complete and its summary printed."""
+    runs.write_json(run_dir / "metrics.json", metrics)
     banner = SYNTHETIC if s.demo else ""
     report.write_model_card(run_dir, s.config(), metrics, banner)
     report.write_report(run_dir, "Pneumonia CNN" + (" - " + banner if banner else "") + f" - run {run_dir.name}",
                         s.config(), metrics, banner)
     runs.finish(run_dir)
     print(report.terminal_summary(metrics, run_dir, banner))
-    return 0
 
 
 def save_best(s: Settings, run_dir: Path, state: train.TrainState, ds: data.Dataset,

@@ -2,7 +2,7 @@
 # The CUDA path end to end, timed, in one go: `bash benchmarks/gpu_check.sh [OUT_DIR]` on a GPU machine.
 # Needs the real data under $PNEUMONIA_SHARED_DATA (default ../shared/data). Steps: a tiny demo run on
 # cuda (stops here if the CUDA path is broken), the default real run on cuda, the same with --compile,
-# and the pipeline benchmark where its full-resolution images are present. Set CPU_RUN=runs/X to print
+# the same with --task cause, and the pipeline benchmark where its full-resolution images are present. Set CPU_RUN=runs/X to print
 # a CPU run's metrics beside the GPU's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,7 @@ REAL=(--data "$SHARED/chest_xray_224sq" --external "$SHARED/official_test_a_224s
 timed demo_cuda $PY main.py --demo --device cuda --epochs 3 --demo-patients 20 --quiet --out "$OUT/demo_cuda" || exit 1
 timed default_cuda $PY main.py "${REAL[@]}" --out "$OUT/default_cuda"
 timed compile_cuda $PY main.py "${REAL[@]}" --compile --out "$OUT/compile_cuda"
+timed cause_cuda $PY main.py "${REAL[@]}" --task cause --out "$OUT/cause_cuda"
 if [ -d "$SHARED/chest_xray_fullres_train" ]; then
   timed bench_pipeline $PY benchmarks/bench_pipeline.py --shared "$SHARED" && cat "$OUT/bench_pipeline.log"
 else
@@ -44,5 +45,7 @@ for name, run in runs.items():
     sets = {"test": m["test"], **m.get("external", {})}
     text = "; ".join(f"{s}: " + " ".join(f"{k} {v[k]:.3f}" for k in ("auc", "accuracy", "sensitivity", "specificity"))
                      for s, v in sets.items())
+    causes = {"test": m.get("cause"), **m.get("external_cause", {})}
+    text += "".join(f"; {s} bacterial vs viral AUC {c['bacterial_vs_viral']['auc']:.3f}" for s, c in causes.items() if c)
     print(f"{name:<16} {t['epochs_run']} epochs, {t['seconds_since_data_loaded']:.1f} s after data load | {text}")
 PYEOF
