@@ -24,6 +24,7 @@ CACHE_VERSION = 2  # bump when decode_image changes what it returns
 DICOM_SUFFIXES = (".dcm", ".dicom")
 FRONTAL_VIEWS = {"", "AP", "PA"}  # ViewPosition values of a frontal chest film (empty: not recorded)
 CHEST_PARTS = {"", "CHEST", "THORAX", "LUNG", "PORT CHEST"}  # BodyPartExamined values of a chest film
+MAX_ASPECT = 2.5  # longer side / shorter side; the Kaggle originals run from 1.0 to 2.4
 
 
 class NotARadiograph(ValueError):
@@ -76,9 +77,6 @@ def view_problem(facts: dict) -> str | None:
     if facts["body_part"] not in CHEST_PARTS:
         return f"not a chest image (BodyPartExamined {facts['body_part']})"
     return None
-
-
-MAX_ASPECT = 2.5  # the Kaggle originals run from 1.0 to 2.4 (longer side / shorter side)
 
 
 def describe(path: str) -> dict:
