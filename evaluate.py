@@ -2,6 +2,7 @@
 
 Usage: `threshold = choose_threshold(y_val, p_val, "youden"); m = score(y, p, patients, threshold)`.
 """
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,17 @@ def auc_draws(y_true, y_prob, weights: np.ndarray, codes: np.ndarray) -> np.ndar
     return np.concatenate([weighted_auc(y_true, y_prob, chunk[:, codes]) for chunk in np.array_split(weights, 8)])
 
 
+def interval95(draws: np.ndarray) -> np.ndarray:
+    """2.5th and 97.5th percentiles over resamples (axis 0), ignoring NaN draws; NaN where every draw is NaN.
+
+    A rate with no denominator in any resample (NPV with no predicted negatives) has no interval:
+    that is reported as NaN, without numpy's all-NaN warning in the user's terminal.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanpercentile(draws, [2.5, 97.5], axis=0)
+
+
 def bootstrap_ci(y_true, y_prob, patients, threshold: float, n_resamples: int = BOOTSTRAP_RESAMPLES,
                  seed: int = 0) -> dict:
     """95% percentile intervals for every metric, resampling patients (with all their images).
@@ -108,7 +120,7 @@ def bootstrap_ci(y_true, y_prob, patients, threshold: float, n_resamples: int = 
     with np.errstate(invalid="ignore", divide="ignore"):
         draws = np.stack([(tp + tn) / (tp + tn + fp + fn), auc, tp / (tp + fn), tn / (tn + fp), tp / (tp + fp),
                           tn / (tn + fn)], 1)
-    lo, hi = np.nanpercentile(draws, [2.5, 97.5], axis=0)
+    lo, hi = interval95(draws)
     return {m: [float(a), float(b)] for m, a, b in zip(METRICS, lo, hi)}
 
 
@@ -153,14 +165,12 @@ def score_cause(causes: np.ndarray, classes: np.ndarray, patients, cause_thresho
     draws = np.stack([auc_draws(causes == c, classes[:, c], weights, codes) for c in range(len(data.CAUSES))])
     aucs = [float(roc_auc_score(causes == c, classes[:, c])) for c in range(len(data.CAUSES))]
 
-    def interval(values):
-        return [float(v) for v in np.nanpercentile(values, [2.5, 97.5])]
-
     pneumonia = causes > 0
+    intervals = [[float(v) for v in interval95(d)] for d in (*draws, draws.mean(0))]
     return {
         "classes": [c.lower() for c in data.CAUSES],
-        "one_vs_rest_auc": {c.lower(): {"auc": a, "ci95": interval(d)} for c, a, d in zip(data.CAUSES, aucs, draws)},
-        "macro_auc": {"auc": float(np.mean(aucs)), "ci95": interval(draws.mean(0))},
+        "one_vs_rest_auc": {c.lower(): {"auc": a, "ci95": ci} for c, a, ci in zip(data.CAUSES, aucs, intervals)},
+        "macro_auc": {"auc": float(np.mean(aucs)), "ci95": intervals[-1]},
         "confusion": confusion_matrix(causes, classes.argmax(1), labels=[0, 1, 2]).tolist(),  # rows: true class
         "bacterial_vs_viral": score((causes[pneumonia] == 1).astype(int), bacterial_share(classes[pneumonia]),
                                     patients[pneumonia], cause_threshold, n_resamples, seed),
