@@ -264,7 +264,8 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
     lines += [
         "## Intended use",
         "A research and teaching tool: it scores frontal (PA/AP) pediatric chest radiographs for pneumonia against "
-        "normal, and shows with Grad-CAM where the evidence lies. It is for studying methods, not for patients.",
+        "normal" + (" (and ranks bacterial against viral pneumonia)" if config.get("task") == "cause" else "") +
+        ", and shows with Grad-CAM where the evidence lies. It is for studying methods, not for patients.",
         "", "## Not intended for",
         "- diagnosis, triage or any clinical decision; it is not a medical device and has not been clinically validated;",
         "- adults, lateral or other views, other body parts, CT or ultrasound (`predict` flags such inputs);",
@@ -295,7 +296,11 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
                       "Among the pneumonia cases, P(bacterial) / (P(bacterial) + P(viral)) at the threshold chosen on "
                       "validation (Youden); sensitivity is for bacterial, specificity for viral.", "",
                       *_md_metrics(c["bacterial_vs_viral"])]
-    lines += ["", "## Grad-CAM checks", *_md_gradcam(metrics["gradcam"]),
+    cause_maps = metrics.get("cause_gradcam")
+    cause_text = ([f"Bacterial-vs-viral maps (`--cam-target bacterial|viral`): share of mass in the same frame "
+                   f"{cause_maps['bacterial']['border_mass_share']:.3f} (bacterial) and "
+                   f"{cause_maps['viral']['border_mass_share']:.3f} (viral)."] if cause_maps else [])
+    lines += ["", "## Grad-CAM checks", *_md_gradcam(metrics["gradcam"]), *cause_text,
               "", "## Known limitations", *_md_limitations(metrics),
               "", "## How this model was made",
               f"Command: `{prov['command']}`", "",
