@@ -257,7 +257,7 @@ class Dataset:
 
 
 def _merge_copies(found: Found, groups: list[list[int]], what: str) -> list[int]:
-    """Keep one file of each group of copies (the shortest path); returns the indices dropped.
+    """Keep one file of each group of copies (the shallowest path, then the first by name); returns the indices dropped.
 
     Copies filed under both labels are all dropped: their label cannot be trusted.
     """
