@@ -168,8 +168,8 @@ _PATIENT_PATTERNS = (
 
 def patient_id(path: str) -> str:
     """The child an image belongs to: a DICOM's PatientID, else from Kaggle's file names; else its own patient."""
-    if is_dicom(path) and header(path)["patient"]:
-        return header(path)["patient"]
+    if is_dicom(path) and (recorded := header(path)["patient"]):
+        return recorded
     name = os.path.basename(path)
     for pattern in _PATIENT_PATTERNS:
         match = pattern.match(name)

@@ -152,6 +152,11 @@ def bacterial_share(classes: np.ndarray) -> np.ndarray:
     return classes[:, 1] / np.maximum(classes[:, 1] + classes[:, 2], 1e-12)
 
 
+def has_both_causes(causes: np.ndarray) -> bool:
+    """Whether the file names tell both bacterial and viral cases apart: only then is bacterial vs viral scored."""
+    return bool((causes == 1).any() and (causes == 2).any())
+
+
 def score_cause(causes: np.ndarray, classes: np.ndarray, patients, cause_threshold: float,
                 n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
     """The three-class figures: one-vs-rest and macro AUC with patient-bootstrap intervals, the 3x3 confusion
@@ -204,7 +209,7 @@ def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> 
     y_prob, classes = scorer.predict(images)
     scorer.threshold = choose_threshold(labels.numpy().astype(int), y_prob, policy)
     causes = ds.causes[idx]
-    if classes is not None and {1, 2} <= set(causes.tolist()):  # bacterial vs viral: Youden's, among the pneumonias
+    if classes is not None and has_both_causes(causes):  # bacterial vs viral: Youden's, among the pneumonias
         scorer.cause_threshold = choose_threshold(causes[causes > 0] == 1, bacterial_share(classes[causes > 0]), "youden")
     write_predictions(path, labelled_rows(ds, idx, y_prob, scorer.prep, classes), scorer.threshold)
 
@@ -224,7 +229,7 @@ def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note
     draw_all(y_true, y_prob, metrics, out, note)
     result = {"test": metrics, "gradcam": gradcam.explain(scorer, images, y_true, y_prob, out, note, masks)}
     causes = ds.causes[idx]
-    if classes is not None and {1, 2} <= set(causes.tolist()):  # file names tell both causes apart
+    if classes is not None and has_both_causes(causes):
         result["cause"] = score_cause(causes, classes, patients, scorer.cause_threshold, seed=scorer.seed)
         draw_cause(causes, classes, result["cause"], out, note)
         result["cause_gradcam"] = gradcam.explain_causes(scorer, images, causes, classes, out, note)

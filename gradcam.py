@@ -234,10 +234,10 @@ def save_randomisation_figure(images, examples, stages, medians, path) -> None:
     _save(fig, path, "Cascading randomisation: maps should degrade as layers are re-initialised")
 
 
-def _maps(scorer, images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Model input, Grad-CAM maps and the [0, 1] crop the model saw, for a uint8 batch."""
+def _maps(scorer, images: torch.Tensor, target: str | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Model input, Grad-CAM maps (for `target`, else the scorer's) and the [0, 1] crop the model saw, for a uint8 batch."""
     x = scorer.prep.eval(images.to(scorer.device)).contiguous(memory_format=torch.channels_last)
-    return x, compute_maps(scorer.model, x, scorer.cam_target), scorer.prep.crop(images).numpy()[:, 0]
+    return x, compute_maps(scorer.model, x, target or scorer.cam_target), scorer.prep.crop(images).numpy()[:, 0]
 
 
 def explain(scorer, images: torch.Tensor, y_true: np.ndarray, y_prob: np.ndarray, out: Path, note: str = "",
@@ -290,9 +290,8 @@ def explain_causes(scorer, images: torch.Tensor, causes: np.ndarray, classes: np
     first), and the border mass of each kind of map over every pneumonia image of the set."""
     s = scorer
     pneumonia = np.flatnonzero(causes > 0)
-    x = s.prep.eval(images[pneumonia].to(s.device)).contiguous(memory_format=torch.channels_last)
-    maps = {t: compute_maps(s.model, x, t) for t in ("bacterial", "viral")}
-    shown = s.prep.crop(images[pneumonia]).numpy()[:, 0]
+    x, bacterial, shown = _maps(s, images[pneumonia], "bacterial")
+    maps = {"bacterial": bacterial, "viral": compute_maps(s.model, x, "viral")}
     right = causes[pneumonia] == classes[pneumonia].argmax(1)  # the most probable of the three classes
     # four images of each cause, correctly classified ones first
     picks = [i for c in (1, 2) for i in sorted(np.flatnonzero(causes[pneumonia] == c), key=lambda i: not right[i])[:4]]

@@ -172,15 +172,11 @@ def terminal_summary(metrics: dict, out: Path, banner: str = "") -> str:
     if metrics.get("external"):
         lines.append(text_comparison({"test split": metrics["test"], **metrics["external"]}))
     if "cause" in metrics:
-        c = metrics["cause"]["bacterial_vs_viral"]
-        lines.append(f"Bacterial vs viral (test split pneumonias): AUC {c['auc']:.3f} [{c['ci95']['auc'][0]:.3f}, "
-                     f"{c['ci95']['auc'][1]:.3f}], accuracy {c['accuracy']:.3f}, sensitivity {c['sensitivity']:.3f}, "
-                     f"specificity {c['specificity']:.3f}; macro one-vs-rest AUC {metrics['cause']['macro_auc']['auc']:.3f}")
-        for name, ext in metrics.get("external_cause", {}).items():
-            e = ext["bacterial_vs_viral"]
-            lines.append(f"Bacterial vs viral ({name}): AUC {e['auc']:.3f} [{e['ci95']['auc'][0]:.3f}, "
-                         f"{e['ci95']['auc'][1]:.3f}], accuracy {e['accuracy']:.3f}, sensitivity {e['sensitivity']:.3f}, "
-                         f"specificity {e['specificity']:.3f}")
+        for name, cause in {"test split pneumonias": metrics["cause"], **metrics.get("external_cause", {})}.items():
+            c = cause["bacterial_vs_viral"]
+            lines.append(f"Bacterial vs viral ({name}): AUC {c['auc']:.3f} [{c['ci95']['auc'][0]:.3f}, "
+                         f"{c['ci95']['auc'][1]:.3f}], accuracy {c['accuracy']:.3f}, sensitivity {c['sensitivity']:.3f}, "
+                         f"specificity {c['specificity']:.3f}; macro one-vs-rest AUC {cause['macro_auc']['auc']:.3f}")
     g = metrics["gradcam"]
     lines.append(f"Grad-CAM: randomised-model median Spearman {g['randomisation']['fully_randomised_median_spearman']:.3f}, "
                  f"border mass {g['border']['border_mass_share']:.3f} (area {g['border']['border_area_share']:.2f})"

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import runs  # noqa: E402
-import train  # noqa: E402
 from images import ImageCache, cache_size  # noqa: E402
+from settings import default_cache_dir  # noqa: E402
 
 FRAME = 0.10
 
@@ -36,9 +36,9 @@ def masked(images: torch.Tensor, size: int, keep: str) -> torch.Tensor:
     return torch.where(hide, mean.expand_as(images), out)
 
 
-def bacterial_vs_viral_auc(model, prep, images: torch.Tensor, causes: np.ndarray) -> float:
+def bacterial_vs_viral_auc(scorer: evaluate.Scorer, images: torch.Tensor, causes: np.ndarray) -> float:
     """AUC of P(b) / (P(b) + P(v)) for bacterial among the pneumonia images."""
-    _, classes = train.probabilities(train.predict_logits(model, images, prep, torch.device("cpu")))
+    _, classes = scorer.predict(images)
     pneumonia = causes > 0
     return float(roc_auc_score(causes[pneumonia] == 1, evaluate.bacterial_share(classes[pneumonia])))
 
@@ -46,14 +46,15 @@ def bacterial_vs_viral_auc(model, prep, images: torch.Tensor, causes: np.ndarray
 def main(run: str, externals: list[str]) -> None:
     ckpt = runs.read_checkpoint(Path(run) / "best.pt")
     model, prep = runs.load_model(ckpt, torch.device("cpu"))
-    cache = ImageCache(str(Path.home() / ".cache" / "pneumonia-cnn"), cache_size(prep.image_size))
+    scorer = evaluate.Scorer(model, prep, ckpt["threshold"], torch.device("cpu"))
+    cache = ImageCache(default_cache_dir(), cache_size(prep.image_size))
     sets = {"test split": data.find_labelled(str(Path(run) / "split.csv")), **{Path(e).name: data.find_labelled(e) for e in externals}}
     print(f"bacterial vs viral AUC, {FRAME:.0%} frame; model {run}")
     print(f"{'set':28s} {'whole':>8s} {'centre only':>12s} {'frame only':>11s}")
     for name, found in sets.items():
         ds = data.decode_found(found, cache, progress=False)
         images = torch.from_numpy(ds.images).unsqueeze(1)
-        aucs = [bacterial_vs_viral_auc(model, prep, x, ds.causes) for x in
+        aucs = [bacterial_vs_viral_auc(scorer, x, ds.causes) for x in
                 (images, masked(images, prep.image_size, "centre"), masked(images, prep.image_size, "frame"))]
         print(f"{name:28s} {aucs[0]:8.3f} {aucs[1]:12.3f} {aucs[2]:11.3f}")
 
