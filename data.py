@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
-from images import DICOM_SUFFIXES, ImageCache, cache_size, header, is_dicom, load_images, view_problem
+from cache import ImageCache, ImageRows, TensorRows, load_images
+from images import DICOM_SUFFIXES, cache_size, header, is_dicom, view_problem
 from runs import write_csv
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # label = index: NORMAL=0, PNEUMONIA=1
@@ -240,7 +241,7 @@ def assign_splits(paths, labels, patients, root: str, mode: str, seed: int) -> n
 class Dataset:
     """Decoded, de-duplicated images with labels, patients and split, plus what was left out."""
 
-    images: np.ndarray  # N x S x S uint8
+    images: ImageRows  # N x S x S uint8, read from the decode cache's mapped array as needed
     labels: np.ndarray
     paths: list[str]
     patients: list[str]
@@ -249,11 +250,11 @@ class Dataset:
     hashes: list[str]
     causes: np.ndarray  # CAUSES index per image, from the file name; -1 where unknown
 
-    def subset(self, name: str, task: str = "pneumonia") -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """(N x 1 x S x S uint8 images, targets, indices) of one split: float labels, or the causes for 'cause'."""
+    def subset(self, name: str, task: str = "pneumonia") -> tuple[TensorRows, torch.Tensor, np.ndarray]:
+        """(N x 1 x S x S uint8 images, read on demand; targets; indices) of one split: float labels, or the causes for 'cause'."""
         idx = np.flatnonzero(self.split == name)
         targets = torch.from_numpy(self.causes[idx]) if task == "cause" else torch.from_numpy(self.labels[idx]).float()
-        return torch.from_numpy(self.images[idx]).unsqueeze(1), targets, idx
+        return TensorRows(self.images.take(idx)), targets, idx
 
 
 def _merge_copies(found: Found, groups: list[list[int]], what: str) -> list[int]:
@@ -296,21 +297,24 @@ def deduplicate(found: Found, cache: ImageCache) -> None:
 NEAR_COPY_GREY = 6.0
 
 
-def _thumbnails(images: np.ndarray, side: int = 8) -> np.ndarray:
+def _thumbnails(images: ImageRows, side: int = 8) -> np.ndarray:
     """Each image averaged down to side x side, flattened: what survives re-encoding and format changes."""
-    n, size = len(images), images.shape[-1] // side * side
-    blocks = images[:, :size, :size].reshape(n, side, size // side, side, size // side)
-    return blocks.mean((2, 4), dtype=np.float32).reshape(n, -1)
+    size = images.shape[-1] // side * side
+    out = np.zeros((len(images), side * side), dtype=np.float32)
+    for start, chunk in zip(range(0, len(images), 1024), images.chunks(1024)):  # never the whole set in memory
+        blocks = chunk[:, :size, :size].reshape(len(chunk), side, size // side, side, size // side)
+        out[start:start + len(chunk)] = blocks.mean((2, 4), dtype=np.float32).reshape(len(chunk), -1)
+    return out
 
 
-def merge_copies_of_one_image(found: Found, images: np.ndarray, ok: np.ndarray) -> np.ndarray:
+def merge_copies_of_one_image(found: Found, images: ImageRows, ok: np.ndarray) -> np.ndarray:
     """`ok` without the decoded images that are copies of another: a JPEG and its DICOM, a re-encode.
 
     Different bytes, one image: left in, such a pair could sit in two splits and leak. Two images are
     copies when their 8x8 thumbnails differ nowhere by more than NEAR_COPY_GREY grey levels.
     """
     idx = np.flatnonzero(ok)
-    thumbs = _thumbnails(images[idx])
+    thumbs = _thumbnails(images.take(idx))
     means = thumbs.mean(1)
     order = np.argsort(means, kind="stable")
     sorted_means = means[order]
@@ -356,14 +360,15 @@ def decode_found(found: Found, cache: ImageCache, workers: int | None = None, pr
     Every image starts in the 'test' split: scoring uses it as is, training re-splits it.
     """
     deduplicate(found, cache)
-    images, errors = load_images(found.paths, cache.size, cache, workers, progress)
+    decoded, errors = load_images(found.paths, cache.size, cache, workers, progress)
+    images = ImageRows(decoded)
     ok = np.array([e is None for e in errors], dtype=bool)
     found.skipped += [(p, e) for p, e in zip(found.paths, errors) if e is not None]
     ok = merge_copies_of_one_image(found, images, ok)
     paths = [p for p, good in zip(found.paths, ok) if good]
     labels = np.asarray(found.labels, dtype=np.int64)[ok]
     require_two_classes(labels)
-    return Dataset(images[ok], labels, paths, [patient_id(p) for p in paths],
+    return Dataset(images.take(np.flatnonzero(ok)), labels, paths, [patient_id(p) for p in paths],
                    np.full(len(paths), "test", dtype=object), found, [h for h, good in zip(found.hashes, ok) if good],
                    np.array([cause_of(p, label) for p, label in zip(paths, labels)], dtype=np.int64))
 

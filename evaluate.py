@@ -19,7 +19,8 @@ from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, Roc
 import data
 import gradcam
 import train
-from images import ImageCache, input_warnings
+from cache import ImageCache
+from images import input_warnings
 from runs import write_csv
 from transforms import Preprocess
 

@@ -1,26 +1,18 @@
-"""Decode chest X-rays (JPEG, PNG, ... and DICOM) once to small grayscale arrays, kept in a disk cache keyed by content.
+"""Decode one chest X-ray (JPEG, PNG, ... or DICOM) to a small grayscale array; cache.py keeps the results.
 
-Usage: `images, errors = load_images(paths, cache_size(128), ImageCache(cache_dir, cache_size(128)))`.
+Usage: `image = decode_image(path, cache_size(128))`.
 DICOM files follow the display pipeline of PS3.3 C.11: Modality LUT (rescale), then the VOI LUT or
 window, then MONOCHROME1 inversion; `header(path)` reads what predict warns about without the pixels.
 """
 import functools
-import hashlib
-import json
-import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from PIL import Image, ImageOps
 from pydicom.pixels import apply_modality_lut
-from tqdm import tqdm
 
-from runs import atomic_write
-
-CACHE_VERSION = 2  # bump when decode_image changes what it returns
 DICOM_SUFFIXES = (".dcm", ".dicom")
 FRONTAL_VIEWS = {"", "AP", "PA"}  # ViewPosition values of a frontal chest film (empty: not recorded)
 CHEST_PARTS = {"", "CHEST", "THORAX", "LUNG", "PORT CHEST"}  # BodyPartExamined values of a chest film
@@ -187,102 +179,3 @@ def decode_naive(path: str, size: int) -> np.ndarray:
     """The reference decode: full-resolution decode, grayscale, resize (used in tests and benchmarks)."""
     with Image.open(path) as img:
         return np.asarray(img.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
-
-
-def file_hash(path: str) -> str:
-    """Content hash of a file (blake2b: as safe as sha256 for dedup and about twice as fast)."""
-    h = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class ImageCache:
-    """Decoded images on disk keyed by content hash, image size and format version; None disables it.
-
-    A small index maps (path, size, mtime) to the content hash so a second run need not re-read files.
-    """
-
-    def __init__(self, directory: str | None, size: int):
-        self.size = size
-        self.dir = Path(directory) / f"v{CACHE_VERSION}-{size}px" if directory else None
-        self.index = {}
-        if self.dir and (self.dir / "index.json").exists():
-            try:
-                self.index = json.loads((self.dir / "index.json").read_text())
-            except (OSError, ValueError):
-                self.index = {}  # a damaged index only costs re-hashing
-
-    def hash(self, path: str) -> str:
-        """Content hash of `path`, from the index when size and mtime are unchanged."""
-        st = os.stat(path)
-        key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
-        if key not in self.index:
-            self.index[key] = file_hash(path)
-        return self.index[key]
-
-    def entry(self, digest: str) -> Path | None:
-        """Where the decoded image of that content lives (None without a cache)."""
-        return self.dir / digest[:2] / f"{digest}.npy" if self.dir else None
-
-    def save_index(self) -> None:
-        """Persist the path-to-hash index atomically."""
-        if self.dir:
-            atomic_write(self.dir / "index.json", lambda f: f.write(json.dumps(self.index).encode()))
-
-
-def _decode_job(job: tuple[str, int, str | None]) -> tuple[np.ndarray | None, str | None]:
-    """Decode one file (in a worker process) and store it in the cache; returns (image, error)."""
-    path, size, entry = job
-    try:
-        image = decode_image(path, size)
-    except NotARadiograph as err:
-        return None, str(err)
-    except Exception as err:  # any unreadable file is skipped with its reason, never fatal
-        return None, f"unreadable image: {type(err).__name__}: {err}".splitlines()[0][:200]
-    if entry:
-        atomic_write(Path(entry), lambda f: np.save(f, image))
-    return image, None
-
-
-def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | None = None,
-                progress: bool = True) -> tuple[np.ndarray, list[str | None]]:
-    """Decode `paths` to an N x size x size uint8 array, from the cache where possible.
-
-    Returns the images and, per path, None or the reason it could not be read (its image is zeros).
-    """
-    images = np.zeros((len(paths), size, size), dtype=np.uint8)
-    errors: list[str | None] = [None] * len(paths)
-    todo, jobs = [], []
-    for i, path in enumerate(paths):
-        try:
-            entry = cache.entry(cache.hash(path)) if cache.dir else None
-        except OSError as err:
-            errors[i] = f"unreadable file: {err.strerror}"
-            continue
-        if entry is not None and entry.exists():
-            try:
-                images[i] = np.load(entry)
-                continue
-            except (OSError, ValueError):
-                pass  # a damaged entry is decoded again
-        todo.append(i)
-        jobs.append((path, size, str(entry) if entry else None))
-    # every core, but at least 8 files per worker: for fewer, starting a process costs more than it saves
-    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 8))
-    bar = tqdm(total=len(jobs), desc="decoding images (once)", unit="img", disable=not progress or not jobs)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = pool.map(_decode_job, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
-            for i, (image, err) in zip(todo, results):
-                images[i], errors[i] = (image if image is not None else 0), err
-                bar.update()
-    else:
-        for i, job in zip(todo, jobs):
-            image, errors[i] = _decode_job(job)
-            images[i] = image if image is not None else 0
-            bar.update()
-    bar.close()
-    cache.save_index()
-    return images, errors

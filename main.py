@@ -4,6 +4,7 @@ Usage: `python main.py` (Kaggle archive in archive/), `python main.py --demo` (s
 `python main.py evaluate --checkpoint runs/X/best.pt --data DIR`, `python main.py predict IMG --checkpoint ...`.
 This file only wires the steps; the flags and their checks live in settings.py.
 """
+import dataclasses
 import json
 import sys
 import time
@@ -14,12 +15,14 @@ import torch
 
 import data
 import demo
+import distributed
 import evaluate
 import gradcam
 import report
 import runs
 import train
-from images import ImageCache, cache_size, input_warnings
+from cache import ImageCache
+from images import cache_size, input_warnings
 from model import PneumoniaCNN, count_flops
 from settings import Settings, UsageError, build_evaluate_parser, build_predict_parser
 from transforms import Preprocess, fit_normalisation
@@ -34,13 +37,23 @@ To try the tool without the download: `python main.py --demo`."""
 SYNTHETIC = "SYNTHETIC DEMO DATA (generated phantoms): not real X-rays, not a medical result."
 
 
-def resolve_run(s: Settings) -> tuple[Settings, Path, dict | None]:
-    """A new run folder, or the interrupted one in --resume with its saved settings and last.pt."""
-    if not s.resume:
-        return s, runs.create(s.out), None
-    run_dir = Path(s.resume)
-    resumed = s.resumed(runs.interrupted_config(run_dir))
-    return resumed, run_dir, runs.read_checkpoint(run_dir / "last.pt")
+def resolve_run(s: Settings, ranks: distributed.Context) -> tuple[Settings, Path, dict | None]:
+    """A new run folder, or the interrupted one in --resume with its saved settings and last.pt.
+
+    Under torchrun rank 0 alone creates or checks the folder and sends the result, or its refusal, to the others.
+    """
+    result = None
+    if ranks.main:
+        try:
+            result = (s, runs.create(s.out)) if not s.resume else \
+                (s.resumed(runs.interrupted_config(Path(s.resume))), Path(s.resume))
+        except (UsageError, runs.RunError) as err:
+            result = err
+    result = distributed.broadcast(result, ranks)
+    if isinstance(result, Exception):
+        raise result
+    s, run_dir = result
+    return s, run_dir, runs.read_checkpoint(run_dir / "last.pt") if s.resume else None
 
 
 def configure_device(name: str, deterministic: bool = False) -> torch.device:
@@ -56,17 +69,17 @@ def decode_cache(cache_dir: str | None, image_size: int) -> ImageCache:
     return ImageCache(cache_dir, cache_size(image_size))
 
 
-def load_training_data(s: Settings, run_dir: Path, resumed: bool) -> data.Dataset:
+def load_training_data(s: Settings, run_dir: Path, resumed: bool, ranks: distributed.Context) -> data.Dataset:
     """Phantoms for --demo, else the archive; a missing archive gives the download instructions."""
     root = str(run_dir / "demo_data") if s.demo else s.data
-    if s.demo and not Path(root).exists():
+    if s.demo and not Path(root).exists() and ranks.local_rank == 0:
         demo.make_phantoms(root, patients_per_class=s.demo_patients, seed=s.seed)
     cache = None if s.no_cache or s.demo else s.cache_dir
     try:
         return data.load_dataset(root, s.image_size, s.split, s.seed, cache, workers=s.workers, progress=not s.quiet,
                                  task=s.task)
     except data.DataError as err:
-        if not resumed:
+        if not resumed and ranks.main:
             runs.discard_if_empty(run_dir)
         if isinstance(err, data.NoImagesFound):
             raise UsageError(DOWNLOAD_HELP.format(root=root)) from None
@@ -74,26 +87,47 @@ def load_training_data(s: Settings, run_dir: Path, resumed: bool) -> data.Datase
 
 
 def run_train(s: Settings) -> int:
-    """Train (or resume), then evaluate and explain; returns the exit status."""
-    s, run_dir, resume = resolve_run(s)
+    """Train (or resume) in this process, or in this rank of a torchrun job; returns the exit status."""
+    ranks = distributed.Context.from_env()
     device = configure_device(s.device, s.deterministic)
+    if ranks.world > s.batch_size:
+        raise UsageError(f"--batch-size {s.batch_size} is the global batch and must be at least the number of "
+                         f"processes ({ranks.world})")
+    try:
+        device = distributed.start(ranks, device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        return train_and_score(s if ranks.main else dataclasses.replace(s, quiet=True), ranks, device)
+    finally:
+        distributed.stop(ranks)
+
+
+def train_and_score(s: Settings, ranks: distributed.Context, device: torch.device) -> int:
+    """Train, then (rank 0 only) evaluate and explain; every rank trains on its share of each batch."""
+    s, run_dir, resume = resolve_run(s, ranks)
     train.set_seed(s.seed)  # the model's initial weights
-    ds = load_training_data(s, run_dir, resume is not None)
-    if resume is None:
+    with distributed.local_main_first(ranks):  # the first rank of each machine fills the decode cache
+        ds = load_training_data(s, run_dir, resume is not None, ranks)
+    if resume is None and ranks.main:
         runs.start(run_dir, s.config())
         data.write_split_files(run_dir, ds)
-    print("config:", json.dumps({**s.config(), "device": str(device)}))
-    audit = data.audit(ds)
-    print(report.data_summary(audit))
+    print("config:", json.dumps({**s.config(), "device": str(device), "processes": ranks.world}))
+    audit = data.audit(ds) if ranks.main else {}
+    print(report.data_summary(audit) if ranks.main else "")
     prep, model = build_model(s, ds, device)
     started = time.perf_counter()
     on_device = [(train.to_device(images, device), labels.to(device))
                  for images, labels, _ in (ds.subset("train", s.task), ds.subset("val", s.task))]
     try:
-        state = train.fit(model, *on_device, prep, s.train_config(device), run_dir, resume)
+        state = train.fit(model, *on_device, prep, s.train_config(device, ranks), run_dir, resume)
     except train.Interrupted as err:
-        print(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}", file=sys.stderr)
+        if ranks.main:
+            print(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}"
+                  + (" (under torchrun, with any number of processes)" if ranks.active else ""), file=sys.stderr)
         return 130
+    if not ranks.main:
+        return 0
     if state.failure:
         print(f"error: {state.failure}", file=sys.stderr)
         if state.best_model is None:
@@ -114,7 +148,7 @@ def run_train(s: Settings) -> int:
 
 def build_model(s: Settings, ds: data.Dataset, device: torch.device) -> tuple[Preprocess, PneumoniaCNN]:
     """The preprocessing, its normalisation fitted on the training split, and the network for the task."""
-    mean, std, grey_range = fit_normalisation(ds.images[ds.split == "train"], s.image_size)
+    mean, std, grey_range = fit_normalisation(ds.images.take(ds.split == "train").chunks(), s.image_size)
     prep = Preprocess(s.image_size, mean, std, s.augmentation(), s.intensity, grey_range)
     model = PneumoniaCNN(s.widths, outputs=3 if s.task == "cause" else 1).to(device, memory_format=torch.channels_last)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -218,13 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch to train, evaluate or predict; user errors print one sentence and return 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] in (["evaluate"], ["predict"]) and distributed.Context.from_env().active:
+            raise UsageError(f"{argv[0]} runs in one process: use `python main.py {argv[0]} ...`, not torchrun")
         if argv[:1] == ["evaluate"]:
             return run_evaluate(build_evaluate_parser().parse_args(argv[1:]))
         if argv[:1] == ["predict"]:
             return run_predict(build_predict_parser().parse_args(argv[1:]))
         return run_train(Settings.parse(argv))
     except (UsageError, data.DataError, runs.RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if distributed.Context.from_env().main:  # under torchrun every rank has the same refusal: say it once
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk or a folder that became unwritable mid-run
         print(f"error: could not write '{err.filename or 'a file'}' ({err.strerror or err}); every file written "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from distributed import Context
 from gradcam import TARGETS
 from train import TrainConfig
 from transforms import INTENSITY, PADDING, Augment
@@ -281,8 +282,8 @@ class Settings:
         return Augment(self.rotation, self.zoom, self.translate, self.gamma, self.contrast, self.brightness,
                        self.noise, self.padding, self.sharpness)
 
-    def train_config(self, device: torch.device) -> TrainConfig:
-        """What train.fit needs, on the resolved device."""
+    def train_config(self, device: torch.device, ranks: Context = Context()) -> TrainConfig:
+        """What train.fit needs, on the resolved device, in this process's place under torchrun."""
         return TrainConfig(self.epochs, self.batch_size, self.lr, self.pos_weight, self.patience, self.label_smoothing,
                            progress=not self.quiet, compile_model=self.compile, seed=self.seed, device=device,
-                           task=self.task)
+                           task=self.task, ranks=ranks)

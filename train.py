@@ -4,6 +4,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -14,8 +15,10 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
+import distributed
 import runs
-from images import ImageCache, cache_size, load_images
+from cache import ImageCache, TensorRows, load_images
+from images import cache_size
 from transforms import Preprocess
 
 
@@ -59,12 +62,13 @@ def setup_device(name: str, deterministic: bool = False) -> torch.device:
     return device
 
 
-def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The whole uint8 set on the GPU when it fits in a quarter of free memory, else pinned host memory."""
+def to_device(images: TensorRows, device: torch.device) -> TensorRows | torch.Tensor:
+    """Where the training steps read a split from: the whole uint8 set on a GPU when it fits in a quarter of
+    its free memory; else batch by batch from the decode cache's mapped array, which needs no copy."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return images.to(device) if images.numel() < free // 4 else images.pin_memory()
-    return images.to(device)
+        return images.to(device) if math.prod(images.shape) < free // 4 else images
+    return images.to(device) if device.type == "mps" else images
 
 
 def amp_dtype(device: torch.device) -> torch.dtype | None:
@@ -190,8 +194,9 @@ class Parts:
     val_loss_fn: Callable  # the same loss without smoothing, on the CPU
     prep: Preprocess
     device: torch.device
-    generator: torch.Generator  # drives shuffling and augmentation
+    generator: torch.Generator  # drives shuffling and augmentation: equal on every rank
     scaler: torch.amp.GradScaler | None = None  # loss scaling for fp16 autocast
+    ranks: distributed.Context = field(default_factory=distributed.Context)
 
 
 def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainState, stop: StopFlag | None = None,
@@ -199,7 +204,9 @@ def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainS
     """One pass over the training images from `state.step` on; returns the mean loss.
 
     The permutation is drawn from the generator state saved at the epoch's start, so a run resumed
-    mid-epoch sees the same batches, and the same augmentation, as one that never stopped.
+    mid-epoch sees the same batches, and the same augmentation, as one that never stopped. Under
+    torchrun every rank draws the same permutation and steps on its share of each global batch;
+    one all-reduce per step gives every rank the batch's loss and whether any rank was signalled.
     """
     p, generator, device = parts, parts.generator, parts.device
     if state.step == 0:
@@ -213,21 +220,25 @@ def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainS
     dtype = amp_dtype(device)
     scaler = p.scaler or torch.amp.GradScaler(device.type, enabled=False)
     for k in range(state.step, len(order)):
-        idx = order[k]
-        x = p.prep.train(images[idx].to(device, non_blocking=True), generator).contiguous(memory_format=torch.channels_last)
+        idx, keep = p.ranks.share(order[k])
+        x = p.prep.train(images[idx].to(device, non_blocking=True), generator, len(order[k]), keep)
+        x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = p.loss_fn(p.model(x).float(), y)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {state.epoch + 1}, step {k + 1}; "
+        # before the backward pass, so that every rank sees a non-finite loss on any rank and none steps on it
+        loss_sum, seen, signalled = distributed.all_sum(
+            [loss.item() * len(idx), len(idx), float(stop is not None and bool(stop.raised))], p.ranks, device)
+        if not math.isfinite(loss_sum):
+            raise NonFiniteLoss(f"the training loss became {loss_sum / seen} at epoch {state.epoch + 1}, step {k + 1}; "
                                 f"try a lower --lr")
         p.optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # a pass-through unless fp16 autocast needs loss scaling
         scaler.step(p.optimizer)
         scaler.update()
         p.scheduler.step()
-        state.loss_sum += loss.item() * len(idx)
-        state.seen += len(idx)
+        state.loss_sum += loss_sum
+        state.seen += int(seen)
         state.step = k + 1
         if progress is not None:
             progress.update()
@@ -235,14 +246,25 @@ def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainS
             if state.history:
                 shown["val_auc"] = f"{state.history[-1]['val_auc']:.4f}"
             progress.set_postfix(shown, refresh=False)
-        if stop is not None and stop.raised:
-            raise Interrupted(stop.raised)
+        if stop is not None and (signalled if p.ranks.active else stop.raised):  # all ranks stop at the same step
+            raise Interrupted(stop.raised or "a stop signal on another rank")
     return state.loss_sum / max(state.seen, 1)
 
 
-def validate(model, images, labels, prep, loss_fn: Callable, device) -> tuple[float, float]:
-    """Validation loss and AUC (macro one-vs-rest for three classes), on the CPU whatever device the model is on."""
-    logits, y = predict_logits(model, images, prep, device), labels.cpu()
+def validate(model, images, labels, prep, loss_fn: Callable, device,
+             ranks: distributed.Context = distributed.Context()) -> tuple[float, float]:
+    """Validation loss and AUC (macro one-vs-rest for three classes), on the CPU whatever device the model is on.
+
+    Under torchrun each rank scores every world-th image and the logits are gathered: every rank then
+    computes the loss and AUC of the whole set, the figures one process would get.
+    """
+    if ranks.active:
+        rows = distributed.shard_rows(len(images), ranks)
+        mine = images.take(rows) if isinstance(images, TensorRows) else images[rows.to(images.device)]
+        logits = distributed.gather_rows(predict_logits(model, mine, prep, device), len(images), ranks, device)
+    else:
+        logits = predict_logits(model, images, prep, device)
+    y = labels.cpu()
     if logits.ndim == 1:
         return loss_fn(logits, y.float()).item(), float(roc_auc_score(y.numpy(), logits.numpy()))
     auc = roc_auc_score(y.numpy(), torch.softmax(logits, 1).numpy(), multi_class="ovr", average="macro")
@@ -292,6 +314,7 @@ class TrainConfig:
     seed: int = 0  # of the generator that drives shuffling and augmentation
     device: torch.device = torch.device("cpu")
     task: str = "pneumonia"  # or 'cause': normal / bacterial / viral
+    ranks: distributed.Context = field(default_factory=distributed.Context)  # this process's place under torchrun
 
 
 def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume: dict | None = None) -> TrainState:
@@ -299,19 +322,26 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume
 
     `train_set` and `val_set` are (uint8 images, float labels) on `cfg.device`. Writes history.csv and last.pt
     after every epoch, and last.pt again when interrupted. A non-finite loss ends training with
-    `state.failure` set; the best weights so far are kept.
+    `state.failure` set; the best weights so far are kept. Under torchrun (`cfg.ranks`) the steps run
+    through DistributedDataParallel, every rank keeps the same TrainState, and only rank 0 writes.
     """
-    device, generator = cfg.device, torch.Generator().manual_seed(cfg.seed)  # the state set_seed(seed) returns
+    device, generator, ranks = cfg.device, torch.Generator().manual_seed(cfg.seed), cfg.ranks  # as set_seed(seed)
     steps = math.ceil(len(train_set[0]) / cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.epochs, steps)
-    parts = Parts(torch.compile(model) if cfg.compile_model else model, optimizer, scheduler,  # compiled for steps only
+    stepped = model
+    if ranks.active and cfg.batch_size < 16 * ranks.world:
+        warnings.warn(f"--batch-size {cfg.batch_size} over {ranks.world} processes leaves under 16 images per process "
+                      f"for BatchNorm's statistics; a larger global batch keeps them steady", stacklevel=2)
+    if ranks.active:  # per-rank BatchNorm statistics; see the README's torchrun section for why not SyncBatchNorm
+        stepped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    parts = Parts(torch.compile(stepped) if cfg.compile_model else stepped, optimizer, scheduler,  # compiled for steps only
                   make_loss(cfg, train_set[1], device, cfg.label_smoothing),
                   make_loss(cfg, train_set[1], torch.device("cpu"), 0.0), prep, device, generator,
-                  torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16))
+                  torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16), ranks)
     saved = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": parts.scaler}
     state = TrainState(**runs.restore_last(resume, saved, generator)) if resume is not None else TrainState()
     bar = tqdm(total=cfg.epochs * steps, initial=state.epoch * steps + state.step, desc="training",
-               unit="step", disable=not cfg.progress)
+               unit="step", disable=not cfg.progress or not ranks.main)
     try:
         with StopFlag() as stop:
             while state.epoch < cfg.epochs and not state.stopped_early:
@@ -319,17 +349,22 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume
                 try:
                     loss = train_one_epoch(parts, *train_set, cfg.batch_size, state, stop, bar)
                 except Interrupted:
-                    runs.save_last(run_dir / "last.pt", saved, generator, vars(state))
+                    if ranks.main:
+                        runs.save_last(run_dir / "last.pt", saved, generator, vars(state))
+                    distributed.barrier(ranks)  # no rank exits before last.pt is whole
                     raise
                 except NonFiniteLoss as err:
                     state.failure = str(err)
                     break
                 end_epoch(model, val_set, parts, state, loss, start, cfg)
-                write_history(run_dir / "history.csv", state.history)
                 bar.set_postfix(loss=f"{loss:.4f}", val_auc=f"{state.history[-1]['val_auc']:.4f}")
-                runs.save_last(run_dir / "last.pt", saved, generator, vars(state))
-                if stop.raised:  # the signal came during validation: the epoch is saved, stop here
-                    raise Interrupted(stop.raised)
+                if ranks.main:
+                    write_history(run_dir / "history.csv", state.history)
+                    runs.save_last(run_dir / "last.pt", saved, generator, vars(state))
+                # the signal came during validation: the epoch is saved, stop here (every rank, or none)
+                if distributed.all_sum([float(bool(stop.raised))], ranks, device)[0]:
+                    distributed.barrier(ranks)
+                    raise Interrupted(stop.raised or "a stop signal on another rank")
     finally:
         bar.close()
     return state
@@ -337,7 +372,8 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume
 
 def end_epoch(model, val_set, parts: Parts, state: TrainState, loss: float, start: float, cfg: TrainConfig) -> None:
     """Validate `model` (the uncompiled one), record the epoch, keep the best weights, decide on early stopping."""
-    val_loss, val_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device)
+    distributed.sync_buffers(model, parts.ranks)
+    val_loss, val_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device, parts.ranks)
     state.epoch += 1
     state.step = 0
     state.history.append({"epoch": state.epoch, "loss": round(loss, 6), "val_loss": round(val_loss, 6),

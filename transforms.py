@@ -3,6 +3,7 @@
 Usage: `prep = Preprocess(128, mean, std); x = prep.train(batch, generator)` (or `prep.eval(batch)`).
 """
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,22 @@ def _uniform(shape, generator: torch.Generator, bound: float) -> torch.Tensor:
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
+class _Draws:
+    """Random draws for a batch of n images, of which only the rows `keep` (None: all) are used."""
+
+    def __init__(self, generator: torch.Generator, n: int, keep: torch.Tensor | None):
+        self.generator, self.n, self.keep = generator, n, keep
+
+    def _kept(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.keep is None else values[self.keep]
+
+    def uniform(self, shape, bound: float) -> torch.Tensor:
+        return self._kept(_uniform(shape, self.generator, bound))
+
+    def normal(self, shape) -> torch.Tensor:
+        return self._kept(torch.randn(shape, generator=self.generator))
+
+
 @dataclass
 class Preprocess:
     """Turns stored uint8 images into model input: crop the edges to `image_size`, normalise.
@@ -84,32 +101,37 @@ class Preprocess:
         """Centre crop and normalise a uint8 N x 1 x S x S batch."""
         return self.normalise(self.crop(batch))
 
-    def train(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def train(self, batch: torch.Tensor, generator: torch.Generator, of: int | None = None,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
         """Augment (geometry, then intensity) and normalise a uint8 batch.
 
         Draws only what the settings use, in a fixed order, so `Augment.plain()` reproduces the
-        original rotation-and-crop transform draw for draw.
+        original rotation-and-crop transform draw for draw. Under torchrun `batch` is one rank's share
+        of a global batch of `of` images, at positions `keep`: every rank draws for the whole global
+        batch and uses its share, so the generators stay equal on every rank, the shuffled order with
+        them, and each image is augmented as a single process would have augmented it.
         """
-        a, n, side = self.augment, batch.shape[0], batch.shape[-1]
-        angle = torch.deg2rad(_uniform(n, generator, a.rotation))
+        a, n, side = self.augment, of or batch.shape[0], batch.shape[-1]
+        draw = _Draws(generator, n, keep)
+        angle = torch.deg2rad(draw.uniform(n, a.rotation))
         # crop position plus extra translation; written as (u * pixels) / side to match the original rounding
-        shift = _uniform((n, 2), generator, 1.0) * (side - self.image_size + 2 * a.translate * side) / side
-        zoom = torch.exp(_uniform((n, 2), generator, math.log1p(a.zoom))) if a.zoom else torch.ones(n, 2)
+        shift = draw.uniform((n, 2), 1.0) * (side - self.image_size + 2 * a.translate * side) / side
+        zoom = torch.exp(draw.uniform((n, 2), math.log1p(a.zoom))) if a.zoom else torch.ones(len(batch), 2)
         scale = self.image_size / side  # the output grid covers image_size / zoom of the side pixels
         cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
         zx, zy = zoom[:, 0], zoom[:, 1]
         theta = torch.stack([torch.stack([cos / zx, -sin / zy, shift[:, 0]], 1),
                              torch.stack([sin / zx, cos / zy, shift[:, 1]], 1)], 1).to(batch.device)
-        grid = F.affine_grid(theta, [n, 1, self.image_size, self.image_size], align_corners=False)
+        grid = F.affine_grid(theta, [len(batch), 1, self.image_size, self.image_size], align_corners=False)
         x = F.grid_sample(batch.float() / 255.0, grid, mode="bilinear", padding_mode=a.padding, align_corners=False)
-        return self.normalise(self._intensity(x, generator))
+        return self.normalise(self._intensity(x, draw))
 
-    def _intensity(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _intensity(self, x: torch.Tensor, draw: "_Draws") -> torch.Tensor:
         """Gamma, contrast, brightness, sharpness and noise per image, on [0, 1] images; the result stays in [0, 1]."""
-        a, n, dev = self.augment, x.shape[0], x.device
+        a, n, dev = self.augment, draw.n, x.device
 
         def per_image(bound):
-            return _uniform(n, generator, bound).view(n, 1, 1, 1).to(dev)
+            return draw.uniform(n, bound).view(-1, 1, 1, 1).to(dev)
 
         if a.gamma:
             x = x.clamp(0, 1) ** torch.exp(per_image(a.gamma))
@@ -120,7 +142,7 @@ class Preprocess:
             blurred = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
             x = (x + per_image(a.sharpness) * (blurred - x)).clamp(0, 1)
         if a.noise:
-            x = (x + a.noise * torch.randn(x.shape, generator=generator).to(dev)).clamp(0, 1)
+            x = (x + a.noise * draw.normal((n, *x.shape[1:])).to(dev)).clamp(0, 1)
         return x
 
     def state(self) -> dict:
@@ -138,11 +160,21 @@ class Preprocess:
         return cls(**state, augment=augment, grey_range=tuple(grey_range) if grey_range else None)
 
 
-def fit_normalisation(images: np.ndarray, image_size: int) -> tuple[float, float, tuple[float, float]]:
+def fit_normalisation(chunks: Iterable[np.ndarray], image_size: int) -> tuple[float, float, tuple[float, float]]:
     """Mean and std of the centre crops of the training images, in [0, 1] units, and the range of their grey levels.
 
-    The range (lowest to highest mean grey level of any training image) is what predict calls in range.
+    The images come in chunks (N x S x S uint8), so a training split larger than memory is read once,
+    a chunk at a time. The range (lowest to highest mean grey level of any training image) is what
+    predict calls in range.
     """
-    crop = centre_crop(images, image_size).astype(np.float64) / 255.0
-    per_image = crop.reshape(len(crop), -1).mean(1)
-    return float(crop.mean()), float(crop.std()), (float(per_image.min()), float(per_image.max()))
+    mean, squares, count, per_image = 0.0, 0.0, 0, []
+    for chunk in chunks:  # chunk statistics combined as Chan et al.'s parallel variance: no cancellation
+        crop = centre_crop(chunk, image_size).astype(np.float64) / 255.0
+        m = crop.mean()
+        delta, total = m - mean, count + crop.size
+        mean += delta * crop.size / total
+        squares += np.square(crop - m).sum() + delta * delta * count * crop.size / total
+        count = total
+        per_image.append(crop.reshape(len(crop), -1).mean(1))
+    per_image = np.concatenate(per_image)
+    return float(mean), math.sqrt(squares / count), (float(per_image.min()), float(per_image.max()))

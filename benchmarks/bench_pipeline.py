@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import cache  # noqa: E402
 import images  # noqa: E402
 import runs  # noqa: E402
 import transforms  # noqa: E402
@@ -194,7 +195,7 @@ def main() -> None:
         base_s, n = baseline_epoch(root)
         files = sorted(str(p) for p in root.rglob("*.jpeg"))
         t0 = time.perf_counter()
-        decoded, _ = images.load_images(files, images.cache_size(IMAGE_SIZE), images.ImageCache(None, 0), progress=False)
+        decoded, _ = cache.load_images(files, images.cache_size(IMAGE_SIZE), cache.ImageCache(None, 0), progress=False)
         cold_decode = time.perf_counter() - t0
         labels = torch.tensor([float("PNEUMONIA" in f) for f in files])
         ours = our_epoch(torch.from_numpy(decoded).unsqueeze(1), labels)

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import runs  # noqa: E402
-from images import ImageCache, cache_size  # noqa: E402
+from cache import ImageCache  # noqa: E402
+from images import cache_size  # noqa: E402
 from settings import default_cache_dir  # noqa: E402
 
 FRAME = 0.10
@@ -53,7 +54,7 @@ def main(run: str, externals: list[str]) -> None:
     print(f"{'set':28s} {'whole':>8s} {'centre only':>12s} {'frame only':>11s}")
     for name, found in sets.items():
         ds = data.decode_found(found, cache, progress=False)
-        images = torch.from_numpy(ds.images).unsqueeze(1)
+        images = torch.from_numpy(np.asarray(ds.images)).unsqueeze(1)
         aucs = [bacterial_vs_viral_auc(scorer, x, ds.causes) for x in
                 (images, masked(images, prep.image_size, "centre"), masked(images, prep.image_size, "frame"))]
         print(f"{name:28s} {aucs[0]:8.3f} {aucs[1]:12.3f} {aucs[2]:11.3f}")

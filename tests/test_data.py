@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import data
+import cache
 import images
 import runs
 import transforms
@@ -27,7 +28,7 @@ def test_discovery_handles_nested_copy_macosx_and_junk(tmp_path):
     assert sorted(os.path.basename(p) for p in found.paths) == ["IM-0001-0001.jpeg"] * 2 + ["person1_bacteria_1.jpeg"]
     assert not any("__MACOSX" in p for p in found.paths)
     assert any(p.endswith(".DS_Store") for p, _ in found.skipped)
-    data.deduplicate(found, images.ImageCache(None, 8))
+    data.deduplicate(found, cache.ImageCache(None, 8))
     assert len(found.paths) == 2 and len(found.duplicates) == 1
     assert found.labels == [0, 1] and found.paths[0] == str(first)  # the shorter path is kept
 
@@ -211,7 +212,7 @@ def test_normalisation_uses_given_statistics():
     batch = torch.full((2, 1, 10, 10), 128, dtype=torch.uint8)
     x = transforms.Preprocess(8, mean=0.5, std=0.25).eval(batch)
     assert torch.allclose(x, torch.full_like(x, (128 / 255 - 0.5) / 0.25), atol=1e-6)
-    mean, std, grey_range = transforms.fit_normalisation(np.full((3, 10, 10), 51, np.uint8), 8)
+    mean, std, grey_range = transforms.fit_normalisation([np.full((3, 10, 10), 51, np.uint8)], 8)
     assert mean == pytest.approx(0.2) and std == pytest.approx(0.0) and grey_range == pytest.approx((0.2, 0.2))
 
 
@@ -261,22 +262,22 @@ def test_fast_decode_matches_full_decode_on_real_full_resolution_images():
 def test_cache_second_load_decodes_nothing_and_rebuilds_only_changes(tiny_archive, tmp_path, monkeypatch):
     paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))
     cache_dir = tmp_path / "cache"
-    first, _ = images.load_images(paths, 24, images.ImageCache(str(cache_dir), 24), workers=1, progress=False)
+    first, _ = cache.load_images(paths, 24, cache.ImageCache(str(cache_dir), 24), workers=1, progress=False)
     calls = []
     real = images.decode_image
     monkeypatch.setattr(images, "decode_image", lambda p, s: calls.append(p) or real(p, s))
-    again, _ = images.load_images(paths, 24, images.ImageCache(str(cache_dir), 24), workers=1, progress=False)
+    again, _ = cache.load_images(paths, 24, cache.ImageCache(str(cache_dir), 24), workers=1, progress=False)
     assert calls == [] and np.array_equal(first, again)
     write_image(tiny_archive / "chest_xray" / "train" / "NORMAL" / "IM-0001-0001.jpeg", seed=999)
-    images.load_images(paths, 24, images.ImageCache(str(cache_dir), 24), workers=1, progress=False)
+    cache.load_images(paths, 24, cache.ImageCache(str(cache_dir), 24), workers=1, progress=False)
     assert [os.path.basename(p) for p in calls] == ["IM-0001-0001.jpeg"]
     assert not list(cache_dir.rglob(".tmp-*"))
 
 
 def test_parallel_decode_equals_serial(tiny_archive):
     paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))
-    serial, _ = images.load_images(paths, 24, images.ImageCache(None, 24), workers=1, progress=False)
-    parallel, _ = images.load_images(paths, 24, images.ImageCache(None, 24), workers=2, progress=False)
+    serial, _ = cache.load_images(paths, 24, cache.ImageCache(None, 24), workers=1, progress=False)
+    parallel, _ = cache.load_images(paths, 24, cache.ImageCache(None, 24), workers=2, progress=False)
     assert np.array_equal(serial, parallel)
 
 
@@ -295,7 +296,7 @@ def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path):
 
 def test_unreadable_file_is_reported_not_fatal_with_cache(tiny_archive, tmp_path):
     paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))[:3] + [str(tmp_path / "gone.jpeg")]
-    decoded, errors = images.load_images(paths, 16, images.ImageCache(str(tmp_path / "c"), 16), workers=1, progress=False)
+    decoded, errors = cache.load_images(paths, 16, cache.ImageCache(str(tmp_path / "c"), 16), workers=1, progress=False)
     assert errors[:3] == [None] * 3 and "unreadable file" in errors[3] and not decoded[3].any()
 
 
@@ -311,7 +312,7 @@ def test_the_same_picture_in_two_formats_is_one_image_and_under_both_labels_none
     Image.fromarray(other).save(root / "PNEUMONIA" / "person2_virus_1.png")
     Image.fromarray(255 - other).save(root / "NORMAL" / "IM-0002-0001.png")
     found = data.find_images(str(root))
-    ds = data.decode_found(found, images.ImageCache(None, 40), workers=1, progress=False)
+    ds = data.decode_found(found, cache.ImageCache(None, 40), workers=1, progress=False)
     assert sorted(os.path.basename(p) for p in ds.paths) == ["IM-0002-0001.png", "person2_virus_1.png"]
     reasons = dict(found.skipped)
     for name in ("NORMAL/IM-0001-0001.png", "NORMAL/IM-0001-0001.bmp", "PNEUMONIA/person1_virus_1.tiff"):

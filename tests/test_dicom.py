@@ -10,6 +10,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, generate_uid
 
 import data
+import cache
 import images
 import main
 from conftest import shared
@@ -111,7 +112,7 @@ def test_unusable_dicoms_are_skipped_with_their_reason(tmp_path):
         "colour image (RGB)": write_dicom(tmp_path / "us.dcm", np.stack([x] * 3, -1), photometric="RGB"),
         "frames": write_dicom(tmp_path / "cine.dcm", np.concatenate([x, x]), NumberOfFrames=2),
     }
-    decoded, errors = images.load_images([str(p) for p in cases.values()], SIZE, images.ImageCache(None, SIZE),
+    decoded, errors = cache.load_images([str(p) for p in cases.values()], SIZE, cache.ImageCache(None, SIZE),
                                          workers=1, progress=False)
     for (reason, _), error in zip(cases.items(), errors):
         assert error is not None and reason in error, (reason, error)

@@ -12,6 +12,7 @@ import pytest
 import evaluate
 import main
 import runs
+from distributed import Context
 from settings import Settings
 from conftest import ROOT, shared, stray_figures, write_image
 
@@ -202,12 +203,13 @@ def test_predict_matches_training_preprocessing_on_real_files(demo_run, tmp_path
     rows = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
     assert len(rows) == 60 and all(r["error"] == "" for r in rows)
     # the training path: decode as for training (cache format), then the scoring used on test splits
+    import cache
     import images
     import torch
     import train
     model, prep = runs.load_model(runs.load_checkpoint(demo_run / "best.pt"), torch.device("cpu"))
     files = [r["path"] for r in rows]
-    decoded, _ = images.load_images(files, images.cache_size(prep.image_size), images.ImageCache(None, 0), progress=False)
+    decoded, _ = cache.load_images(files, images.cache_size(prep.image_size), cache.ImageCache(None, 0), progress=False)
     expected = train.predict(model, torch.from_numpy(decoded).unsqueeze(1), prep, torch.device("cpu"))
     assert np.allclose([float(r["probability"]) for r in rows], expected, atol=2e-6)
 
@@ -253,7 +255,7 @@ def test_resume_applies_runtime_flags_and_refuses_the_others(demo_run, tmp_path,
     assert main.main(["--resume", str(run), "--epochs", "30", "--lr", "0.1"]) == 2
     err = capsys.readouterr().err
     assert "--epochs, --lr cannot change now" in err and err.count("\n") == 1
-    args, _, _ = main.resolve_run(Settings.parse(["--resume", str(run), "--device", "cpu", "--quiet"]))
+    args, _, _ = main.resolve_run(Settings.parse(["--resume", str(run), "--device", "cpu", "--quiet"]), Context())
     saved = json.loads((run / "config.json").read_text())
     assert args.device == "cpu" and args.quiet and args.epochs == saved["epochs"] and args.demo is True
 

@@ -130,11 +130,11 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, whe
     calls = {"n": 0}
     real = transforms.Preprocess.train
 
-    def interrupting(self, batch, generator):
+    def interrupting(self, batch, generator, *share):
         calls["n"] += 1
         if calls["n"] == stop_at:
             os.kill(os.getpid(), sig)  # the handler lets this step finish, then saves
-        return real(self, batch, generator)
+        return real(self, batch, generator, *share)
 
     monkeypatch.setattr(transforms.Preprocess, "train", interrupting)
     assert main.main(argv + ["--out", str(tmp_path / "cut")]) == 130
