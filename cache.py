@@ -260,8 +260,8 @@ def _build(cache: ImageCache, key: str, paths: list[str], hashes: list[str | Non
 def _mapping(array: np.ndarray) -> mmap.mmap | None:
     """The mmap an array's memory comes from, or None for an array in memory."""
     base = array
-    while isinstance(base, np.ndarray):
-        base = base.base
+    while isinstance(base, (np.ndarray, memoryview)):
+        base = base.base if isinstance(base, np.ndarray) else base.obj
     return base if isinstance(base, mmap.mmap) else None
 
 

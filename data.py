@@ -1,6 +1,7 @@
 """Find, de-duplicate, split and audit labelled chest X-rays. Usage: `ds = load_dataset("archive", 128, "patient", 0, cache_dir)`."""
 import csv
 import hashlib
+import itertools
 import os
 import re
 import warnings
@@ -295,6 +296,7 @@ def deduplicate(found: Found, cache: ImageCache) -> None:
 # On the 8x8 thumbnails, distinct films of the Kaggle train split differ somewhere by 20+ grey levels,
 # a JPEG and its DICOM copy by under 4 (at 32 px, where JPEG draft decoding differs most)
 NEAR_COPY_GREY = 6.0
+PROBE_PIXELS = [18, 21, 42, 45]  # of the 8x8 thumbnail: one in each lung's upper and lower zone
 
 
 def _thumbnails(images: ImageRows, side: int = 8) -> np.ndarray:
@@ -307,6 +309,35 @@ def _thumbnails(images: ImageRows, side: int = 8) -> np.ndarray:
     return out
 
 
+def _near_pairs(thumbs: np.ndarray, limit: float) -> np.ndarray:
+    """Every pair (i < j) of thumbnails that differ nowhere by more than `limit`, as a K x 2 array.
+
+    Such a pair also differs by at most `limit` on any four of the 64 pixels, so it sits in the same or a
+    neighbouring cell of a grid of that width over them: only cells 3^4 neighbours apart are compared
+    (each neighbour direction once), which keeps 100,000 images to seconds, not every pair's comparison.
+    """
+    cells = np.floor(thumbs[:, PROBE_PIXELS] / (limit + 0.01)).astype(np.int64)  # + 0.01: an edge float stays a neighbour
+    cells -= cells.min(0) - 1  # from 1, so that a -1 offset stays a valid digit
+    radix = np.cumprod(np.r_[1, cells.max(0)[:-1] + 2])
+    key = cells @ radix
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    found = [np.zeros((0, 2), dtype=np.int64)]
+    for offset in itertools.product((-1, 0, 1), repeat=len(PROBE_PIXELS)):
+        if offset < (0,) * len(offset):
+            continue  # the pairs of -offset, seen from the other side
+        shifted = key + np.dot(offset, radix)
+        lo, hi = np.searchsorted(sorted_key, shifted, "left"), np.searchsorted(sorted_key, shifted, "right")
+        counts = hi - lo
+        first = np.repeat(np.arange(len(key)), counts)
+        second = order[np.repeat(lo, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)]
+        pairs = np.stack([first, second], 1)
+        pairs = pairs[pairs[:, 0] < pairs[:, 1]] if not any(offset) else np.sort(pairs, 1)
+        for chunk in np.array_split(pairs, max(1, len(pairs) // 65536)):
+            found.append(chunk[np.abs(thumbs[chunk[:, 0]] - thumbs[chunk[:, 1]]).max(1) <= limit])
+    return np.concatenate(found)
+
+
 def merge_copies_of_one_image(found: Found, images: ImageRows, ok: np.ndarray) -> np.ndarray:
     """`ok` without the decoded images that are copies of another: a JPEG and its DICOM, a re-encode.
 
@@ -314,10 +345,6 @@ def merge_copies_of_one_image(found: Found, images: ImageRows, ok: np.ndarray) -
     copies when their 8x8 thumbnails differ nowhere by more than NEAR_COPY_GREY grey levels.
     """
     idx = np.flatnonzero(ok)
-    thumbs = _thumbnails(images.take(idx))
-    means = thumbs.mean(1)
-    order = np.argsort(means, kind="stable")
-    sorted_means = means[order]
     parent = {int(i): int(i) for i in idx}
 
     def root(i):
@@ -325,10 +352,8 @@ def merge_copies_of_one_image(found: Found, images: ImageRows, ok: np.ndarray) -
             i = parent[i]
         return i
 
-    for a, i in enumerate(order):  # only images of nearly the same mean grey can be copies
-        near = order[a + 1:np.searchsorted(sorted_means, means[i] + NEAR_COPY_GREY, side="right")]
-        for j in near[np.abs(thumbs[near] - thumbs[i]).max(1) <= NEAR_COPY_GREY]:
-            parent[root(int(idx[j]))] = root(int(idx[i]))
+    for a, b in _near_pairs(_thumbnails(images.take(idx)), NEAR_COPY_GREY):
+        parent[root(int(idx[b]))] = root(int(idx[a]))
     groups: dict[int, list[int]] = {}
     for i in parent:
         groups.setdefault(root(i), []).append(i)

@@ -1,5 +1,6 @@
 """Discovery, patient ids, grouped splits, decoding, caching and augmentation."""
 import math
+import json
 import os
 
 import numpy as np
@@ -274,6 +275,75 @@ def test_cache_second_load_decodes_nothing_and_rebuilds_only_changes(tiny_archiv
     assert not list(cache_dir.rglob(".tmp-*"))
 
 
+def _load(paths, cache_dir):
+    return cache.load_images(paths, 24, cache.ImageCache(str(cache_dir), 24), workers=1, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["a flipped byte", "a truncated file", "a stale index"])
+def test_damaged_cache_is_detected_and_only_the_bad_rows_decoded_again(tiny_archive, tmp_path, monkeypatch, damage):
+    paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))
+    mapped, _ = _load(paths, tmp_path / "c")
+    assert cache._mapping(mapped) is not None  # the file's pages, not a copy in memory
+    first = np.array(mapped)  # the damage below is written into the very pages `mapped` shows
+    [array] = (tmp_path / "c").rglob("*.u8")
+    raw = bytearray(array.read_bytes())
+    if damage == "a flipped byte":
+        raw[5 * 24 * 24 + 7] ^= 0xFF  # row 5
+        array.write_bytes(bytes(raw))
+    elif damage == "a truncated file":
+        array.write_bytes(bytes(raw[:-100]))  # the last row is cut short
+    else:
+        index = json.loads(array.with_suffix(".json").read_text())
+        index["crc"][2] += 1  # an index that does not describe the array: row 2 cannot be trusted
+        array.with_suffix(".json").write_text(json.dumps(index))
+    calls = []
+    real = images.decode_image
+    monkeypatch.setattr(images, "decode_image", lambda p, s: calls.append(p) or real(p, s))
+    again, errors = _load(paths, tmp_path / "c")
+    bad = {"a flipped byte": 5, "a truncated file": len(paths) - 1, "a stale index": 2}[damage]
+    assert calls == [paths[bad]] and np.array_equal(first, again) and errors == [None] * len(paths)
+    calls.clear()
+    _load(paths, tmp_path / "c")
+    assert calls == []  # rebuilt, so checked clean now
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_one_warning_not_the_run(tiny_archive, tmp_path, monkeypatch):
+    paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))
+    expected, _ = cache.load_images(paths, 24, cache.ImageCache(None, 24), workers=1, progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.warns(UserWarning, match="cannot be written") as caught:
+        unwritable, errors = _load(paths, tmp_path / "file" / "cache")  # a folder inside a file: never writable
+    assert len(caught) == 1 and np.array_equal(unwritable, expected) and errors == [None] * len(paths)
+
+    def full(fd, data, offset):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.warns(UserWarning, match="No space left on device") as caught:
+        on_full_disk, _ = _load(paths, tmp_path / "full")
+    assert len(caught) == 1 and np.array_equal(on_full_disk, expected)
+    assert not [p for p in (tmp_path / "full").rglob("*") if p.suffix in (".u8", ".json") and "hashes" not in p.name]
+
+
+def test_mapped_rows_read_only_what_is_asked_and_let_the_pages_go(tmp_path, monkeypatch):
+    array = tmp_path / "a.u8"
+    array.write_bytes(np.arange(40 * 16 * 16, dtype=np.uint8).tobytes())
+    mapped = cache.map_array(array, 40, 16)
+    rows = cache.ImageRows(mapped).take(np.arange(10, 30))
+    assert rows.shape == (20, 16, 16) and np.array_equal(rows[[0, 5]], mapped[[10, 15]])
+    assert np.array_equal(np.concatenate(list(rows.chunks(7))), mapped[10:30])
+    released, real = [], rows.source.mapping
+
+    class Watched:
+        def madvise(self, *args):
+            released.append(args)
+            return real.madvise(*args)
+    monkeypatch.setattr(cache, "RELEASE_BYTES", 16 * 16 * 4)
+    rows.source.mapping = Watched()
+    for i in range(20):
+        assert np.array_equal(rows[i], mapped[10 + i])  # still readable after its pages were let go
+    assert len(released) == 4  # every 5 rows read (over 4 rows' bytes), the pages are handed back
+
+
 def test_parallel_decode_equals_serial(tiny_archive):
     paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))
     serial, _ = cache.load_images(paths, 24, cache.ImageCache(None, 24), workers=1, progress=False)
@@ -318,3 +388,14 @@ def test_the_same_picture_in_two_formats_is_one_image_and_under_both_labels_none
     for name in ("NORMAL/IM-0001-0001.png", "NORMAL/IM-0001-0001.bmp", "PNEUMONIA/person1_virus_1.tiff"):
         assert reasons[str(root / name)] == "the same image after decoding filed under both NORMAL and PNEUMONIA"
     assert not found.duplicates
+
+
+@pytest.mark.parametrize("spread", [1.2, 2.0])
+def test_near_copy_pairs_from_the_grid_are_exactly_the_brute_force_pairs(spread):
+    rng = np.random.default_rng(1)  # 800 thumbnails in one tight cluster: thousands of pairs within 6 grey levels
+    thumbs = (rng.normal(100, 30, (1, 64)) + rng.normal(0, 5, (800, 1)) + rng.normal(0, spread, (800, 64)))
+    thumbs = thumbs.astype(np.float32)
+    grid = {tuple(map(int, p)) for p in data._near_pairs(thumbs, data.NEAR_COPY_GREY)}
+    every = np.abs(thumbs[:, None] - thumbs[None]).max(2) <= data.NEAR_COPY_GREY
+    brute = {(int(i), int(j)) for i, j in zip(*np.nonzero(every)) if i < j}
+    assert len(brute) > 1000 and grid == brute

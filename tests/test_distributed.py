@@ -1,0 +1,176 @@
+"""Data-parallel training under torchrun: 2 CPU processes with gloo, on the demo data (and one tiny in-process job)."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import cache
+import distributed
+import main
+import runs
+import train
+from conftest import ROOT
+from model import PneumoniaCNN
+from transforms import Preprocess
+
+LEARNS = ["--demo", "--demo-patients", "30", "--image-size", "96", "--epochs", "10", "--quiet"]  # long enough to learn
+SMALL = ["--demo", "--demo-patients", "24", "--image-size", "64", "--widths", "8", "16", "32", "--quiet"]  # quick epochs
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def torchrun(args: list[str], processes: int = 2, **kwargs) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node=N main.py ARGS` in the background."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           str(ROOT / "main.py"), *args]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finished(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same demo run in one process and in two (torchrun), each in its own folder of `base`."""
+    base = tmp_path_factory.mktemp("ddp")
+    proc = torchrun(LEARNS + ["--out", str(base / "two")], cwd=base)
+    assert main.main(LEARNS + ["--out", str(base / "one")]) == 0
+    rc, out = finished(proc)
+    assert rc == 0, out[-3000:]
+    return base, out
+
+
+def test_two_processes_write_one_run_folder_and_match_one_process(two_runs):
+    base, out = two_runs
+    assert sorted(p.name for p in base.iterdir()) == ["one", "two"]  # no stray runs/ folder from rank 1
+    assert [p.relative_to(base) for p in base.rglob("metrics.json")] == [Path("one/metrics.json"), Path("two/metrics.json")]
+    assert out.count("Test split (threshold chosen on validation)") == 1  # printed by rank 0 only
+    one, two = (json.loads((base / n / "metrics.json").read_text()) for n in ("one", "two"))
+    assert abs(one["test"]["auc"] - two["test"]["auc"]) <= 0.02
+    assert one["data"]["splits"] == two["data"]["splits"]  # the same split on every rank
+    history = (base / "two" / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 10 and not (base / "two" / "INCOMPLETE").exists()
+
+
+def test_two_process_checkpoint_loads_in_one_process_and_in_predict(two_runs, tmp_path):
+    base, _ = two_runs
+    ckpt = runs.read_checkpoint(base / "two" / "best.pt")
+    assert set(ckpt["model"]) == set(PneumoniaCNN().state_dict())  # no DistributedDataParallel prefix
+    image = sorted((base / "two" / "demo_data").rglob("*.png"))[0]
+    assert main.main(["predict", str(image), "--checkpoint", str(base / "two" / "best.pt"), "--out", str(tmp_path / "p")]) == 0
+    rows = (tmp_path / "p" / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 2 and 0.0 <= float(rows[1].split(",")[1]) <= 1.0
+
+
+def _child(pid: int) -> dict[str, int]:
+    """RANK -> pid of the worker processes torchrun started under `pid`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                env = dict(v.split("=", 1) for v in (entry / "environ").read_text().split("\0") if "=" in v)
+                found[env["RANK"]] = int(entry.name)
+        except (OSError, KeyError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc")
+def test_sigterm_on_one_rank_stops_both_and_the_run_resumes_with_two_or_one_process(tmp_path):
+    run = tmp_path / "cut"
+    proc = torchrun(SMALL + ["--epochs", "40", "--patience", "0", "--out", str(run)], cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline and len((run / "history.csv").read_text().splitlines() if (run / "history.csv").exists() else []) < 3:
+        time.sleep(0.05)
+    workers = _child(proc.pid)
+    assert set(workers) == {"0", "1"}
+    os.kill(workers["1"], signal.SIGTERM)  # rank 1 only: rank 0 must learn of it and stop at the same step
+    rc, out = finished(proc)
+    assert rc != 0 and "continue with: python main.py --resume" in out, out[-3000:]
+    assert out.count("received: saved") == 1  # one message, one last.pt, from rank 0
+    assert (run / "INCOMPLETE").exists() and (run / "last.pt").exists() and not (run / "metrics.json").exists()
+    done = int(runs.read_checkpoint(run / "last.pt")["state"]["epoch"])
+    assert 2 <= done < 40
+    shutil.copytree(run, tmp_path / "alone")
+    rc, out = finished(torchrun(["--resume", str(run)], cwd=tmp_path))
+    assert rc == 0, out[-3000:]
+    assert main.main(["--resume", str(tmp_path / "alone"), "--quiet"]) == 0  # another number of processes
+    for folder in (run, tmp_path / "alone"):
+        epochs = [int(line.split(",")[0]) for line in (folder / "history.csv").read_text().splitlines()[1:]]
+        assert epochs == list(range(1, 41)) and (folder / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- shards, in one tiny in-process job
+N_TRAIN, BATCH = 50, 8
+
+
+class Recording(cache.TensorRows):
+    """Training images that note which rows each step reads."""
+
+    def __init__(self, images: np.ndarray, log: list):
+        super().__init__(cache.ImageRows(images))
+        self.log = log
+
+    def __getitem__(self, idx):
+        self.log.append(np.asarray(idx).tolist())
+        return super().__getitem__(idx)
+
+
+def _fit_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    ranks = distributed.Context.from_env()
+    distributed.start(ranks, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (N_TRAIN + 20, 20, 20), dtype=np.uint8)
+    labels = torch.from_numpy(np.arange(N_TRAIN + 20) % 2).float()
+    log: list = []
+    torch.manual_seed(0)
+    model = PneumoniaCNN((4, 8, 8))
+    cfg = train.TrainConfig(epochs=2, batch_size=BATCH, lr=0.01, pos_weight=0.6, patience=0, progress=False, ranks=ranks)
+    val = cache.TensorRows(cache.ImageRows(images[N_TRAIN:]))
+    state = train.fit(model, (Recording(images[:N_TRAIN], log), labels[:N_TRAIN]), (val, labels[N_TRAIN:]),
+                      Preprocess(16), cfg, Path(out), None)
+    weights = float(sum(p.double().sum() for p in model.state_dict().values()))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"steps": log, "history": state.history, "weights": weights}))
+    distributed.stop(ranks)
+
+
+def test_each_epoch_the_ranks_train_on_disjoint_shards_that_cover_every_image(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fit_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    steps = -(-N_TRAIN // BATCH)
+    for epoch in range(2):
+        shards = [sum(g["steps"][epoch * steps:(epoch + 1) * steps], []) for g in got]
+        assert not set(shards[0]) & set(shards[1])
+        assert sorted(shards[0] + shards[1]) == list(range(N_TRAIN))
+        assert len(shards[0]) == len(shards[1]) == N_TRAIN // 2
+    assert got[0]["history"] == got[1]["history"] or all(  # the same validation figures on both ranks
+        {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+        for a, b in zip(got[0]["history"], got[1]["history"]))
+    assert got[0]["weights"] == pytest.approx(got[1]["weights"], rel=1e-6)  # one model, kept in step
+    assert (tmp_path / "last.pt").exists()  # written by rank 0
+
+
+def test_a_batch_is_shared_without_overlap_and_a_tiny_last_batch_goes_round():
+    batch = torch.arange(10, 17)
+    shares = [distributed.Context(r, 3).share(batch) for r in range(3)]
+    assert sorted(torch.cat([s[0] for s in shares]).tolist()) == batch.tolist()
+    assert [s[1].tolist() for s in shares] == [[0, 3, 6], [1, 4], [2, 5]]
+    tiny = [distributed.Context(r, 3).share(torch.tensor([7]))[0].tolist() for r in range(3)]
+    assert tiny == [[7], [7], [7]]
+    assert distributed.Context().share(batch)[1] is None  # one process: all of it, draws as before
