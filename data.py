@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
 from cache import ImageCache, ImageRows, TensorRows, load_images
 from images import DICOM_SUFFIXES, cache_size, header, is_dicom, view_problem
@@ -20,6 +19,8 @@ CLASSES = ("NORMAL", "PNEUMONIA")  # label = index: NORMAL=0, PNEUMONIA=1
 CAUSES = ("NORMAL", "BACTERIAL", "VIRAL")  # --task cause: class = index; -1 where a pneumonia file's name says neither
 JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 SPLITS = ("train", "val", "test")
+# torchvision's IMG_EXTENSIONS, written out: importing torchvision for a tuple costs each process 160 MB
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class DataError(Exception):
@@ -68,7 +69,7 @@ def _walk(directory: str, seen: set[str], skipped: list):
 
 def is_image_file(path: str) -> bool:
     """An image by its extension (torchvision's list, plus .dcm), or an extension-less DICOM file."""
-    return has_file_allowed_extension(path, IMG_EXTENSIONS + DICOM_SUFFIXES) or is_dicom(path)
+    return path.lower().endswith(IMAGE_EXTENSIONS + DICOM_SUFFIXES) or is_dicom(path)
 
 
 def list_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -111,14 +112,14 @@ def _class_roots(root: str, skipped: list) -> list[str]:
 def find_images(root: str) -> Found:
     """Every image file in NORMAL/PNEUMONIA folders under `root`, however the Kaggle zip unpacked.
 
-    torchvision's `find_classes` names the class folders and its extension list picks images; its
-    `make_dataset` walk is not used because it follows symlinks without loop detection.
+    Class folders and image extensions as torchvision's ImageFolder sees them; its `make_dataset`
+    walk is not used because it follows symlinks without loop detection.
     """
     found, seen = Found(), set()
     if not os.path.isdir(root):
         raise NoImagesFound(f"data folder '{root}' does not exist")
     for class_root in _class_roots(root, found.skipped):
-        for name in find_classes(class_root)[0]:
+        for name in sorted(e.name for e in os.scandir(class_root) if e.is_dir()):
             folder = os.path.join(class_root, name)
             if name.startswith(".") or name in JUNK_NAMES:
                 continue  # already recorded by _class_roots

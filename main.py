@@ -139,7 +139,8 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
                "validation": {"auc": state.best_auc, "best_epoch": state.best_epoch,
                               "threshold_policy": s.threshold, "threshold": scorer.threshold},
                "training_failure": state.failure,
-               "provenance": {"command": s.command, "versions": runs.versions(), "device": str(device)}}
+               "provenance": {"command": s.command, "versions": runs.versions(), "device": str(device),
+                              "processes": ranks.world}}
     runs.write_json(run_dir / "timing.json", {"seconds_since_data_loaded": round(time.perf_counter() - started, 1),
                                               "epochs_run": state.epoch})
     write_results(s, run_dir, metrics)

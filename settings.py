@@ -182,6 +182,14 @@ def default_cache_dir() -> str:
     return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pneumonia-cnn")
 
 
+def launcher() -> list[str]:
+    """How this process was started, for the model card: python, or torchrun with its process count."""
+    world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if world == 1:
+        return ["python"]
+    return ["torchrun", f"--nproc_per_node={local}"] + ([f"--nnodes={world // local}"] if world != local else [])
+
+
 # flags that change how a run executes, not what it computes: a resumed run takes them from the command line
 RUNTIME_FLAGS = ("quiet", "device", "workers", "cache_dir", "no_cache", "compile")
 
@@ -244,7 +252,7 @@ class Settings:
         for name in ("gamma", "contrast", "brightness"):
             if values[name] is None:
                 values[name] = 0.0 if values["demo"] else getattr(Augment(), name)
-        values["command"] = shlex.join(["python", "main.py", *argv])
+        values["command"] = shlex.join([*launcher(), "main.py", *argv])
         if values["cam_target"] in ("bacterial", "viral") and values["task"] != "cause":
             parser.error(f"argument --cam-target: {values['cam_target']} needs --task cause")
         return cls.from_dict(values, given=frozenset(parser.given(argv)))

@@ -11,7 +11,7 @@ Usage:
       discovery, hashing and the first decode into a fresh cache, measures the cache on disk, and runs
       `main.py --epochs 1` on it, sampling its memory: peak RSS during the epoch against the size of the
       decoded dataset.
-Memory is sampled every 0.2 s from /proc/<pid>/smaps_rollup of every process of the job (Linux only).
+Memory is sampled every 0.5 s from /proc/<pid>/smaps_rollup of every process of the job (Linux only).
 """
 import argparse
 import json
@@ -70,25 +70,25 @@ def _memory(pid: int) -> dict[str, int] | None:
     return {k: int(fields[k].split()[0]) * 1024 for k in ("Rss", "Pss", "Anonymous")}
 
 
-def _role(pid: int, root: int, parents: dict[int, int]) -> str:
+def _role(pid: int, root: int, parents: dict[int, int], torchrun: bool) -> str:
     """'rank N' for a training process, 'rank N helper' for its decode workers, 'torchrun agent' for torchrun."""
+    if pid == root:
+        return "torchrun agent" if torchrun else "rank 0"
     try:
         env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
     except OSError:
         return "gone"
     if "RANK" not in env:
-        return "rank 0" if pid == root else "rank 0 helper"
-    parent_env = Path(f"/proc/{parents.get(pid, 0)}/environ")
-    helper = parent_env.exists() and "RANK=" in parent_env.read_text()
-    return f"rank {env['RANK']}" + (" helper" if helper else "") if pid != root else "torchrun agent"
+        return "rank 0 helper"
+    return f"rank {env['RANK']}" + (" helper" if parents.get(pid) != root else "")
 
 
 class Sampler(threading.Thread):
     """Samples every process of a job until stopped: per role peak RSS and PSS, and the job's peak sums."""
 
-    def __init__(self, root: int, interval: float = 0.2):
+    def __init__(self, root: int, torchrun: bool, interval: float = 0.5):
         super().__init__(daemon=True)
-        self.root, self.interval, self.done = root, interval, threading.Event()
+        self.root, self.torchrun, self.interval, self.done = root, torchrun, interval, threading.Event()
         self.samples: list[tuple[float, dict[str, dict[str, int]]]] = []
 
     def run(self):
@@ -100,7 +100,7 @@ class Sampler(threading.Thread):
                 mem = _memory(pid)
                 if mem is None:
                     continue
-                role = roles.setdefault(pid, _role(pid, self.root, parents))
+                role = roles.setdefault(pid, _role(pid, self.root, parents, self.torchrun))
                 total = now.setdefault(role, {"Rss": 0, "Pss": 0, "Anonymous": 0})
                 for k, v in mem.items():
                     total[k] += v
@@ -110,7 +110,7 @@ class Sampler(threading.Thread):
     def peaks(self, since: float = 0.0, until: float = float("inf")) -> dict:
         """Per role the peak of each figure (MB), and the job's peak total RSS and PSS, between two times."""
         out: dict[str, dict[str, float]] = {}
-        job = {"Rss": 0, "Pss": 0}
+        job, ranks = {"Rss": 0, "Pss": 0}, {"Rss": 0, "Pss": 0}
         for t, now in self.samples:
             if not since <= t <= until:
                 continue
@@ -120,7 +120,8 @@ class Sampler(threading.Thread):
                     peak[k] = max(peak[k], v / MB)
             for k in job:
                 job[k] = max(job[k], sum(m[k] for m in now.values()) / MB)
-        return {"per_role": out, "job": job}
+                ranks[k] = max(ranks[k], sum(m[k] for r, m in now.items() if r != "torchrun agent") / MB)
+        return {"per_role": out, "job": job, "ranks": ranks}
 
 
 def run_sampled(cmd: list[str], log: Path, marker: str = "model:", env: dict | None = None) -> dict:
@@ -128,7 +129,7 @@ def run_sampled(cmd: list[str], log: Path, marker: str = "model:", env: dict | N
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
-    sampler = Sampler(proc.pid)
+    sampler = Sampler(proc.pid, torchrun="torch.distributed.run" in cmd)
     sampler.start()
     marked = None
     with open(log, "w") as f:
@@ -145,8 +146,10 @@ def run_sampled(cmd: list[str], log: Path, marker: str = "model:", env: dict | N
 def _roles_text(peaks: dict) -> str:
     rows = [f"    {role:<18} peak RSS {m['Rss']:7.0f} MB  PSS {m['Pss']:7.0f} MB  anonymous {m['Anonymous']:7.0f} MB"
             for role, m in sorted(peaks["per_role"].items()) if role != "gone"]
+    rows.append(f"    {'all ranks':<18} peak RSS {peaks['ranks']['Rss']:7.0f} MB  PSS {peaks['ranks']['Pss']:7.0f} MB "
+                f"(sums over the training processes and their helpers at one moment)")
     rows.append(f"    {'whole job':<18} peak RSS {peaks['job']['Rss']:7.0f} MB  PSS {peaks['job']['Pss']:7.0f} MB "
-                f"(sums over its processes at one moment)")
+                f"(the same, with the torchrun agent)")
     return "\n".join(rows)
 
 
@@ -174,9 +177,10 @@ def memory(args) -> None:
               f"sensitivity {t['sensitivity']:.4f} specificity {t['specificity']:.4f}; half A AUC {a['auc']:.4f} "
               f"specificity {a['specificity']:.4f}")
         print(_roles_text(got["sampler"].peaks()))
-    one, two = (results[k][0]["sampler"].peaks()["job"] for k in ("1 process", "2 processes"))
-    print(f"  2 processes / 1 process: wall {results['2 processes'][0]['wall'] / results['1 process'][0]['wall']:.2f}x, "
-          f"job peak PSS {two['Pss'] / one['Pss']:.2f}x, job peak RSS {two['Rss'] / one['Rss']:.2f}x")
+    one, two = (results[k][0]["sampler"].peaks() for k in ("1 process", "2 processes"))
+    print(f"  2 processes / 1 process: wall {results['2 processes'][0]['wall'] / results['1 process'][0]['wall']:.2f}x; "
+          f"peak PSS of the ranks {two['ranks']['Pss'] / one['ranks']['Pss']:.2f}x, of the whole job "
+          f"{two['job']['Pss'] / one['job']['Pss']:.2f}x; peak RSS of the ranks {two['ranks']['Rss'] / one['ranks']['Rss']:.2f}x")
 
 
 # ---------------------------------------------------------------- simulate: a 100,000-image archive
