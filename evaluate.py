@@ -19,7 +19,7 @@ from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, Roc
 import data
 import gradcam
 import train
-from cache import ImageCache
+from cache import ImageCache, TensorRows
 from images import input_warnings
 from runs import write_csv
 from transforms import Preprocess
@@ -221,7 +221,7 @@ def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note
 
     Returns ({"test": metrics, "gradcam": checks}, y_true, y_prob); writes predictions.csv into `out`.
     """
-    images = torch.from_numpy(ds.images[idx]).unsqueeze(1)
+    images = TensorRows(ds.images.take(idx))  # read batch by batch: a large test split is never held whole
     y_prob, classes = scorer.predict(images)
     y_true = ds.labels[idx].astype(int)
     patients = [ds.patients[i] for i in idx]

@@ -152,28 +152,48 @@ def randomisation_test(model: nn.Module, x: torch.Tensor, seed: int = 0,
     return result, examples
 
 
-def border_mass(maps: np.ndarray, frame: float = 0.10) -> dict:
-    """Share of CAM mass in the outer `frame` of the image (markers and text sit there) against its area."""
-    h, w = maps.shape[-2:]
+def _frame(shape: tuple[int, int], frame: float) -> np.ndarray:
+    """True on the outer `frame` of an image of that shape."""
+    h, w = shape
     dh, dw = int(round(h * frame)), int(round(w * frame))
     inner = np.zeros((h, w), bool)
     inner[dh:h - dh, dw:w - dw] = True
+    return ~inner
+
+
+def border_shares(maps: np.ndarray, frame: float = 0.10) -> np.ndarray:
+    """Per map, its share of CAM mass in the outer `frame`; NaN for an all-zero map."""
     total = maps.reshape(len(maps), -1).sum(1)
-    share = maps[:, ~inner].sum(1) / np.maximum(total, 1e-12)
-    valid = total > 0
-    return {"border_mass_share": float(share[valid].mean()) if valid.any() else float("nan"),
-            "border_area_share": float((~inner).mean()), "frame": frame, "images": int(valid.sum())}
+    share = maps[:, _frame(maps.shape[-2:], frame)].sum(1) / np.maximum(total, 1e-12)
+    return np.where(total > 0, share, np.nan)
 
 
-def localisation(maps: np.ndarray, masks: np.ndarray) -> dict:
-    """Pointing game (is the CAM maximum inside the lesion?) and the CAM mass inside lesions vs their area."""
-    hits, mass, area = [], [], []
-    for cam, mask in zip(maps, masks):
-        if cam.max() <= 0 or not mask.any():
-            continue
-        hits.append(bool(mask.flat[int(np.argmax(cam))]))
-        mass.append(float(cam[mask].sum() / cam.sum()))
-        area.append(float(mask.mean()))
+def border_mass(maps: np.ndarray, frame: float = 0.10, shares: np.ndarray | None = None) -> dict:
+    """Share of CAM mass in the outer `frame` of the image (markers and text sit there) against its area.
+
+    `shares` (from border_shares, gathered batch by batch) stands in for the maps of a large set.
+    """
+    shares = border_shares(maps, frame) if shares is None else shares
+    valid = ~np.isnan(shares)
+    return {"border_mass_share": float(shares[valid].mean()) if valid.any() else float("nan"),
+            "border_area_share": float(_frame(maps.shape[-2:], frame).mean()), "frame": frame,
+            "images": int(valid.sum())}
+
+
+def _localise(cam: np.ndarray, mask: np.ndarray) -> tuple[bool, float, float] | None:
+    """(maximum inside the lesion, CAM mass inside it, its area) of one map; None without a map or a lesion."""
+    if cam.max() <= 0 or not mask.any():
+        return None
+    return bool(mask.flat[int(np.argmax(cam))]), float(cam[mask].sum() / cam.sum()), float(mask.mean())
+
+
+def localisation(maps: np.ndarray, masks: np.ndarray, found: list | None = None) -> dict:
+    """Pointing game (is the CAM maximum inside the lesion?) and the CAM mass inside lesions vs their area.
+
+    `found` (_localise's results, gathered batch by batch) stands in for the maps and masks of a large set.
+    """
+    found = [r for r in (found if found is not None else map(_localise, maps, masks)) if r is not None]
+    hits, mass, area = ([r[k] for r in found] for k in range(3))
     n = len(hits)
     return {"pointing_game": float(np.mean(hits)) if n else float("nan"), "images": n,
             "mass_in_lesions": float(np.mean(mass)) if n else float("nan"),
@@ -247,7 +267,6 @@ def explain(scorer, images: torch.Tensor, y_true: np.ndarray, y_prob: np.ndarray
     `scorer` (an evaluate.Scorer) gives the model, preprocessing, threshold, device, target and seed.
     """
     s = scorer
-    x, maps, shown = _maps(s, images)
     y_pred = (y_prob >= s.threshold).astype(int)
     outcome = np.where(y_true == 1, np.where(y_pred == 1, "TP", "FN"), np.where(y_pred == 1, "FP", "TN"))
     (out / "gradcam").mkdir(exist_ok=True)
@@ -256,19 +275,29 @@ def explain(scorer, images: torch.Tensor, y_true: np.ndarray, y_prob: np.ndarray
         return f"{outcome[i]} p={y_prob[i]:.2f} true={CLASSES[y_true[i]]}"
 
     picks = [i for kind in ("TP", "TN", "FP", "FN") for i in np.flatnonzero(outcome == kind)[:4]]
+    _, maps, shown = _maps(s, images[picks])
     for kind in ("TP", "TN", "FP", "FN"):  # two full-size overlays per outcome; the grid shows four
-        for i in np.flatnonzero(outcome == kind)[:2]:
-            save_overlay(shown[i], maps[i], describe(i) + note, out / "gradcam" / f"{kind}_{i:04d}.png")
-    save_grid(shown[picks], maps[picks], [describe(i) for i in picks], out / "gradcam_grid.png",
+        for k in [k for k, i in enumerate(picks) if outcome[i] == kind][:2]:
+            save_overlay(shown[k], maps[k], describe(picks[k]) + note, out / "gradcam" / f"{kind}_{picks[k]:04d}.png")
+    save_grid(shown, maps, [describe(i) for i in picks], out / "gradcam_grid.png",
               suptitle=f"Grad-CAM ({s.cam_target} evidence), up to 4 per outcome{note}")
+    shares, located = [], []
+    for start in range(0, len(images), 512):  # every image's map, a batch at a time: a large test set never sits in memory
+        batch = slice(start, start + 512)
+        _, maps, _ = _maps(s, images[batch])
+        shares.append(border_shares(maps))
+        if masks is not None:
+            hit = outcome[batch] == "TP"
+            located += map(_localise, maps[hit], centre_crop(masks[batch], s.prep.image_size)[hit])
     layer = next(name for name, module in s.model.named_children() if module is s.model.cam_layer)
-    result = {"target": s.cam_target, "layer": layer, "border": border_mass(maps)}
-    result["randomisation"], stages = randomisation_test(s.model, x[: min(32, len(x))], s.seed)
-    save_randomisation_figure(shown, stages, result["randomisation"]["stages"],
+    result = {"target": s.cam_target, "layer": layer, "border": border_mass(maps, shares=np.concatenate(shares))}
+    first = images[:min(32, len(images))]
+    result["randomisation"], stages = randomisation_test(s.model, s.prep.eval(first.to(s.device)).contiguous(
+        memory_format=torch.channels_last), s.seed)
+    save_randomisation_figure(s.prep.crop(first).numpy()[:, 0], stages, result["randomisation"]["stages"],
                               result["randomisation"]["median_spearman"], out / "gradcam_randomisation.png")
     if masks is not None:
-        hit = outcome == "TP"
-        result["localisation"] = localisation(maps[hit], centre_crop(masks, s.prep.image_size)[hit])
+        result["localisation"] = localisation(None, None, located)
     return result
 
 

@@ -128,7 +128,7 @@ def run_sampled(cmd: list[str], log: Path, marker: str = "model:", env: dict | N
     """Run `cmd`, sampling its memory; returns wall seconds, exit code, the time `marker` was printed and the sampler."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})  # lines as they are printed
     sampler = Sampler(proc.pid, torchrun="torch.distributed.run" in cmd)
     sampler.start()
     marked = None
