@@ -99,6 +99,12 @@ def run_train(s: Settings) -> int:
         raise UsageError(str(err)) from None
     try:
         return train_and_score(s if ranks.main else dataclasses.replace(s, quiet=True), ranks, device)
+    except RuntimeError as err:
+        if ranks.active:  # most often a collective that lost a dead rank: say so before the traceback
+            print(f"error: rank {ranks.rank} stopped: {str(err).splitlines()[0][:200]}\nIf another rank died, "
+                  f"torchrun's report names it; `--resume` the run folder to continue from its last finished "
+                  f"epoch.", file=sys.stderr)
+        raise
     finally:
         distributed.stop(ranks)
 
