@@ -98,7 +98,7 @@ def run_train(s: Settings) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     try:
-        return train_and_score(s if ranks.main else dataclasses.replace(s, quiet=True), ranks, device)
+        return train_and_score(s, ranks, device)
     except RuntimeError as err:
         if ranks.active:  # most often a collective that lost a dead rank: say so before the traceback
             print(f"error: rank {ranks.rank} stopped: {str(err).splitlines()[0][:200]}\nIf another rank died, "
@@ -112,6 +112,8 @@ def run_train(s: Settings) -> int:
 def train_and_score(s: Settings, ranks: distributed.Context, device: torch.device) -> int:
     """Train, then (rank 0 only) evaluate and explain; every rank trains on its share of each batch."""
     s, run_dir, resume = resolve_run(s, ranks)
+    if not ranks.main:
+        s = dataclasses.replace(s, quiet=True)  # no progress bars off rank 0 (stdout is silenced by distributed.start)
     train.set_seed(s.seed)  # the model's initial weights
     with distributed.local_main_first(ranks):  # the first rank of each machine fills the decode cache
         ds = load_training_data(s, run_dir, resume is not None, ranks)

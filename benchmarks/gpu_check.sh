@@ -2,7 +2,8 @@
 # The CUDA path end to end, timed, in one go: `bash benchmarks/gpu_check.sh [OUT_DIR]` on a GPU machine.
 # Needs the real data under $PNEUMONIA_SHARED_DATA (default ../shared/data). Steps: a tiny demo run on
 # cuda (stops here if the CUDA path is broken), the default real run on cuda, the same with --compile,
-# the same with --task cause, and the pipeline benchmark where its full-resolution images are present. Set CPU_RUN=runs/X to print
+# the same with --task cause, the pipeline benchmark where its full-resolution images are present, and
+# decode plus one epoch of a 20,000-image synthetic archive (benchmarks/scale_out.py simulate). Set CPU_RUN=runs/X to print
 # a CPU run's metrics beside the GPU's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,9 @@ if [ -d "$SHARED/chest_xray_fullres_train" ]; then
 else
   echo "bench_pipeline  skipped: $SHARED/chest_xray_fullres_train not present"
 fi
+# decode plus one epoch at scale: 20,000 synthetic phantoms, first decode into the mapped cache, then main.py --epochs 1
+timed simulate_20k $PY benchmarks/scale_out.py simulate --images 20000 --root /tmp/pneumonia-synthetic-20k \
+  --out "$OUT/simulate" && cat "$OUT/simulate_20k.log"
 $PY - "$OUT" "${CPU_RUN:-}" <<'PYEOF'
 import json, sys
 from pathlib import Path
