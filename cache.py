@@ -193,13 +193,14 @@ def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | N
             unreadable[i] = f"unreadable file: {err.strerror}"
     if cache.dir:
         key = cache.key(hashes)
-        opened = cache.open(key, hashes)
-        if opened is None:
-            try:
+        try:
+            opened = cache.open(key, hashes)
+            if opened is None:
                 _build(cache, key, paths, hashes, unreadable, workers, progress)
                 opened = cache.open(key, hashes)
-            except OSError as err:  # read-only folder, no space left: slower, never fatal
-                cache.warn(err)
+        except OSError as err:  # read-only folder, no space left, a file that cannot be mapped: slower, never fatal
+            cache.warn(err)
+            opened = None
         cache.save_hashes()
         if opened is not None:
             return opened

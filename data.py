@@ -19,7 +19,7 @@ CLASSES = ("NORMAL", "PNEUMONIA")  # label = index: NORMAL=0, PNEUMONIA=1
 CAUSES = ("NORMAL", "BACTERIAL", "VIRAL")  # --task cause: class = index; -1 where a pneumonia file's name says neither
 JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 SPLITS = ("train", "val", "test")
-# torchvision's IMG_EXTENSIONS, written out: importing torchvision for a tuple costs each process 160 MB
+# torchvision's IMG_EXTENSIONS, written out: importing torchvision for a tuple cost each process 155 MB
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -318,6 +318,8 @@ def _near_pairs(thumbs: np.ndarray, limit: float) -> np.ndarray:
     (each neighbour direction once), a few million candidate pairs at a time, which keeps 100,000
     images to a minute and under a gigabyte instead of a comparison of every pair.
     """
+    if len(thumbs) < 2:
+        return np.zeros((0, 2), dtype=np.int64)
     probes = thumbs[:, PROBE_PIXELS]
     cells = np.floor(probes / (limit + 0.01)).astype(np.int64)  # + 0.01: an edge float stays a neighbour
     cells -= cells.min(0) - 1  # from 1, so that a -1 offset stays a valid digit

@@ -399,3 +399,4 @@ def test_near_copy_pairs_from_the_grid_are_exactly_the_brute_force_pairs(spread)
     every = np.abs(thumbs[:, None] - thumbs[None]).max(2) <= data.NEAR_COPY_GREY
     brute = {(int(i), int(j)) for i, j in zip(*np.nonzero(every)) if i < j}
     assert len(brute) > 1000 and grid == brute
+    assert data._near_pairs(thumbs[:1], data.NEAR_COPY_GREY).shape == (0, 2)  # one image, or none: no pairs
