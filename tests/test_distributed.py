@@ -102,13 +102,15 @@ def test_sigterm_on_one_rank_stops_both_and_the_run_resumes_with_two_or_one_proc
     assert (run / "INCOMPLETE").exists() and (run / "last.pt").exists() and not (run / "metrics.json").exists()
     done = int(runs.read_checkpoint(run / "last.pt")["state"]["epoch"])
     assert 2 <= done < 40
+    finished_rows = (run / "history.csv").read_text().splitlines()[:1 + done]  # with their wall seconds
     shutil.copytree(run, tmp_path / "alone")
     rc, out = finished(torchrun(["--resume", str(run)], cwd=tmp_path))
     assert rc == 0, out[-3000:]
     assert main.main(["--resume", str(tmp_path / "alone"), "--quiet"]) == 0  # another number of processes
     for folder in (run, tmp_path / "alone"):
-        epochs = [int(line.split(",")[0]) for line in (folder / "history.csv").read_text().splitlines()[1:]]
-        assert epochs == list(range(1, 41)) and (folder / "metrics.json").exists()
+        rows = (folder / "history.csv").read_text().splitlines()
+        assert rows[:1 + done] == finished_rows  # continued from last.pt, not trained again from the start
+        assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, 41)) and (folder / "metrics.json").exists()
 
 
 # ---------------------------------------------------------------- shards, in one tiny in-process job
