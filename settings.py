@@ -87,11 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The training command (the default): every flag with its default."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = Parser(prog="main.py", description=DESCRIPTION, formatter_class=fmt,
-               epilog="Sub-commands: `main.py evaluate --help`, `main.py predict --help`.")
+               epilog="Sub-commands: `main.py evaluate --help`, `main.py predict --help`. Data-parallel training on "
+                      "N GPUs or CPU processes: `torchrun --standalone --nproc_per_node=N main.py [flags]`.")
     p.add_argument("--data", default="archive", help="folder holding the unzipped Kaggle archive (any NORMAL/ and PNEUMONIA/ folders below it)")
     p.add_argument("--out", default=None, help="run folder (default runs/<YYYYmmdd-HHMMSS>); must not exist yet")
     p.add_argument("--epochs", type=POSITIVE_INT, default=25, help="maximum training epochs")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="training batch size")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32,
+                   help="training batch size; under torchrun the global batch, split evenly over the processes")
     p.add_argument("--lr", type=number(float, 0, open_low=True), default=0.05, help="peak learning rate of the OneCycle SGD schedule")
     p.add_argument("--pos-weight", type=number(float, 0, open_low=True), default=0.6, help="BCEWithLogitsLoss pos_weight for the PNEUMONIA class")
     p.add_argument("--label-smoothing", type=number(float, 0, 1, open_high=True), default=0.0, help="training targets moved this far towards 0.5 (0 = off)")
