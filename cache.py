@@ -195,9 +195,9 @@ def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | N
         key = cache.key(hashes)
         try:
             opened = cache.open(key, hashes)
-            if opened is None:
-                _build(cache, key, paths, hashes, unreadable, workers, progress)
-                opened = cache.open(key, hashes)
+            if opened is None:  # the CRCs were just computed from the images written: no second read to check them
+                errors = _build(cache, key, paths, hashes, unreadable, workers, progress)
+                opened = map_array(cache.dir / f"{key}.u8", len(paths), size), errors
         except OSError as err:  # read-only folder, no space left, a file that cannot be mapped: slower, never fatal
             cache.warn(err)
             opened = None
@@ -214,8 +214,9 @@ def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | N
 
 
 def _build(cache: ImageCache, key: str, paths: list[str], hashes: list[str | None], unreadable: dict[int, str],
-           workers: int | None, progress: bool) -> None:
+           workers: int | None, progress: bool) -> list[str | None]:
     """Write the array `key`: rows other arrays hold are copied, the rest decoded; then its index, both atomically.
+    Returns the decode error (or None) of every row.
 
     Rows are written with pwrite, never through a mapping, so a full disk raises an OSError here
     instead of killing the process.
@@ -256,6 +257,7 @@ def _build(cache: ImageCache, key: str, paths: list[str], hashes: list[str | Non
             tmp.unlink()
     index = {"version": CACHE_VERSION, "size": size, "hashes": hashes, "errors": errors, "crc": crc}
     atomic_write(cache.dir / f"{key}.json", lambda f: f.write(json.dumps(index).encode()))
+    return errors
 
 
 def _mapping(array: np.ndarray) -> mmap.mmap | None:

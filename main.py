@@ -122,7 +122,8 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
         data.write_split_files(run_dir, ds)
     print("config:", json.dumps({**s.config(), "device": str(device), "processes": ranks.world}))
     audit = data.audit(ds) if ranks.main else {}
-    print(report.data_summary(audit) if ranks.main else "")
+    if ranks.main:
+        print(report.data_summary(audit))
     prep, model = build_model(s, ds, device)
     started = time.perf_counter()
     on_device = [(train.to_device(images, device), labels.to(device))

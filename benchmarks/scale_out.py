@@ -51,8 +51,8 @@ def _children() -> dict[int, int]:
     return out
 
 
-def _tree(root: int) -> list[int]:
-    parents, pids, todo = _children(), [], [root]
+def _tree(root: int, parents: dict[int, int]) -> list[int]:
+    pids, todo = [], [root]
     while todo:
         pid = todo.pop()
         pids.append(pid)
@@ -96,7 +96,7 @@ class Sampler(threading.Thread):
         while not self.done.is_set():
             parents = _children()
             now = {}
-            for pid in _tree(self.root):
+            for pid in _tree(self.root, parents):
                 mem = _memory(pid)
                 if mem is None:
                     continue
