@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import images as decoding
+import progress
 from runs import atomic_write
 
 CACHE_VERSION = 3  # bump when images.decode_image changes what it returns
@@ -149,12 +149,12 @@ def _decode_job(job: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:
         return None, f"unreadable image: {type(err).__name__}: {err}".splitlines()[0][:200]
 
 
-def _decode_all(paths: list[str], size: int, todo: list[int], put, workers: int | None, progress: bool) -> None:
+def _decode_all(paths: list[str], size: int, todo: list[int], put, workers: int | None, show: bool) -> None:
     """Decode paths[i] for i in todo, on every core, handing each (i, image or None, error) to `put`."""
     jobs = [(paths[i], size) for i in todo]
     # every core, but at least 8 files per worker: for fewer, starting a process costs more than it saves
     workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 8))
-    bar = tqdm(total=len(jobs), desc="decoding images (once)", unit="img", disable=not progress or not jobs)
+    bar = progress.track(len(jobs), "decoding images (once)", "images", show)
     with ProcessPoolExecutor(workers) if workers > 1 else _Serial() as pool:
         results = pool.map(_decode_job, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
         for i, (image, err) in zip(todo, results):
@@ -178,7 +178,7 @@ class _Serial:
 
 
 def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | None = None,
-                progress: bool = True) -> tuple[np.ndarray, list[str | None]]:
+                show: bool = True) -> tuple[np.ndarray, list[str | None]]:
     """Decode `paths` to an N x size x size uint8 array (mapped from the cache when it has one).
 
     Returns the images and, per path, None or the reason it could not be read (its image is zeros).
@@ -196,7 +196,7 @@ def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | N
         try:
             opened = cache.open(key, hashes)
             if opened is None:  # the CRCs were just computed from the images written: no second read to check them
-                errors = _build(cache, key, paths, hashes, unreadable, workers, progress)
+                errors = _build(cache, key, paths, hashes, unreadable, workers, show)
                 opened = map_array(cache.dir / f"{key}.u8", len(paths), size), errors
         except OSError as err:  # read-only folder, no space left, a file that cannot be mapped: slower, never fatal
             cache.warn(err)
@@ -209,12 +209,12 @@ def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | N
 
     def put(i, image, err):
         images[i], errors[i] = (image if image is not None else 0), err
-    _decode_all(paths, size, [i for i in range(len(paths)) if i not in unreadable], put, workers, progress)
+    _decode_all(paths, size, [i for i in range(len(paths)) if i not in unreadable], put, workers, show)
     return images, errors
 
 
 def _build(cache: ImageCache, key: str, paths: list[str], hashes: list[str | None], unreadable: dict[int, str],
-           workers: int | None, progress: bool) -> list[str | None]:
+           workers: int | None, show: bool) -> list[str | None]:
     """Write the array `key`: rows other arrays hold are copied, the rest decoded; then its index, both atomically.
     Returns the decode error (or None) of every row.
 
@@ -246,7 +246,7 @@ def _build(cache: ImageCache, key: str, paths: list[str], hashes: list[str | Non
                 put(i, None, unreadable[i])
             else:
                 todo.append(i)
-        _decode_all(paths, size, todo, put, workers, progress)
+        _decode_all(paths, size, todo, put, workers, show)
         os.close(fd)
         fd = -1
         os.replace(tmp, final)

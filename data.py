@@ -13,10 +13,9 @@ import torch
 
 from cache import ImageCache, ImageRows, TensorRows, load_images
 from images import DICOM_SUFFIXES, cache_size, header, is_dicom, view_problem
+from labels import CAUSES, CLASSES
 from runs import write_csv
 
-CLASSES = ("NORMAL", "PNEUMONIA")  # label = index: NORMAL=0, PNEUMONIA=1
-CAUSES = ("NORMAL", "BACTERIAL", "VIRAL")  # --task cause: class = index; -1 where a pneumonia file's name says neither
 JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 SPLITS = ("train", "val", "test")
 # torchvision's IMG_EXTENSIONS, written out: importing torchvision for a tuple cost each process 155 MB
@@ -179,6 +178,15 @@ def patient_id(path: str) -> str:
         if match:
             return match.group(1)
     return "file:" + path
+
+
+def patient_of(path: str) -> str:
+    """For predict's CSV: the child as patient_id finds it, or '' where neither a header nor the file name says."""
+    try:
+        found = patient_id(path)
+    except Exception:  # an unreadable DICOM header: predict reports the file's own error
+        return ""
+    return "" if found.startswith("file:") else found
 
 
 def split_groups(labels, groups, fractions=(0.70, 0.15, 0.15), seed: int = 0) -> np.ndarray:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from labels import CLASSES
+
 SIZE = 192
 
 
@@ -64,13 +66,13 @@ def make_phantoms(out: str | Path, patients_per_class: int = 60, images_per_pati
         (out / name).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     serial = 1000
-    for label in ("NORMAL", "PNEUMONIA"):
+    for label in CLASSES:
         for p in range(1, patients_per_class + 1):
             patient = np.random.default_rng(rng.integers(2**32))  # shared look across one child's images
             kind = "bacteria" if p % 3 else "virus"
             for k in range(1, images_per_patient + 1):
                 img, lungs = _anatomy(rng, np.random.default_rng(patient.integers(2**32)))
-                if label == "NORMAL":
+                if label == CLASSES[0]:
                     name = f"IM-{p:04d}-{k:04d}.png"
                 else:
                     serial += 1

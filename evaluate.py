@@ -18,11 +18,11 @@ from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, Roc
 
 import data
 import gradcam
-import train
 from cache import ImageCache, TensorRows
 from images import input_warnings
+from infer import Predictor
+from labels import CAUSES, CLASS_COLUMNS, CLASSES
 from runs import write_csv
-from transforms import Preprocess
 
 BOOTSTRAP_RESAMPLES = 2000
 METRICS = ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv")
@@ -168,14 +168,14 @@ def score_cause(causes: np.ndarray, classes: np.ndarray, patients, cause_thresho
     known = causes >= 0
     causes, classes, patients = causes[known], classes[known], np.asarray(patients)[known]
     weights, codes = patient_resamples(patients, n_resamples, seed)
-    draws = np.stack([auc_draws(causes == c, classes[:, c], weights, codes) for c in range(len(data.CAUSES))])
-    aucs = [float(roc_auc_score(causes == c, classes[:, c])) for c in range(len(data.CAUSES))]
+    draws = np.stack([auc_draws(causes == c, classes[:, c], weights, codes) for c in range(len(CAUSES))])
+    aucs = [float(roc_auc_score(causes == c, classes[:, c])) for c in range(len(CAUSES))]
 
     pneumonia = causes > 0
     intervals = [[float(v) for v in interval95(d)] for d in (*draws, draws.mean(0))]
     return {
-        "classes": [c.lower() for c in data.CAUSES],
-        "one_vs_rest_auc": {c.lower(): {"auc": a, "ci95": ci} for c, a, ci in zip(data.CAUSES, aucs, intervals)},
+        "classes": [c.lower() for c in CAUSES],
+        "one_vs_rest_auc": {c.lower(): {"auc": a, "ci95": ci} for c, a, ci in zip(CAUSES, aucs, intervals)},
         "macro_auc": {"auc": float(np.mean(aucs)), "ci95": intervals[-1]},
         "confusion": confusion_matrix(causes, classes.argmax(1), labels=[0, 1, 2]).tolist(),  # rows: true class
         "bacterial_vs_viral": score((causes[pneumonia] == 1).astype(int), bacterial_share(classes[pneumonia]),
@@ -186,19 +186,74 @@ def score_cause(causes: np.ndarray, classes: np.ndarray, patients, cause_thresho
 # ---------------------------------------------------------------- scoring a labelled set
 @dataclass
 class Scorer:
-    """What scoring any labelled set needs besides the set itself."""
+    """What scoring any labelled set needs besides the set itself: the predictor and its decision thresholds."""
 
-    model: torch.nn.Module
-    prep: Preprocess
+    predictor: Predictor
     threshold: float  # chosen on validation; every set is scored at it
-    device: torch.device
     cam_target: str = "pneumonia"
     seed: int = 0  # of the bootstrap and the randomisation test
     cause_threshold: float = 0.5  # three-class models: on bacterial_share, chosen on validation
 
-    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict(self, images, show: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """P(pneumonia) per uint8 image, and the three class probabilities of a --task cause model (else None)."""
-        return train.probabilities(train.predict_logits(self.model, images, self.prep, self.device))
+        return self.predictor.predict(images, show)
+
+
+@dataclass
+class Predictions:
+    """One row per file of predictions.csv, the one schema of every command (docs/outputs.md).
+
+    `y_true` is the folder label where it is known (-1 where not: predict); `prob` is NaN where the
+    file could not be scored, and `errors` says why.
+    """
+
+    paths: list[str]
+    patients: list[str]
+    y_true: np.ndarray
+    prob: np.ndarray
+    warnings: list[str]
+    errors: list[str]
+    classes: np.ndarray | None = None  # a cause model's P(normal, bacterial, viral) per row
+
+
+PREDICTION_COLUMNS = ("path", "patient", "label", "probability", "predicted", "warnings", "error")
+
+
+def write_predictions(path: Path, p: Predictions, threshold: float) -> None:
+    """predictions.csv: the truth (empty where unknown), P(pneumonia), the call at `threshold`, warnings and
+    errors; a cause model adds one probability column per class. Error analysis starts here."""
+    def number(v):
+        return f"{v:.6f}" if v == v else ""
+
+    def row(i):
+        scored = p.prob[i] == p.prob[i]
+        extra = [number(v) for v in p.classes[i]] if p.classes is not None else []
+        return [p.paths[i], p.patients[i], CLASSES[p.y_true[i]] if p.y_true[i] >= 0 else "", number(p.prob[i]),
+                CLASSES[int(p.prob[i] >= threshold)] if scored else "", p.warnings[i], p.errors[i], *extra]
+    write_csv(path, [*PREDICTION_COLUMNS, *(CLASS_COLUMNS if p.classes is not None else [])],
+              (row(i) for i in range(len(p.paths))))
+
+
+def labelled_predictions(ds: data.Dataset, idx: np.ndarray, y_prob: np.ndarray, prep,
+                         classes: np.ndarray | None = None) -> Predictions:
+    """The Predictions of the images `idx` of a decoded labelled set."""
+    paths = [ds.paths[i] for i in idx]
+    notes = [input_warnings(p, ds.images[i], prep) for p, i in zip(paths, idx)]
+    return Predictions(paths, [ds.patients[i] for i in idx], ds.labels[idx].astype(int), y_prob, notes,
+                       [""] * len(paths), classes)
+
+
+def file_predictions(files: list[str], images: np.ndarray, prob: np.ndarray, classes: np.ndarray | None,
+                     errors: list[str | None], skipped: list[tuple[str, str]], prep) -> Predictions:
+    """predict's Predictions: every file given, scored or with the reason it was not, then every file skipped."""
+    ok = [e is None for e in errors]
+    paths = files + [f for f, _ in skipped]
+    blank = np.full((len(skipped), classes.shape[1]), np.nan) if classes is not None else None
+    return Predictions(paths, [data.patient_of(f) if good else "" for f, good in zip(files, ok)] + [""] * len(skipped),
+                       np.full(len(paths), -1), np.r_[prob, np.full(len(skipped), np.nan)],
+                       [input_warnings(f, image, prep) if good else "" for f, image, good in zip(files, images, ok)]
+                       + [""] * len(skipped), [e or "" for e in errors] + [why for _, why in skipped],
+                       np.vstack([classes, blank]) if classes is not None else None)
 
 
 def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> None:
@@ -212,23 +267,24 @@ def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> 
     causes = ds.causes[idx]
     if classes is not None and has_both_causes(causes):  # bacterial vs viral: Youden's, among the pneumonias
         scorer.cause_threshold = choose_threshold(causes[causes > 0] == 1, bacterial_share(classes[causes > 0]), "youden")
-    write_predictions(path, labelled_rows(ds, idx, y_prob, scorer.prep, classes), scorer.threshold)
+    write_predictions(path, labelled_predictions(ds, idx, y_prob, scorer.predictor.prep, classes), scorer.threshold)
 
 
 def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note: str = "",
-              masks: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+              masks: np.ndarray | None = None, show: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
     """Predict, score with intervals, draw, explain and list per image the images `idx` of `ds`.
 
     Returns ({"test": metrics, "gradcam": checks}, y_true, y_prob); writes predictions.csv into `out`.
     """
     images = TensorRows(ds.images.take(idx))  # read batch by batch: a large test split is never held whole
-    y_prob, classes = scorer.predict(images)
+    y_prob, classes = scorer.predict(images, show)
     y_true = ds.labels[idx].astype(int)
     patients = [ds.patients[i] for i in idx]
-    write_predictions(out / "predictions.csv", labelled_rows(ds, idx, y_prob, scorer.prep, classes), scorer.threshold)
+    write_predictions(out / "predictions.csv", labelled_predictions(ds, idx, y_prob, scorer.predictor.prep, classes),
+                      scorer.threshold)
     metrics = score(y_true, y_prob, patients, scorer.threshold, seed=scorer.seed)
     draw_all(y_true, y_prob, metrics, out, note)
-    result = {"test": metrics, "gradcam": gradcam.explain(scorer, images, y_true, y_prob, out, note, masks)}
+    result = {"test": metrics, "gradcam": gradcam.explain(scorer, images, y_true, y_prob, out, note, masks, show)}
     causes = ds.causes[idx]
     if classes is not None and has_both_causes(causes):
         result["cause"] = score_cause(causes, classes, patients, scorer.cause_threshold, seed=scorer.seed)
@@ -238,7 +294,7 @@ def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note
 
 
 def score_externals(scorer: Scorer, folders: list[str], cache: ImageCache, out_root: Path,
-                    progress: bool = True) -> dict[str, tuple[dict, np.ndarray, np.ndarray]]:
+                    show: bool = True) -> dict[str, tuple[dict, np.ndarray, np.ndarray]]:
     """Score each labelled folder like the test split, into out_root/external/<folder name>/."""
     results = {}
     for folder in folders:
@@ -247,9 +303,9 @@ def score_externals(scorer: Scorer, folders: list[str], cache: ImageCache, out_r
             name += "+"
         out = out_root / "external" / name
         out.mkdir(parents=True)
-        ds = data.decode_found(data.find_labelled(folder), cache, progress=progress)
+        ds = data.decode_found(data.find_labelled(folder), cache, progress=show)
         data.write_split_files(out, ds)
-        results[name] = score_set(scorer, ds, np.arange(len(ds.paths)), out, note=f", external: {name}")
+        results[name] = score_set(scorer, ds, np.arange(len(ds.paths)), out, note=f", external: {name}", show=show)
     return results
 
 
@@ -266,43 +322,6 @@ def merge_externals(test: tuple[dict, np.ndarray, np.ndarray], externals: dict, 
                   **{name: (r[1], r[2], r[0]["test"]) for name, r in externals.items()}}
         plot_roc_sets(curves, roc_path)
     return metrics
-
-
-CLASS_COLUMNS = ["p_normal", "p_bacterial", "p_viral"]
-
-
-def write_predictions(path: Path, rows: tuple, threshold: float) -> None:
-    """One row per scored image, from (paths, patients, y_true, y_prob, warnings, class probabilities or None):
-    where error analysis starts. A three-class model adds one probability column per class."""
-    paths, patients, y_true, y_prob, notes, classes = rows
-    extra = [[f"{v:.6f}" for v in row] for row in classes] if classes is not None else [[] for _ in paths]
-    write_csv(path, ["path", "patient", "label", "probability", "predicted", "warnings",
-                     *(CLASS_COLUMNS if classes is not None else [])],
-              ([p, pat, data.CLASSES[t], f"{prob:.6f}", data.CLASSES[int(prob >= threshold)], note, *more]
-               for p, pat, t, prob, note, more in zip(paths, patients, y_true, y_prob, notes, extra)))
-
-
-def labelled_rows(ds: data.Dataset, idx: np.ndarray, y_prob: np.ndarray, prep: Preprocess,
-                  classes: np.ndarray | None = None) -> tuple:
-    """(paths, patients, y_true, y_prob, warnings, classes) of the images `idx` of `ds`, for write_predictions."""
-    paths = [ds.paths[i] for i in idx]
-    notes = [input_warnings(p, ds.images[i], prep) for p, i in zip(paths, idx)]
-    return paths, [ds.patients[i] for i in idx], ds.labels[idx].astype(int), y_prob, notes, classes
-
-
-def write_file_predictions(path: Path, results: list[tuple], skipped: list[tuple[str, str]],
-                           threshold: float) -> list[list[str]]:
-    """predict's predictions.csv from (file, probabilities, error, warnings) tuples: P(pneumonia), label and
-    warnings per readable file, the reason for every other; returns the rows. Probabilities are
-    train.predict_files' rows: a three-class model adds p_normal, p_bacterial and p_viral."""
-    classes = len(results[0][1]) > 1 if results else False
-    blank = [""] * (len(CLASS_COLUMNS) if classes else 0)
-    rows = [[f, "", "", e, "", *blank] if e else
-            [f, f"{p[0]:.6f}", data.CLASSES[int(p[0] >= threshold)], "", w, *(f"{v:.6f}" for v in p[1:])]
-            for f, p, e, w in results]
-    rows += [[f, "", "", why, "", *blank] for f, why in skipped]
-    write_csv(path, ["path", "probability", "label", "error", "warnings", *(CLASS_COLUMNS if classes else [])], rows)
-    return rows
 
 
 # ---------------------------------------------------------------- plots
@@ -331,7 +350,7 @@ def plot_confusion(m: dict, path, note: str = "") -> None:
     """Confusion matrix with counts and, per true class, the rate."""
     cm = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
     fig, ax = plt.subplots(figsize=(5, 4.4))
-    disp = ConfusionMatrixDisplay(cm, display_labels=["NORMAL", "PNEUMONIA"]).plot(ax=ax, colorbar=False, cmap="Blues")
+    disp = ConfusionMatrixDisplay(cm, display_labels=list(CLASSES)).plot(ax=ax, colorbar=False, cmap="Blues")
     rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     for (i, j), text in np.ndenumerate(disp.text_):
         text.set_text(f"{cm[i, j]}\n({rates[i, j]:.1%} of true)")
@@ -374,30 +393,6 @@ def plot_history(history: list[dict], best_epoch: int, path) -> None:
     _save(fig, path)
 
 
-def summary_table(m: dict, title: str) -> str:
-    """A plain-text table of the metrics with their intervals."""
-    lines = [title, f"{'metric':<12} {'value':>7}  95% CI (patient bootstrap)"]
-    for name in METRICS:
-        lo, hi = m["ci95"][name]
-        lines.append(f"{name:<12} {m[name]:7.3f}  [{lo:.3f}, {hi:.3f}]")
-    lines.append(f"threshold {m['threshold']:.4f}   TP {m['tp']}  TN {m['tn']}  FP {m['fp']}  FN {m['fn']}   "
-                 f"({m['images']} images, {m['patients']} patients)")
-    return "\n".join(lines)
-
-
-def comparison_table(sets: dict[str, dict]) -> str:
-    """Sets side by side (test split and external folders): each metric with its interval."""
-    names = list(sets)
-    width = max(22, *(len(n) + 2 for n in names))
-    lines = ["Side by side, each at the threshold chosen on validation (95% patient-bootstrap CI)",
-             f"{'metric':<12}" + "".join(f"{n:>{width}}" for n in names)]
-    for k in METRICS:
-        cells = [f"{m[k]:.3f} [{m['ci95'][k][0]:.3f}, {m['ci95'][k][1]:.3f}]" for m in sets.values()]
-        lines.append(f"{k:<12}" + "".join(f"{c:>{width}}" for c in cells))
-    lines.append(f"{'images':<12}" + "".join(f"{m['images']:>{width}}" for m in sets.values()))
-    return "\n".join(lines)
-
-
 def plot_roc_sets(curves: dict[str, tuple], path) -> None:
     """ROC curves of several sets (name -> (y_true, y_prob, metrics)) on one plot, with operating points."""
     fig, ax = plt.subplots(figsize=(5.6, 5.6))
@@ -420,11 +415,11 @@ def draw_cause(causes: np.ndarray, classes: np.ndarray, cause: dict, out_dir: Pa
     causes, classes = causes[known], classes[known]
     cm = np.array(cause["confusion"])
     fig, ax = plt.subplots(figsize=(5.4, 4.8))
-    ConfusionMatrixDisplay(cm, display_labels=list(data.CAUSES)).plot(ax=ax, colorbar=False, cmap="Blues")
+    ConfusionMatrixDisplay(cm, display_labels=list(CAUSES)).plot(ax=ax, colorbar=False, cmap="Blues")
     ax.set_title(f"Three classes, most probable class{note}", fontsize=9)
     _save(fig, out_dir / "confusion_cause.png")
     fig, ax = plt.subplots(figsize=(5.4, 5.4))
-    for c, name in enumerate(data.CAUSES):
+    for c, name in enumerate(CAUSES):
         fpr, tpr, _ = roc_curve(causes == c, classes[:, c])
         a = cause["one_vs_rest_auc"][name.lower()]
         ax.plot(fpr, tpr, label=f"{name} vs rest: AUC {a['auc']:.3f} ({a['ci95'][0]:.3f}-{a['ci95'][1]:.3f})")

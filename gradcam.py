@@ -1,9 +1,10 @@
-"""Grad-CAM for the single-logit CNN, with sanity checks and overlays.
+"""Grad-CAM for the CNN (one model or an ensemble), with sanity checks and overlays.
 
-Usage: `with GradCAM(model, model.cam_layer) as cam: maps = cam(x)`.
+Usage: `with GradCAM(model, model.cam_layer) as cam: maps = cam(x)`, or `compute_maps(members, x)`.
 """
 import copy
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
 
-from data import CLASSES
+import progress
+from labels import CLASSES
 from transforms import centre_crop
 
 
@@ -56,12 +58,12 @@ class GradCAM:
 
     def __call__(self, x: torch.Tensor, target: str = "pneumonia") -> torch.Tensor:
         """Maps at the input's resolution, each scaled to [0, 1]; an all-zero map stays zero."""
-        cam = F.interpolate(self.layer_maps(x, target)[:, None], size=x.shape[-2:], mode="bilinear",
-                            align_corners=False)[:, 0]
-        return normalise(cam)
+        return upsample(self.layer_maps(x, target), x.shape[-2:])
 
 
-TARGETS = ("pneumonia", "normal", "bacterial", "viral")
+def upsample(layer_maps: torch.Tensor, size) -> torch.Tensor:
+    """Layer-resolution maps (N x h x w) brought to the input's `size`, each scaled to [0, 1]."""
+    return normalise(F.interpolate(layer_maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0])
 
 
 def target_score(logits: torch.Tensor, target: str) -> torch.Tensor:
@@ -89,12 +91,26 @@ def normalise(cam: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (cam - lo) / span.clamp_min(1e-12), torch.zeros_like(cam))
 
 
-def compute_maps(model: nn.Module, x: torch.Tensor, target: str = "pneumonia", batch_size: int = 64) -> np.ndarray:
-    """Grad-CAM maps of a whole set in batches, as a float32 array N x H x W."""
-    out = []
-    with GradCAM(model, model.cam_layer) as cam:
-        for start in range(0, len(x), batch_size):
-            out.append(cam(x[start:start + batch_size], target).cpu())
+def members_of(models) -> list[nn.Module]:
+    """A model or a list of them (an ensemble's members) as a list."""
+    return list(models) if isinstance(models, (list, tuple)) else [models]
+
+
+def ensemble_layer_maps(models, x: torch.Tensor, target: str = "pneumonia") -> torch.Tensor:
+    """Un-normalised maps at the layer's resolution of one model, or of an ensemble: the members' mean.
+
+    An ensemble decides on its members' mean logit, whose gradient at a member's layer is that member's
+    own divided by K; summed over the members' layers, its Grad-CAM is the mean of their maps.
+    """
+    with ExitStack() as stack:
+        cams = [stack.enter_context(GradCAM(m, m.cam_layer)) for m in members_of(models)]
+        return torch.stack([cam.layer_maps(x, target) for cam in cams]).mean(0)
+
+
+def compute_maps(models, x: torch.Tensor, target: str = "pneumonia", batch_size: int = 64) -> np.ndarray:
+    """Grad-CAM maps of a whole set in batches (one model or an ensemble), as a float32 array N x H x W."""
+    out = [upsample(ensemble_layer_maps(models, x[start:start + batch_size], target), x.shape[-2:]).cpu()
+           for start in range(0, len(x), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0,) + tuple(x.shape[-2:]), np.float32)
 
 
@@ -121,25 +137,26 @@ def _rank_corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a.ravel(), b.ravel())[0])
 
 
-def randomisation_test(model: nn.Module, x: torch.Tensor, seed: int = 0,
+def randomisation_test(models, x: torch.Tensor, seed: int = 0,
                        warn_above: float = 0.5) -> tuple[dict, list[np.ndarray]]:
-    """Adebayo et al.'s cascading model-parameter randomisation test for Grad-CAM.
+    """Adebayo et al.'s cascading model-parameter randomisation test for Grad-CAM (one model or an ensemble).
 
-    Layers are re-initialised from the output back to the input; after each step the maps of the
-    same images are compared, at the layer's resolution, with the trained model's by Spearman rank
-    correlation. Maps that survive full randomisation do not depend on what the model learned.
-    Returns the result and the maps after each stage (the trained model's first).
+    Layers are re-initialised from the output back to the input (in every member of an ensemble);
+    after each step the maps of the same images are compared, at the layer's resolution, with the
+    trained model's by Spearman rank correlation. Maps that survive full randomisation do not depend
+    on what the model learned. Returns the result and the maps after each stage (the trained model's first).
     """
-    def maps(m):
-        with GradCAM(m, m.cam_layer) as cam:
-            return cam.layer_maps(x).cpu().numpy()
+    def maps(ms):
+        return ensemble_layer_maps(ms, x).cpu().numpy()
 
-    trained = maps(model)
-    randomised = copy.deepcopy(model)
-    stages = [name for name, _ in model.named_children()][::-1]
+    models = members_of(models)
+    trained = maps(models)
+    randomised = [copy.deepcopy(m) for m in models]
+    stages = [name for name, _ in models[0].named_children()][::-1]
     medians, examples = [], [trained]
     for i, name in enumerate(stages):
-        _reset(getattr(randomised, name), seed + i)
+        for k, member in enumerate(randomised):
+            _reset(getattr(member, name), seed + i + 100 * k)
         current = maps(randomised)
         examples.append(current)
         medians.append(float(np.median([_rank_corr(a, b) for a, b in zip(trained, current)])))
@@ -255,50 +272,66 @@ def save_randomisation_figure(images, examples, stages, medians, path) -> None:
 
 
 def _maps(scorer, images: torch.Tensor, target: str | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Model input, Grad-CAM maps (for `target`, else the scorer's) and the [0, 1] crop the model saw, for a uint8 batch."""
-    x = scorer.prep.eval(images.to(scorer.device)).contiguous(memory_format=torch.channels_last)
-    return x, compute_maps(scorer.model, x, target or scorer.cam_target), scorer.prep.crop(images).numpy()[:, 0]
+    """Model input, Grad-CAM maps (for `target`, else the scorer's) and the [0, 1] crop the model saw, for a uint8 batch.
+
+    The maps explain the plain centre view, also when test-time augmentation scores more views.
+    """
+    x = scorer.predictor.model_input(images)
+    maps = compute_maps(scorer.predictor.members, x, target or scorer.cam_target)
+    return x, maps, scorer.predictor.prep.crop(images).numpy()[:, 0]
 
 
 def explain(scorer, images: torch.Tensor, y_true: np.ndarray, y_prob: np.ndarray, out: Path, note: str = "",
-            masks: np.ndarray | None = None) -> dict:
+            masks: np.ndarray | None = None, show: bool = False) -> dict:
     """Grad-CAM overlays per outcome, the grid, border mass, randomisation test and (phantoms) localisation.
 
-    `scorer` (an evaluate.Scorer) gives the model, preprocessing, threshold, device, target and seed.
+    `scorer` (an evaluate.Scorer) gives the predictor, threshold, target and seed. Every image's map
+    is computed once, a batch at a time; only the drawn images' maps are kept.
     """
-    s = scorer
+    s, prep = scorer, scorer.predictor.prep
     y_pred = (y_prob >= s.threshold).astype(int)
     outcome = np.where(y_true == 1, np.where(y_pred == 1, "TP", "FN"), np.where(y_pred == 1, "FP", "TN"))
-    (out / "gradcam").mkdir(exist_ok=True)
-
-    def describe(i):
-        return f"{outcome[i]} p={y_prob[i]:.2f} true={CLASSES[y_true[i]]}"
-
     picks = [i for kind in ("TP", "TN", "FP", "FN") for i in np.flatnonzero(outcome == kind)[:4]]
-    _, maps, shown = _maps(s, images[picks])
-    for kind in ("TP", "TN", "FP", "FN"):  # two full-size overlays per outcome; the grid shows four
-        for k in [k for k, i in enumerate(picks) if outcome[i] == kind][:2]:
-            save_overlay(shown[k], maps[k], describe(picks[k]) + note, out / "gradcam" / f"{kind}_{picks[k]:04d}.png")
-    save_grid(shown, maps, [describe(i) for i in picks], out / "gradcam_grid.png",
-              suptitle=f"Grad-CAM ({s.cam_target} evidence), up to 4 per outcome{note}")
-    shares, located = [], []
-    for start in range(0, len(images), 512):  # every image's map, a batch at a time: a large test set never sits in memory
+    drawn, shares, located = {}, [], []
+    bar = progress.track(len(images), "Grad-CAM maps", "images", show)
+    for start in range(0, len(images), 512):  # a batch at a time: a large test set never sits in memory
         batch = slice(start, start + 512)
         _, maps, _ = _maps(s, images[batch])
         shares.append(border_shares(maps))
+        drawn.update({i: maps[i - start] for i in picks if start <= i < start + 512})
         if masks is not None:
             hit = outcome[batch] == "TP"
-            located += map(_localise, maps[hit], centre_crop(masks[batch], s.prep.image_size)[hit])
-    layer = next(name for name, module in s.model.named_children() if module is s.model.cam_layer)
-    result = {"target": s.cam_target, "layer": layer, "border": border_mass(maps, shares=np.concatenate(shares))}
+            located += map(_localise, maps[hit], centre_crop(masks[batch], prep.image_size)[hit])
+        bar.update(len(maps))
+    bar.close()
+    _draw_outcomes(scorer, images, picks, drawn, outcome, y_true, y_prob, out, note)
+    members = s.predictor.members
+    layer = next(name for name, module in members[0].named_children() if module is members[0].cam_layer)
+    result = {"target": s.cam_target, "layer": layer, "members": len(members),
+              "border": border_mass(maps, shares=np.concatenate(shares))}
     first = images[:min(32, len(images))]
-    result["randomisation"], stages = randomisation_test(s.model, s.prep.eval(first.to(s.device)).contiguous(
-        memory_format=torch.channels_last), s.seed)
-    save_randomisation_figure(s.prep.crop(first).numpy()[:, 0], stages, result["randomisation"]["stages"],
+    result["randomisation"], stages = randomisation_test(members, s.predictor.model_input(first), s.seed)
+    save_randomisation_figure(prep.crop(first).numpy()[:, 0], stages, result["randomisation"]["stages"],
                               result["randomisation"]["median_spearman"], out / "gradcam_randomisation.png")
     if masks is not None:
         result["localisation"] = localisation(None, None, located)
     return result
+
+
+def _draw_outcomes(scorer, images, picks: list[int], maps: dict, outcome: np.ndarray, y_true: np.ndarray,
+                   y_prob: np.ndarray, out: Path, note: str) -> None:
+    """Two full-size overlays per outcome (TP, TN, FP, FN) into out/gradcam/, and the grid of up to four each."""
+    (out / "gradcam").mkdir(exist_ok=True)
+    shown = scorer.predictor.prep.crop(images[picks]).numpy()[:, 0] if picks else []
+
+    def describe(i):
+        return f"{outcome[i]} p={y_prob[i]:.2f} true={CLASSES[y_true[i]]}"
+
+    for kind in ("TP", "TN", "FP", "FN"):
+        for k in [k for k, i in enumerate(picks) if outcome[i] == kind][:2]:
+            save_overlay(shown[k], maps[picks[k]], describe(picks[k]) + note, out / "gradcam" / f"{kind}_{picks[k]:04d}.png")
+    save_grid(shown, [maps[i] for i in picks], [describe(i) for i in picks], out / "gradcam_grid.png",
+              suptitle=f"Grad-CAM ({scorer.cam_target} evidence), up to 4 per outcome{note}")
 
 
 def save_overlays(scorer, batch: torch.Tensor, prob: np.ndarray, files: list[str], out: Path) -> list[Path]:
@@ -320,7 +353,7 @@ def explain_causes(scorer, images: torch.Tensor, causes: np.ndarray, classes: np
     s = scorer
     pneumonia = np.flatnonzero(causes > 0)
     x, bacterial, shown = _maps(s, images[pneumonia], "bacterial")
-    maps = {"bacterial": bacterial, "viral": compute_maps(s.model, x, "viral")}
+    maps = {"bacterial": bacterial, "viral": compute_maps(s.predictor.members, x, "viral")}
     right = causes[pneumonia] == classes[pneumonia].argmax(1)  # the most probable of the three classes
     # four images of each cause, correctly classified ones first
     picks = [i for c in (1, 2) for i in sorted(np.flatnonzero(causes[pneumonia] == c), key=lambda i: not right[i])[:4]]

@@ -18,11 +18,13 @@ import demo
 import distributed
 import evaluate
 import gradcam
+import infer
 import report
 import runs
 import train
 from cache import ImageCache
-from images import cache_size, input_warnings
+from images import cache_size
+from labels import CLASSES
 from model import PneumoniaCNN, count_flops
 from settings import Settings, UsageError, build_evaluate_parser, build_predict_parser
 from transforms import Preprocess, fit_normalisation
@@ -129,7 +131,7 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
     on_device = [(train.to_device(images, device), labels.to(device))
                  for images, labels, _ in (ds.subset("train", s.task), ds.subset("val", s.task))]
     try:
-        state = train.fit(model, *on_device, prep, s.train_config(device, ranks), run_dir, resume)
+        state = train.fit(model, *on_device, prep, train_config(s, device, ranks), run_dir, resume)
     except train.Interrupted as err:
         if ranks.main:
             print(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}"
@@ -142,7 +144,8 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
         if state.best_model is None:
             return 1
         print(f"evaluating the best checkpoint so far (epoch {state.best_epoch})", file=sys.stderr)
-    scorer = save_best(s, run_dir, state, ds, evaluate.Scorer(model, prep, float("nan"), device, s.cam_target, s.seed))
+    scorer = evaluate.Scorer(infer.Predictor([model], prep, device), float("nan"), s.cam_target, s.seed)
+    choose_threshold_and_save(s, run_dir, state, ds, scorer)
     evaluate.plot_history(state.history, state.best_epoch, run_dir / "training_curves.png")
     metrics = {**score_run(s, run_dir, ds, scorer), "synthetic": s.demo, "split": s.split, "data": audit,
                "validation": {"auc": state.best_auc, "best_epoch": state.best_epoch,
@@ -154,6 +157,14 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
                                               "epochs_run": state.epoch})
     write_results(s, run_dir, metrics)
     return 0
+
+
+def train_config(s: Settings, device: torch.device, ranks: distributed.Context) -> train.TrainConfig:
+    """What train.fit needs from the settings, on the resolved device, in this process's place under torchrun."""
+    return train.TrainConfig(s.epochs, s.batch_size, s.lr, s.pos_weight, s.patience, s.label_smoothing,
+                             momentum=tuple(s.momentum), weight_decay=s.weight_decay, warmup=s.warmup,
+                             progress=not s.quiet, compile_model=s.compile, seed=s.seed, device=device, task=s.task,
+                             ranks=ranks)
 
 
 def build_model(s: Settings, ds: data.Dataset, device: torch.device) -> tuple[Preprocess, PneumoniaCNN]:
@@ -177,16 +188,16 @@ def write_results(s: Settings, run_dir: Path, metrics: dict) -> None:
     print(report.terminal_summary(metrics, run_dir, banner))
 
 
-def save_best(s: Settings, run_dir: Path, state: train.TrainState, ds: data.Dataset,
-              scorer: evaluate.Scorer) -> evaluate.Scorer:
-    """Load the best weights, set the scorer's threshold from validation, and write best.pt."""
-    scorer.model.load_state_dict(state.best_model)
-    scorer.model.eval()
+def choose_threshold_and_save(s: Settings, run_dir: Path, state: train.TrainState, ds: data.Dataset,
+                              scorer: evaluate.Scorer) -> None:
+    """Load the kept weights, choose the scorer's threshold on validation (predictions_val.csv), write best.pt."""
+    model = scorer.predictor.members[0]
+    model.load_state_dict(state.best_model)
+    model.eval()
     evaluate.set_threshold(scorer, ds, s.threshold, run_dir / "predictions_val.csv")
-    runs.save_best(run_dir / "best.pt", model=scorer.model, weights=state.best_model, prep=scorer.prep,
+    runs.save_best(run_dir / "best.pt", model=model, weights=state.best_model, prep=scorer.predictor.prep,
                    thresholds={"threshold": scorer.threshold, "cause_threshold": scorer.cause_threshold},
                    policy=s.threshold, epoch=state.best_epoch, val_auc=state.best_auc, config=s.config())
-    return scorer
 
 
 def score_run(s: Settings, run_dir: Path, ds: data.Dataset, scorer: evaluate.Scorer) -> dict:
@@ -194,21 +205,20 @@ def score_run(s: Settings, run_dir: Path, ds: data.Dataset, scorer: evaluate.Sco
     idx = np.flatnonzero(ds.split == "test")
     masks = demo.load_masks(run_dir / "demo_data", [ds.paths[i] for i in idx], ds.images.shape[-1]) if s.demo else None
     note = ", test split" + (" [SYNTHETIC DEMO]" if s.demo else "")
-    test = evaluate.score_set(scorer, ds, idx, run_dir, note, masks)
+    test = evaluate.score_set(scorer, ds, idx, run_dir, note, masks, show=not s.quiet)
     cache = decode_cache(None if s.no_cache else s.cache_dir, s.image_size)
-    externals = evaluate.score_externals(scorer, s.external, cache, run_dir, progress=not s.quiet)
+    externals = evaluate.score_externals(scorer, s.external, cache, run_dir, show=not s.quiet)
     return evaluate.merge_externals(test, externals, run_dir / "roc_all.png")
 
 
 def load_scorer(args) -> evaluate.Scorer:
-    """The checkpoint's model, preprocessing and threshold on the chosen device."""
+    """The checkpoint's predictor and thresholds on the chosen device."""
     ckpt = runs.read_checkpoint(args.checkpoint)
-    device = configure_device(args.device)
-    model, prep = runs.load_model(ckpt, device)
-    if args.cam_target in ("bacterial", "viral") and model.outputs == 1:
+    predictor = infer.load_predictor(ckpt, configure_device(args.device))
+    if args.cam_target in ("bacterial", "viral") and predictor.outputs == 1:
         raise UsageError(f"--cam-target {args.cam_target} needs a model trained with --task cause; "
                          f"'{args.checkpoint}' tells pneumonia from normal only")
-    return evaluate.Scorer(model, prep, ckpt["threshold"], device, args.cam_target, getattr(args, "seed", 0),
+    return evaluate.Scorer(predictor, ckpt["threshold"], args.cam_target, getattr(args, "seed", 0),
                            ckpt.get("cause_threshold", 0.5))
 
 
@@ -216,10 +226,11 @@ def run_evaluate(args) -> int:
     """Score a checkpoint on a labelled folder or a run's test split, with every plot and the report."""
     scorer = load_scorer(args)
     out = runs.create(args.out or str(Path(args.checkpoint).parent / ("evaluate-" + time.strftime("%Y%m%d-%H%M%S"))))
-    cache = decode_cache(None if args.no_cache else args.cache_dir, scorer.prep.image_size)
+    cache = decode_cache(None if args.no_cache else args.cache_dir, scorer.predictor.prep.image_size)
     ds = data.decode_found(data.find_labelled(args.data), cache, progress=not args.quiet)
     data.write_split_files(out, ds)
-    metrics = evaluate.score_set(scorer, ds, np.flatnonzero(ds.split == "test"), out, note=f", {Path(args.data).name}")[0]
+    metrics = evaluate.score_set(scorer, ds, np.flatnonzero(ds.split == "test"), out, note=f", {Path(args.data).name}",
+                                 show=not args.quiet)[0]
     metrics["data"] = data.audit(ds)
     metrics["evaluated"] = {"checkpoint": args.checkpoint, "data": args.data}
     runs.write_json(out / "metrics.json", metrics)
@@ -236,21 +247,20 @@ def run_predict(args) -> int:
         raise UsageError(f"no image files found in {', '.join(args.paths)}"
                          + (f" ({len(skipped)} other files skipped)" if skipped else ""))
     out = runs.create(args.out, prefix="predict-")
-    images, prob, errors = train.predict_files(scorer.model, files, scorer.prep, scorer.device, args.batch_size,
-                                               args.workers, progress=len(files) > 1)
-    notes = [input_warnings(f, image, scorer.prep) if e is None else "" for f, image, e in zip(files, images, errors)]
-    rows = evaluate.write_file_predictions(out / "predictions.csv", list(zip(files, prob, errors, notes)), skipped,
-                                           scorer.threshold)
-    for path, _, _, error, warning, *_ in rows:
+    scorer.predictor.batch_size = args.batch_size
+    images, prob, classes, errors = scorer.predictor.predict_files(files, args.workers, show=len(files) > 1)
+    rows = evaluate.file_predictions(files, images, prob, classes, errors, skipped, scorer.predictor.prep)
+    evaluate.write_predictions(out / "predictions.csv", rows, scorer.threshold)
+    for path, warning, error in zip(rows.paths, rows.warnings, rows.errors):
         if error or warning:
             print(f"{'skipped' if error else 'warning:'} {path}: {error or warning}", file=sys.stderr)
     good = [i for i, e in enumerate(errors) if e is None]
     overlays = []
     if good and (args.cam or len(files) == 1):
-        overlays = gradcam.save_overlays(scorer, torch.from_numpy(images[good]).unsqueeze(1), prob[good, 0],
+        overlays = gradcam.save_overlays(scorer, torch.from_numpy(images[good]).unsqueeze(1), prob[good],
                                          [files[i] for i in good], out)
     if len(files) == 1 and good:
-        print(f"{files[0]}: probability of pneumonia {prob[0, 0]:.4f} -> {rows[0][2]} "
+        print(f"{files[0]}: probability of pneumonia {prob[0]:.4f} -> {CLASSES[int(prob[0] >= scorer.threshold)]} "
               f"(threshold {scorer.threshold:.4f}); overlay: {overlays[0]}")
     else:
         print(f"{len(good)} of {len(files)} images scored; wrote {out / 'predictions.csv'}"

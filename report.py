@@ -1,15 +1,18 @@
-"""One self-contained report.html per run: config, data audit, metrics with intervals, every plot.
+"""What a person reads: report.html, MODEL_CARD.md and the terminal summary, all from metrics.json figures.
 
-Usage: `write_report(run_dir, title, sections)`. Images are embedded as data URIs; no network, no
-JavaScript. Kept apart from evaluate.py, which computes and draws; this only assembles the page.
+Usage: `write_report(run_dir, title, config, metrics)`, `write_model_card(...)`, `terminal_summary(...)`.
+Every table goes through one builder (`Table`), rendered as text, HTML or Markdown. The page embeds its
+images as data URIs: no network, no JavaScript. Kept apart from evaluate.py, which computes and draws.
 """
 import base64
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from evaluate import BOOTSTRAP_RESAMPLES, METRICS
+from labels import CAUSES
 from runs import atomic_write
-from evaluate import BOOTSTRAP_RESAMPLES, METRICS, comparison_table as text_comparison, summary_table
 
 STYLE = """body{font:15px/1.45 system-ui,sans-serif;max-width:1180px;margin:24px auto;padding:0 16px;color:#222}
 h1{font-size:24px}h2{font-size:19px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:30px}
@@ -27,37 +30,77 @@ def _img(path: Path, wide: bool = False) -> str:
     return f'<img class="{"wide" if wide else ""}" alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
 
 
-def metric_table(m: dict) -> str:
-    """Metric, value and 95% interval rows."""
-    rows = "".join(f"<tr><td>{k}</td><td>{m[k]:.3f}</td><td>{m['ci95'][k][0]:.3f} - {m['ci95'][k][1]:.3f}</td></tr>"
-                   for k in METRICS)
-    return (f"<table><tr><th>metric</th><th>value</th><th>95% CI (patient bootstrap, {m.get('bootstrap_resamples', BOOTSTRAP_RESAMPLES):,} resamples)</th></tr>{rows}"
-            f"</table><p>Threshold {m['threshold']:.4f}: TP {m['tp']}, TN {m['tn']}, FP {m['fp']}, FN {m['fn']} "
-            f"on {m['images']} images of {m['patients']} patients. Average precision {m['average_precision']:.3f}, "
-            f"Brier {m['brier']:.3f}, ECE {m['ece']:.3f}.</p>")
+# ---------------------------------------------------------------- tables: one builder, three renderings
+@dataclass
+class Table:
+    """Rows of text cells under a header, rendered as plain text, HTML or Markdown (first column left-aligned)."""
+
+    header: list[str]
+    rows: list[list[str]]
+
+    def text(self) -> str:
+        widths = [max(len(r[i]) for r in [self.header, *self.rows]) for i in range(len(self.header))]
+        return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                         for r in [self.header, *self.rows])
+
+    def html(self) -> str:
+        def cells(row, tag):
+            return "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)
+        return f"<table><tr>{cells(self.header, 'th')}</tr>" + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in self.rows) \
+            + "</table>"
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.header) + " |", "|---|" + "---:|" * (len(self.header) - 1)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in self.rows])
 
 
-def comparison_table(sets: dict[str, dict]) -> str:
-    """Metrics of several sets side by side, each with its interval."""
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in sets)
-    rows = "".join(f"<tr><td>{k}</td>" + "".join(f"<td>{m[k]:.3f} ({m['ci95'][k][0]:.3f}-{m['ci95'][k][1]:.3f})</td>"
-                                                 for m in sets.values()) + "</tr>" for k in METRICS)
-    counts = "".join(f"<td>{m['images']} / {m['patients']}</td>" for m in sets.values())
-    return (f"<table><tr><th>metric (95% CI)</th>{head}</tr>{rows}<tr><td>images / patients</td>{counts}</tr></table>"
-            f"<p>Every set is scored at the one threshold chosen on validation; nothing is tuned on an external set.</p>")
+def interval(ci) -> str:
+    """A 95% interval as 'lo - hi'."""
+    return f"{ci[0]:.3f} - {ci[1]:.3f}"
+
+
+def metric_table(m: dict) -> Table:
+    """One scored set: each metric, its value and its 95% interval."""
+    return Table(["metric", "value", "95% CI"], [[k, f"{m[k]:.3f}", interval(m["ci95"][k])] for k in METRICS])
+
+
+def sets_table(sets: dict[str, dict]) -> Table:
+    """Several scored sets side by side (test split and external folders): each metric with its interval."""
+    rows = [[k, *(f"{m[k]:.3f} ({interval(m['ci95'][k])})" for m in sets.values())] for k in METRICS]
+    rows.append(["images / patients", *(f"{m['images']} / {m['patients']}" for m in sets.values())])
+    return Table(["metric (95% CI)", *sets], rows)
+
+
+def counts_line(m: dict) -> str:
+    """The threshold and the confusion counts the rates come from."""
+    return (f"Threshold {m['threshold']:.4f}: TP {m['tp']}, TN {m['tn']}, FP {m['fp']}, FN {m['fn']} "
+            f"on {m['images']} images of {m['patients']} patients.")
+
+
+def metric_section(m: dict) -> str:
+    """One set's metrics for the page, with the counts, average precision and calibration."""
+    resamples = m.get("bootstrap_resamples", BOOTSTRAP_RESAMPLES)
+    return (f"<p>95% intervals: patient bootstrap, {resamples:,} resamples.</p>" + metric_table(m).html()
+            + f"<p>{counts_line(m)} Average precision {m['average_precision']:.3f}, Brier {m['brier']:.3f}, "
+              f"ECE {m['ece']:.3f}.</p>")
+
+
+def split_table(audit: dict) -> Table:
+    """Images, patients, classes and prevalence per split."""
+    return Table(["split", "images", "patients", "NORMAL", "PNEUMONIA", "pneumonia share"],
+                 [[s, str(a["images"]), str(a["patients"]), str(a["normal"]), str(a["pneumonia"]),
+                   f"{a['pneumonia'] / max(a['images'], 1):.1%}"] for s, a in audit["splits"].items()])
 
 
 def audit_table(audit: dict) -> str:
     """Images and patients per split and label, and the leak checks."""
-    rows = "".join(f"<tr><td>{s}</td><td>{a['images']}</td><td>{a['patients']}</td><td>{a['normal']}</td>"
-                   f"<td>{a['pneumonia']}</td></tr>" for s, a in audit["splits"].items())
 
     def check(key):
         value = audit[key]
         return f'<span class="{"ok" if value == 0 else "bad"}">{value}</span>'
 
     skipped = ", ".join(f"{k}: {v}" for k, v in audit["skipped_by_reason"].items()) or "none"
-    return (f"<table><tr><th>split</th><th>images</th><th>patients</th><th>NORMAL</th><th>PNEUMONIA</th></tr>{rows}</table>"
+    return (split_table(audit).html() +
             f"<p>Patients in more than one split: {check('patients_in_several_splits')}. "
             f"Byte-identical images across splits: {check('duplicates_across_splits')}. "
             f"Pixel-identical images across splits: {check('identical_pixels_across_splits')}. "
@@ -88,19 +131,16 @@ def gradcam_section(g: dict) -> str:
     return "".join(parts)
 
 
-def cause_table(sets: dict[str, dict]) -> str:
+def cause_table(sets: dict[str, dict]) -> Table:
     """Per set: one-vs-rest and macro AUC, and bacterial vs viral among the pneumonias, each with its interval."""
     def cell(value, ci):
-        return f"{value:.3f} ({ci[0]:.3f}-{ci[1]:.3f})"
+        return f"{value:.3f} ({interval(ci)})"
     rows = [("macro AUC", lambda c: cell(c["macro_auc"]["auc"], c["macro_auc"]["ci95"]))]
     rows += [(f"{k} vs rest AUC", lambda c, k=k: cell(c["one_vs_rest_auc"][k]["auc"], c["one_vs_rest_auc"][k]["ci95"]))
-             for k in ("normal", "bacterial", "viral")]
+             for k in (c.lower() for c in CAUSES)]
     rows += [(f"bacterial vs viral {k}", lambda c, k=k: cell(c["bacterial_vs_viral"][k], c["bacterial_vs_viral"]["ci95"][k]))
              for k in ("auc", "accuracy", "sensitivity", "specificity")]
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in sets)
-    body = "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{fn(c)}</td>" for c in sets.values()) + "</tr>"
-                   for name, fn in rows)
-    return f"<table><tr><th>metric (95% CI)</th>{head}</tr>{body}</table>"
+    return Table(["metric (95% CI)", *sets], [[name, *(fn(c) for c in sets.values())] for name, fn in rows])
 
 
 def cause_section(metrics: dict, out_dir: Path) -> str:
@@ -113,7 +153,7 @@ def cause_section(metrics: dict, out_dir: Path) -> str:
     return ("<h2>Bacterial or viral (--task cause)</h2>"
             f"<p>Bacterial vs viral among the pneumonia cases scores P(bacterial) / (P(bacterial) + P(viral)); the "
             f"threshold {bvv['threshold']:.4f} is Youden's on validation. Sensitivity is for bacterial, specificity "
-            f"for viral.</p>" + cause_table(sets) +
+            f"for viral.</p>" + cause_table(sets).html() +
             '<div class="figs">' + "".join(_img(out_dir / n) for n in
                                            ("confusion_cause.png", "roc_cause.png", "roc_bacterial_viral.png")) + "</div>"
             f"<p>Share of Grad-CAM mass in the outer frame, against {borders['test split']['bacterial']['border_area_share']:.2f} "
@@ -127,11 +167,13 @@ def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner:
     body = [f"<h1>{html.escape(title)}</h1>"]
     if banner:
         body.append(f'<p class="warn">{html.escape(banner)}</p>')
-    body.append("<h2>Test metrics</h2>" + metric_table(test))
+    body.append("<h2>Test metrics</h2>" + metric_section(test))
     body.append('<div class="figs">' + "".join(_img(out_dir / n) for n in
                 ("roc.png", "confusion_matrix.png", "pr.png", "calibration.png")) + "</div>")
     if metrics.get("external"):
-        body.append("<h2>Test split and external sets</h2>" + comparison_table({"test split": test, **metrics["external"]}))
+        body.append("<h2>Test split and external sets</h2>" + sets_table({"test split": test, **metrics["external"]}).html()
+                    + "<p>Every set is scored at the one threshold chosen on validation; nothing is tuned on an "
+                      "external set.</p>")
         body.append(_img(out_dir / "roc_all.png"))
         for name in metrics["external"]:
             folder = out_dir / "external" / name
@@ -168,9 +210,12 @@ def data_summary(audit: dict) -> str:
 def terminal_summary(metrics: dict, out: Path, banner: str = "") -> str:
     """The metric table and the Grad-CAM checks, as printed at the end of a run."""
     lines = [banner] if banner else []
-    lines.append(summary_table(metrics["test"], "Test split (threshold chosen on validation)"))
+    test = metrics["test"]
+    lines += ["Test split (threshold chosen on validation; 95% patient-bootstrap CI)", metric_table(test).text(),
+              counts_line(test)]
     if metrics.get("external"):
-        lines.append(text_comparison({"test split": metrics["test"], **metrics["external"]}))
+        lines += ["Side by side, each at the threshold chosen on validation",
+                  sets_table({"test split": test, **metrics["external"]}).text()]
     if "cause" in metrics:
         for name, cause in {"test split pneumonias": metrics["cause"], **metrics.get("external_cause", {})}.items():
             c = cause["bacterial_vs_viral"]
@@ -195,8 +240,7 @@ SPLITS_EXPLAINED = {
 
 def _md_metrics(m: dict) -> list[str]:
     """A markdown table of the six rates with their intervals, and the counts they come from."""
-    rows = ["| metric | value | 95% CI |", "|---|---:|---|"]
-    rows += [f"| {k} | {m[k]:.3f} | {m['ci95'][k][0]:.3f} - {m['ci95'][k][1]:.3f} |" for k in METRICS]
+    rows = [metric_table(m).markdown()]
     rows += ["", f"{m['images']} images of {m['patients']} patients; TP {m['tp']}, TN {m['tn']}, FP {m['fp']}, "
                  f"FN {m['fn']}. Calibration, how far the probabilities stand from the observed frequencies (0 is "
                  f"perfect): Brier score {m['brier']:.3f}, expected calibration error {m['ece']:.3f}. Read the "
@@ -206,10 +250,7 @@ def _md_metrics(m: dict) -> list[str]:
 
 def _md_data(audit: dict) -> list[str]:
     """Images, patients and prevalence per split, and what was merged or left out."""
-    rows = ["| split | images | patients | NORMAL | PNEUMONIA | pneumonia share |", "|---|---:|---:|---:|---:|---:|"]
-    rows += [f"| {s} | {a['images']} | {a['patients']} | {a['normal']} | {a['pneumonia']} | "
-             f"{a['pneumonia'] / max(a['images'], 1):.1%} |" for s, a in audit["splits"].items()]
-    rows += ["", f"Copies merged: {audit['duplicates_merged']} (duplicates.csv). Files left out: {audit['skipped']} "
+    rows = [split_table(audit).markdown(), "", f"Copies merged: {audit['duplicates_merged']} (duplicates.csv). Files left out: {audit['skipped']} "
                  f"(skipped.csv). Children in more than one split: {audit['patients_in_several_splits']}."]
     return rows
 

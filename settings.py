@@ -12,11 +12,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from distributed import Context
-from gradcam import TARGETS
-from train import TrainConfig
+from labels import CAM_TARGETS
 from transforms import INTENSITY, PADDING, Augment
 
 
@@ -95,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32,
                    help="training batch size; under torchrun the global batch, split evenly over the processes")
     p.add_argument("--lr", type=number(float, 0, open_low=True), default=0.05, help="peak learning rate of the OneCycle SGD schedule")
+    p.add_argument("--momentum", type=number(float, 0, 1, open_low=True, open_high=True), nargs=2, default=[0.85, 0.95],
+                   metavar=("AT_PEAK", "AT_ENDS"), help="SGD's Nesterov momentum, cycled by OneCycle against the learning "
+                                                        "rate: its value at the peak rate and at both ends")
+    p.add_argument("--weight-decay", type=number(float, 0), default=5e-4, help="SGD weight decay (L2 penalty)")
+    p.add_argument("--warmup", type=number(float, 0, 1, open_low=True, open_high=True), default=0.2,
+                   help="share of the training steps over which OneCycle's learning rate rises to its peak (pct_start)")
     p.add_argument("--pos-weight", type=number(float, 0, open_low=True), default=0.6, help="BCEWithLogitsLoss pos_weight for the PNEUMONIA class")
     p.add_argument("--label-smoothing", type=number(float, 0, 1, open_high=True), default=0.0, help="training targets moved this far towards 0.5 (0 = off)")
     p.add_argument("--patience", type=COUNT, default=5, help="stop after this many epochs in which neither validation AUC nor loss improved; 0: never")
@@ -170,8 +172,8 @@ def build_predict_parser() -> argparse.ArgumentParser:
 
 def add_shared_flags(p: argparse.ArgumentParser, cache: bool) -> None:
     """Flags every command shares: device and Grad-CAM target, plus the decode cache and progress bars."""
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
-    p.add_argument("--cam-target", choices=TARGETS, default="pneumonia",
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run: auto picks cuda, then mps, then the cpu")
+    p.add_argument("--cam-target", choices=CAM_TARGETS, default="pneumonia",
                    help="class whose evidence Grad-CAM shows; bacterial and viral (each against the other) need a --task cause model")
     if cache:
         p.add_argument("--cache-dir", default=default_cache_dir(), help="where decoded images are kept between runs")
@@ -208,6 +210,9 @@ class Settings:
     epochs: int
     batch_size: int
     lr: float
+    momentum: tuple[float, float]
+    weight_decay: float
+    warmup: float
     pos_weight: float
     label_smoothing: float
     patience: int
@@ -291,9 +296,3 @@ class Settings:
             return Augment.plain(self.rotation)
         return Augment(self.rotation, self.zoom, self.translate, self.gamma, self.contrast, self.brightness,
                        self.noise, self.padding, self.sharpness)
-
-    def train_config(self, device: torch.device, ranks: Context = Context()) -> TrainConfig:
-        """What train.fit needs, on the resolved device, in this process's place under torchrun."""
-        return TrainConfig(self.epochs, self.batch_size, self.lr, self.pos_weight, self.patience, self.label_smoothing,
-                           progress=not self.quiet, compile_model=self.compile, seed=self.seed, device=device,
-                           task=self.task, ranks=ranks)

@@ -13,14 +13,13 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from tqdm import tqdm
 
 import distributed
+import progress
 import runs
-from cache import ImageCache, TensorRows, load_images
-from images import cache_size
+from cache import TensorRows
+from infer import Predictor, amp_dtype
 from transforms import Preprocess
-
 
 
 class Interrupted(Exception):
@@ -71,13 +70,6 @@ def to_device(images: TensorRows, device: torch.device) -> TensorRows | torch.Te
     return images.to(device) if device.type == "mps" else images
 
 
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs that support it, fp16 on older CUDA GPUs, none on the CPU (it is slower there)."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 @dataclass
 class TrainState:
     """Everything needed to continue a run exactly where it stopped."""
@@ -115,11 +107,17 @@ class StopFlag:
         return False
 
 
-def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: int, weight_decay: float = 5e-4):
-    """SGD with Nesterov momentum and a OneCycle schedule: fast warm-up, long cosine anneal."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs,
-                                                    steps_per_epoch=steps_per_epoch, pct_start=0.2)
+def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: int,
+                   momentum: tuple[float, float] = (0.85, 0.95), weight_decay: float = 5e-4, warmup: float = 0.2):
+    """SGD with Nesterov momentum and a OneCycle schedule: a warm-up over `warmup` of the steps, then a long cosine anneal.
+
+    OneCycle also cycles the momentum against the learning rate: momentum[1] at both ends, momentum[0] at the peak.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum[1], nesterov=True,
+                                weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                                    pct_start=warmup, base_momentum=momentum[0],
+                                                    max_momentum=momentum[1])
     return optimizer, scheduler
 
 
@@ -128,59 +126,6 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None):
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, prep: Preprocess, device: torch.device,
-                   batch_size: int = 128) -> torch.Tensor:
-    """The logit of each uint8 image, as a float32 CPU tensor, in eval mode (the caller's mode is restored)."""
-    was_training = model.training
-    model.eval()
-    logits = [torch.zeros(0)]
-    fmt = torch.channels_last if device.type != "mps" else torch.contiguous_format
-    for idx in batches(len(images), batch_size):
-        x = prep.eval(images[idx].to(device, non_blocking=True)).contiguous(memory_format=fmt)
-        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp_dtype(device) is not None):
-            logits.append(model(x).float().cpu())
-    model.train(was_training)
-    return torch.cat(logits)
-
-
-def probabilities(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-    """P(pneumonia) per image, and for a three-class model P(normal, bacterial, viral) (else None).
-
-    For three classes P(pneumonia) = P(bacterial) + P(viral), so every binary metric and threshold
-    works on either model.
-    """
-    if logits.ndim == 1:
-        return torch.sigmoid(logits).numpy(), None
-    classes = torch.softmax(logits, 1).numpy()
-    return classes[:, 1:].sum(1), classes
-
-
-def predict(model: nn.Module, images: torch.Tensor, prep: Preprocess, device: torch.device,
-            batch_size: int = 128) -> np.ndarray:
-    """Pneumonia probability for each uint8 image."""
-    return probabilities(predict_logits(model, images, prep, device, batch_size))[0]
-
-
-def predict_files(model: nn.Module, files: list[str], prep: Preprocess, device: torch.device, batch_size: int = 64,
-                  workers: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-    """Decode image files (as for training, on every core) and score them.
-
-    Returns the decoded uint8 images (N x S x S), the probabilities (NaN where unreadable: N x 1, or
-    N x 4 as pneumonia, normal, bacterial, viral for a three-class model) and, per file, None or the
-    reason it could not be read.
-    """
-    size = cache_size(prep.image_size)
-    images, errors = load_images(files, size, ImageCache(None, size), workers, progress)
-    good = [i for i, e in enumerate(errors) if e is None]
-    prob = np.full((len(files), 1 if getattr(model, "outputs", 1) == 1 else 4), np.nan)
-    if good:
-        pneumonia, classes = probabilities(predict_logits(model, torch.from_numpy(images[good]).unsqueeze(1), prep,
-                                                          device, batch_size))
-        prob[good] = pneumonia[:, None] if classes is None else np.column_stack([pneumonia, classes])
-    return images, prob, errors
 
 
 @dataclass
@@ -258,12 +203,13 @@ def validate(model, images, labels, prep, loss_fn: Callable, device,
     Under torchrun each rank scores every world-th image and the logits are gathered: every rank then
     computes the loss and AUC of the whole set, the figures one process would get.
     """
+    predictor = Predictor([model], prep, device)
     if ranks.active:
         rows = distributed.shard_rows(len(images), ranks)
         mine = images.take(rows) if isinstance(images, TensorRows) else images[rows.to(images.device)]
-        logits = distributed.gather_rows(predict_logits(model, mine, prep, device), len(images), ranks, device)
+        logits = distributed.gather_rows(predictor.logits(mine), len(images), ranks, device)
     else:
-        logits = predict_logits(model, images, prep, device)
+        logits = predictor.logits(images)
     y = labels.cpu()
     if logits.ndim == 1:
         return loss_fn(logits, y.float()).item(), float(roc_auc_score(y.numpy(), logits.numpy()))
@@ -295,6 +241,12 @@ def make_loss(cfg: "TrainConfig", train_labels: torch.Tensor, device, smoothing:
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "val_auc", "lr", "seconds")
 
 
+def epoch_line(h: dict, epochs: int) -> str:
+    """One finished epoch as a log line."""
+    return (f"epoch {h['epoch']}/{epochs}: loss {h['loss']:.4f}, val loss {h['val_loss']:.4f}, "
+            f"val AUC {h['val_auc']:.4f}, lr {h['lr']:.2g}, {h['seconds']:.1f} s")
+
+
 def write_history(path: Path, history: list[dict]) -> None:
     """history.csv: one row per finished epoch."""
     runs.write_csv(path, HISTORY_FIELDS, [[h[k] for k in HISTORY_FIELDS] for h in history])
@@ -309,6 +261,9 @@ class TrainConfig:
     pos_weight: float
     patience: int
     label_smoothing: float = 0.0
+    momentum: tuple[float, float] = (0.85, 0.95)  # SGD's Nesterov momentum at OneCycle's peak lr, and at its ends
+    weight_decay: float = 5e-4
+    warmup: float = 0.2  # OneCycle's pct_start
     progress: bool = True  # progress bar
     compile_model: bool = False  # torch.compile the training steps
     seed: int = 0  # of the generator that drives shuffling and augmentation
@@ -327,7 +282,7 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume
     """
     device, generator, ranks = cfg.device, torch.Generator().manual_seed(cfg.seed), cfg.ranks  # as set_seed(seed)
     steps = math.ceil(len(train_set[0]) / cfg.batch_size)
-    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.epochs, steps)
+    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.epochs, steps, cfg.momentum, cfg.weight_decay, cfg.warmup)
     stepped = model
     if ranks.active and cfg.batch_size < 16 * ranks.world:
         warnings.warn(f"--batch-size {cfg.batch_size} over {ranks.world} processes leaves under 16 images per process "
@@ -340,8 +295,8 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume
                   torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16), ranks)
     saved = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": parts.scaler}
     state = TrainState(**runs.restore_last(resume, saved, generator)) if resume is not None else TrainState()
-    bar = tqdm(total=cfg.epochs * steps, initial=state.epoch * steps + state.step, desc="training",
-               unit="step", disable=not cfg.progress or not ranks.main)
+    bar = progress.track(cfg.epochs * steps, "training", "steps", cfg.progress and ranks.main,
+                         initial=state.epoch * steps + state.step)
     try:
         with StopFlag() as stop:
             while state.epoch < cfg.epochs and not state.stopped_early:
@@ -358,6 +313,8 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume
                     break
                 end_epoch(model, val_set, parts, state, loss, start, cfg)
                 bar.set_postfix(loss=f"{loss:.4f}", val_auc=f"{state.history[-1]['val_auc']:.4f}")
+                if cfg.progress and ranks.main and not progress.on_terminal():  # a log gets one line per epoch
+                    print(epoch_line(state.history[-1], cfg.epochs), flush=True)
                 if ranks.main:
                     write_history(run_dir / "history.csv", state.history)
                     runs.save_last(run_dir / "last.pt", saved, generator, vars(state))

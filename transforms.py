@@ -101,6 +101,20 @@ class Preprocess:
         """Centre crop and normalise a uint8 N x 1 x S x S batch."""
         return self.normalise(self.crop(batch))
 
+    def view(self, batch: torch.Tensor, zoom: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+        """The centre view of a uint8 batch magnified by (x, y) `zoom`, normalised; (1, 1) is `eval` exactly.
+
+        The other views resample like training's zoom jitter (border padding), without its randomness.
+        """
+        if tuple(zoom) == (1.0, 1.0):
+            return self.eval(batch)
+        scale = self.image_size / batch.shape[-1]
+        theta = torch.tensor([[scale / zoom[0], 0.0, 0.0], [0.0, scale / zoom[1], 0.0]], device=batch.device)
+        grid = F.affine_grid(theta.expand(len(batch), 2, 3), [len(batch), 1, self.image_size, self.image_size],
+                             align_corners=False)
+        x = F.grid_sample(batch.float() / 255.0, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return self.normalise(x)
+
     def train(self, batch: torch.Tensor, generator: torch.Generator, of: int | None = None,
               keep: torch.Tensor | None = None) -> torch.Tensor:
         """Augment (geometry, then intensity) and normalise a uint8 batch.

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import cache  # noqa: E402
 import images  # noqa: E402
+import infer  # noqa: E402
 import runs  # noqa: E402
 import transforms  # noqa: E402
 import train  # noqa: E402
@@ -167,8 +168,9 @@ def bench_predict(folders: list[Path], tmp: Path) -> dict:
     for label, chosen in (("60", folders[:1]), ("120", folders)):
         files = data.list_files([str(f) for f in chosen])[0]
         old_workers = min(os.cpu_count() or 1, max(1, len(files) // 32))
-        before = best_of(lambda: train.predict_files(model, files, prep, device, 64, old_workers, progress=False), 3)
-        after = best_of(lambda: train.predict_files(model, files, prep, device, 64, progress=False), 3)
+        predictor = infer.Predictor([model], prep, device, batch_size=64)
+        before = best_of(lambda: predictor.predict_files(files, old_workers, show=False), 3)
+        after = best_of(lambda: predictor.predict_files(files, show=False), 3)
         result[label] = (len(files) / before, len(files) / after)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         command = best_of(lambda: main.main(["predict", *map(str, folders), "--checkpoint", str(tmp / "bench.pt"),
@@ -195,7 +197,7 @@ def main() -> None:
         base_s, n = baseline_epoch(root)
         files = sorted(str(p) for p in root.rglob("*.jpeg"))
         t0 = time.perf_counter()
-        decoded, _ = cache.load_images(files, images.cache_size(IMAGE_SIZE), cache.ImageCache(None, 0), progress=False)
+        decoded, _ = cache.load_images(files, images.cache_size(IMAGE_SIZE), cache.ImageCache(None, 0), show=False)
         cold_decode = time.perf_counter() - t0
         labels = torch.tensor([float("PNEUMONIA" in f) for f in files])
         ours = our_epoch(torch.from_numpy(decoded).unsqueeze(1), labels)

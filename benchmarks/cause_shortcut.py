@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import infer  # noqa: E402
 import runs  # noqa: E402
 from cache import ImageCache  # noqa: E402
 from images import cache_size  # noqa: E402
@@ -46,8 +47,9 @@ def bacterial_vs_viral_auc(scorer: evaluate.Scorer, images: torch.Tensor, causes
 
 def main(run: str, externals: list[str]) -> None:
     ckpt = runs.read_checkpoint(Path(run) / "best.pt")
-    model, prep = runs.load_model(ckpt, torch.device("cpu"))
-    scorer = evaluate.Scorer(model, prep, ckpt["threshold"], torch.device("cpu"))
+    predictor = infer.load_predictor(ckpt, torch.device("cpu"))
+    prep = predictor.prep
+    scorer = evaluate.Scorer(predictor, ckpt["threshold"])
     cache = ImageCache(default_cache_dir(), cache_size(prep.image_size))
     sets = {"test split": data.find_labelled(str(Path(run) / "split.csv")), **{Path(e).name: data.find_labelled(e) for e in externals}}
     print(f"bacterial vs viral AUC, {FRAME:.0%} frame; model {run}")

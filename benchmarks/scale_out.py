@@ -235,10 +235,10 @@ def simulate(args) -> None:
     t1 = time.perf_counter()
     data.deduplicate(found, store)
     t2 = time.perf_counter()
-    decoded, errors = cache.load_images(found.paths, size, store, progress=False)
+    decoded, errors = cache.load_images(found.paths, size, store, show=False)
     t3 = time.perf_counter()
     del decoded
-    again, _ = cache.load_images(found.paths, size, cache.ImageCache(str(cache_dir), size), progress=False)
+    again, _ = cache.load_images(found.paths, size, cache.ImageCache(str(cache_dir), size), show=False)
     t4 = time.perf_counter()
     n = len(found.paths)
     on_disk = sum(p.stat().st_size for p in cache_dir.rglob("*") if p.is_file())

@@ -217,6 +217,36 @@ def test_normalisation_uses_given_statistics():
     assert mean == pytest.approx(0.2) and std == pytest.approx(0.0) and grey_range == pytest.approx((0.2, 0.2))
 
 
+@pytest.mark.parametrize("sizes", [[50], [1, 49], [17, 3, 30], [10] * 5])
+def test_normalisation_merged_over_chunks_equals_the_whole_split_at_once(sizes):
+    rng = np.random.default_rng(1)
+    # chunks of very different brightness: a wrong merge of their means or spreads shows at once
+    chunks = [rng.integers(0, 80, (n, 12, 12), np.uint8) + np.uint8(30 * k) for k, n in enumerate(sizes)]
+    whole = np.concatenate(chunks)
+    crops = transforms.centre_crop(whole, 10).astype(np.float64) / 255.0
+    mean, std, (low, high) = transforms.fit_normalisation(chunks, 10)
+    assert mean == pytest.approx(crops.mean(), abs=1e-12) and std == pytest.approx(crops.std(), abs=1e-12)
+    per_image = crops.reshape(len(crops), -1).mean(1)
+    assert (low, high) == pytest.approx((per_image.min(), per_image.max()))
+
+
+def test_a_ranks_share_of_a_batch_is_augmented_as_the_whole_batch_would_be():
+    prep = transforms.Preprocess(24, 0.4, 0.2, transforms.Augment(noise=0.02, sharpness=0.3))
+    batch = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (7, 1, 28, 28), np.uint8))
+    whole = prep.train(batch, torch.Generator().manual_seed(5))
+    for keep in (torch.tensor([0, 3, 6]), torch.tensor([1, 4]), torch.tensor([2, 5])):
+        generator = torch.Generator().manual_seed(5)
+        share = prep.train(batch[keep], generator, of=7, keep=keep)
+        assert torch.allclose(share, whole[keep], atol=1e-5)
+        assert torch.equal(generator.get_state(), _after_one_batch(prep, batch))  # every rank's generator stays equal
+
+
+def _after_one_batch(prep, batch) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(5)
+    prep.train(batch, generator)
+    return generator.get_state()
+
+
 def test_modes_convert_to_the_same_grey(tmp_path):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
@@ -263,20 +293,20 @@ def test_fast_decode_matches_full_decode_on_real_full_resolution_images():
 def test_cache_second_load_decodes_nothing_and_rebuilds_only_changes(tiny_archive, tmp_path, monkeypatch):
     paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))
     cache_dir = tmp_path / "cache"
-    first, _ = cache.load_images(paths, 24, cache.ImageCache(str(cache_dir), 24), workers=1, progress=False)
+    first, _ = cache.load_images(paths, 24, cache.ImageCache(str(cache_dir), 24), workers=1, show=False)
     calls = []
     real = images.decode_image
     monkeypatch.setattr(images, "decode_image", lambda p, s: calls.append(p) or real(p, s))
-    again, _ = cache.load_images(paths, 24, cache.ImageCache(str(cache_dir), 24), workers=1, progress=False)
+    again, _ = cache.load_images(paths, 24, cache.ImageCache(str(cache_dir), 24), workers=1, show=False)
     assert calls == [] and np.array_equal(first, again)
     write_image(tiny_archive / "chest_xray" / "train" / "NORMAL" / "IM-0001-0001.jpeg", seed=999)
-    cache.load_images(paths, 24, cache.ImageCache(str(cache_dir), 24), workers=1, progress=False)
+    cache.load_images(paths, 24, cache.ImageCache(str(cache_dir), 24), workers=1, show=False)
     assert [os.path.basename(p) for p in calls] == ["IM-0001-0001.jpeg"]
     assert not list(cache_dir.rglob(".tmp-*"))
 
 
 def _load(paths, cache_dir):
-    return cache.load_images(paths, 24, cache.ImageCache(str(cache_dir), 24), workers=1, progress=False)
+    return cache.load_images(paths, 24, cache.ImageCache(str(cache_dir), 24), workers=1, show=False)
 
 
 @pytest.mark.parametrize("damage", ["a flipped byte", "a truncated file", "a stale index"])
@@ -309,7 +339,7 @@ def test_damaged_cache_is_detected_and_only_the_bad_rows_decoded_again(tiny_arch
 
 def test_a_cache_folder_that_cannot_be_written_costs_one_warning_not_the_run(tiny_archive, tmp_path, monkeypatch):
     paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))
-    expected, _ = cache.load_images(paths, 24, cache.ImageCache(None, 24), workers=1, progress=False)
+    expected, _ = cache.load_images(paths, 24, cache.ImageCache(None, 24), workers=1, show=False)
     (tmp_path / "file").write_text("")
     with pytest.warns(UserWarning, match="cannot be written") as caught:
         unwritable, errors = _load(paths, tmp_path / "file" / "cache")  # a folder inside a file: never writable
@@ -346,8 +376,8 @@ def test_mapped_rows_read_only_what_is_asked_and_let_the_pages_go(tmp_path, monk
 
 def test_parallel_decode_equals_serial(tiny_archive):
     paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))
-    serial, _ = cache.load_images(paths, 24, cache.ImageCache(None, 24), workers=1, progress=False)
-    parallel, _ = cache.load_images(paths, 24, cache.ImageCache(None, 24), workers=2, progress=False)
+    serial, _ = cache.load_images(paths, 24, cache.ImageCache(None, 24), workers=1, show=False)
+    parallel, _ = cache.load_images(paths, 24, cache.ImageCache(None, 24), workers=2, show=False)
     assert np.array_equal(serial, parallel)
 
 
@@ -366,7 +396,7 @@ def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path):
 
 def test_unreadable_file_is_reported_not_fatal_with_cache(tiny_archive, tmp_path):
     paths = sorted(str(p) for p in tiny_archive.rglob("*.jpeg"))[:3] + [str(tmp_path / "gone.jpeg")]
-    decoded, errors = cache.load_images(paths, 16, cache.ImageCache(str(tmp_path / "c"), 16), workers=1, progress=False)
+    decoded, errors = cache.load_images(paths, 16, cache.ImageCache(str(tmp_path / "c"), 16), workers=1, show=False)
     assert errors[:3] == [None] * 3 and "unreadable file" in errors[3] and not decoded[3].any()
 
 

@@ -113,7 +113,7 @@ def test_unusable_dicoms_are_skipped_with_their_reason(tmp_path):
         "frames": write_dicom(tmp_path / "cine.dcm", np.concatenate([x, x]), NumberOfFrames=2),
     }
     decoded, errors = cache.load_images([str(p) for p in cases.values()], SIZE, cache.ImageCache(None, SIZE),
-                                         workers=1, progress=False)
+                                         workers=1, show=False)
     for (reason, _), error in zip(cases.items(), errors):
         assert error is not None and reason in error, (reason, error)
 

@@ -1,4 +1,5 @@
 """Data-parallel training under torchrun: 2 CPU processes with gloo, on the demo data (and one tiny in-process job)."""
+import csv
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from scipy.stats import spearmanr
 
 import cache
 import distributed
@@ -55,9 +57,14 @@ def test_two_processes_write_one_run_folder_and_match_one_process(two_runs):
     base, out = two_runs
     assert sorted(p.name for p in base.iterdir()) == ["one", "two"]  # no stray runs/ folder from rank 1
     assert [p.relative_to(base) for p in base.rglob("metrics.json")] == [Path("one/metrics.json"), Path("two/metrics.json")]
-    assert out.count("Test split (threshold chosen on validation)") == 1  # printed by rank 0 only
+    assert out.count("Test split (threshold chosen on validation") == 1  # printed by rank 0 only
     one, two = (json.loads((base / n / "metrics.json").read_text()) for n in ("one", "two"))
-    assert abs(one["test"]["auc"] - two["test"]["auc"]) <= 0.02
+    # both AUCs saturate on phantoms, so compare the models image by image: the 2-process model must rank and
+    # score the same test images as the 1-process one (measured: Spearman 0.98, mean |difference| 0.013)
+    rows = [list(csv.DictReader(open(base / n / "predictions.csv"))) for n in ("one", "two")]
+    assert [Path(r["path"]).name for r in rows[0]] == [Path(r["path"]).name for r in rows[1]]
+    p1, p2 = (np.array([float(r["probability"]) for r in run]) for run in rows)
+    assert spearmanr(p1, p2)[0] >= 0.9 and np.abs(p1 - p2).mean() <= 0.05
     assert one["data"]["splits"] == two["data"]["splits"]  # the same split on every rank
     history = (base / "two" / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 10 and not (base / "two" / "INCOMPLETE").exists()
@@ -69,8 +76,8 @@ def test_two_process_checkpoint_loads_in_one_process_and_in_predict(two_runs, tm
     assert set(ckpt["model"]) == set(PneumoniaCNN().state_dict())  # no DistributedDataParallel prefix
     image = sorted((base / "two" / "demo_data").rglob("*.png"))[0]
     assert main.main(["predict", str(image), "--checkpoint", str(base / "two" / "best.pt"), "--out", str(tmp_path / "p")]) == 0
-    rows = (tmp_path / "p" / "predictions.csv").read_text().splitlines()
-    assert len(rows) == 2 and 0.0 <= float(rows[1].split(",")[1]) <= 1.0
+    rows = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
+    assert len(rows) == 1 and 0.0 <= float(rows[0]["probability"]) <= 1.0
 
 
 def _child(pid: int) -> dict[str, int]:

@@ -65,3 +65,17 @@ def test_expected_calibration_error():
     y = np.array([0, 1] * 50)
     assert evaluate.expected_calibration_error(y, np.full(100, 0.5)) == pytest.approx(0.0)
     assert evaluate.expected_calibration_error(y, np.full(100, 0.9)) == pytest.approx(0.4)
+
+
+def test_one_table_builder_renders_the_same_cells_as_text_html_and_markdown():
+    import report
+    m = {k: 0.5 + i / 100 for i, k in enumerate(evaluate.METRICS)}
+    m["ci95"] = {k: [m[k] - 0.1, m[k] + 0.05] for k in evaluate.METRICS}
+    m["images"], m["patients"] = 10, 7
+    table = report.sets_table({"test split": m, "site <b>": m})
+    text, page, markdown = table.text(), table.html(), table.markdown()
+    for k in evaluate.METRICS:
+        cell = f"{m[k]:.3f} ({m['ci95'][k][0]:.3f} - {m['ci95'][k][1]:.3f})"
+        assert text.count(cell) == 2 and page.count(f"<td>{cell}</td>") == 2 and markdown.count(f"| {cell} ") == 2
+    assert "site &lt;b&gt;" in page and "<b>" not in page  # set names are escaped in HTML
+    assert len(markdown.splitlines()) == 2 + len(evaluate.METRICS) + 1 and "10 / 7" in text

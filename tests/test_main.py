@@ -1,5 +1,6 @@
 """End to end through main(): outputs, errors, evaluate, predict."""
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -63,16 +64,23 @@ def test_command_line_without_archive_has_no_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Download" in proc.stderr
 
 
-def test_help_documents_every_flag(capsys):
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
+def test_help_documents_every_flag(capsys, command):
+    import settings
+    parser = {"train": settings.build_parser, "evaluate": settings.build_evaluate_parser,
+              "predict": settings.build_predict_parser}[command]()
     with pytest.raises(SystemExit):
-        main.main(["--help"])
+        main.main(([] if command == "train" else [command]) + ["--help"])
     text = capsys.readouterr().out
-    for flag in ("--data", "--out", "--epochs", "--batch-size", "--lr", "--pos-weight", "--image-size", "--split",
-                 "--seed", "--device", "--demo", "--threshold", "--resume", "--no-cache", "--compile", "--cam-target",
-                 "--external", "--augment", "--zoom", "--gamma", "--contrast", "--brightness", "--padding", "--intensity",
-                 "--label-smoothing"):
-        assert flag in text, flag
-    assert "default: 0.6" in text and "evaluate" in text
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) > 5
+    for action in flags:
+        assert action.help and len(action.help) > 15, f"{action.option_strings[0]} has no help text"
+        assert action.option_strings[-1] in text, action.option_strings[-1]
+    if command == "train":  # every setting saved in config.json is a flag, and every flag a setting
+        saved = {f.name for f in dataclasses.fields(Settings)} - {"given", "command"}
+        assert saved == {a.dest for a in flags}
+        assert "default: 0.6" in text and "evaluate" in text and "torchrun" in text
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -111,7 +119,7 @@ def test_evaluate_on_the_runs_own_test_split_reproduces_metrics(demo_run, tmp_pa
     assert (out / "report.html").is_file() and (out / "roc.png").is_file()
 
 
-PREDICTION_COLUMNS = ["path", "patient", "label", "probability", "predicted", "warnings"]
+PREDICTION_COLUMNS = ["path", "patient", "label", "probability", "predicted", "warnings", "error"]
 
 
 def _predictions(path) -> list[dict]:
@@ -181,14 +189,16 @@ def test_predict_single_image_folder_and_bad_files(demo_run, tmp_path, capsys):
     (folder / "Thumbs.db").write_bytes(b"\0" * 64)  # OS metadata: skipped by the same rule as in training
     (folder / "labels.txt").write_text("x")
     assert main.main(["predict", str(folder), "--checkpoint", str(demo_run / "best.pt"), "--out", str(tmp_path / "many"), "--cam"]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "many" / "predictions.csv")))
+    rows = _predictions(tmp_path / "many" / "predictions.csv")  # the schema of training's and evaluate's CSVs
     assert len(rows) == 6
     why = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
     assert "unreadable image" in why["notes.jpeg"] and why["Thumbs.db"] == "hidden or OS metadata"
     assert why["labels.txt"] == "not an image file extension" and len(why) == 3
     bad = [r for r in rows if r["path"].endswith("notes.jpeg")][0]
     assert bad["probability"] == "" and "unreadable image" in bad["error"]
-    assert all(r["label"] in ("NORMAL", "PNEUMONIA") for r in rows if not r["error"])
+    assert all(r["label"] == "" for r in rows)  # predict knows no truth: the column stays empty, never the model's call
+    assert all(r["predicted"] in ("NORMAL", "PNEUMONIA") and r["patient"].startswith("IM-") for r in rows if not r["error"])
+    assert all(r["predicted"] == r["patient"] == "" for r in rows if r["error"])
     assert "skipped" in capsys.readouterr().err and len(list((tmp_path / "many").glob("*_cam.png"))) == 3
 
 
@@ -205,12 +215,12 @@ def test_predict_matches_training_preprocessing_on_real_files(demo_run, tmp_path
     # the training path: decode as for training (cache format), then the scoring used on test splits
     import cache
     import images
+    import infer
     import torch
-    import train
     model, prep = runs.load_model(runs.load_checkpoint(demo_run / "best.pt"), torch.device("cpu"))
     files = [r["path"] for r in rows]
-    decoded, _ = cache.load_images(files, images.cache_size(prep.image_size), cache.ImageCache(None, 0), progress=False)
-    expected = train.predict(model, torch.from_numpy(decoded).unsqueeze(1), prep, torch.device("cpu"))
+    decoded, _ = cache.load_images(files, images.cache_size(prep.image_size), cache.ImageCache(None, 0), show=False)
+    expected, _ = infer.Predictor([model], prep, torch.device("cpu")).predict(torch.from_numpy(decoded).unsqueeze(1))
     assert np.allclose([float(r["probability"]) for r in rows], expected, atol=2e-6)
 
 
@@ -279,3 +289,46 @@ def test_model_card_figures_all_come_from_metrics_json(demo_run):
         assert f"| {split} | {a['images']} | {a['patients']} | {a['normal']} | {a['pneumonia']} |" in card
     assert "SYNTHETIC" in card and "python main.py --demo" in card and "not intended" in card.lower()
     assert 'href="MODEL_CARD.md"' in (demo_run / "report.html").read_text()
+
+
+def test_optimiser_constants_are_settings_that_reach_sgd_and_onecycle_and_survive_resume(tmp_path):
+    import torch
+    import train
+    from model import PneumoniaCNN
+    from transforms import Preprocess
+    s = Settings.parse(["--momentum", "0.8", "0.9", "--weight-decay", "0.001", "--warmup", "0.5", "--epochs", "2", "--batch-size", "4",
+                        "--quiet"])
+    cfg = main.train_config(s, torch.device("cpu"), Context())
+    g = torch.Generator().manual_seed(0)
+    images, labels = (torch.rand(16, 1, 24, 24, generator=g) * 255).to(torch.uint8), (torch.arange(16) % 2).float()
+    train.fit(PneumoniaCNN((4, 4, 4), stem=4), (images, labels), (images, labels), Preprocess(20), cfg, tmp_path)
+    last = runs.load_checkpoint(tmp_path / "last.pt")
+    group = last["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == 0.001 and group["nesterov"]
+    assert (group["base_momentum"], group["max_momentum"]) == (0.8, 0.9) and 0.8 <= group["momentum"] <= 0.9
+    lrs = [h["lr"] for h in train_history(tmp_path)]
+    assert lrs[0] > 0.8 * s.lr  # the warm-up ends half way, so epoch 1 of 2 ends near the peak (0.2: near half of it)
+    assert s.config()["momentum"] == [0.8, 0.9] and s.config()["warmup"] == 0.5
+    restored = Settings.parse(["--resume", "x"]).resumed(s.config())
+    assert (restored.momentum, restored.weight_decay, restored.warmup) == ((0.8, 0.9), 0.001, 0.5)
+    older = {k: v for k, v in s.config().items() if k not in ("momentum", "weight_decay", "warmup")}
+    assert Settings.parse(["--resume", "x"]).resumed(older).momentum == (0.85, 0.95)  # an older run: the old constants
+
+
+def train_history(run: Path) -> list[dict]:
+    with open(run / "history.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_a_log_redirected_to_a_file_gets_lines_not_progress_frames(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--demo", "--demo-patients", "12", "--epochs", "3",
+                           "--image-size", "64", "--widths", "8", "8", "8", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = proc.stdout + proc.stderr
+    assert "\r" not in log
+    for epoch in (1, 2, 3):
+        assert f"epoch {epoch}/3: loss " in log and "val AUC" in log
+    for step in ("decoding images (once): ", "training: ", "scoring: ", "Grad-CAM maps: "):
+        line = next(line for line in log.splitlines() if line.startswith(step))
+        assert " in " in line and "/s)" in line, line  # count, seconds and rate

@@ -1,0 +1,9 @@
+"""Class names, in one place: the folder labels, the three causes and the Grad-CAM targets.
+
+Usage: `labels.CLASSES[1] == "PNEUMONIA"`. Every other module reads the names from here.
+"""
+CLASSES = ("NORMAL", "PNEUMONIA")  # label = index: NORMAL=0, PNEUMONIA=1
+CAUSES = ("NORMAL", "BACTERIAL", "VIRAL")  # --task cause: class = index; -1 where a pneumonia file's name says neither
+CLASS_COLUMNS = tuple(f"p_{c.lower()}" for c in CAUSES)  # a cause model's extra predictions.csv columns
+# what Grad-CAM can explain: each is a log-odds with an opposite (gradcam.target_score); the last two need --task cause
+CAM_TARGETS = ("pneumonia", "normal", "bacterial", "viral")

@@ -1,0 +1,59 @@
+"""Progress for people: bars on a terminal, one plain line per long step when the output goes to a file.
+
+Usage: `bar = progress.track(n, "decoding images", "img"); bar.update(); bar.close()`.
+A log redirected to a file (nohup, a cluster job, CI) would otherwise fill with tqdm's carriage-return
+frames; there each step instead prints one line with its count, time and rate when it ends.
+"""
+import sys
+import time
+
+from tqdm import tqdm
+
+
+def on_terminal() -> bool:
+    """Whether both stdout and stderr are terminals: only then are progress frames readable."""
+    return all(stream is not None and stream.isatty() for stream in (sys.stdout, sys.stderr))
+
+
+class Lines:
+    """tqdm's interface, for logs: counts silently and prints one line, with the rate, when closed."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0):
+        self.total, self.desc, self.unit, self.n, self.start = total, desc, unit, initial, time.perf_counter()
+        self.initial, self.closed = initial, False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        """Shown on a terminal only; a log has its own line per epoch."""
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        done, seconds = self.n - self.initial, time.perf_counter() - self.start
+        rate = f" ({done / seconds:,.0f} {self.unit}/s)" if seconds > 0 and done else ""
+        print(f"{self.desc}: {done:,} {self.unit} in {seconds:.1f} s{rate}", flush=True)
+
+
+class _Off:
+    """Nothing shown."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def track(total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0):
+    """A progress bar on a terminal, a closing line in a log, nothing when not `enabled` or when there is no work."""
+    if not enabled or total <= 0:
+        return _Off()
+    if on_terminal():
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit)
+    return Lines(total, desc, unit, initial)
