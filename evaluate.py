@@ -256,10 +256,11 @@ def file_predictions(files: list[str], images: np.ndarray, prob: np.ndarray, cla
                        np.vstack([classes, blank]) if classes is not None else None)
 
 
-def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> None:
+def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> float:
     """Choose the scorer's threshold on the validation split by `policy`; its predictions go to `path`.
 
     Kept as predictions_val.csv, so another threshold policy can be checked later without retraining.
+    Returns the scorer's validation AUC.
     """
     images, labels, idx = ds.subset("val")
     y_prob, classes = scorer.predict(images)
@@ -268,6 +269,7 @@ def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> 
     if classes is not None and has_both_causes(causes):  # bacterial vs viral: Youden's, among the pneumonias
         scorer.cause_threshold = choose_threshold(causes[causes > 0] == 1, bacterial_share(classes[causes > 0]), "youden")
     write_predictions(path, labelled_predictions(ds, idx, y_prob, scorer.predictor.prep, classes), scorer.threshold)
+    return float(roc_auc_score(labels.numpy(), y_prob))
 
 
 def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note: str = "",
@@ -379,17 +381,22 @@ def plot_calibration(y_true, y_prob, m: dict, path, note: str = "") -> None:
     _save(fig, path)
 
 
-def plot_history(history: list[dict], best_epoch: int, path) -> None:
-    """Training and validation loss, and validation AUC, per epoch, with the kept epoch marked."""
-    epochs = [h["epoch"] for h in history]
+def plot_history(history: list[dict], path) -> None:
+    """Training and validation loss, and validation AUC, per epoch (one line per ensemble member), kept epochs marked."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
-    ax1.plot(epochs, [h["loss"] for h in history], "o-", label="train loss")
-    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation loss")
-    ax2.plot(epochs, [h["val_auc"] for h in history], "o-", color="green", label="validation AUC")
+    for member in sorted({h.get("member", 0) for h in history}):
+        rows = [h for h in history if h.get("member", 0) == member]
+        name = f"member {member + 1}: " if member or len(history) > len(rows) else ""
+        epochs = [h["epoch"] for h in rows]
+        line, = ax1.plot(epochs, [h["loss"] for h in rows], "o-", ms=3, label=f"{name}train loss")
+        ax1.plot(epochs, [h["val_loss"] for h in rows], "s--", ms=3, color=line.get_color(), label=f"{name}validation loss")
+        ax2.plot(epochs, [h["val_auc"] for h in rows], "o-", ms=3, color=line.get_color(), label=f"{name}validation AUC")
+        kept = [h["epoch"] for h in rows if h.get("kept")]
+        ax2.plot(kept, [h["val_auc"] for h in rows if h.get("kept")], "*", ms=11, color=line.get_color())
+    ax2.plot([], [], "*", ms=11, color="grey", label="kept weights")
     for ax in (ax1, ax2):
-        ax.axvline(best_epoch, color="crimson", ls="--", label=f"kept epoch {best_epoch}")
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     _save(fig, path)
 
 

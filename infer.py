@@ -113,6 +113,6 @@ class Predictor:
 
 
 def load_predictor(ckpt: dict, device: torch.device) -> Predictor:
-    """The Predictor a best.pt describes, on `device`."""
-    model, prep = runs.load_model(ckpt, device)
-    return Predictor([model], prep, device)
+    """The Predictor a best.pt describes (its members, and whether it averages test-time views), on `device`."""
+    models, prep = runs.load_models(ckpt, device)
+    return Predictor(models, prep, device, tta=bool(ckpt.get("tta", False)))

@@ -112,11 +112,10 @@ def run_train(s: Settings) -> int:
 
 
 def train_and_score(s: Settings, ranks: distributed.Context, device: torch.device) -> int:
-    """Train, then (rank 0 only) evaluate and explain; every rank trains on its share of each batch."""
+    """Train every member, then (rank 0 only) evaluate and explain; every rank trains on its share of each batch."""
     s, run_dir, resume = resolve_run(s, ranks)
     if not ranks.main:
         s = dataclasses.replace(s, quiet=True)  # no progress bars off rank 0 (stdout is silenced by distributed.start)
-    train.set_seed(s.seed)  # the model's initial weights
     with distributed.local_main_first(ranks):  # the first rank of each machine fills the decode cache
         ds = load_training_data(s, run_dir, resume is not None, ranks)
     if resume is None and ranks.main:
@@ -126,12 +125,12 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
     audit = data.audit(ds) if ranks.main else {}
     if ranks.main:
         print(report.data_summary(audit))
-    prep, model = build_model(s, ds, device)
+    prep = fit_preprocessing(s, ds)
     started = time.perf_counter()
     on_device = [(train.to_device(images, device), labels.to(device))
                  for images, labels, _ in (ds.subset("train", s.task), ds.subset("val", s.task))]
     try:
-        state = train.fit(model, *on_device, prep, train_config(s, device, ranks), run_dir, resume)
+        members = train_members(s, ranks, device, prep, on_device, run_dir, resume)
     except train.Interrupted as err:
         if ranks.main:
             print(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}"
@@ -139,42 +138,82 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
         return 130
     if not ranks.main:
         return 0
-    if state.failure:
-        print(f"error: {state.failure}", file=sys.stderr)
-        if state.best_model is None:
-            return 1
-        print(f"evaluating the best checkpoint so far (epoch {state.best_epoch})", file=sys.stderr)
-    scorer = evaluate.Scorer(infer.Predictor([model], prep, device), float("nan"), s.cam_target, s.seed)
-    choose_threshold_and_save(s, run_dir, state, ds, scorer)
-    evaluate.plot_history(state.history, state.best_epoch, run_dir / "training_curves.png")
+    failure = next((m["summary"]["stopped"] for m in members if m["summary"]["stopped"].startswith("failed")), None)
+    if failure:
+        print(f"error: {'member ' + str(len(members)) + ': ' if s.ensemble > 1 else ''}{failure}", file=sys.stderr)
+        print(f"evaluating what was kept: {members[-1]['summary']['kept'] or 'the members before it'}", file=sys.stderr)
+    kept = [m for m in members if m["weights"] is not None]  # a member that failed in its first epoch kept nothing
+    if not kept:
+        return 1
+    scorer = evaluate.Scorer(infer.Predictor([new_network(s, device, m["weights"]) for m in kept], prep, device,
+                                             tta=s.tta), float("nan"), s.cam_target, s.seed)
+    val_auc = choose_threshold_and_save(s, run_dir, kept, ds, scorer)
+    history = [h for m in members for h in m["history"]]
+    evaluate.plot_history(history, run_dir / "training_curves.png")
     metrics = {**score_run(s, run_dir, ds, scorer), "synthetic": s.demo, "split": s.split, "data": audit,
-               "validation": {"auc": state.best_auc, "best_epoch": state.best_epoch,
-                              "threshold_policy": s.threshold, "threshold": scorer.threshold},
-               "training_failure": state.failure,
+               "validation": {"auc": val_auc, "threshold_policy": s.threshold, "threshold": scorer.threshold},
+               "training": {"keep": s.keep, "patience": s.patience, "ensemble": len(kept), "tta": s.tta,
+                            "members": [m["summary"] for m in members]},
+               "training_failure": failure,
                "provenance": {"command": s.command, "versions": runs.versions(), "device": str(device),
                               "processes": ranks.world}}
     runs.write_json(run_dir / "timing.json", {"seconds_since_data_loaded": round(time.perf_counter() - started, 1),
-                                              "epochs_run": state.epoch})
+                                              "epochs_run": len(history)})
     write_results(s, run_dir, metrics)
     return 0
 
 
-def train_config(s: Settings, device: torch.device, ranks: distributed.Context) -> train.TrainConfig:
-    """What train.fit needs from the settings, on the resolved device, in this process's place under torchrun."""
+def train_members(s: Settings, ranks: distributed.Context, device: torch.device, prep: Preprocess, sets: list,
+                  run_dir: Path, resume: dict | None) -> list[dict]:
+    """Train the members one after the other (one for a single model), each from its own seed; returns each
+    member's kept weights, summary and history. A resumed run reads its finished members and continues the
+    member its last.pt holds. Training stops at a member that fails; what it kept is still returned."""
+    done = runs.read_members(run_dir) if resume is not None else []
+    first = len(done)
+    for member in range(first, s.ensemble):
+        seed = train.member_seed(s.seed, member)
+        train.set_seed(seed)  # the member's initial weights and dropout
+        model = new_network(s, device)
+        if member == first:
+            print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+                  f"{count_flops(model, s.image_size) / 1e6:.0f} M multiply-adds per image")
+        if s.ensemble > 1:
+            print(f"ensemble member {member + 1} of {s.ensemble} (seed {seed})")
+        state_resume = resume if member == first and resume is not None and resume["state"].get("member", 0) == member \
+            else None
+        earlier = [h for m in done for h in m["history"]]
+        state = train.fit(model, *sets, prep, train_config(s, device, ranks, member), run_dir, state_resume, earlier)
+        done.append({"weights": state.kept_model, "summary": state.summary, "history": state.history})
+        if state.kept_model is None or state.failure:
+            break
+        if ranks.main:
+            runs.save_member(run_dir, member, **done[-1])
+    return done
+
+
+def train_config(s: Settings, device: torch.device, ranks: distributed.Context, member: int = 0) -> train.TrainConfig:
+    """What train.fit needs from the settings for one member, on the resolved device, in this process's place."""
     return train.TrainConfig(s.epochs, s.batch_size, s.lr, s.pos_weight, s.patience, s.label_smoothing,
                              momentum=tuple(s.momentum), weight_decay=s.weight_decay, warmup=s.warmup,
-                             progress=not s.quiet, compile_model=s.compile, seed=s.seed, device=device, task=s.task,
+                             progress=not s.quiet, compile_model=s.compile, seed=train.member_seed(s.seed, member),
+                             keep=s.keep, swa_epochs=s.swa_epochs, member=member, device=device, task=s.task,
                              ranks=ranks)
 
 
-def build_model(s: Settings, ds: data.Dataset, device: torch.device) -> tuple[Preprocess, PneumoniaCNN]:
-    """The preprocessing, its normalisation fitted on the training split, and the network for the task."""
+def fit_preprocessing(s: Settings, ds: data.Dataset) -> Preprocess:
+    """The preprocessing, its normalisation fitted on the training split."""
     mean, std, grey_range = fit_normalisation(ds.images.take(ds.split == "train").chunks(), s.image_size)
-    prep = Preprocess(s.image_size, mean, std, s.augmentation(), s.intensity, grey_range)
-    model = PneumoniaCNN(s.widths, outputs=3 if s.task == "cause" else 1).to(device, memory_format=torch.channels_last)
-    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{count_flops(model, s.image_size) / 1e6:.0f} M multiply-adds per image")
-    return prep, model
+    return Preprocess(s.image_size, mean, std, s.augmentation(), s.intensity, grey_range)
+
+
+def new_network(s: Settings, device: torch.device, weights: dict | None = None) -> PneumoniaCNN:
+    """The network for the task: freshly initialised from the current seed to be trained, or holding kept `weights`
+    in eval mode, to be scored and explained (Grad-CAM keeps the mode it is given)."""
+    model = PneumoniaCNN(s.widths, outputs=3 if s.task == "cause" else 1)
+    if weights is not None:
+        model.load_state_dict(weights)
+        model.eval()
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def write_results(s: Settings, run_dir: Path, metrics: dict) -> None:
@@ -188,16 +227,15 @@ def write_results(s: Settings, run_dir: Path, metrics: dict) -> None:
     print(report.terminal_summary(metrics, run_dir, banner))
 
 
-def choose_threshold_and_save(s: Settings, run_dir: Path, state: train.TrainState, ds: data.Dataset,
-                              scorer: evaluate.Scorer) -> None:
-    """Load the kept weights, choose the scorer's threshold on validation (predictions_val.csv), write best.pt."""
-    model = scorer.predictor.members[0]
-    model.load_state_dict(state.best_model)
-    model.eval()
-    evaluate.set_threshold(scorer, ds, s.threshold, run_dir / "predictions_val.csv")
-    runs.save_best(run_dir / "best.pt", model=model, weights=state.best_model, prep=scorer.predictor.prep,
+def choose_threshold_and_save(s: Settings, run_dir: Path, members: list[dict], ds: data.Dataset,
+                              scorer: evaluate.Scorer) -> float:
+    """Choose the scorer's threshold on validation (predictions_val.csv) and write best.pt; returns the validation AUC."""
+    val_auc = evaluate.set_threshold(scorer, ds, s.threshold, run_dir / "predictions_val.csv")
+    runs.save_best(run_dir / "best.pt", model_config=scorer.predictor.members[0].config,
+                   members=[m["weights"] for m in members], prep=scorer.predictor.prep,
                    thresholds={"threshold": scorer.threshold, "cause_threshold": scorer.cause_threshold},
-                   policy=s.threshold, epoch=state.best_epoch, val_auc=state.best_auc, config=s.config())
+                   policy=s.threshold, tta=s.tta, training=[m["summary"] for m in members], config=s.config())
+    return val_auc
 
 
 def score_run(s: Settings, run_dir: Path, ds: data.Dataset, scorer: evaluate.Scorer) -> dict:

@@ -33,7 +33,9 @@ class Lines:
             return
         self.closed = True
         done, seconds = self.n - self.initial, time.perf_counter() - self.start
-        rate = f" ({done / seconds:,.0f} {self.unit}/s)" if seconds > 0 and done else ""
+        per_second = done / seconds if seconds > 0 else 0.0
+        rate = f" ({per_second:,.0f} {self.unit}/s)" if per_second >= 10 else f" ({per_second:.2g} {self.unit}/s)" \
+            if done else ""
         print(f"{self.desc}: {done:,} {self.unit} in {seconds:.1f} s{rate}", flush=True)
 
 

@@ -85,6 +85,24 @@ def metric_section(m: dict) -> str:
               f"ECE {m['ece']:.3f}.</p>")
 
 
+def training_table(training: dict) -> Table:
+    """Per member: its seed, the epochs it ran, why its training stopped and which weights it kept."""
+    return Table(["member", "seed", "epochs run", "why training stopped", "weights kept", "validation AUC"],
+                 [[str(m["member"] + 1), str(m["seed"]), str(m["epochs_run"]), m["stopped"] or "", m["kept"] or "none",
+                   f"{m['val_auc']:.3f}" if "val_auc" in m else ""] for m in training["members"]])
+
+
+def training_text(training: dict, validation: dict) -> str:
+    """How the scored model is made of its members, in one sentence."""
+    n = len(training["members"])
+    how = f"an ensemble of {n} models, scored by the mean of their logits" if n > 1 else "one model"
+    return (f"The scored model is {how}" + (", each averaged over test-time zoom and aspect views" if training["tta"]
+                                           else "") + f"; its validation AUC is {validation['auc']:.3f}. Weights kept "
+            f"by the rule `--keep {training['keep']}`; early stopping " + (
+                f"after {training['patience']} epochs of the low-learning-rate tail without improvement."
+                if training["patience"] else "off (every epoch is trained)."))
+
+
 def split_table(audit: dict) -> Table:
     """Images, patients, classes and prevalence per split."""
     return Table(["split", "images", "patients", "NORMAL", "PNEUMONIA", "pneumonia share"],
@@ -181,8 +199,9 @@ def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner:
             body.append(_img(folder / "gradcam_grid.png", wide=True))
     if "cause" in metrics:
         body.append(cause_section(metrics, out_dir))
-    if (out_dir / "training_curves.png").exists():
-        body.append("<h2>Training</h2>" + _img(out_dir / "training_curves.png", wide=True))
+    if "training" in metrics:
+        body.append("<h2>Training</h2>" + f"<p>{html.escape(training_text(metrics['training'], metrics['validation']))}</p>"
+                    + training_table(metrics["training"]).html() + _img(out_dir / "training_curves.png", wide=True))
     if "data" in metrics:
         body.append("<h2>Data audit</h2>" + audit_table(metrics["data"]))
     if "gradcam" in metrics:
@@ -314,12 +333,14 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
         f"{metrics['data']['images']} images after merging copies.", "",
         *_md_data(metrics["data"]),
         "", "## Split method",
-        f"`--split {metrics['split']}`: {SPLITS_EXPLAINED[metrics['split']]}. Seed {config['seed']}. The best epoch "
-        f"(by validation AUC, then loss) and the threshold were chosen on the validation split only; the test split "
-        f"was scored once, at the end.",
+        f"`--split {metrics['split']}`: {SPLITS_EXPLAINED[metrics['split']]}. Seed {config['seed']}. The kept weights "
+        f"follow a rule fixed before training, and the threshold was chosen on the validation split only; the test "
+        f"split was scored once, at the end.",
+        "", "## Training",
+        training_text(metrics["training"], val), "", training_table(metrics["training"]).markdown(),
         "", "## Threshold",
         f"{metrics['test']['threshold']:.4f} on the pneumonia probability, chosen on validation by the policy "
-        f"`{val['threshold_policy']}` (validation AUC {val['auc']:.3f}, best epoch {val['best_epoch']}).",
+        f"`{val['threshold_policy']}`.",
         "", "## Performance on the test split",
         f"95% intervals from {metrics['test'].get('bootstrap_resamples', BOOTSTRAP_RESAMPLES):,} patient-level "
         f"bootstrap resamples.", "",

@@ -1,6 +1,6 @@
 """Run folders and checkpoints: create, mark incomplete, resume, finish; the best.pt and last.pt formats.
 
-Usage: `run_dir = runs.create(out)`, `runs.save_best(run_dir / "best.pt", ...)`, `model, prep = runs.load_model(ckpt, device)`.
+Usage: `run_dir = runs.create(out)`, `runs.save_best(run_dir / "best.pt", ...)`, `models, prep = runs.load_models(ckpt, device)`.
 Every file is written whole or not at all (`atomic_write`): a killed run or a full disk never leaves
 half a file, so the last checkpoint written always loads.
 """
@@ -20,9 +20,11 @@ import torch
 from model import PneumoniaCNN
 from transforms import Preprocess
 
-CHECKPOINT_FORMAT = 1
-PROJECT_VERSION = "1.2.0"
+CHECKPOINT_FORMAT = 2  # 2: best.pt holds a list of members (an ensemble of one or more); 1: one "model"
+READABLE_FORMATS = (1, 2)
+PROJECT_VERSION = "1.3.0"
 MARKER = "INCOMPLETE"  # present while a training run has not finished
+MEMBERS = "members"  # folder of the finished ensemble members of a run that has not finished
 
 
 class RunError(Exception):
@@ -94,7 +96,11 @@ def start(run_dir: Path, config: dict) -> None:
 
 
 def finish(run_dir: Path) -> None:
-    """The run is complete: remove the marker."""
+    """The run is complete: best.pt holds every member, so their own files go, then the marker."""
+    for path in (run_dir / MEMBERS).glob("member*.pt"):
+        path.unlink()
+    if (run_dir / MEMBERS).is_dir():
+        (run_dir / MEMBERS).rmdir()
     (run_dir / MARKER).unlink(missing_ok=True)
 
 
@@ -112,6 +118,7 @@ def interrupted_config(run_dir: Path) -> dict:
         raise RunError(f"'{run_dir}' has no last.pt to resume from; start a new run")
     saved = json.loads((run_dir / "config.json").read_text())
     saved.setdefault("augment", "none")  # runs from before the augmentation flags used the plain transform
+    saved.setdefault("keep", "best")  # runs from before --keep kept the best validation epoch
     return saved
 
 
@@ -127,8 +134,8 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint without running any code (weights_only), checking its format."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"'{path}' is not a checkpoint of this project's format {CHECKPOINT_FORMAT}")
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"'{path}' is not a checkpoint of this project's formats {READABLE_FORMATS}")
     saved = ckpt.get("versions", {})
     if saved.get("torch") != torch.__version__ or saved.get("project") != PROJECT_VERSION:
         warnings.warn(f"checkpoint made with torch {saved.get('torch')} / project {saved.get('project')}; "
@@ -149,26 +156,48 @@ def read_checkpoint(path: str | Path | None) -> dict:
                        f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
 
 
-def save_best(path: Path, *, model: PneumoniaCNN, weights: dict, prep: Preprocess, thresholds: dict, policy: str,
-              epoch: int, val_auc: float, config: dict) -> None:
-    """best.pt: what scoring new data needs (weights, model config, preprocessing, thresholds) and the run's config.
+def save_best(path: Path, *, model_config: dict, members: list[dict], prep: Preprocess, thresholds: dict,
+              policy: str, tta: bool, training: list[dict], config: dict) -> None:
+    """best.pt: what scoring new data needs (every member's weights, the model config, preprocessing, thresholds,
+    whether to average test-time views) and how the members were trained, with the run's config.
 
     `thresholds` holds "threshold" (on P(pneumonia)) and, for three-class models, "cause_threshold".
     """
-    save_checkpoint(path, {"model": weights, "model_config": model.config, "preprocess": prep.state(), **thresholds,
-                           "threshold_policy": policy, "epoch": epoch, "val_auc": val_auc, "config": config})
+    save_checkpoint(path, {"members": members, "model_config": model_config, "preprocess": prep.state(), **thresholds,
+                           "threshold_policy": policy, "tta": tta, "training": training, "config": config})
 
 
-def load_model(ckpt: dict, device: torch.device) -> tuple[PneumoniaCNN, Preprocess]:
-    """Rebuild the model (in eval mode, on `device`) and the preprocessing a best.pt describes."""
+def load_models(ckpt: dict, device: torch.device) -> tuple[list[PneumoniaCNN], Preprocess]:
+    """Rebuild the members (in eval mode, on `device`) and the preprocessing a best.pt describes.
+
+    A format-1 checkpoint holds one "model": an ensemble of one.
+    """
     try:
-        model = PneumoniaCNN(**ckpt["model_config"])
-        model.load_state_dict(ckpt["model"])
+        models = []
+        for weights in ckpt["members"] if "members" in ckpt else [ckpt["model"]]:
+            model = PneumoniaCNN(**ckpt["model_config"])
+            model.load_state_dict(weights)
+            models.append(model.to(device, memory_format=torch.channels_last).eval())
         prep = Preprocess.from_state(ckpt["preprocess"])
     except (KeyError, TypeError, RuntimeError) as err:
         raise RunError(f"the checkpoint does not fit this model ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
                        f"it was made by another model config or version of this project") from None
-    return model.to(device, memory_format=torch.channels_last).eval(), prep
+    return models, prep
+
+
+# ---------------------------------------------------------------- ensemble members of an unfinished run
+def save_member(run_dir: Path, member: int, weights: dict, summary: dict, history: list[dict]) -> None:
+    """A finished member's kept weights, so a resumed run trains only the members after it."""
+    save_checkpoint(run_dir / MEMBERS / f"member{member}.pt", {"weights": weights, "summary": summary,
+                                                              "history": history})
+
+
+def read_members(run_dir: Path) -> list[dict]:
+    """The finished members of a run, in order (each: weights, summary, history); the first gap ends the list."""
+    members = []
+    while (path := run_dir / MEMBERS / f"member{len(members)}.pt").exists():
+        members.append(load_checkpoint(path))
+    return members
 
 
 def save_last(path: Path, parts: dict, generator: torch.Generator, state: dict) -> None:

@@ -99,7 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the training steps over which OneCycle's learning rate rises to its peak (pct_start)")
     p.add_argument("--pos-weight", type=number(float, 0, open_low=True), default=0.6, help="BCEWithLogitsLoss pos_weight for the PNEUMONIA class")
     p.add_argument("--label-smoothing", type=number(float, 0, 1, open_high=True), default=0.0, help="training targets moved this far towards 0.5 (0 = off)")
-    p.add_argument("--patience", type=COUNT, default=5, help="stop after this many epochs in which neither validation AUC nor loss improved; 0: never")
+    p.add_argument("--patience", type=COUNT, default=0,
+                   help="stop after this many epochs of the low-learning-rate tail (below 10%% of the peak) in which "
+                        "neither validation AUC nor loss improved; 0: train every epoch")
+    p.add_argument("--keep", choices=["last", "best", "swa"], default="last",  # train.keep_weights
+                   help="which weights a run keeps: last (the final epoch's, where OneCycle has annealed), best (the "
+                        "epoch with the best validation AUC) or swa (the mean of the last --swa-epochs epochs' weights, "
+                        "BatchNorm statistics recomputed)")
+    p.add_argument("--swa-epochs", type=POSITIVE_INT, default=5, help="with --keep swa: how many final epochs are averaged")
+    p.add_argument("--ensemble", type=POSITIVE_INT, default=1,
+                   help="train this many models one after the other on the same split, each from its own seed, and "
+                        "score the mean of their logits")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: score the mean logit over fixed zoom and aspect views (threshold, test, "
+                        "external sets, evaluate and predict alike)")
     p.add_argument("--image-size", type=number(int, 16), default=128, help="model input side in pixels (images are stored 10%% larger and edge-cropped)")
     p.add_argument("--widths", type=POSITIVE_INT, nargs=3, default=[24, 48, 96], help="channels of the three CNN blocks")
     p.add_argument("--split", choices=["patient", "random", "official"], default="patient",
@@ -216,6 +229,10 @@ class Settings:
     pos_weight: float
     label_smoothing: float
     patience: int
+    keep: str
+    swa_epochs: int
+    ensemble: int
+    tta: bool
     image_size: int
     widths: tuple[int, int, int]
     split: str

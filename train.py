@@ -1,4 +1,9 @@
-"""Fit the CNN: SGD + OneCycle, best epoch by validation AUC (then loss), exact resume. Usage: `state = fit(...)`."""
+"""Fit the CNN: SGD + OneCycle, the kept weights chosen by a fixed rule, exact resume. Usage: `state = fit(...)`.
+
+Under OneCycle the learning rate anneals to nearly zero, so the default keeps the last epoch's weights
+(`keep="last"`) and early stopping, when asked for, only counts epochs of the low-rate tail: a run is
+never stopped, and never kept, at an epoch that a high learning rate made lucky or unlucky.
+"""
 import math
 import os
 import random
@@ -18,7 +23,7 @@ import distributed
 import progress
 import runs
 from cache import TensorRows
-from infer import Predictor, amp_dtype
+from infer import Predictor, amp_dtype, memory_format
 from transforms import Preprocess
 
 
@@ -28,6 +33,12 @@ class Interrupted(Exception):
 
 class NonFiniteLoss(Exception):
     """The loss became NaN or inf; the message names the epoch and step."""
+
+
+def member_seed(seed: int, member: int) -> int:
+    """The seed of ensemble member `member` of a run seeded `seed`: member 0 is the single model of that seed,
+    and the first K members of a larger ensemble are the members of `--ensemble K`."""
+    return seed + 1000 * member
 
 
 def set_seed(seed: int) -> torch.Generator:
@@ -70,10 +81,14 @@ def to_device(images: TensorRows, device: torch.device) -> TensorRows | torch.Te
     return images.to(device) if device.type == "mps" else images
 
 
+TAIL_LR = 0.1  # the low-rate tail: epochs that end with the learning rate below this share of its peak
+
+
 @dataclass
 class TrainState:
     """Everything needed to continue a run exactly where it stopped."""
 
+    member: int = 0  # which ensemble member is training
     epoch: int = 0
     step: int = 0  # batches done in the current epoch
     loss_sum: float = 0.0
@@ -85,9 +100,13 @@ class TrainState:
     min_val_loss: float = math.inf  # lowest validation loss of any epoch, for early stopping
     best_epoch: int = -1
     best_model: dict | None = None
-    stale: int = 0
+    stale: int = 0  # tail epochs in a row without improvement
     stopped_early: bool = False
     failure: str | None = None
+    tail: list = field(default_factory=list)  # keep="swa": the last epochs' weights, to be averaged
+    kept_model: dict | None = None  # set when training ends: the weights kept by the rule
+    kept_auc: float = math.nan  # their validation AUC
+    summary: dict = field(default_factory=dict)  # epochs run, why training stopped, which weights were kept
 
 
 class StopFlag:
@@ -238,7 +257,7 @@ def make_loss(cfg: "TrainConfig", train_labels: torch.Tensor, device, smoothing:
     return smoothed_bce(cfg.pos_weight, smoothing, device)
 
 
-HISTORY_FIELDS = ("epoch", "loss", "val_loss", "val_auc", "lr", "seconds")
+HISTORY_FIELDS = ("member", "epoch", "loss", "val_loss", "val_auc", "lr", "seconds", "kept", "stopped")
 
 
 def epoch_line(h: dict, epochs: int) -> str:
@@ -248,8 +267,9 @@ def epoch_line(h: dict, epochs: int) -> str:
 
 
 def write_history(path: Path, history: list[dict]) -> None:
-    """history.csv: one row per finished epoch."""
-    runs.write_csv(path, HISTORY_FIELDS, [[h[k] for k in HISTORY_FIELDS] for h in history])
+    """history.csv: one row per finished epoch (of every ensemble member); `kept` marks the epochs whose weights
+    were kept, `stopped` says on a member's last row why its training ended."""
+    runs.write_csv(path, HISTORY_FIELDS, [[h.get(k, "") for k in HISTORY_FIELDS] for h in history])
 
 
 @dataclass
@@ -267,36 +287,48 @@ class TrainConfig:
     progress: bool = True  # progress bar
     compile_model: bool = False  # torch.compile the training steps
     seed: int = 0  # of the generator that drives shuffling and augmentation
+    keep: str = "last"  # which weights are kept: last, best or swa (keep_weights)
+    swa_epochs: int = 5  # keep="swa": how many final epochs are averaged
+    member: int = 0  # the ensemble member being trained (its seed is `seed`)
     device: torch.device = torch.device("cpu")
     task: str = "pneumonia"  # or 'cause': normal / bacterial / viral
     ranks: distributed.Context = field(default_factory=distributed.Context)  # this process's place under torchrun
 
 
-def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume: dict | None = None) -> TrainState:
-    """Train, keeping the best-validation-AUC weights; resumable from `resume` (a last.pt dict).
-
-    `train_set` and `val_set` are (uint8 images, float labels) on `cfg.device`. Writes history.csv and last.pt
-    after every epoch, and last.pt again when interrupted. A non-finite loss ends training with
-    `state.failure` set; the best weights so far are kept. Under torchrun (`cfg.ranks`) the steps run
-    through DistributedDataParallel, every rank keeps the same TrainState, and only rank 0 writes.
-    """
-    device, generator, ranks = cfg.device, torch.Generator().manual_seed(cfg.seed), cfg.ranks  # as set_seed(seed)
+def _parts(model, train_set, prep, cfg: TrainConfig, generator: torch.Generator) -> Parts:
+    """The optimiser, schedule, losses and (under torchrun) DistributedDataParallel wrapper for one fit."""
+    device, ranks = cfg.device, cfg.ranks
     steps = math.ceil(len(train_set[0]) / cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.epochs, steps, cfg.momentum, cfg.weight_decay, cfg.warmup)
     stepped = model
     if ranks.active and cfg.batch_size < 16 * ranks.world:
         warnings.warn(f"--batch-size {cfg.batch_size} over {ranks.world} processes leaves under 16 images per process "
-                      f"for BatchNorm's statistics; a larger global batch keeps them steady", stacklevel=2)
-    if ranks.active:  # per-rank BatchNorm statistics; see the README's torchrun section for why not SyncBatchNorm
+                      f"for BatchNorm's statistics; a larger global batch keeps them steady", stacklevel=3)
+    if ranks.active:  # per-rank BatchNorm statistics; see docs/scale-out.md for why not SyncBatchNorm
         stepped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    parts = Parts(torch.compile(stepped) if cfg.compile_model else stepped, optimizer, scheduler,  # compiled for steps only
-                  make_loss(cfg, train_set[1], device, cfg.label_smoothing),
-                  make_loss(cfg, train_set[1], torch.device("cpu"), 0.0), prep, device, generator,
-                  torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16), ranks)
-    saved = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": parts.scaler}
-    state = TrainState(**runs.restore_last(resume, saved, generator)) if resume is not None else TrainState()
-    bar = progress.track(cfg.epochs * steps, "training", "steps", cfg.progress and ranks.main,
-                         initial=state.epoch * steps + state.step)
+    return Parts(torch.compile(stepped) if cfg.compile_model else stepped, optimizer, scheduler,  # compiled for steps only
+                 make_loss(cfg, train_set[1], device, cfg.label_smoothing),
+                 make_loss(cfg, train_set[1], torch.device("cpu"), 0.0), prep, device, generator,
+                 torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16), ranks)
+
+
+def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume: dict | None = None,
+        earlier: tuple = ()) -> TrainState:
+    """Train one model (one ensemble member), then keep its weights by `cfg.keep`; resumable from `resume` (a last.pt).
+
+    `train_set` and `val_set` are (uint8 images, float labels) on `cfg.device`. Writes history.csv (the rows
+    `earlier` of finished members first) and last.pt after every epoch, and last.pt again when interrupted.
+    A non-finite loss ends training with `state.failure` set; the best weights so far are kept. Under torchrun
+    (`cfg.ranks`) the steps run through DistributedDataParallel, every rank keeps the same TrainState, and
+    only rank 0 writes.
+    """
+    generator, ranks = torch.Generator().manual_seed(cfg.seed), cfg.ranks  # as set_seed(seed)
+    parts = _parts(model, train_set, prep, cfg, generator)
+    saved = {"model": model, "optimizer": parts.optimizer, "scheduler": parts.scheduler, "scaler": parts.scaler}
+    state = TrainState(**runs.restore_last(resume, saved, generator)) if resume is not None else TrainState(cfg.member)
+    steps = math.ceil(len(train_set[0]) / cfg.batch_size)
+    bar = progress.track(cfg.epochs * steps, "training" + (f" member {cfg.member + 1}" if cfg.member else ""), "steps",
+                         cfg.progress and ranks.main, initial=state.epoch * steps + state.step)
     try:
         with StopFlag() as stop:
             while state.epoch < cfg.epochs and not state.stopped_early:
@@ -316,32 +348,107 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume
                 if cfg.progress and ranks.main and not progress.on_terminal():  # a log gets one line per epoch
                     print(epoch_line(state.history[-1], cfg.epochs), flush=True)
                 if ranks.main:
-                    write_history(run_dir / "history.csv", state.history)
+                    write_history(run_dir / "history.csv", [*earlier, *state.history])
                     runs.save_last(run_dir / "last.pt", saved, generator, vars(state))
                 # the signal came during validation: the epoch is saved, stop here (every rank, or none)
-                if distributed.all_sum([float(bool(stop.raised))], ranks, device)[0]:
+                if distributed.all_sum([float(bool(stop.raised))], ranks, device=cfg.device)[0]:
                     distributed.barrier(ranks)
                     raise Interrupted(stop.raised or "a stop signal on another rank")
     finally:
         bar.close()
+    keep_weights(model, train_set, val_set, parts, state, cfg)
+    if ranks.main:
+        write_history(run_dir / "history.csv", [*earlier, *state.history])
     return state
 
 
+def keep_weights(model, train_set, val_set, parts: Parts, state: TrainState, cfg: TrainConfig) -> None:
+    """Set the kept weights by `cfg.keep`, mark them in the history, and summarise how training ended.
+
+    last: the final epoch's, where OneCycle has annealed; best: the epoch with the best validation AUC
+    (ties: lower loss), the old rule; swa: the mean of the last `swa_epochs` epochs' weights, with the
+    BatchNorm statistics recomputed for them. After a failure, the best weights so far.
+    """
+    rule = "best" if state.failure else cfg.keep
+    if state.epoch == 0 or (rule == "best" and state.best_model is None):
+        state.summary = {"member": cfg.member, "seed": cfg.seed, "epochs_run": 0, "stopped": state.failure, "kept": None}
+        return
+    if rule == "best":
+        state.kept_model, state.kept_auc, kept = state.best_model, state.best_auc, [state.best_epoch]
+    elif rule == "last" or len(state.tail) < 2:
+        state.kept_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        state.kept_auc, kept = state.history[-1]["val_auc"], [state.epoch]
+    else:
+        model.load_state_dict(average_weights(state.tail))
+        recompute_batchnorm(model, train_set[0], parts.prep, torch.Generator().manual_seed(cfg.seed + 1),
+                            cfg.batch_size, cfg.device)
+        distributed.sync_buffers(model, parts.ranks)
+        state.kept_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        state.kept_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device, parts.ranks)[1]
+        kept = list(range(state.epoch - len(state.tail) + 1, state.epoch + 1))
+    for h in state.history:
+        h["kept"] = "yes" if h["epoch"] in kept else ""
+    stopped = (f"failed: {state.failure}" if state.failure else
+               f"stopped early: no improvement in {cfg.patience} epochs of the low-learning-rate tail"
+               if state.stopped_early else f"completed all {cfg.epochs} epochs")
+    state.history[-1]["stopped"] = stopped
+    what = {"last": f"the last epoch's weights (epoch {kept[-1]})",
+            "best": f"the weights of the epoch with the best validation AUC (epoch {kept[-1]})",
+            "swa": f"the mean of epochs {kept[0]}-{kept[-1]}'s weights, BatchNorm statistics recomputed"}
+    state.summary = {"member": cfg.member, "seed": cfg.seed, "epochs_run": state.epoch, "stopped": stopped,
+                     "kept": what["swa" if len(kept) > 1 else rule], "kept_epochs": kept,
+                     "val_auc": round(float(state.kept_auc), 6)}
+
+
+def average_weights(states: list[dict]) -> dict:
+    """The element-wise mean of several state dicts of one network; integer buffers (BatchNorm's batch count) from
+    the last."""
+    return {k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone()
+            for k, v in states[-1].items()}
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, images, prep: Preprocess, generator: torch.Generator, batch_size: int,
+                        device: torch.device) -> None:
+    """Re-estimate every BatchNorm layer's running statistics for the model's current weights.
+
+    One pass over the training images, augmented as in training; each layer's statistics become the
+    mean of the batches' (momentum None), as torch.optim.swa_utils.update_bn computes them.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    for idx in batches(len(images), batch_size, generator):
+        model(prep.train(images[idx].to(device), generator).contiguous(memory_format=memory_format(device)))
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 def end_epoch(model, val_set, parts: Parts, state: TrainState, loss: float, start: float, cfg: TrainConfig) -> None:
-    """Validate `model` (the uncompiled one), record the epoch, keep the best weights, decide on early stopping."""
+    """Validate `model` (the uncompiled one), record the epoch, track the best and the tail's weights, decide on
+    early stopping."""
     distributed.sync_buffers(model, parts.ranks)
     val_loss, val_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device, parts.ranks)
     state.epoch += 1
     state.step = 0
-    state.history.append({"epoch": state.epoch, "loss": round(loss, 6), "val_loss": round(val_loss, 6),
-                          "val_auc": round(val_auc, 6), "lr": round(parts.scheduler.get_last_lr()[0], 8),
-                          "seconds": round(time.perf_counter() - start, 2)})
+    state.history.append({"member": cfg.member, "epoch": state.epoch, "loss": round(loss, 6),
+                          "val_loss": round(val_loss, 6), "val_auc": round(val_auc, 6),
+                          "lr": round(parts.scheduler.get_last_lr()[0], 8), "seconds": round(time.perf_counter() - start, 2)})
     # AUC first; on a tie (it saturates at 1.0 on easy data) the lower validation loss wins
     if (val_auc, -val_loss) > (state.best_auc, -state.best_val_loss):
         state.best_auc, state.best_val_loss, state.best_epoch = val_auc, val_loss, state.epoch
         state.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    # learning is done when neither the AUC nor the loss has improved for `patience` epochs
+    if cfg.keep == "swa":
+        state.tail = [*state.tail, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}][-cfg.swa_epochs:]
+    # learning is done when neither the AUC nor the loss has improved for `patience` epochs of the low-rate
+    # tail; before it, the rate is still high and an epoch's figures say more about the rate than the model
     improved = state.best_epoch == state.epoch or val_loss < state.min_val_loss
     state.min_val_loss = min(state.min_val_loss, val_loss)
-    state.stale = 0 if improved else state.stale + 1
+    in_tail = parts.scheduler.get_last_lr()[0] < TAIL_LR * cfg.lr
+    state.stale = state.stale + 1 if in_tail and not improved else 0
     state.stopped_early = 0 < cfg.patience <= state.stale

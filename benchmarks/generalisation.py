@@ -1,11 +1,20 @@
-"""Train N seeds per configuration and print mean +- sd on the pooled test split and on external sets.
+"""Train N seeds per configuration and print mean +- sd on the pooled test split and on an external set.
 
-Usage: `python benchmarks/generalisation.py [--seeds 3] [--only default "augment none"] [--jobs 1]`.
+Usage: `python benchmarks/generalisation.py [--seeds 5] [--only "old default" "ensemble 5"] [--jobs 1]`.
 Each run is a real `main.py` run in its own folder under --out (benchmarks/results/ is ignored by git);
 a run whose folder already holds metrics.json is read, not repeated, so an interrupted sweep resumes
-and a finished one re-prints. The threshold is always the one chosen on validation; the rows
-"threshold: ..." re-score the same runs at other validation-chosen policies from their prediction
-CSVs, without retraining.
+and a finished one re-prints. Each seed draws its own split. The threshold is always the one chosen
+on validation; the rows "threshold: ..." re-score the same runs at other validation-chosen policies
+from their prediction CSVs, without retraining.
+
+"old default" runs the code of commit OLD_DEFAULT (a git worktree under --out): early stopping after 5
+epochs without improvement, counted from the first epoch, and the best validation epoch kept.
+
+Derived rows (DERIVED) re-score the members of an "ensemble 5" run instead of training again: member m
+of a run is trained from seed + 1000 m whatever the ensemble's size, so its first member is the default
+run of that seed and its first 3 members the `--ensemble 3` run (a test checks it). Each derived
+model's threshold is chosen on the run's own validation split by the same policy, then the test split
+and the external set are scored; `--tta` is the first member scored with test-time augmentation.
 """
 import argparse
 import csv
@@ -23,15 +32,26 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import cache  # noqa: E402
+import data  # noqa: E402
 import evaluate  # noqa: E402
+import infer  # noqa: E402
+import runs  # noqa: E402
+from images import cache_size  # noqa: E402
+from settings import default_cache_dir  # noqa: E402
 
 SHARED = Path(os.environ.get("PNEUMONIA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 # name -> extra main.py flags; "default" is the shipped setting, every other row changes one thing
 # Each row changes one thing from the shipped default (128 px, 25 epochs, zoom 0.25, gamma 0.5,
 # contrast 0.3, brightness 0.1, border padding, dataset normalisation). The README's first ablation
 # table was measured before the default moved there; its rows are the flags listed in the README.
+OLD_DEFAULT = "ff6e673"  # the last commit before the recipe kept the last epoch and trained every epoch
 CONFIGS = {
     "default": [],
+    "old default": [],  # run from commit OLD_DEFAULT
+    "ensemble 3": ["--ensemble", "3"],
+    "ensemble 5": ["--ensemble", "5"],
+    "keep swa": ["--keep", "swa"],
     "augment none (original)": ["--augment", "none"],
     "no zoom/aspect jitter": ["--zoom", "0"],
     "no intensity jitter": ["--gamma", "0", "--contrast", "0", "--brightness", "0"],
@@ -47,6 +67,10 @@ CONFIGS = {
     "160 px": ["--image-size", "160"],
 }
 KEYS = ("auc", "accuracy", "sensitivity", "specificity")
+# name -> (the configuration whose runs are re-scored, how many of their first members, test-time augmentation)
+DERIVED = {"default = member 1 of ensemble 5": ("ensemble 5", 1, False),
+           "ensemble 3 = members 1-3 of ensemble 5": ("ensemble 5", 3, False),
+           "tta = member 1 of ensemble 5, with --tta": ("ensemble 5", 1, True)}
 POLICIES = ("sens=0.95", "0.5")
 
 
@@ -55,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=str(SHARED / "chest_xray_224sq"), help="training archive")
     p.add_argument("--external", default=str(SHARED / "official_test_a_224sq"), help="external labelled folder")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generalisation"), help="where the runs go")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (0..N-1)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per configuration (0..N-1)")
     p.add_argument("--only", nargs="*", default=None, help="configuration names to run (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (1 on a 2-core CPU; more on a GPU box)")
     p.add_argument("--device", default="auto", help="passed to main.py")
@@ -74,6 +98,17 @@ def run_folder(args, name: str, seed: int) -> Path:
     return Path(args.out) / folder_name(name) / f"seed{seed}"
 
 
+def code_of(args, name: str) -> Path:
+    """The checkout a configuration runs: this one, or for "old default" a worktree of OLD_DEFAULT."""
+    if name != "old default":
+        return ROOT
+    tree = Path(args.out) / f"code-{OLD_DEFAULT}"
+    if not (tree / "main.py").exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), OLD_DEFAULT], check=True,
+                       capture_output=True)
+    return tree
+
+
 def run_one(args, name: str, flags: list[str], seed: int, threads: int) -> Path:
     """One main.py run with `flags` (skipped when its metrics.json exists); returns its folder."""
     out = run_folder(args, name, seed)
@@ -81,7 +116,7 @@ def run_one(args, name: str, flags: list[str], seed: int, threads: int) -> Path:
         return out
     if out.exists():  # an interrupted earlier attempt: start it afresh
         shutil.rmtree(out)
-    cmd = [sys.executable, str(ROOT / "main.py"), "--data", args.data, "--external", args.external, "--out", str(out),
+    cmd = [sys.executable, str(code_of(args, name) / "main.py"), "--data", args.data, "--external", args.external, "--out", str(out),
            "--seed", str(seed), "--device", args.device, "--quiet", *args.extra, *flags]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
@@ -109,7 +144,7 @@ def run_figures(run: Path) -> dict | None:
     m = json.loads((run / "metrics.json").read_text())
     external = next(iter(m.get("external", {}).values()), None)
     fig = {"wall": float((run / "wall_seconds.txt").read_text()) if (run / "wall_seconds.txt").exists() else float("nan"),
-           "epochs": json.loads((run / "timing.json").read_text())["epochs_run"]}
+           **training_figures(run)}
     for key in KEYS:
         fig[f"test {key}"] = m["test"][key]
         fig[f"ext {key}"] = external[key] if external else float("nan")
@@ -127,6 +162,56 @@ def run_figures(run: Path) -> dict | None:
     return fig
 
 
+def training_figures(run: Path, members: int | None = None) -> dict:
+    """Seconds spent in training epochs (of the first `members`), and the highest learning rate, as a share of
+    the peak, at which any member's training ended: below 0.1 means no member stopped before the anneal."""
+    with open(run / "history.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if members is None or int(r.get("member", 0)) < members]
+    peak = json.loads((run / "config.json").read_text())["lr"]
+    last = {}
+    for r in rows:
+        last[r.get("member", "0")] = float(r["lr"])
+    return {"epochs": len(rows), "train s": sum(float(r["seconds"]) for r in rows),
+            "end lr share": max(last.values()) / peak}
+
+
+def split_rows(run: Path) -> dict[str, tuple[list[str], np.ndarray]]:
+    """The files and labels of each split of a run, from its split.csv."""
+    with open(run / "split.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {name: ([r["path"] for r in rows if r["split"] == name],
+                   np.array([r["label"] == "PNEUMONIA" for r in rows if r["split"] == name], int))
+            for name in ("val", "test")}
+
+
+def derived_figures(args, run: Path, members: int, tta: bool) -> dict | None:
+    """The figures of a run's first `members` members (with test-time augmentation if `tta`), re-scored as main.py
+    scores: threshold on the run's validation split by its policy, then its test split and the external set."""
+    if not (run / "metrics.json").exists():
+        return None
+    record = run / f"derived-{members}{'-tta' if tta else ''}.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    ckpt = runs.load_checkpoint(run / "best.pt")
+    ckpt["members"] = ckpt["members"][:members]
+    predictor = infer.load_predictor(ckpt, infer.torch.device("cpu"))
+    predictor.tta = tta
+    size = cache_size(predictor.prep.image_size)
+    store = cache.ImageCache(default_cache_dir(), size)
+    sets = {name: (cache.load_images(paths, size, store, show=False)[0], y) for name, (paths, y) in split_rows(run).items()}
+    ext = data.decode_found(data.find_labelled(args.external), store, progress=False)
+    sets["ext"] = (np.asarray(ext.images), ext.labels.astype(int))
+    prob = {name: predictor.predict(infer.torch.from_numpy(images).unsqueeze(1))[0] for name, (images, _) in sets.items()}
+    policy = json.loads((run / "config.json").read_text())["threshold"]
+    threshold = evaluate.choose_threshold(sets["val"][1], prob["val"], policy)
+    fig = {"wall": float("nan"), **training_figures(run, members)}
+    for name in ("test", "ext"):
+        for key, value in evaluate.binary_metrics(sets[name][1], prob[name], threshold).items():
+            fig[f"{name} {key}"] = value
+    record.write_text(json.dumps(fig))
+    return fig
+
+
 def mean_sd(values) -> str:
     values = [v for v in values if v == v]
     if not values:
@@ -137,20 +222,21 @@ def mean_sd(values) -> str:
 
 def summarise(results: dict[str, list[dict]], out: Path) -> None:
     """Print the table (mean ± sd over seeds) and write summary.csv and runs.csv."""
-    cols = [f"{s} {k}" for s in ("test", "ext") for k in KEYS] + ["test border", "test rand"]
+    cols = [f"{s} {k}" for s in ("test", "ext") for k in KEYS] + ["test border", "test rand", "end lr share"]
     rows = []
     for name, figs in results.items():
         figs = [f for f in figs if f]
         if not figs:
             continue
-        rows.append([name, len(figs), *[mean_sd([f[c] for f in figs]) for c in cols],
-                     f"{statistics.median(f['wall'] for f in figs):.0f}", mean_sd([f["epochs"] for f in figs])])
+        rows.append([name, len(figs), *[mean_sd([f.get(c, float("nan")) for f in figs]) for c in cols],
+                     f"{statistics.median(f['wall'] for f in figs):.0f}",
+                     f"{statistics.median(f['train s'] for f in figs):.0f}", mean_sd([f["epochs"] for f in figs])])
         if name == "default":
             for policy in POLICIES:
                 rows.append([f"  threshold: {policy}", len(figs), *[mean_sd([f.get(f"{policy}|{c}", float('nan')) for f in figs])
-                                                                    for c in cols], "", ""])
+                                                                    for c in cols], "", "", ""])
     header = ["configuration", "seeds", *[c.replace("ext", "half-A").replace("test b", "CAM b").replace("test rand", "CAM rand rho")
-                                          for c in cols], "wall s (median)", "epochs"]
+                                          for c in cols], "wall s (median)", "training s (median)", "epochs"]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
@@ -158,10 +244,10 @@ def summarise(results: dict[str, list[dict]], out: Path) -> None:
         csv.writer(f).writerows([header, *rows])
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        keys = ["wall", "epochs", *cols]
+        keys = ["wall", "train s", "epochs", *cols]
         writer.writerow(["configuration", "seed", *keys])
         for name, figs in results.items():
-            writer.writerows([name, s, *[f[k] for k in keys]] for s, f in enumerate(figs) if f)
+            writer.writerows([name, s, *[f.get(k, float("nan")) for k in keys]] for s, f in enumerate(figs) if f)
     print(f"wrote {out / 'summary.csv'} and {out / 'runs.csv'}")
 
 
@@ -190,7 +276,11 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         sys.exit(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
-    summarise(sweep(args, {n: CONFIGS[n] for n in names}), Path(args.out))
+    results = sweep(args, {n: CONFIGS[n] for n in names})
+    for name, (source, members, tta) in DERIVED.items():  # re-scored from runs already there, whichever ran now
+        if any((run_folder(args, source, s) / "metrics.json").exists() for s in range(args.seeds)):
+            results[name] = [derived_figures(args, run_folder(args, source, s), members, tta) for s in range(args.seeds)]
+    summarise(results, Path(args.out))
     return 0
 
 

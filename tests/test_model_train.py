@@ -124,20 +124,39 @@ def test_label_smoothing_moves_targets_towards_one_half():
     assert smooth(logits, y).item() != pytest.approx(plain(logits, y).item())
 
 
-def test_early_stopping_waits_for_both_auc_and_loss_and_patience_zero_never_stops(monkeypatch):
+def _epochs(monkeypatch, cfg, losses, aucs, lr_at_end):
+    """end_epoch over made-up validation figures, with the learning rate each epoch ends at; returns the state."""
     model = PneumoniaCNN((4, 4, 4), stem=4)
     val = (torch.zeros(4, 1, 20, 20, dtype=torch.uint8), torch.tensor([0.0, 1.0, 0.0, 1.0]))
-    sched = train.make_optimizer(model, 0.01, 5, 10)[1]
-    for patience, losses, stops in ((0, [0.5, 0.6, 0.7, 0.8], False), (2, [0.5, 0.6, 0.7, 0.8], True),
-                                    (2, [0.5, 0.4, 0.3, 0.2], False)):
-        state = train.TrainState()
-        cfg = train.TrainConfig(5, 8, 0.01, 0.6, patience)
-        scores = iter(zip(losses, [0.9, 0.8, 0.8, 0.8]))  # the AUC never beats epoch 1
-        monkeypatch.setattr(train, "validate", lambda *a: next(scores))
-        for _ in losses:
-            parts = train.Parts(model, None, sched, None, None, transforms.Preprocess(16), torch.device("cpu"), torch.Generator())
-            train.end_epoch(model, val, parts, state, 0.5, 0.0, cfg)
-        assert state.best_epoch == 1 and state.stopped_early is stops, (patience, losses)
+    scores, rates = iter(zip(losses, aucs)), iter(lr_at_end)
+
+    class Schedule:
+        def get_last_lr(self):
+            return [self.lr]
+
+    sched = Schedule()
+    monkeypatch.setattr(train, "validate", lambda *a: next(scores))
+    state = train.TrainState()
+    parts = train.Parts(model, None, sched, None, None, transforms.Preprocess(16), torch.device("cpu"), torch.Generator())
+    for _ in losses:
+        sched.lr = next(rates)
+        train.end_epoch(model, val, parts, state, 0.5, 0.0, cfg)
+        if state.stopped_early:
+            break
+    return state
+
+
+def test_early_stopping_counts_only_the_low_rate_tail_and_waits_for_auc_and_loss(monkeypatch):
+    worse = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # the loss only rises and the AUC never beats epoch 1
+    aucs = [0.9, 0.8, 0.8, 0.8, 0.8, 0.8]
+    high, low = [0.05] * 6, [0.05, 0.004, 0.003, 0.002, 0.001, 0.0]  # lr at each epoch's end; the peak is 0.05
+    cfg = train.TrainConfig(6, 8, 0.05, 0.6, patience=2)
+    assert not _epochs(monkeypatch, cfg, worse, aucs, high).stopped_early  # never in the tail: never stops
+    state = _epochs(monkeypatch, cfg, worse, aucs, low)
+    assert state.stopped_early and state.epoch == 3  # tail epochs 2 and 3 without improvement
+    assert not _epochs(monkeypatch, cfg, [0.5, 0.4, 0.3, 0.2, 0.1, 0.05], aucs, low).stopped_early  # the loss improves
+    assert not _epochs(monkeypatch, train.TrainConfig(6, 8, 0.05, 0.6, patience=0), worse, aucs, low).stopped_early
+    assert state.best_epoch == 1
 
 
 # each module may import only modules of a lower rank: data flows one way, from main down to model

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import images
@@ -106,7 +107,8 @@ def test_zoo_archive_accounts_for_every_file(tmp_path, capsys):
 
 
 def _comparable(run):
-    history = [line.rsplit(",", 1)[0] for line in (run / "history.csv").read_text().splitlines()]  # wall seconds vary
+    history = [{k: v for k, v in row.items() if k != "seconds"}  # wall seconds vary
+               for row in csv.DictReader(open(run / "history.csv"))]
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["provenance"].pop("command")  # names the run folder, which differs by design
     return metrics, history
@@ -120,13 +122,16 @@ def test_same_seed_gives_identical_results(tmp_path):
     assert _comparable(tmp_path / "a")[0] != _comparable(tmp_path / "c")[0]
 
 
-@pytest.mark.parametrize("where, sig", [("mid-epoch", signal.SIGINT), ("last step of an epoch", signal.SIGTERM)])
-def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, where, sig):
-    argv = TINY + ["--batch-size", "8"]
+@pytest.mark.parametrize("where, sig, members", [("mid-epoch", signal.SIGINT, 1),
+                                                 ("last step of an epoch", signal.SIGTERM, 1),
+                                                 ("mid-epoch of the second member", signal.SIGINT, 2)])
+def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, where, sig, members):
+    argv = TINY + ["--batch-size", "8", "--ensemble", str(members)]
     assert main.main(argv + ["--out", str(tmp_path / "whole")]) == 0
     n_train = sum(r["split"] == "train" for r in csv.DictReader(open(tmp_path / "whole" / "split.csv")))
     steps = -(-n_train // 8)
-    stop_at = steps + 2 if where == "mid-epoch" else 2 * steps  # the n-th training batch overall
+    # the n-th training batch overall; TINY trains 3 epochs a member
+    stop_at = {"mid-epoch": steps + 2, "last step of an epoch": 2 * steps}.get(where, 3 * steps + steps + 2)
     calls = {"n": 0}
     real = transforms.Preprocess.train
 
@@ -140,10 +145,16 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, whe
     assert main.main(argv + ["--out", str(tmp_path / "cut")]) == 130
     assert (tmp_path / "cut" / "INCOMPLETE").exists() and (tmp_path / "cut" / "last.pt").exists()
     assert not (tmp_path / "cut" / "metrics.json").exists()
+    if members > 1:  # the first member finished and is kept on disk; the second stopped in its second epoch
+        assert runs.load_checkpoint(tmp_path / "cut" / "last.pt")["state"]["member"] == 1
+        assert (tmp_path / "cut" / "members" / "member0.pt").exists()
     monkeypatch.setattr(transforms.Preprocess, "train", real)
     assert main.main(["--resume", str(tmp_path / "cut"), "--quiet"]) == 0
-    assert not (tmp_path / "cut" / "INCOMPLETE").exists()
+    assert not (tmp_path / "cut" / "INCOMPLETE").exists() and not (tmp_path / "cut" / "members").exists()
     assert _comparable(tmp_path / "cut") == _comparable(tmp_path / "whole")
+    whole, cut = (runs.load_checkpoint(tmp_path / n / "best.pt")["members"] for n in ("whole", "cut"))
+    assert len(whole) == len(cut) == members
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(whole, cut) for k in a)  # the same ensemble, weight for weight
 
 
 def test_resume_refuses_a_finished_run(demo_run, capsys):
@@ -163,9 +174,10 @@ def test_nan_loss_stops_with_message_and_still_evaluates(tmp_path, monkeypatch, 
     monkeypatch.setattr(train, "train_one_epoch", poisoned)
     assert main.main(TINY + ["--out", str(tmp_path / "nan")]) == 0
     err = capsys.readouterr().err
-    assert "epoch 3, step 1" in err and "best checkpoint so far" in err
+    assert "epoch 3, step 1" in err and "evaluating what was kept: the weights of the epoch with the best" in err
     m = json.loads((tmp_path / "nan" / "metrics.json").read_text())
-    assert "epoch 3" in m["training_failure"] and m["validation"]["best_epoch"] <= 2
+    kept = m["training"]["members"][0]
+    assert "epoch 3" in m["training_failure"] and kept["kept_epochs"][0] <= 2 and kept["epochs_run"] == 2
 
 
 def test_full_disk_mid_run_ends_with_one_sentence_and_a_loadable_checkpoint(tmp_path, monkeypatch, capsys):
