@@ -39,7 +39,9 @@ def choose_threshold(y_true, y_prob, policy: str) -> float:
         return float(min(thr[np.argmax(tpr - fpr)], 1.0))
     if policy.startswith("sens="):
         target = float(policy[5:])
-        fpr, tpr, thr = roc_curve(y_true, y_prob)
+        # every point of the curve: dropping collinear ones would skip the strictest threshold on a run of
+        # positives with no negative between them, and pick the run's loosest end instead
+        fpr, tpr, thr = roc_curve(y_true, y_prob, drop_intermediate=False)
         return float(min(thr[np.flatnonzero(tpr >= target)[0]], 1.0))
     value = float(policy)
     if not 0.0 <= value <= 1.0:

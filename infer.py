@@ -112,6 +112,27 @@ class Predictor:
         return images, prob, classes, errors
 
 
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, inputs) -> None:
+    """Replace every BatchNorm layer's running statistics by the mean of those of the batches `inputs` yields
+    (model inputs, already preprocessed), as torch.optim.swa_utils.update_bn does; the model's mode is restored.
+
+    Used for averaged weights (SWA, on augmented training batches) and for a new site's images (AdaBN).
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative mean over the batches, each batch weighing the same
+    was_training = model.training
+    model.train()
+    for x in inputs:
+        model(x)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 def load_predictor(ckpt: dict, device: torch.device) -> Predictor:
     """The Predictor a best.pt describes (its members, and whether it averages test-time views), on `device`."""
     models, prep = runs.load_models(ckpt, device)

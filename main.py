@@ -1,18 +1,21 @@
 """Pneumonia detector for pediatric chest X-rays: train, evaluate and explain a custom CNN.
 
 Usage: `python main.py` (Kaggle archive in archive/), `python main.py --demo` (synthetic phantoms),
-`python main.py evaluate --checkpoint runs/X/best.pt --data DIR`, `python main.py predict IMG --checkpoint ...`.
+`python main.py evaluate --checkpoint runs/X/best.pt --data DIR`, `python main.py predict IMG --checkpoint ...`,
+`python main.py calibrate --checkpoint runs/X/best.pt --data SITE_DIR [--adapt-bn]`.
 This file only wires the steps; the flags and their checks live in settings.py.
 """
 import dataclasses
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import calibrate
 import data
 import demo
 import distributed
@@ -26,7 +29,7 @@ from cache import ImageCache
 from images import cache_size
 from labels import CLASSES
 from model import PneumoniaCNN, count_flops
-from settings import Settings, UsageError, build_evaluate_parser, build_predict_parser
+from settings import Settings, UsageError, build_calibrate_parser, build_evaluate_parser, build_predict_parser
 from transforms import Preprocess, fit_normalisation
 
 DOWNLOAD_HELP = """No chest X-rays found in '{root}'.
@@ -306,16 +309,81 @@ def run_predict(args) -> int:
     return 0
 
 
+def run_calibrate(args) -> int:
+    """Choose a site's threshold (after AdaBN with --adapt-bn) on its labelled sample; write a new checkpoint beside
+    the source, which is never touched, with the before/after figures and what the site should expect."""
+    ckpt = runs.read_checkpoint(args.checkpoint)
+    device = configure_device(args.device)
+    before_model = infer.load_predictor(ckpt, device)
+    policy = args.threshold or ckpt.get("threshold_policy", "sens=0.95")
+    store = decode_cache(None if args.no_cache else args.cache_dir, before_model.prep.image_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = calibrate.site_sample(args.data, store, show=not args.quiet)
+        except (calibrate.CalibrationError, data.DataError) as err:
+            raise UsageError(str(err)) from None
+    warning = "; ".join(str(w.message) for w in caught if issubclass(w.category, UserWarning)) or None
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    out = runs.create(args.out or str(Path(args.checkpoint).parent / ("calibrate-" + time.strftime("%Y%m%d-%H%M%S"))))
+    images, y, patients = np.asarray(ds.images), ds.labels.astype(int), ds.patients
+    before = evaluate.score(y, before_model.predict(torch.from_numpy(images).unsqueeze(1))[0], patients,
+                            ckpt["threshold"], seed=args.seed)
+    predictor = infer.load_predictor(ckpt, device)
+    adapt_images = images
+    if args.adapt_bn is not None:
+        extra = calibrate.unlabelled_images(args.adapt_bn, images.shape[-1], show=not args.quiet) if args.adapt_bn \
+            else images[:0]
+        adapt_images = np.concatenate([images, extra])
+        calibrate.adapt_batchnorm(predictor, adapt_images)
+    threshold, cause_threshold, prob = calibrate.site_thresholds(predictor, ds, policy)
+    metrics = {"before": before, "after": evaluate.score(y, prob, patients, threshold, seed=args.seed),
+               "expected": calibrate.expected_rates(y, prob, patients, policy, seed=args.seed),
+               "calibration": {"source": {"path": str(args.checkpoint), "sha256": calibrate.file_sha256(args.checkpoint)},
+                               "site": {"folder": args.data, "images": len(y), "patients": len(set(patients)),
+                                        "normal": int((y == 0).sum()), "pneumonia": int((y == 1).sum())},
+                               "unlabelled": list(args.adapt_bn or []), "adapt_bn": args.adapt_bn is not None,
+                               "adapt_bn_images": int(len(adapt_images)) if args.adapt_bn is not None else 0,
+                               "policy": policy, "warning": warning}}
+    save_calibrated(ckpt, predictor, threshold, cause_threshold, metrics, out / "best.pt")
+    data.write_split_files(out, ds)
+    evaluate.write_predictions(out / "predictions.csv", evaluate.labelled_predictions(
+        ds, np.arange(len(y)), prob, predictor.prep), threshold)
+    runs.write_json(out / "metrics.json", metrics)
+    report.write_calibration_report(out, f"Site calibration of {args.checkpoint} on {args.data}", metrics)
+    report.write_calibrated_card(out, Path(args.checkpoint).parent / "MODEL_CARD.md", metrics)
+    print(report.calibration_table(metrics).text())
+    print(f"wrote {out / 'best.pt'} (score with it as with any best.pt), {out / 'report.html'} and MODEL_CARD.md")
+    return 0
+
+
+def save_calibrated(ckpt: dict, predictor: infer.Predictor, threshold: float, cause_threshold: float | None,
+                    metrics: dict, path: Path) -> None:
+    """The source checkpoint with the site's BatchNorm statistics, thresholds and a provenance block."""
+    calibrated = {k: v for k, v in ckpt.items() if k not in ("model", "format", "versions")}
+    calibrated.update(members=[{k: v.cpu() for k, v in m.state_dict().items()} for m in predictor.members],
+                      threshold=threshold, threshold_policy=metrics["calibration"]["policy"],
+                      calibration={**metrics["calibration"], "before": {k: metrics["before"][k] for k in
+                                                                         ("threshold", "sensitivity", "specificity")},
+                                   "expected": metrics["expected"]})
+    if cause_threshold is not None:
+        calibrated["cause_threshold"] = cause_threshold
+    runs.save_checkpoint(path, calibrated)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to train, evaluate or predict; user errors print one sentence and return 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] in (["evaluate"], ["predict"]) and distributed.Context.from_env().active:
+        if argv[:1] in (["evaluate"], ["predict"], ["calibrate"]) and distributed.Context.from_env().active:
             raise UsageError(f"{argv[0]} runs in one process: use `python main.py {argv[0]} ...`, not torchrun")
         if argv[:1] == ["evaluate"]:
             return run_evaluate(build_evaluate_parser().parse_args(argv[1:]))
         if argv[:1] == ["predict"]:
             return run_predict(build_predict_parser().parse_args(argv[1:]))
+        if argv[:1] == ["calibrate"]:
+            return run_calibrate(build_calibrate_parser().parse_args(argv[1:]))
         return run_train(Settings.parse(argv))
     except (UsageError, data.DataError, runs.RunError) as err:
         if distributed.Context.from_env().main:  # under torchrun every rank has the same refusal: say it once

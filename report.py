@@ -218,6 +218,63 @@ def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner:
     return path
 
 
+# ---------------------------------------------------------------- site calibration
+def calibration_table(m: dict) -> Table:
+    """Before and after calibration side by side on the site sample, and what the site should expect."""
+    before, after, expected = m["before"], m["after"], m["expected"]
+    rows = [["threshold", f"{before['threshold']:.4f}", f"{after['threshold']:.4f}",
+             f"{expected['threshold']:.4f} ({interval(expected['ci95']['threshold'])})"]]
+    for k in METRICS:
+        rows.append([k, f"{before[k]:.3f} ({interval(before['ci95'][k])})", f"{after[k]:.3f} ({interval(after['ci95'][k])})",
+                     f"{expected[k]:.3f} ({interval(expected['ci95'][k])})" if k in expected else ""])
+    adapted = " and BatchNorm" if m["calibration"]["adapt_bn"] else ""
+    return Table(["metric (95% CI)", "before: the model as trained", f"after: site threshold{adapted}, on this sample",
+                  "expected on the site's new films"], rows)
+
+
+def calibration_text(m: dict) -> list[str]:
+    """How the calibration was made and how to read its figures, as paragraphs."""
+    c, e = m["calibration"], m["expected"]
+    site = c["site"]
+    adapt = (f"BatchNorm statistics were first re-estimated on {c['adapt_bn_images']} of the site's images "
+             f"(labels unused), then " if c["adapt_bn"] else "")
+    return [f"Source checkpoint `{c['source']['path']}` (sha256 {c['source']['sha256'][:16]}...), left unchanged. "
+            f"Site sample `{site['folder']}`: {site['images']} images of {site['patients']} patients, "
+            f"{site['normal']} NORMAL and {site['pneumonia']} PNEUMONIA. {adapt.capitalize() if adapt else ''}"
+            f"the threshold was chosen on the site sample by the policy `{c['policy']}`.",
+            f"The 'after' column is measured on the same images the threshold was chosen on, so it flatters. The "
+            f"'expected' column is the honest promise: over {e['resamples']} bootstrap resamples of the site's "
+            f"patients the threshold was chosen on the resample and scored on the patients it left out, so its "
+            f"intervals carry the threshold's own uncertainty."]
+
+
+def write_calibration_report(out_dir: Path, title: str, m: dict) -> Path:
+    """report.html of a calibration: provenance, the before/after table and the expected rates."""
+    body = [f"<h1>{html.escape(title)}</h1>", "<h2>Site calibration</h2>",
+            *(f"<p>{html.escape(t)}</p>" for t in calibration_text(m)), calibration_table(m).html()]
+    if m["calibration"].get("warning"):
+        body.append(f'<p class="warn">{html.escape(m["calibration"]["warning"])}</p>')
+    body.append("<p><em>A research tool, not a medical device: not clinically validated.</em></p>")
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
+    path = out_dir / "report.html"
+    atomic_write(path, lambda f: f.write(page.encode()))
+    return path
+
+
+def write_calibrated_card(out_dir: Path, source_card: Path, m: dict) -> Path:
+    """MODEL_CARD.md of a calibrated checkpoint: the source's card, then a "Site calibration" section."""
+    card = source_card.read_text() if source_card.exists() else "# Model card\n\nThe source run's card was not found.\n"
+    lines = ["", "## Site calibration", *calibration_text(m), "", calibration_table(m).markdown()]
+    if m["calibration"].get("warning"):
+        lines += ["", f"**Warning:** {m['calibration']['warning']}"]
+    lines += ["", "This section supersedes the threshold above for this checkpoint: it scores at "
+                  f"{m['after']['threshold']:.4f}."]
+    path = out_dir / "MODEL_CARD.md"
+    atomic_write(path, lambda f: f.write((card.rstrip() + "\n" + "\n".join(lines) + "\n").encode()))
+    return path
+
+
 def data_summary(audit: dict) -> str:
     """One line: images and patients per split, duplicates, and skipped files counted by reason."""
     sizes = ", ".join(f"{s} {a['images']} ({a['patients']} patients)" for s, a in audit["splits"].items())

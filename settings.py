@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The training command (the default): every flag with its default."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = Parser(prog="main.py", description=DESCRIPTION, formatter_class=fmt,
-               epilog="Sub-commands: `main.py evaluate --help`, `main.py predict --help`. Data-parallel training on "
+               epilog="Sub-commands: `main.py evaluate --help`, `main.py predict --help`, `main.py calibrate --help`. "
+                      "Data-parallel training on "
                       "N GPUs or CPU processes: `torchrun --standalone --nproc_per_node=N main.py [flags]`.")
     p.add_argument("--data", default="archive", help="folder holding the unzipped Kaggle archive (any NORMAL/ and PNEUMONIA/ folders below it)")
     p.add_argument("--out", default=None, help="run folder (default runs/<YYYYmmdd-HHMMSS>); must not exist yet")
@@ -183,11 +184,35 @@ def build_predict_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_shared_flags(p: argparse.ArgumentParser, cache: bool) -> None:
-    """Flags every command shares: device and Grad-CAM target, plus the decode cache and progress bars."""
+def build_calibrate_parser() -> argparse.ArgumentParser:
+    """`main.py calibrate`: a checkpoint fitted to a new site's labelled sample."""
+    p = Parser(prog="main.py calibrate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               description="Fit a trained model to a new site: choose its threshold on the site's own labelled "
+                           "sample (DIR/**/{NORMAL,PNEUMONIA}/*), optionally re-estimate its BatchNorm statistics on "
+                           "the site's images first, and write a new checkpoint; the source is never changed. "
+                           "See docs/calibration.md.")
+    p.add_argument("--checkpoint", required=True, help="best.pt of a finished run (or of an earlier calibration)")
+    p.add_argument("--data", required=True, help="the site's labelled folder: NORMAL/ and PNEUMONIA/ at any depth")
+    p.add_argument("--threshold", type=threshold_policy, default=None,
+                   help="threshold policy applied to the site sample: sens=X, youden or a number; default: the "
+                        "checkpoint's own policy")
+    p.add_argument("--adapt-bn", metavar="DIR", nargs="*", default=None,
+                   help="re-estimate the BatchNorm statistics on the site's images first (AdaBN): the labelled "
+                        "folder's, labels unused, plus any unlabelled folders named here")
+    p.add_argument("--out", default=None,
+                   help="output folder for the calibrated best.pt (default: <checkpoint folder>/calibrate-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--seed", type=number(int), default=0, help="seed of the bootstrap behind the expected rates")
+    add_shared_flags(p, cache=True, cam=False)
+    return p
+
+
+def add_shared_flags(p: argparse.ArgumentParser, cache: bool, cam: bool = True) -> None:
+    """Flags the commands share: the device, the Grad-CAM target (where maps are drawn), the decode cache and
+    progress bars."""
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run: auto picks cuda, then mps, then the cpu")
-    p.add_argument("--cam-target", choices=CAM_TARGETS, default="pneumonia",
-                   help="class whose evidence Grad-CAM shows; bacterial and viral (each against the other) need a --task cause model")
+    if cam:
+        p.add_argument("--cam-target", choices=CAM_TARGETS, default="pneumonia",
+                       help="class whose evidence Grad-CAM shows; bacterial and viral (each against the other) need a --task cause model")
     if cache:
         p.add_argument("--cache-dir", default=default_cache_dir(), help="where decoded images are kept between runs")
         p.add_argument("--no-cache", action="store_true", help="decode every image afresh and keep nothing")

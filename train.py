@@ -23,7 +23,7 @@ import distributed
 import progress
 import runs
 from cache import TensorRows
-from infer import Predictor, amp_dtype, memory_format
+from infer import Predictor, amp_dtype, memory_format, reestimate_batchnorm
 from transforms import Preprocess
 
 
@@ -407,26 +407,13 @@ def average_weights(states: list[dict]) -> dict:
             for k, v in states[-1].items()}
 
 
-@torch.no_grad()
 def recompute_batchnorm(model: nn.Module, images, prep: Preprocess, generator: torch.Generator, batch_size: int,
                         device: torch.device) -> None:
-    """Re-estimate every BatchNorm layer's running statistics for the model's current weights.
-
-    One pass over the training images, augmented as in training; each layer's statistics become the
-    mean of the batches' (momentum None), as torch.optim.swa_utils.update_bn computes them.
-    """
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None
-    was_training = model.training
-    model.train()
-    for idx in batches(len(images), batch_size, generator):
-        model(prep.train(images[idx].to(device), generator).contiguous(memory_format=memory_format(device)))
-    for m, momentum in zip(layers, momenta):
-        m.momentum = momentum
-    model.train(was_training)
+    """Re-estimate every BatchNorm layer's running statistics for the model's current weights, over one pass of
+    the training images augmented as in training: what the statistics of a normally trained model describe."""
+    with torch.no_grad():
+        reestimate_batchnorm(model, (prep.train(images[idx].to(device), generator).contiguous(
+            memory_format=memory_format(device)) for idx in batches(len(images), batch_size, generator)))
 
 
 def end_epoch(model, val_set, parts: Parts, state: TrainState, loss: float, start: float, cfg: TrainConfig) -> None:

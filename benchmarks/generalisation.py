@@ -3,9 +3,10 @@
 Usage: `python benchmarks/generalisation.py [--seeds 5] [--only "old default" "ensemble 5"] [--jobs 1]`.
 Each run is a real `main.py` run in its own folder under --out (benchmarks/results/ is ignored by git);
 a run whose folder already holds metrics.json is read, not repeated, so an interrupted sweep resumes
-and a finished one re-prints. Each seed draws its own split. The threshold is always the one chosen
-on validation; the rows "threshold: ..." re-score the same runs at other validation-chosen policies
-from their prediction CSVs, without retraining.
+and a finished one re-prints. Each seed draws its own split. Every figure is re-scored from the runs'
+prediction CSVs at a threshold chosen on their validation predictions by this checkout's rule (the run's
+own policy; the rows "threshold: ..." other policies), so runs made before a change of the rule compare
+fairly, without retraining.
 
 "old default" runs the code of commit OLD_DEFAULT (a git worktree under --out): early stopping after 5
 epochs without improvement, counted from the first epoch, and the best validation epoch kept.
@@ -131,6 +132,7 @@ def run_one(args, name: str, flags: list[str], seed: int, threads: int) -> Path:
 
 
 def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Labels (1: PNEUMONIA), probabilities and patients of a predictions.csv."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     return (np.array([r["label"] == "PNEUMONIA" for r in rows], int), np.array([float(r["probability"]) for r in rows]),
@@ -138,28 +140,29 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def run_figures(run: Path) -> dict | None:
-    """test/external metrics of one run at its own threshold and at the other validation policies."""
+    """test/external metrics of one run, re-scored from its prediction CSVs at its own threshold policy and at the
+    other POLICIES, each threshold chosen on its validation predictions by this checkout's rule."""
     if not (run / "metrics.json").exists():
         return None
     m = json.loads((run / "metrics.json").read_text())
-    external = next(iter(m.get("external", {}).values()), None)
     fig = {"wall": float((run / "wall_seconds.txt").read_text()) if (run / "wall_seconds.txt").exists() else float("nan"),
            **training_figures(run)}
-    for key in KEYS:
-        fig[f"test {key}"] = m["test"][key]
-        fig[f"ext {key}"] = external[key] if external else float("nan")
     fig["test border"] = m["gradcam"]["border"]["border_mass_share"]
     fig["test rand"] = m["gradcam"]["randomisation"]["fully_randomised_median_spearman"]
-    y_val, p_val, _ = read_predictions(run / "predictions_val.csv")
     ext_csv = next((run / "external").glob("*/predictions.csv"), None) if (run / "external").exists() else None
-    for policy in POLICIES:
-        t = evaluate.choose_threshold(y_val, p_val, policy)
-        for prefix, csv_path in (("test", run / "predictions.csv"), ("ext", ext_csv)):
-            if csv_path is not None:
-                y, p, _ = read_predictions(csv_path)
-                for key, value in evaluate.binary_metrics(y, p, t).items():
-                    fig[f"{policy}|{prefix} {key}"] = value
+    sets = {"val": read_predictions(run / "predictions_val.csv")[:2], "test": read_predictions(run / "predictions.csv")[:2],
+            **({"ext": read_predictions(ext_csv)[:2]} if ext_csv else {})}
+    own = json.loads((run / "config.json").read_text())["threshold"]
+    for policy in ("", *POLICIES):
+        fig.update(scored(sets, policy or own, f"{policy}|" if policy else ""))
     return fig
+
+
+def scored(sets: dict[str, tuple[np.ndarray, np.ndarray]], policy: str, prefix: str = "") -> dict:
+    """Binary metrics of the test and external sets at the threshold `policy` chooses on the validation set."""
+    threshold = evaluate.choose_threshold(*sets["val"], policy)
+    return {f"{prefix}{name} {key}": value for name in ("test", "ext") if name in sets
+            for key, value in evaluate.binary_metrics(*sets[name], threshold).items()}
 
 
 def training_figures(run: Path, members: int | None = None) -> dict:
@@ -186,12 +189,22 @@ def split_rows(run: Path) -> dict[str, tuple[list[str], np.ndarray]]:
 
 def derived_figures(args, run: Path, members: int, tta: bool) -> dict | None:
     """The figures of a run's first `members` members (with test-time augmentation if `tta`), re-scored as main.py
-    scores: threshold on the run's validation split by its policy, then its test split and the external set."""
+    scores: threshold on the run's validation split by its policy, then its test split and the external set.
+
+    The probabilities are kept beside the run (derived-*.npz), so a second summary predicts nothing."""
     if not (run / "metrics.json").exists():
         return None
-    record = run / f"derived-{members}{'-tta' if tta else ''}.json"
-    if record.exists():
-        return json.loads(record.read_text())
+    record = run / f"derived-{members}{'-tta' if tta else ''}.npz"
+    if not record.exists():
+        np.savez(record, **derived_predictions(args, run, members, tta))
+    saved = np.load(record)
+    sets = {name: (saved[f"{name}_y"], saved[f"{name}_p"]) for name in ("val", "test", "ext")}
+    policy = json.loads((run / "config.json").read_text())["threshold"]
+    return {"wall": float("nan"), **training_figures(run, members), **scored(sets, policy)}
+
+
+def derived_predictions(args, run: Path, members: int, tta: bool) -> dict[str, np.ndarray]:
+    """Labels and P(pneumonia) of the validation and test splits and the external set, for the first members."""
     ckpt = runs.load_checkpoint(run / "best.pt")
     ckpt["members"] = ckpt["members"][:members]
     predictor = infer.load_predictor(ckpt, infer.torch.device("cpu"))
@@ -201,15 +214,10 @@ def derived_figures(args, run: Path, members: int, tta: bool) -> dict | None:
     sets = {name: (cache.load_images(paths, size, store, show=False)[0], y) for name, (paths, y) in split_rows(run).items()}
     ext = data.decode_found(data.find_labelled(args.external), store, progress=False)
     sets["ext"] = (np.asarray(ext.images), ext.labels.astype(int))
-    prob = {name: predictor.predict(infer.torch.from_numpy(images).unsqueeze(1))[0] for name, (images, _) in sets.items()}
-    policy = json.loads((run / "config.json").read_text())["threshold"]
-    threshold = evaluate.choose_threshold(sets["val"][1], prob["val"], policy)
-    fig = {"wall": float("nan"), **training_figures(run, members)}
-    for name in ("test", "ext"):
-        for key, value in evaluate.binary_metrics(sets[name][1], prob[name], threshold).items():
-            fig[f"{name} {key}"] = value
-    record.write_text(json.dumps(fig))
-    return fig
+    out = {}
+    for name, (images, y) in sets.items():
+        out[f"{name}_y"], out[f"{name}_p"] = y, predictor.predict(infer.torch.from_numpy(images).unsqueeze(1))[0]
+    return out
 
 
 def mean_sd(values) -> str:

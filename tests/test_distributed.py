@@ -73,7 +73,7 @@ def test_two_processes_write_one_run_folder_and_match_one_process(two_runs):
 def test_two_process_checkpoint_loads_in_one_process_and_in_predict(two_runs, tmp_path):
     base, _ = two_runs
     ckpt = runs.read_checkpoint(base / "two" / "best.pt")
-    assert set(ckpt["model"]) == set(PneumoniaCNN().state_dict())  # no DistributedDataParallel prefix
+    assert set(ckpt["members"][0]) == set(PneumoniaCNN().state_dict())  # no DistributedDataParallel prefix
     image = sorted((base / "two" / "demo_data").rglob("*.png"))[0]
     assert main.main(["predict", str(image), "--checkpoint", str(base / "two" / "best.pt"), "--out", str(tmp_path / "p")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
@@ -117,7 +117,19 @@ def test_sigterm_on_one_rank_stops_both_and_the_run_resumes_with_two_or_one_proc
     for folder in (run, tmp_path / "alone"):
         rows = (folder / "history.csv").read_text().splitlines()
         assert rows[:1 + done] == finished_rows  # continued from last.pt, not trained again from the start
-        assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, 41)) and (folder / "metrics.json").exists()
+        assert [int(r["epoch"]) for r in csv.DictReader(open(folder / "history.csv"))] == list(range(1, 41))
+        assert (folder / "metrics.json").exists()
+
+
+def test_an_ensemble_trains_under_torchrun_member_after_member(tmp_path):
+    rc, out = finished(torchrun(SMALL + ["--epochs", "2", "--ensemble", "2", "--out", str(tmp_path / "ens")], cwd=tmp_path))
+    assert rc == 0, out[-3000:]
+    ckpt = runs.read_checkpoint(tmp_path / "ens" / "best.pt")
+    assert len(ckpt["members"]) == 2 and [m["seed"] for m in ckpt["training"]] == [0, 1000]
+    assert set(ckpt["members"][1]) == set(PneumoniaCNN((8, 16, 32)).state_dict())  # plain modules, no DDP prefix
+    rows = list(csv.DictReader(open(tmp_path / "ens" / "history.csv")))
+    assert [(r["member"], r["epoch"]) for r in rows] == [("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")]
+    assert not (tmp_path / "ens" / "members").exists() and out.count("ensemble member 2 of 2") == 1  # rank 0 speaks
 
 
 # ---------------------------------------------------------------- shards, in one tiny in-process job

@@ -25,6 +25,11 @@ def test_threshold_policies_use_only_the_given_predictions():
     sens = evaluate.choose_threshold(y, p, "sens=0.95")
     assert sens == pytest.approx(0.4)  # the highest threshold that still catches every positive
     assert evaluate.choose_threshold(y, p, "0.25") == 0.25
+    # a run of positives with no negative between them: the strictest threshold reaching the sensitivity,
+    # not the run's loosest end (which has the same specificity here, and less elsewhere)
+    y, p = np.array([1, 1, 1, 1, 0, 0]), np.array([0.9, 0.8, 0.7, 0.6, 0.2, 0.1])
+    assert evaluate.choose_threshold(y, p, "sens=0.5") == pytest.approx(0.8)
+    assert evaluate.choose_threshold(y, p, "sens=0.75") == pytest.approx(0.7)
     with pytest.raises(ValueError):
         evaluate.choose_threshold(y, p, "1.5")
 

@@ -1,0 +1,109 @@
+"""Calibrate a trained model to a new site: its threshold chosen on the site's own labelled sample, and optionally
+its BatchNorm statistics re-estimated on the site's images (AdaBN), with an honest estimate of what to expect.
+
+Usage: `python main.py calibrate --checkpoint runs/X/best.pt --data SITE_DIR [--adapt-bn [DIR ...]]`.
+The expected sensitivity and specificity come from out-of-bag bootstrap: the threshold is chosen on each
+resample of the site's patients and scored on the patients left out, so the intervals carry the
+threshold's own uncertainty as well as the sample's.
+"""
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import evaluate
+from cache import ImageCache, load_images
+from infer import Predictor, reestimate_batchnorm
+
+SMALL_SAMPLE = 50  # images per class: below this a promised sensitivity rests on too few pneumonias
+RESAMPLES = 500
+BN_BATCH = 32  # images per batch when re-estimating BatchNorm statistics: training's batch size
+
+
+class CalibrationError(ValueError):
+    """A site sample that cannot calibrate anything; the message says why, in one sentence."""
+
+
+def site_sample(folder: str, store: ImageCache, show: bool = True) -> data.Dataset:
+    """The site's labelled images (NORMAL/ and PNEUMONIA/ at any depth, the training rules), refused in one sentence
+    when there are none or only one class."""
+    try:
+        ds = data.decode_found(data.find_labelled(folder), store, progress=show)
+    except data.NoImagesFound:
+        raise CalibrationError(f"no images in NORMAL/ or PNEUMONIA/ folders under '{folder}': calibration needs a "
+                               f"labelled sample of the site's films") from None
+    counts = np.bincount(ds.labels.astype(int), minlength=2)
+    if counts.min() == 0:
+        raise CalibrationError(f"'{folder}' holds only {data.CLASSES[int(counts.argmax())]} images ({counts.max()}): "
+                               f"a threshold needs both classes from the site")
+    if counts.min() < SMALL_SAMPLE:
+        warnings.warn(f"the site sample has {counts[0]} NORMAL and {counts[1]} PNEUMONIA images; under {SMALL_SAMPLE} "
+                      f"per class the promised sensitivity and specificity are loose (see their intervals)", stacklevel=2)
+    return ds
+
+
+def unlabelled_images(folders: list[str], size: int, show: bool = True) -> np.ndarray:
+    """The readable images of unlabelled folders (predict's file rules), for AdaBN only."""
+    files, _ = data.list_files(folders)
+    images, errors = load_images(files, size, ImageCache(None, size), show=show)
+    return images[[e is None for e in errors]]
+
+
+def adapt_batchnorm(predictor: Predictor, images: np.ndarray) -> None:
+    """AdaBN: every member's BatchNorm statistics re-estimated on the site's images, as the model sees them (the
+    plain centre view, no augmentation), a training-sized batch at a time; the labels are never used."""
+    batches = [torch.from_numpy(images[i:i + BN_BATCH]).unsqueeze(1) for i in range(0, len(images), BN_BATCH)]
+    for member in predictor.members:
+        reestimate_batchnorm(member, (predictor.model_input(b) for b in batches if len(b) > 1))
+        member.eval()
+
+
+def expected_rates(y_true, y_prob, patients, policy: str, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """What the site should expect at a threshold chosen by `policy` on a sample like this one.
+
+    For each bootstrap resample of the patients the threshold is chosen on the resample and applied to
+    the patients it left out; the mean over resamples is the estimate and the 2.5th-97.5th percentiles
+    the interval. Resamples whose in-bag or left-out part lacks a class are skipped.
+    """
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
+    weights, codes = evaluate.patient_resamples(patients, resamples, seed)
+    draws = []
+    for w in weights:
+        counts = w[codes]
+        inbag, out = np.repeat(np.arange(len(y_true)), counts), counts == 0
+        if len(np.unique(y_true[inbag])) < 2 or len(np.unique(y_true[out])) < 2:
+            continue
+        threshold = evaluate.choose_threshold(y_true[inbag], y_prob[inbag], policy)
+        m = evaluate.binary_metrics(y_true[out], y_prob[out], threshold)
+        draws.append([m["sensitivity"], m["specificity"], m["accuracy"], threshold])
+    draws = np.array(draws)
+    lo, hi = evaluate.interval95(draws)
+    names = ("sensitivity", "specificity", "accuracy", "threshold")
+    return {**{k: float(v) for k, v in zip(names, draws.mean(0))},
+            "ci95": {k: [float(a), float(b)] for k, a, b in zip(names, lo, hi)}, "resamples": int(len(draws)),
+            "method": "out-of-bag bootstrap of patients: threshold chosen in-bag, scored on the patients left out"}
+
+
+def site_thresholds(predictor: Predictor, ds: data.Dataset, policy: str) -> tuple[float, float | None, np.ndarray]:
+    """The threshold `policy` chooses on the whole site sample, the bacterial-vs-viral threshold of a cause model
+    (Youden, where the file names tell both causes), and the site's P(pneumonia)."""
+    prob, classes = predictor.predict(torch.from_numpy(np.asarray(ds.images)).unsqueeze(1))
+    threshold = evaluate.choose_threshold(ds.labels.astype(int), prob, policy)
+    cause = None
+    if classes is not None and evaluate.has_both_causes(ds.causes):
+        pneumonia = ds.causes > 0
+        cause = evaluate.choose_threshold(ds.causes[pneumonia] == 1, evaluate.bacterial_share(classes[pneumonia]),
+                                          "youden")
+    return threshold, cause, prob
+
+
+def file_sha256(path: str | Path) -> str:
+    """The checkpoint's fingerprint, for the calibrated one's provenance."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

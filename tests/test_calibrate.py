@@ -1,0 +1,141 @@
+"""Site calibration: the threshold chosen on a site's sample, AdaBN, the expected rates, the new checkpoint."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import calibrate
+import demo
+import infer
+import main
+import runs
+import transforms
+from model import PneumoniaCNN
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A site of 20 phantom children per class from another 'scanner' seed (60 images per class)."""
+    return demo.make_phantoms(tmp_path_factory.mktemp("site") / "site", patients_per_class=20, seed=11)
+
+
+def _calibrate(demo_run, site, out, *flags):
+    return main.main(["calibrate", "--checkpoint", str(demo_run / "best.pt"), "--data", str(site), "--out", str(out),
+                      "--quiet", "--no-cache", *flags])
+
+
+def test_the_site_threshold_is_the_one_computed_by_hand_and_the_source_is_left_as_it_was(demo_run, site, tmp_path):
+    before = (demo_run / "best.pt").read_bytes()
+    assert _calibrate(demo_run, site, tmp_path / "cal", "--threshold", "sens=0.9") == 0
+    assert (demo_run / "best.pt").read_bytes() == before
+    ckpt = runs.load_checkpoint(tmp_path / "cal" / "best.pt")
+    rows = list(csv.DictReader(open(tmp_path / "cal" / "predictions.csv")))
+    y = np.array([r["label"] == "PNEUMONIA" for r in rows])
+    p = np.array([float(r["probability"]) for r in rows])
+    # by hand: the highest threshold that still calls at least 90% of the site's pneumonias
+    positives = np.sort(p[y])[::-1]
+    assert ckpt["threshold"] == pytest.approx(positives[int(np.ceil(0.9 * len(positives))) - 1], abs=1e-6)
+    assert ckpt["threshold_policy"] == "sens=0.9" and ckpt["threshold"] != runs.load_checkpoint(demo_run / "best.pt")["threshold"]
+    c = ckpt["calibration"]
+    assert c["source"]["path"] == str(demo_run / "best.pt") and c["source"]["sha256"] == calibrate.file_sha256(demo_run / "best.pt")
+    assert c["site"]["images"] == 120 and c["site"]["normal"] == c["site"]["pneumonia"] == 60 and not c["adapt_bn"]
+    m = json.loads((tmp_path / "cal" / "metrics.json").read_text())
+    assert m["after"]["threshold"] == ckpt["threshold"] and m["expected"]["resamples"] > 400
+    lo, hi = m["expected"]["ci95"]["sensitivity"]
+    assert lo <= m["expected"]["sensitivity"] <= hi and hi - lo > 0.01  # the threshold's uncertainty is in there
+    card = (tmp_path / "cal" / "MODEL_CARD.md").read_text()
+    assert card.startswith((demo_run / "MODEL_CARD.md").read_text().rstrip()) and "## Site calibration" in card
+    assert "before: the model as trained" in (tmp_path / "cal" / "report.html").read_text()
+
+
+def test_a_calibrated_checkpoint_scores_in_evaluate_and_predict_at_its_site_threshold(demo_run, site, tmp_path):
+    assert _calibrate(demo_run, site, tmp_path / "cal", "--adapt-bn") == 0
+    ckpt = runs.load_checkpoint(tmp_path / "cal" / "best.pt")
+    source = runs.load_checkpoint(demo_run / "best.pt")
+    assert ckpt["calibration"]["adapt_bn"] and ckpt["calibration"]["adapt_bn_images"] == 120
+    bn = "block3.4.running_mean"
+    assert not torch.equal(ckpt["members"][0][bn], source["members"][0][bn])  # adapted statistics
+    assert torch.equal(ckpt["members"][0]["block3.3.weight"], source["members"][0]["block3.3.weight"])  # same weights
+    assert main.main(["evaluate", "--checkpoint", str(tmp_path / "cal" / "best.pt"), "--data", str(site),
+                      "--out", str(tmp_path / "ev"), "--quiet", "--no-cache"]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())["test"]
+    after = json.loads((tmp_path / "cal" / "metrics.json").read_text())["after"]
+    assert again["threshold"] == ckpt["threshold"] and again["auc"] == pytest.approx(after["auc"], abs=1e-9)
+    image = sorted((site / "images" / "NORMAL").glob("*.png"))[0]
+    assert main.main(["predict", str(image), "--checkpoint", str(tmp_path / "cal" / "best.pt"), "--out", str(tmp_path / "p")]) == 0
+    row = next(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
+    site_row = next(r for r in csv.DictReader(open(tmp_path / "cal" / "predictions.csv")) if r["path"].endswith(image.name))
+    assert float(row["probability"]) == pytest.approx(float(site_row["probability"]), abs=2e-6)
+
+
+def test_adabn_gives_the_batchnorm_statistics_computed_by_hand():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 3, bias=False),
+                        nn.BatchNorm2d(2)).eval()
+    prep = transforms.Preprocess(12, 0.4, 0.3)
+    predictor = infer.Predictor([net], prep, torch.device("cpu"))
+    images = (torch.rand(70, 16, 16) * 255).to(torch.uint8).numpy()
+    conv1, conv2 = net[0], net[3]
+    mean1, var1, mean2, var2 = [], [], [], []
+    for start in range(0, 70, calibrate.BN_BATCH):  # batches of 32, 32, 6, in order, as the model sees them
+        x = prep.eval(torch.from_numpy(images[start:start + calibrate.BN_BATCH]).unsqueeze(1))
+        with torch.no_grad():
+            a = conv1(x)
+            mean1.append(a.mean((0, 2, 3)))
+            var1.append(a.transpose(0, 1).flatten(1).var(1))
+            b = conv2(torch.relu((a - a.mean((0, 2, 3), keepdim=True)) / torch.sqrt(a.var((0, 2, 3), unbiased=False,
+                                                                                              keepdim=True) + 1e-5)))
+            mean2.append(b.mean((0, 2, 3)))
+            var2.append(b.transpose(0, 1).flatten(1).var(1))
+    calibrate.adapt_batchnorm(predictor, images)
+    assert not net.training
+    for layer, means, variances in ((net[1], mean1, var1), (net[4], mean2, var2)):
+        assert torch.allclose(layer.running_mean, torch.stack(means).mean(0), atol=1e-5)
+        assert torch.allclose(layer.running_var, torch.stack(variances).mean(0), atol=1e-4)
+
+
+def test_expected_rates_choose_on_each_resample_and_score_the_patients_left_out():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(60), np.ones(60)].astype(int)
+    separable = np.r_[rng.uniform(0, 0.4, 60), rng.uniform(0.6, 1, 60)]
+    patients = [f"p{i // 2}" for i in range(120)]
+    perfect = calibrate.expected_rates(y, separable, patients, "sens=0.95", resamples=200)
+    assert perfect["sensitivity"] == perfect["specificity"] == 1.0 and perfect["resamples"] == 200
+    noisy = calibrate.expected_rates(y, separable + rng.normal(0, 0.25, 120), patients, "sens=0.95", resamples=200)
+    assert noisy["sensitivity"] < 0.96 and noisy["ci95"]["sensitivity"][0] < 0.9  # out of bag, the promise slips
+
+
+def test_small_samples_warn_and_one_class_or_empty_folders_are_refused(demo_run, site, tmp_path, capsys):
+    small = tmp_path / "small"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (small / label).mkdir(parents=True)
+        for f in sorted((site / "images" / label).glob("*.png"))[:20]:
+            shutil.copy(f, small / label / f.name)
+    assert _calibrate(demo_run, small, tmp_path / "s") == 0
+    err = capsys.readouterr().err
+    assert "20 NORMAL and 20 PNEUMONIA images; under 50 per class" in err
+    assert "under 50 per class" in json.loads((tmp_path / "s" / "metrics.json").read_text())["calibration"]["warning"]
+    shutil.rmtree(small / "PNEUMONIA")
+    assert _calibrate(demo_run, small, tmp_path / "one") == 2
+    err = capsys.readouterr().err
+    assert "holds only NORMAL images (20)" in err and err.count("\n") == 1 and not (tmp_path / "one").exists()
+    (tmp_path / "empty").mkdir()
+    assert _calibrate(demo_run, tmp_path / "empty", tmp_path / "none") == 2
+    assert "no images in NORMAL/ or PNEUMONIA/ folders" in capsys.readouterr().err
+
+
+def test_a_cause_model_gets_its_site_thresholds_for_both_decisions(tmp_path):
+    assert main.main(["--demo", "--task", "cause", "--out", str(tmp_path / "run"), "--epochs", "2", "--demo-patients",
+                      "12", "--image-size", "64", "--widths", "8", "8", "8", "--quiet"]) == 0
+    site = tmp_path / "run" / "demo_data"  # the phantoms' names carry bacteria or virus, as Kaggle's do
+    assert main.main(["calibrate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(site),
+                      "--out", str(tmp_path / "cal"), "--quiet", "--no-cache", "--adapt-bn"]) == 0
+    ckpt = runs.load_checkpoint(tmp_path / "cal" / "best.pt")
+    source = runs.load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ckpt["model_config"]["outputs"] == 3 and "cause_threshold" in ckpt
+    assert ckpt["cause_threshold"] != source["cause_threshold"] or ckpt["threshold"] != source["threshold"]
+    assert PneumoniaCNN(**ckpt["model_config"]).load_state_dict(ckpt["members"][0])
