@@ -138,27 +138,33 @@ def map_array(path: Path, n: int, size: int) -> np.ndarray:
     return np.frombuffer(mapped, dtype=np.uint8).reshape(n, size, size)
 
 
-def _decode_job(job: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:
-    """Decode one file (in a worker process); returns (image, None) or (None, the reason it is skipped)."""
+def _decode_job(job: tuple[str, int]) -> tuple[np.ndarray | None, str | None, float]:
+    """Decode one file (in a worker process); returns (image, None, colourfulness) or (None, the reason it is
+    skipped, NaN)."""
     path, size = job
     try:
-        return decoding.decode_image(path, size), None
+        image, colour = decoding.decode_with_colour(path, size)
+        return image, None, colour
     except decoding.NotARadiograph as err:
-        return None, str(err)
+        return None, str(err), float("nan")
     except Exception as err:  # any unreadable file is skipped with its reason, never fatal
-        return None, f"unreadable image: {type(err).__name__}: {err}".splitlines()[0][:200]
+        return None, f"unreadable image: {type(err).__name__}: {err}".splitlines()[0][:200], float("nan")
 
 
-def _decode_all(paths: list[str], size: int, todo: list[int], put, workers: int | None, show: bool) -> None:
-    """Decode paths[i] for i in todo, on every core, handing each (i, image or None, error) to `put`."""
+def _decode_all(paths: list[str], size: int, todo: list[int], put, workers: int | None, show: bool,
+                colours: np.ndarray | None = None) -> None:
+    """Decode paths[i] for i in todo, on every core, handing each (i, image or None, error) to `put`, and each
+    file's colourfulness to `colours` when given."""
     jobs = [(paths[i], size) for i in todo]
     # every core, but at least 8 files per worker: for fewer, starting a process costs more than it saves
     workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 8))
     bar = progress.track(len(jobs), "decoding images (once)", "images", show)
     with ProcessPoolExecutor(workers) if workers > 1 else _Serial() as pool:
         results = pool.map(_decode_job, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
-        for i, (image, err) in zip(todo, results):
+        for i, (image, err, colour) in zip(todo, results):
             put(i, image, err)
+            if colours is not None:
+                colours[i] = colour
             bar.update()
     bar.close()
 
@@ -178,10 +184,11 @@ class _Serial:
 
 
 def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | None = None,
-                show: bool = True) -> tuple[np.ndarray, list[str | None]]:
+                show: bool = True, colours: np.ndarray | None = None) -> tuple[np.ndarray, list[str | None]]:
     """Decode `paths` to an N x size x size uint8 array (mapped from the cache when it has one).
 
     Returns the images and, per path, None or the reason it could not be read (its image is zeros).
+    Without a cache, `colours` (NaN-filled, one per path) receives each decoded file's colourfulness.
     """
     hashes: list[str | None] = []
     unreadable: dict[int, str] = {}
@@ -209,7 +216,7 @@ def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | N
 
     def put(i, image, err):
         images[i], errors[i] = (image if image is not None else 0), err
-    _decode_all(paths, size, [i for i in range(len(paths)) if i not in unreadable], put, workers, show)
+    _decode_all(paths, size, [i for i in range(len(paths)) if i not in unreadable], put, workers, show, colours)
     return images, errors
 
 

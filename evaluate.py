@@ -18,9 +18,9 @@ from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, Roc
 
 import data
 import gradcam
+import ood
 from cache import ImageCache, TensorRows
-from images import input_warnings
-from infer import Predictor
+from infer import Predictor, probabilities
 from labels import CAUSES, CLASS_COLUMNS, CLASSES
 from runs import write_csv
 
@@ -188,17 +188,24 @@ def score_cause(causes: np.ndarray, classes: np.ndarray, patients, cause_thresho
 # ---------------------------------------------------------------- scoring a labelled set
 @dataclass
 class Scorer:
-    """What scoring any labelled set needs besides the set itself: the predictor and its decision thresholds."""
+    """What scoring any set needs besides the set itself: the predictor, its decision thresholds and its
+    out-of-distribution detector (None for checkpoints made before it existed)."""
 
     predictor: Predictor
     threshold: float  # chosen on validation; every set is scored at it
     cam_target: str = "pneumonia"
     seed: int = 0  # of the bootstrap and the randomisation test
     cause_threshold: float = 0.5  # three-class models: on bacterial_share, chosen on validation
+    detector: ood.Detector | None = None
 
     def predict(self, images, show: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """P(pneumonia) per uint8 image, and the three class probabilities of a --task cause model (else None)."""
         return self.predictor.predict(images, show)
+
+    def assess(self, images, show: bool = False) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor | None]:
+        """predict, plus every member's penultimate features, which the detector reads (one forward pass)."""
+        logits, features = self.predictor.logits_and_features(images, show)
+        return (*probabilities(logits), features)
 
 
 @dataclass
@@ -206,56 +213,90 @@ class Predictions:
     """One row per file of predictions.csv, the one schema of every command (docs/outputs.md).
 
     `y_true` is the folder label where it is known (-1 where not: predict); `prob` is NaN where the
-    file could not be scored, and `errors` says why.
+    file was not scored, and `errors` says why. `flags` are the reasons an image is unlike the training
+    films, `notes` what else the model cannot vouch for, `ood` the detector's distance.
     """
 
     paths: list[str]
     patients: list[str]
     y_true: np.ndarray
     prob: np.ndarray
-    warnings: list[str]
+    notes: list[list[str]]
+    flags: list[list[str]]
     errors: list[str]
+    ood: np.ndarray
     classes: np.ndarray | None = None  # a cause model's P(normal, bacterial, viral) per row
 
+    def flagged(self) -> np.ndarray:
+        return np.array([bool(f) for f in self.flags], dtype=bool)
 
-PREDICTION_COLUMNS = ("path", "patient", "label", "probability", "predicted", "warnings", "error")
+
+PREDICTION_COLUMNS = ("path", "patient", "label", "probability", "predicted", "warnings", "error", "flagged",
+                      "ood_score")
 
 
 def write_predictions(path: Path, p: Predictions, threshold: float) -> None:
-    """predictions.csv: the truth (empty where unknown), P(pneumonia), the call at `threshold`, warnings and
-    errors; a cause model adds one probability column per class. Error analysis starts here."""
-    def number(v):
-        return f"{v:.6f}" if v == v else ""
+    """predictions.csv: the truth (empty where unknown), P(pneumonia), the call at `threshold`, warnings (flags
+    first), errors, whether the image is flagged and its out-of-distribution distance; a cause model adds one
+    probability column per class. Error analysis starts here."""
+    def number(v, digits=6):
+        return f"{v:.{digits}f}" if v == v else ""
 
     def row(i):
         scored = p.prob[i] == p.prob[i]
         extra = [number(v) for v in p.classes[i]] if p.classes is not None else []
         return [p.paths[i], p.patients[i], CLASSES[p.y_true[i]] if p.y_true[i] >= 0 else "", number(p.prob[i]),
-                CLASSES[int(p.prob[i] >= threshold)] if scored else "", p.warnings[i], p.errors[i], *extra]
+                CLASSES[int(p.prob[i] >= threshold)] if scored else "", "; ".join(p.flags[i] + p.notes[i]),
+                p.errors[i], "yes" if p.flags[i] else "", number(p.ood[i], 2), *extra]
     write_csv(path, [*PREDICTION_COLUMNS, *(CLASS_COLUMNS if p.classes is not None else [])],
               (row(i) for i in range(len(p.paths))))
 
 
-def labelled_predictions(ds: data.Dataset, idx: np.ndarray, y_prob: np.ndarray, prep,
-                         classes: np.ndarray | None = None) -> Predictions:
-    """The Predictions of the images `idx` of a decoded labelled set."""
+def labelled_predictions(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, y_prob: np.ndarray,
+                         classes: np.ndarray | None, features: torch.Tensor | None) -> Predictions:
+    """The Predictions of the images `idx` of a decoded labelled set, every input check included."""
     paths = [ds.paths[i] for i in idx]
-    notes = [input_warnings(p, ds.images[i], prep) for p, i in zip(paths, idx)]
-    return Predictions(paths, [ds.patients[i] for i in idx], ds.labels[idx].astype(int), y_prob, notes,
-                       [""] * len(paths), classes)
+    distance, notes, flags = ood.inspect(paths, ds.images.take(idx), features, scorer.predictor.prep, scorer.detector)
+    return Predictions(paths, [ds.patients[i] for i in idx], ds.labels[idx].astype(int), y_prob, notes, flags,
+                       [""] * len(paths), distance, classes)
 
 
-def file_predictions(files: list[str], images: np.ndarray, prob: np.ndarray, classes: np.ndarray | None,
-                     errors: list[str | None], skipped: list[tuple[str, str]], prep) -> Predictions:
-    """predict's Predictions: every file given, scored or with the reason it was not, then every file skipped."""
-    ok = [e is None for e in errors]
-    paths = files + [f for f, _ in skipped]
-    blank = np.full((len(skipped), classes.shape[1]), np.nan) if classes is not None else None
-    return Predictions(paths, [data.patient_of(f) if good else "" for f, good in zip(files, ok)] + [""] * len(skipped),
-                       np.full(len(paths), -1), np.r_[prob, np.full(len(skipped), np.nan)],
-                       [input_warnings(f, image, prep) if good else "" for f, image, good in zip(files, images, ok)]
-                       + [""] * len(skipped), [e or "" for e in errors] + [why for _, why in skipped],
-                       np.vstack([classes, blank]) if classes is not None else None)
+def file_predictions(scorer: Scorer, files: list[str], decoded: tuple, scored: tuple,
+                     skipped: list[tuple[str, str]]) -> Predictions:
+    """predict's Predictions: every file given, scored or with the reason it was not, then every file skipped by the
+    folder rules. `decoded`: Predictor.decode's images, errors and colours; `scored`: the readable files'
+    probabilities, class probabilities and features."""
+    images, errors, colours = decoded
+    prob, classes, features = scored
+    good = [i for i, e in enumerate(errors) if e is None]
+    n = len(files) + len(skipped)
+    distance, notes, flags = np.full(n, np.nan), [[] for _ in range(n)], [[] for _ in range(n)]
+    if good:
+        d, some_notes, some_flags = ood.inspect([files[i] for i in good], images[good], features,
+                                                scorer.predictor.prep, scorer.detector, colours[good])
+        for k, i in enumerate(good):
+            distance[i], notes[i], flags[i] = d[k], some_notes[k], some_flags[k]
+    full_prob = np.full(n, np.nan)
+    full_prob[good] = prob
+    full_classes = None
+    if classes is not None:
+        full_classes = np.full((n, classes.shape[1]), np.nan)
+        full_classes[good] = classes
+    return Predictions(files + [f for f, _ in skipped],
+                       [data.patient_of(files[i]) if i in set(good) else "" for i in range(len(files))] + [""] * len(skipped),
+                       np.full(n, -1), full_prob, notes, flags, [e or "" for e in errors] + [why for _, why in skipped],
+                       distance, full_classes)
+
+
+def flag_summary(p: Predictions) -> dict:
+    """How many images the input checks flagged, by kind of reason (the words before any figure)."""
+    kinds: dict[str, int] = {}
+    for reasons in p.flags:
+        for r in reasons:
+            kinds[ood.kind_of(r)] = kinds.get(ood.kind_of(r), 0) + 1
+    flagged = p.flagged()
+    return {"flagged": int(flagged.sum()), "images": len(p.paths), "by_reason": kinds,
+            "examples": [[p.paths[i], "; ".join(p.flags[i])] for i in np.flatnonzero(flagged)[:50]]}
 
 
 def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> float:
@@ -265,12 +306,12 @@ def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> 
     Returns the scorer's validation AUC.
     """
     images, labels, idx = ds.subset("val")
-    y_prob, classes = scorer.predict(images)
+    y_prob, classes, features = scorer.assess(images)
     scorer.threshold = choose_threshold(labels.numpy().astype(int), y_prob, policy)
     causes = ds.causes[idx]
     if classes is not None and has_both_causes(causes):  # bacterial vs viral: Youden's, among the pneumonias
         scorer.cause_threshold = choose_threshold(causes[causes > 0] == 1, bacterial_share(classes[causes > 0]), "youden")
-    write_predictions(path, labelled_predictions(ds, idx, y_prob, scorer.predictor.prep, classes), scorer.threshold)
+    write_predictions(path, labelled_predictions(scorer, ds, idx, y_prob, classes, features), scorer.threshold)
     return float(roc_auc_score(labels.numpy(), y_prob))
 
 
@@ -281,14 +322,16 @@ def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note
     Returns ({"test": metrics, "gradcam": checks}, y_true, y_prob); writes predictions.csv into `out`.
     """
     images = TensorRows(ds.images.take(idx))  # read batch by batch: a large test split is never held whole
-    y_prob, classes = scorer.predict(images, show)
+    y_prob, classes, features = scorer.assess(images, show)
     y_true = ds.labels[idx].astype(int)
     patients = [ds.patients[i] for i in idx]
-    write_predictions(out / "predictions.csv", labelled_predictions(ds, idx, y_prob, scorer.predictor.prep, classes),
-                      scorer.threshold)
+    rows = labelled_predictions(scorer, ds, idx, y_prob, classes, features)
+    write_predictions(out / "predictions.csv", rows, scorer.threshold)
     metrics = score(y_true, y_prob, patients, scorer.threshold, seed=scorer.seed)
     draw_all(y_true, y_prob, metrics, out, note)
-    result = {"test": metrics, "gradcam": gradcam.explain(scorer, images, y_true, y_prob, out, note, masks, show)}
+    draw_flagged(rows, images, scorer.predictor.prep, out / "ood_flagged.png", note)
+    result = {"test": metrics, "gradcam": gradcam.explain(scorer, images, y_true, y_prob, out, note, masks, show),
+              "ood": {**flag_summary(rows), "detector": scorer.detector is not None}}
     causes = ds.causes[idx]
     if classes is not None and has_both_causes(causes):
         result["cause"] = score_cause(causes, classes, patients, scorer.cause_threshold, seed=scorer.seed)
@@ -319,6 +362,7 @@ def merge_externals(test: tuple[dict, np.ndarray, np.ndarray], externals: dict, 
     if externals:
         metrics["external"] = {name: r[0]["test"] for name, r in externals.items()}
         metrics["external_gradcam"] = {name: r[0]["gradcam"] for name, r in externals.items()}
+        metrics["external_ood"] = {name: r[0]["ood"] for name, r in externals.items()}
         for key in ("cause", "cause_gradcam"):
             if any(key in r[0] for r in externals.values()):
                 metrics["external_" + key] = {name: r[0][key] for name, r in externals.items() if key in r[0]}
@@ -441,6 +485,24 @@ def draw_cause(causes: np.ndarray, classes: np.ndarray, cause: dict, out_dir: Pa
     pneumonia = causes > 0
     plot_roc((causes[pneumonia] == 1).astype(int), bacterial_share(classes[pneumonia]), cause["bacterial_vs_viral"],
              out_dir / "roc_bacterial_viral.png", note + ", bacterial vs viral among pneumonias")
+
+
+def draw_flagged(p: Predictions, images, prep, path: Path, note: str = "", most: int = 16) -> None:
+    """Thumbnails of the first flagged images with their reasons (ood_flagged.png); nothing when none is flagged."""
+    picks = np.flatnonzero(p.flagged())[:most]
+    if not len(picks):
+        return
+    shown = prep.crop(images[picks]).numpy()[:, 0]
+    columns = min(4, len(picks))
+    rows = -(-len(picks) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, i, image in zip(axes.flat, picks, shown):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{Path(p.paths[i]).name[:28]}\n{p.flags[i][0][:40]}", fontsize=6)
+    fig.suptitle(f"Flagged as unlike the training films ({p.flagged().sum()} of {len(p.paths)}){note}", fontsize=9)
+    _save(fig, path)
 
 
 def draw_all(y_true, y_prob, m: dict, out_dir, note: str = "") -> list[str]:

@@ -1,6 +1,6 @@
 """Decode one chest X-ray (JPEG, PNG, ... or DICOM) to a small grayscale array; cache.py keeps the results.
 
-Usage: `image = decode_image(path, cache_size(128))`.
+Usage: `image = decode_image(path, cache_size(128))`; `image, colour = decode_with_colour(path, size)`.
 DICOM files follow the display pipeline of PS3.3 C.11: Modality LUT (rescale), then the VOI LUT or
 window, then MONOCHROME1 inversion; `header(path)` reads what predict warns about without the pixels.
 """
@@ -72,22 +72,27 @@ def view_problem(facts: dict) -> str | None:
 
 
 def describe(path: str) -> dict:
-    """Header facts of any image file: its size, plus for DICOM the photometric, view, body part and patient."""
+    """Header facts of any image file: its size and mode, plus for DICOM the photometric, view, body part and
+    patient."""
     if is_dicom(path):
-        return header(path)
+        return {**header(path), "mode": "DICOM"}
     with Image.open(path) as img:  # reads the header only
         width, height = img.size
-    return {"patient": "", "view": "", "body_part": "", "photometric": "", "width": width, "height": height}
+        mode = img.mode
+    return {"patient": "", "view": "", "body_part": "", "photometric": "", "width": width, "height": height,
+            "mode": mode}
 
 
-def input_warnings(path: str, image: np.ndarray, prep) -> str:
-    """What predict cannot vouch for in one decoded image ('; '-separated), or ''.
+def input_checks(path: str, image: np.ndarray, prep, facts: dict | None = None) -> tuple[list[str], list[str]]:
+    """What the header (`facts`, read when not given) and grey level say about one decoded image: notes, and flags
+    (not the training films' kind).
 
-    Not a frontal chest view, an inverted (MONOCHROME1) source, a size or aspect unlike the training
-    films, or a mean grey level outside the training images' range (`prep.grey_range`).
+    Notes: an inverted (MONOCHROME1) source, a size or aspect unlike the training films. Flags: not a
+    frontal chest view, a mean grey level outside every training image's (`prep.grey_range`).
     """
-    facts, notes = describe(path), []
-    notes.append(view_problem(facts) or "")
+    facts, notes, flags = facts or describe(path), [], []
+    if problem := view_problem(facts):
+        flags.append(problem)
     if facts["photometric"] == "MONOCHROME1":
         notes.append("inverted photometric (MONOCHROME1), turned to MONOCHROME2 before scoring")
     short, long = sorted((facts["width"], facts["height"]))
@@ -97,9 +102,33 @@ def input_warnings(path: str, image: np.ndarray, prep) -> str:
         notes.append(f"unusual aspect ratio ({facts['width']}x{facts['height']})")
     grey = prep.grey_level(image)
     if prep.grey_range and not prep.grey_range[0] <= grey <= prep.grey_range[1]:
-        notes.append(f"mean grey level {grey:.2f} outside the training range "
+        flags.append(f"mean grey level {grey:.2f} outside the training range "
                      f"[{prep.grey_range[0]:.2f}, {prep.grey_range[1]:.2f}]")
-    return "; ".join(n for n in notes if n)
+    return notes, flags
+
+
+COLOUR_MODES = {"RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "P", "PA", "LAB", "HSV"}
+
+
+def colourfulness(path: str) -> float:
+    """How colourful a file's picture is (Hasler and Suesstrunk's measure, on [0, 1] grey levels): about 0 for a
+    radiograph, even one stored as RGB, and 0.1 or more for a photograph. Grey files cost a header read only;
+    colour JPEGs decode at 1/8 scale. predict measures it while decoding (decode_with_colour)."""
+    if is_dicom(path):
+        return 0.0  # a colour DICOM is refused when decoded
+    with Image.open(path) as img:
+        if img.mode not in COLOUR_MODES:
+            return 0.0
+        if img.format == "JPEG":
+            img.draft("YCbCr", (img.width // 8 or 1, img.height // 8 or 1))
+        return _colourfulness(img)
+
+
+def _colourfulness(img: Image.Image) -> float:
+    """Hasler and Suesstrunk's colourfulness of an open colour picture, on a 64 x 64 copy."""
+    rgb = np.asarray(img.resize((64, 64), Image.BILINEAR).convert("RGB"), dtype=np.float32) / 255.0
+    rg, yb = rgb[..., 0] - rgb[..., 1], (rgb[..., 0] + rgb[..., 1]) / 2 - rgb[..., 2]
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
 def _dicom_gray(path: str) -> Image.Image:
@@ -155,24 +184,33 @@ def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
-    """Decode any image to a size x size uint8 grayscale array; JPEGs decode straight to near that size.
+    """Decode any image to a size x size uint8 grayscale array (see decode_with_colour)."""
+    return decode_with_colour(path, size)[0]
 
-    `draft` lets libjpeg scale by 1/2, 1/4 or 1/8 inside the IDCT, which is most of the cost of a
-    2000x1500 X-ray. It is asked for twice the final size: the DCT's box-like scaling alone drifts up
-    to 3 grey levels from a full decode, while leaving the last halving to Pillow's antialiased resize
-    stays within 1.3 (measured on the 120 full-resolution samples). Pillow's decompression-bomb
-    warning is raised as an error, so such files are refused. Raises on any unreadable file.
+
+def decode_with_colour(path: str, size: int) -> tuple[np.ndarray, float]:
+    """Decode any image to a size x size uint8 grayscale array, and measure how colourful it is (`colourfulness`).
+
+    JPEGs decode straight to near that size: `draft` lets libjpeg scale by 1/2, 1/4 or 1/8 inside the
+    IDCT, which is most of the cost of a 2000x1500 X-ray. It is asked for twice the final size: the
+    DCT's box-like scaling alone drifts up to 3 grey levels from a full decode, while leaving the last
+    halving to Pillow's antialiased resize stays within 1.3 (measured on the 120 full-resolution
+    samples). A colour JPEG decodes as YCbCr, whose Y is exactly the grey a grey decode gives, so the
+    colour costs only its chroma. Pillow's decompression-bomb warning is raised as an error, so such
+    files are refused. Raises on any unreadable file.
     """
-    if is_dicom(path):
-        return np.asarray(_dicom_gray(path).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    if is_dicom(path):  # a colour DICOM is refused by _dicom_gray
+        return np.asarray(_dicom_gray(path).resize((size, size), Image.BILINEAR), dtype=np.uint8), 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
+            colour = img.mode in COLOUR_MODES
             if img.format == "JPEG":
-                img.draft("L", (2 * size, 2 * size))
+                img.draft("YCbCr" if colour else "L", (2 * size, 2 * size))
             img = ImageOps.exif_transpose(img)
-            gray = _to_gray(img)
-            return np.asarray(gray.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+            gray = img.getchannel(0) if img.mode == "YCbCr" else _to_gray(img)
+            image = np.asarray(gray.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+            return image, _colourfulness(img) if colour else 0.0
 
 
 def decode_naive(path: str, size: int) -> np.ndarray:

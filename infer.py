@@ -1,6 +1,7 @@
 """Inference, in one place: uint8 images in, logits and probabilities out; image files in, with their decode errors.
 
-Usage: `predictor = Predictor([model], prep, device); prob, classes = predictor.predict(images)`.
+Usage: `predictor = Predictor([model], prep, device); prob, classes = predictor.predict(images)`;
+`images, errors = predictor.decode(files)` for image files.
 Training's validation, the test split, every external set, `evaluate`, `predict` and Grad-CAM all
 score through a Predictor. An ensemble scores the mean of its members' logits; with test-time
 augmentation every member's logit is also averaged over a fixed set of zoom and aspect views.
@@ -67,8 +68,9 @@ class Predictor:
         return x.contiguous(memory_format=memory_format(self.device))
 
     @torch.no_grad()
-    def logits(self, images, show: bool = False) -> torch.Tensor:
-        """The members' mean logit (over the TTA views too) per uint8 image, as float32 on the CPU.
+    def logits_and_features(self, images, show: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The members' mean logit (over the TTA views too) per uint8 image, and every member's penultimate
+        features of the plain view (K x N x D; None for a model without them), as float32 on the CPU.
 
         Every member scores in eval mode; each member's own mode is restored afterwards. `show`: progress.
         """
@@ -76,40 +78,40 @@ class Predictor:
         for m in self.members:
             m.eval()
         dtype, views = amp_dtype(self.device), TTA_VIEWS if self.tta else TTA_VIEWS[:1]
-        out = [torch.zeros((0,) if self.outputs == 1 else (0, self.outputs))]
+        with_features = all(hasattr(m, "forward_features") for m in self.members)
+        logits, features = [torch.zeros((0,) if self.outputs == 1 else (0, self.outputs))], []
         bar = progress.track(len(images), "scoring", "images", show)
         for start in range(0, len(images), self.batch_size):
             batch = images[start:start + self.batch_size]
             inputs = [self.model_input(batch, zoom) for zoom in views]
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                out.append(torch.stack([m(x).float() for m in self.members for x in inputs]).mean(0).cpu())
+                scored = [m.forward_features(x) if with_features else (m(x), None)
+                          for m in self.members for x in inputs]
+            logits.append(torch.stack([out.float() for out, _ in scored]).mean(0).cpu())
+            if with_features:  # the plain view of each member: the first of its views
+                features.append(torch.stack([scored[k * len(views)][1].float().cpu() for k in range(len(self.members))]))
             bar.update(len(batch))
         bar.close()
         for m, mode in zip(self.members, modes):
             m.train(mode)
-        return torch.cat(out)
+        return torch.cat(logits), torch.cat(features, 1) if features else None
+
+    def logits(self, images, show: bool = False) -> torch.Tensor:
+        """The members' mean logit (over the TTA views too) per uint8 image, as float32 on the CPU."""
+        return self.logits_and_features(images, show)[0]
 
     def predict(self, images, show: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """P(pneumonia) per uint8 image, and the three class probabilities of a --task cause model (else None)."""
         return probabilities(self.logits(images, show))
 
-    def predict_files(self, files: list[str], workers: int | None = None,
-                      show: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str | None]]:
-        """Decode image files (as for training, on every core) and score them.
-
-        Returns the decoded uint8 images (N x S x S), P(pneumonia) (NaN where unreadable), the class
-        probabilities of a cause model (else None) and, per file, None or the reason it could not be read.
-        """
+    def decode(self, files: list[str], workers: int | None = None,
+               show: bool = True) -> tuple[np.ndarray, list, np.ndarray]:
+        """Decode image files as for training (on every core, nothing cached): N x S x S uint8 images, per file
+        None or the reason it could not be read (its image is then zeros), and each file's colourfulness."""
         size = cache_size(self.prep.image_size)
-        images, errors = load_images(files, size, ImageCache(None, size), workers, show)
-        good = [i for i, e in enumerate(errors) if e is None]
-        prob = np.full(len(files), np.nan)
-        classes = np.full((len(files), self.outputs), np.nan) if self.outputs > 1 else None
-        if good:
-            prob[good], scored = self.predict(torch.from_numpy(images[good]).unsqueeze(1), show)
-            if classes is not None:
-                classes[good] = scored
-        return images, prob, classes, errors
+        colours = np.full(len(files), np.nan)
+        images, errors = load_images(files, size, ImageCache(None, size), workers, show, colours)
+        return images, errors, colours
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ import distributed
 import evaluate
 import gradcam
 import infer
+import ood
 import report
 import runs
 import train
@@ -150,11 +151,15 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
         return 1
     scorer = evaluate.Scorer(infer.Predictor([new_network(s, device, m["weights"]) for m in kept], prep, device,
                                              tta=s.tta), float("nan"), s.cam_target, s.seed)
+    train_images, _, train_idx = ds.subset("train")
+    scorer.detector = ood.fit(scorer.predictor, train_images, ds.labels[train_idx].astype(int), ds.subset("val")[0], s.seed)
     val_auc = choose_threshold_and_save(s, run_dir, kept, ds, scorer)
     history = [h for m in members for h in m["history"]]
     evaluate.plot_history(history, run_dir / "training_curves.png")
     metrics = {**score_run(s, run_dir, ds, scorer), "synthetic": s.demo, "split": s.split, "data": audit,
                "validation": {"auc": val_auc, "threshold_policy": s.threshold, "threshold": scorer.threshold},
+               "ood_detector": {"threshold": scorer.detector.threshold,
+                                "validation_false_alarms": scorer.detector.validation_false_alarms},
                "training": {"keep": s.keep, "patience": s.patience, "ensemble": len(kept), "tta": s.tta,
                             "members": [m["summary"] for m in members]},
                "training_failure": failure,
@@ -237,7 +242,8 @@ def choose_threshold_and_save(s: Settings, run_dir: Path, members: list[dict], d
     runs.save_best(run_dir / "best.pt", model_config=scorer.predictor.members[0].config,
                    members=[m["weights"] for m in members], prep=scorer.predictor.prep,
                    thresholds={"threshold": scorer.threshold, "cause_threshold": scorer.cause_threshold},
-                   policy=s.threshold, tta=s.tta, training=[m["summary"] for m in members], config=s.config())
+                   policy=s.threshold, tta=s.tta, training=[m["summary"] for m in members], ood=scorer.detector.state(),
+                   config=s.config())
     return val_auc
 
 
@@ -260,7 +266,12 @@ def load_scorer(args) -> evaluate.Scorer:
         raise UsageError(f"--cam-target {args.cam_target} needs a model trained with --task cause; "
                          f"'{args.checkpoint}' tells pneumonia from normal only")
     return evaluate.Scorer(predictor, ckpt["threshold"], args.cam_target, getattr(args, "seed", 0),
-                           ckpt.get("cause_threshold", 0.5))
+                           ckpt.get("cause_threshold", 0.5), load_detector(ckpt))
+
+
+def load_detector(ckpt: dict) -> ood.Detector | None:
+    """The checkpoint's out-of-distribution detector, or None for one made before it existed."""
+    return ood.Detector.from_state(ckpt["ood"]) if ckpt.get("ood") else None
 
 
 def run_evaluate(args) -> int:
@@ -281,7 +292,8 @@ def run_evaluate(args) -> int:
 
 
 def run_predict(args) -> int:
-    """Probabilities and labels at the stored threshold for images and folders; bad files are reported and skipped."""
+    """Probabilities and calls at the stored threshold for images and folders, every input checked; bad files are
+    reported and skipped, and with --strict so are flagged ones."""
     scorer = load_scorer(args)
     files, skipped = data.list_files(args.paths)
     if not files:
@@ -289,24 +301,45 @@ def run_predict(args) -> int:
                          + (f" ({len(skipped)} other files skipped)" if skipped else ""))
     out = runs.create(args.out, prefix="predict-")
     scorer.predictor.batch_size = args.batch_size
-    images, prob, classes, errors = scorer.predictor.predict_files(files, args.workers, show=len(files) > 1)
-    rows = evaluate.file_predictions(files, images, prob, classes, errors, skipped, scorer.predictor.prep)
-    evaluate.write_predictions(out / "predictions.csv", rows, scorer.threshold)
-    for path, warning, error in zip(rows.paths, rows.warnings, rows.errors):
-        if error or warning:
-            print(f"{'skipped' if error else 'warning:'} {path}: {error or warning}", file=sys.stderr)
+    decoded = scorer.predictor.decode(files, args.workers, show=len(files) > 1)
+    images, errors, _ = decoded
     good = [i for i, e in enumerate(errors) if e is None]
+    scored = scorer.assess(torch.from_numpy(images[good]).unsqueeze(1), show=len(good) > 1) if good else \
+        (np.zeros(0), None, None)
+    rows = evaluate.file_predictions(scorer, files, decoded, scored, skipped)
+    if args.strict:
+        for i in np.flatnonzero(rows.flagged()):
+            rows.prob[i], rows.errors[i] = np.nan, "flagged, not scored (--strict): " + "; ".join(rows.flags[i])
+    evaluate.write_predictions(out / "predictions.csv", rows, scorer.threshold)
+    report_predictions(scorer, rows, images, good, files, out, args)
+    return 0
+
+
+def report_predictions(scorer: evaluate.Scorer, rows: evaluate.Predictions, images: np.ndarray, good: list[int],
+                       files: list[str], out: Path, args) -> None:
+    """predict's terminal lines, flagged thumbnails and report.html, and the Grad-CAM overlays asked for."""
+    for path, notes, flags, error in zip(rows.paths, rows.notes, rows.flags, rows.errors):
+        if error or flags or notes:
+            print(f"{'skipped' if error else 'flagged:' if flags else 'warning:'} {path}: "
+                  f"{error or '; '.join(flags + notes)}", file=sys.stderr)
+    if scorer.detector is None:
+        print("note: this checkpoint has no out-of-distribution detector (made before project 1.3): only the colour, "
+              "header and grey-level checks ran", file=sys.stderr)
+    scored = [i for i in good if rows.prob[i] == rows.prob[i]]
     overlays = []
-    if good and (args.cam or len(files) == 1):
-        overlays = gradcam.save_overlays(scorer, torch.from_numpy(images[good]).unsqueeze(1), prob[good],
-                                         [files[i] for i in good], out)
-    if len(files) == 1 and good:
-        print(f"{files[0]}: probability of pneumonia {prob[0]:.4f} -> {CLASSES[int(prob[0] >= scorer.threshold)]} "
+    if scored and (args.cam or len(files) == 1):
+        overlays = gradcam.save_overlays(scorer, torch.from_numpy(images[scored]).unsqueeze(1), rows.prob[scored],
+                                         [files[i] for i in scored], out)
+    flagged = rows.flagged()
+    evaluate.draw_flagged(rows, torch.from_numpy(images[:len(files)]).unsqueeze(1), scorer.predictor.prep,
+                          out / "ood_flagged.png")
+    report.write_predict_report(out, f"Pneumonia CNN - predict with {args.checkpoint}", evaluate.flag_summary(rows))
+    if len(files) == 1 and scored:
+        print(f"{files[0]}: probability of pneumonia {rows.prob[0]:.4f} -> {CLASSES[int(rows.prob[0] >= scorer.threshold)]} "
               f"(threshold {scorer.threshold:.4f}); overlay: {overlays[0]}")
     else:
-        print(f"{len(good)} of {len(files)} images scored; wrote {out / 'predictions.csv'}"
-              + (f" and {len(overlays)} overlays" if overlays else ""))
-    return 0
+        print(f"{len(scored)} of {len(files)} images scored; {int(flagged.sum())} flagged as unlike the training films; "
+              f"wrote {out / 'predictions.csv'}, {out / 'report.html'}" + (f" and {len(overlays)} overlays" if overlays else ""))
 
 
 def run_calibrate(args) -> int:
@@ -349,7 +382,8 @@ def run_calibrate(args) -> int:
     save_calibrated(ckpt, predictor, threshold, cause_threshold, metrics, out / "best.pt")
     data.write_split_files(out, ds)
     evaluate.write_predictions(out / "predictions.csv", evaluate.labelled_predictions(
-        ds, np.arange(len(y)), prob, predictor.prep), threshold)
+        evaluate.Scorer(predictor, threshold, detector=load_detector(ckpt)), ds, np.arange(len(y)), prob, None,
+        None), threshold)
     runs.write_json(out / "metrics.json", metrics)
     report.write_calibration_report(out, f"Site calibration of {args.checkpoint} on {args.data}", metrics)
     report.write_calibrated_card(out, Path(args.checkpoint).parent / "MODEL_CARD.md", metrics)
@@ -369,6 +403,9 @@ def save_calibrated(ckpt: dict, predictor: infer.Predictor, threshold: float, ca
                                    "expected": metrics["expected"]})
     if cause_threshold is not None:
         calibrated["cause_threshold"] = cause_threshold
+    if metrics["calibration"]["adapt_bn"] and calibrated.get("ood"):
+        # the distance was fitted to the features of the training statistics; the site's no longer match them
+        calibrated["ood"] = {**calibrated["ood"], "members": []}
     runs.save_checkpoint(path, calibrated)
 
 

@@ -35,8 +35,14 @@ class PneumoniaCNN(nn.Module):
         return self.block3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.block3(self.block2(self.block1(self.stem(x)))))
-        return logits.squeeze(1) if self.outputs == 1 else logits
+        return self.forward_features(x)[0]
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the penultimate features (block3 pooled over space, N x widths[2]) in one pass."""
+        pool, flatten, dropout, linear = self.head
+        features = flatten(pool(self.block3(self.block2(self.block1(self.stem(x))))))
+        logits = linear(dropout(features))
+        return (logits.squeeze(1) if self.outputs == 1 else logits), features
 
 
 def count_flops(model: nn.Module, image_size: int) -> int:

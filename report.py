@@ -202,6 +202,10 @@ def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner:
     if "training" in metrics:
         body.append("<h2>Training</h2>" + f"<p>{html.escape(training_text(metrics['training'], metrics['validation']))}</p>"
                     + training_table(metrics["training"]).html() + _img(out_dir / "training_curves.png", wide=True))
+    if "ood" in metrics:
+        body.append("<h2>Inputs unlike the training films</h2>" + flagged_section(metrics["ood"], out_dir / "ood_flagged.png")
+                    + "".join(f"<h3>External: {html.escape(n)}</h3>" + flagged_section(f, out_dir / "external" / n / "ood_flagged.png")
+                              for n, f in metrics.get("external_ood", {}).items()))
     if "data" in metrics:
         body.append("<h2>Data audit</h2>" + audit_table(metrics["data"]))
     if "gradcam" in metrics:
@@ -211,6 +215,44 @@ def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner:
         body.append('<p>What this model is for, and where it fails: <a href="MODEL_CARD.md">MODEL_CARD.md</a>.</p>')
     body.append("<h2>Configuration</h2><pre>" + html.escape(json.dumps(config, indent=2)) + "</pre>")
     body.append("<p><em>A research tool, not a medical device: not clinically validated.</em></p>")
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
+    path = out_dir / "report.html"
+    atomic_write(path, lambda f: f.write(page.encode()))
+    return path
+
+
+# ---------------------------------------------------------------- inputs unlike the training films
+def flagged_section(summary: dict, image: Path | None = None) -> str:
+    """How many inputs the checks flagged and why, the first of them with their reasons, and their thumbnails."""
+    if not summary["flagged"]:
+        return f"<p>None of the {summary['images']} images was flagged as unlike the training films.</p>"
+    kinds = ", ".join(f"{k}: {n}" for k, n in summary["by_reason"].items())
+    table = Table(["file", "why it is flagged"], [[Path(p).name, why] for p, why in summary["examples"]])
+    return (f"<p>{summary['flagged']} of {summary['images']} images flagged as unlike the training films ({html.escape(kinds)}). "
+            f"They are still scored; read their probabilities with care.</p>"
+            + (_img(image, wide=True) if image is not None else "") + table.html())
+
+
+def ood_sentence(metrics: dict) -> str:
+    """The detector and its false-alarm rate, for the model card."""
+    d = metrics.get("ood_detector")
+    if not d:
+        return "No out-of-distribution detector was fitted for this model."
+    flagged = {"the test split": metrics["ood"], **metrics.get("external_ood", {})}
+    counts = "; ".join(f"{name}: {f['flagged']} of {f['images']}" for name, f in flagged.items())
+    return (f"Inputs unlike the training films are flagged, not refused: the Mahalanobis distance of the penultimate "
+            f"features to the training films (threshold {d['threshold']:.1f}, which flags "
+            f"{d['validation_false_alarms']:.1%} of the validation films), a quarter-turn check on the same features, "
+            f"and checks on colour, blank images, contrast, entropy and edge density. Flagged here: {counts}.")
+
+
+def write_predict_report(out_dir: Path, title: str, summary: dict) -> Path:
+    """predict's report.html: how many inputs were flagged, and which."""
+    body = [f"<h1>{html.escape(title)}</h1>", "<h2>Inputs unlike the training films</h2>",
+            flagged_section(summary, out_dir / "ood_flagged.png"),
+            "<p>Every file's probability and call are in predictions.csv.</p>",
+            "<p><em>A research tool, not a medical device: not clinically validated.</em></p>"]
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
     path = out_dir / "report.html"
@@ -237,7 +279,8 @@ def calibration_text(m: dict) -> list[str]:
     c, e = m["calibration"], m["expected"]
     site = c["site"]
     adapt = (f"BatchNorm statistics were first re-estimated on {c['adapt_bn_images']} of the site's images "
-             f"(labels unused), then " if c["adapt_bn"] else "")
+             f"(labels unused; the out-of-distribution distance, fitted to the training statistics, is off in the "
+             f"calibrated checkpoint, while the image checks stay), then " if c["adapt_bn"] else "")
     return [f"Source checkpoint `{c['source']['path']}` (sha256 {c['source']['sha256'][:16]}...), left unchanged. "
             f"Site sample `{site['folder']}`: {site['images']} images of {site['patients']} patients, "
             f"{site['normal']} NORMAL and {site['pneumonia']} PNEUMONIA. {adapt.capitalize() if adapt else ''}"
@@ -299,6 +342,10 @@ def terminal_summary(metrics: dict, out: Path, banner: str = "") -> str:
                          f"{c['ci95']['auc'][1]:.3f}], accuracy {c['accuracy']:.3f}, sensitivity {c['sensitivity']:.3f}, "
                          f"specificity {c['specificity']:.3f}; macro one-vs-rest AUC {cause['macro_auc']['auc']:.3f}")
     g = metrics["gradcam"]
+    for name, f in {"test split": metrics.get("ood"), **metrics.get("external_ood", {})}.items():
+        if f:
+            lines.append(f"Input checks ({name}): {f['flagged']} of {f['images']} images flagged as unlike the training "
+                         f"films" + (f" ({', '.join(f'{k}: {n}' for k, n in f['by_reason'].items())})" if f["flagged"] else ""))
     lines.append(f"Grad-CAM: randomised-model median Spearman {g['randomisation']['fully_randomised_median_spearman']:.3f}, "
                  f"border mass {g['border']['border_mass_share']:.3f} (area {g['border']['border_area_share']:.2f})"
                  + (f", pointing game {g['localisation']['pointing_game']:.3f}" if "localisation" in g else ""))
@@ -415,7 +462,8 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
     cause_text = ([f"Bacterial-vs-viral maps (`--cam-target bacterial|viral`): share of mass in the same frame "
                    f"{cause_maps['bacterial']['border_mass_share']:.3f} (bacterial) and "
                    f"{cause_maps['viral']['border_mass_share']:.3f} (viral)."] if cause_maps else [])
-    lines += ["", "## Grad-CAM checks", *_md_gradcam(metrics["gradcam"]), *cause_text,
+    lines += ["", "## Inputs unlike the training films", ood_sentence(metrics),
+              "", "## Grad-CAM checks", *_md_gradcam(metrics["gradcam"]), *cause_text,
               "", "## Known limitations", *_md_limitations(metrics),
               "", "## How this model was made",
               f"Command: `{prov['command']}`", "",

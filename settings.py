@@ -178,6 +178,8 @@ def build_predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="best.pt of a finished run (required)")
     p.add_argument("--out", default=None, help="output folder (default runs/predict-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--cam", action="store_true", help="also write a Grad-CAM overlay per image (always for a single image)")
+    p.add_argument("--strict", action="store_true",
+                   help="leave images flagged as unlike the training films unscored, with the reason in the error column")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per forward pass")
     p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes for decoding; None uses every core (one per 8 files at most)")
     add_shared_flags(p, cache=False)

@@ -169,8 +169,9 @@ def bench_predict(folders: list[Path], tmp: Path) -> dict:
         files = data.list_files([str(f) for f in chosen])[0]
         old_workers = min(os.cpu_count() or 1, max(1, len(files) // 32))
         predictor = infer.Predictor([model], prep, device, batch_size=64)
-        before = best_of(lambda: predictor.predict_files(files, old_workers, show=False), 3)
-        after = best_of(lambda: predictor.predict_files(files, show=False), 3)
+        before = best_of(lambda: predictor.predict(torch.from_numpy(predictor.decode(files, old_workers, show=False)[0])
+                                                   .unsqueeze(1)), 3)
+        after = best_of(lambda: predictor.predict(torch.from_numpy(predictor.decode(files, show=False)[0]).unsqueeze(1)), 3)
         result[label] = (len(files) / before, len(files) / after)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         command = best_of(lambda: main.main(["predict", *map(str, folders), "--checkpoint", str(tmp / "bench.pt"),

@@ -104,9 +104,12 @@ def test_expected_rates_choose_on_each_resample_and_score_the_patients_left_out(
     separable = np.r_[rng.uniform(0, 0.4, 60), rng.uniform(0.6, 1, 60)]
     patients = [f"p{i // 2}" for i in range(120)]
     perfect = calibrate.expected_rates(y, separable, patients, "sens=0.95", resamples=200)
-    assert perfect["sensitivity"] == perfect["specificity"] == 1.0 and perfect["resamples"] == 200
+    # separable classes: no healthy child is ever called, but the strictest in-bag threshold for 95% leaves
+    # about 5% of the left-out pneumonias below it: the promise, out of bag, is about what was asked
+    assert perfect["specificity"] == 1.0 and 0.9 <= perfect["sensitivity"] < 1.0 and perfect["resamples"] == 200
     noisy = calibrate.expected_rates(y, separable + rng.normal(0, 0.25, 120), patients, "sens=0.95", resamples=200)
-    assert noisy["sensitivity"] < 0.96 and noisy["ci95"]["sensitivity"][0] < 0.9  # out of bag, the promise slips
+    assert noisy["specificity"] < 0.9 and noisy["ci95"]["sensitivity"][0] < 0.9  # the threshold's spread shows
+    assert noisy["ci95"]["threshold"][1] - noisy["ci95"]["threshold"][0] > 0.05
 
 
 def test_small_samples_warn_and_one_class_or_empty_folders_are_refused(demo_run, site, tmp_path, capsys):
@@ -122,7 +125,7 @@ def test_small_samples_warn_and_one_class_or_empty_folders_are_refused(demo_run,
     shutil.rmtree(small / "PNEUMONIA")
     assert _calibrate(demo_run, small, tmp_path / "one") == 2
     err = capsys.readouterr().err
-    assert "holds only NORMAL images (20)" in err and err.count("\n") == 1 and not (tmp_path / "one").exists()
+    assert "only NORMAL images" in err and "(20)" in err and err.count("\n") == 1 and not (tmp_path / "one").exists()
     (tmp_path / "empty").mkdir()
     assert _calibrate(demo_run, tmp_path / "empty", tmp_path / "none") == 2
     assert "no images in NORMAL/ or PNEUMONIA/ folders" in capsys.readouterr().err
@@ -130,7 +133,7 @@ def test_small_samples_warn_and_one_class_or_empty_folders_are_refused(demo_run,
 
 def test_a_cause_model_gets_its_site_thresholds_for_both_decisions(tmp_path):
     assert main.main(["--demo", "--task", "cause", "--out", str(tmp_path / "run"), "--epochs", "2", "--demo-patients",
-                      "12", "--image-size", "64", "--widths", "8", "8", "8", "--quiet"]) == 0
+                      "20", "--image-size", "64", "--widths", "8", "8", "8", "--quiet"]) == 0
     site = tmp_path / "run" / "demo_data"  # the phantoms' names carry bacteria or virus, as Kaggle's do
     assert main.main(["calibrate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(site),
                       "--out", str(tmp_path / "cal"), "--quiet", "--no-cache", "--adapt-bn"]) == 0

@@ -119,7 +119,7 @@ def test_evaluate_on_the_runs_own_test_split_reproduces_metrics(demo_run, tmp_pa
     assert (out / "report.html").is_file() and (out / "roc.png").is_file()
 
 
-PREDICTION_COLUMNS = ["path", "patient", "label", "probability", "predicted", "warnings", "error"]
+PREDICTION_COLUMNS = ["path", "patient", "label", "probability", "predicted", "warnings", "error", "flagged", "ood_score"]
 
 
 def _predictions(path) -> list[dict]:
