@@ -23,13 +23,6 @@ from transforms import Preprocess
 TTA_VIEWS = ((1.0, 1.0), (0.9, 0.9), (1.1, 1.1), (1.1, 1 / 1.1), (1 / 1.1, 1.1))
 
 
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs that support it, fp16 on older CUDA GPUs, none on the CPU (it is slower there)."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last, the faster layout for these convolutions, except on MPS where it is not supported."""
     return torch.contiguous_format if device.type == "mps" else torch.channels_last
@@ -56,6 +49,7 @@ class Predictor:
     device: torch.device
     tta: bool = False  # average every member's logit over TTA_VIEWS
     batch_size: int = 128
+    autocast: torch.dtype | None = None  # bf16 or fp16 autocast (precision.py); None: fp32
 
     @property
     def outputs(self) -> int:
@@ -77,7 +71,7 @@ class Predictor:
         modes = [m.training for m in self.members]
         for m in self.members:
             m.eval()
-        dtype, views = amp_dtype(self.device), TTA_VIEWS if self.tta else TTA_VIEWS[:1]
+        dtype, views = self.autocast, TTA_VIEWS if self.tta else TTA_VIEWS[:1]
         with_features = all(hasattr(m, "forward_features") for m in self.members)
         logits, features = [torch.zeros((0,) if self.outputs == 1 else (0, self.outputs))], []
         bar = progress.track(len(images), "scoring", "images", show)
@@ -135,7 +129,7 @@ def reestimate_batchnorm(model: nn.Module, inputs) -> None:
     model.train(was_training)
 
 
-def load_predictor(ckpt: dict, device: torch.device) -> Predictor:
+def load_predictor(ckpt: dict, device: torch.device, autocast: torch.dtype | None = None) -> Predictor:
     """The Predictor a best.pt describes (its members, and whether it averages test-time views), on `device`."""
     models, prep = runs.load_models(ckpt, device)
-    return Predictor(models, prep, device, tta=bool(ckpt.get("tta", False)))
+    return Predictor(models, prep, device, tta=bool(ckpt.get("tta", False)), autocast=autocast)

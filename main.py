@@ -7,6 +7,7 @@ This file only wires the steps; the flags and their checks live in settings.py.
 """
 import dataclasses
 import json
+import platform
 import sys
 import time
 import warnings
@@ -23,6 +24,7 @@ import evaluate
 import gradcam
 import infer
 import ood
+import precision
 import report
 import runs
 import train
@@ -60,6 +62,30 @@ def resolve_run(s: Settings, ranks: distributed.Context) -> tuple[Settings, Path
         raise result
     s, run_dir = result
     return s, run_dir, runs.read_checkpoint(run_dir / "last.pt") if s.resume else None
+
+
+def choose_precision(requested: str, device: torch.device, make_model, image_size: int, batch_size: int,
+                     train: bool = True, ranks: distributed.Context = distributed.Context()) -> precision.Choice:
+    """--precision resolved once, by rank 0 under torchrun (every rank must compute alike), and said in one line."""
+    choice = None
+    if ranks.main:
+        try:
+            choice = precision.resolve(requested, device, make_model, image_size, batch_size, train)
+        except ValueError as err:
+            choice = UsageError(str(err))
+    choice = distributed.broadcast(choice, ranks)
+    if isinstance(choice, Exception):
+        raise choice
+    print(f"precision: {choice.name} ({choice.reason})")
+    return choice
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for the provenance block (timings mean little without it)."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
 
 
 def configure_device(name: str, deterministic: bool = False) -> torch.device:
@@ -130,11 +156,15 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
     if ranks.main:
         print(report.data_summary(audit))
     prep = fit_preprocessing(s, ds)
+    choice = choose_precision(s.precision, device, lambda: new_network(s, device), s.image_size,
+                              max(1, s.batch_size // ranks.world), ranks=ranks)
+    if resume is None and ranks.main:
+        runs.write_json(run_dir / "config.json", {**s.config(), "precision_choice": choice.record()})
     started = time.perf_counter()
     on_device = [(train.to_device(images, device), labels.to(device))
                  for images, labels, _ in (ds.subset("train", s.task), ds.subset("val", s.task))]
     try:
-        members = train_members(s, ranks, device, prep, on_device, run_dir, resume)
+        members = train_members(s, ranks, device, prep, on_device, run_dir, resume, choice.dtype)
     except train.Interrupted as err:
         if ranks.main:
             print(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}"
@@ -142,37 +172,57 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
         return 130
     if not ranks.main:
         return 0
-    failure = next((m["summary"]["stopped"] for m in members if m["summary"]["stopped"].startswith("failed")), None)
-    if failure:
-        print(f"error: {'member ' + str(len(members)) + ': ' if s.ensemble > 1 else ''}{failure}", file=sys.stderr)
-        print(f"evaluating what was kept: {members[-1]['summary']['kept'] or 'the members before it'}", file=sys.stderr)
+    failure = training_failure(s, members)
     kept = [m for m in members if m["weights"] is not None]  # a member that failed in its first epoch kept nothing
     if not kept:
         return 1
-    scorer = evaluate.Scorer(infer.Predictor([new_network(s, device, m["weights"]) for m in kept], prep, device,
-                                             tta=s.tta), float("nan"), s.cam_target, s.seed)
-    train_images, _, train_idx = ds.subset("train")
-    scorer.detector = ood.fit(scorer.predictor, train_images, ds.labels[train_idx].astype(int), ds.subset("val")[0], s.seed)
+    scorer = build_scorer(s, kept, prep, device, choice, ds)
     val_auc = choose_threshold_and_save(s, run_dir, kept, ds, scorer)
     history = [h for m in members for h in m["history"]]
     evaluate.plot_history(history, run_dir / "training_curves.png")
     metrics = {**score_run(s, run_dir, ds, scorer), "synthetic": s.demo, "split": s.split, "data": audit,
                "validation": {"auc": val_auc, "threshold_policy": s.threshold, "threshold": scorer.threshold},
-               "ood_detector": {"threshold": scorer.detector.threshold,
-                                "validation_false_alarms": scorer.detector.validation_false_alarms},
-               "training": {"keep": s.keep, "patience": s.patience, "ensemble": len(kept), "tta": s.tta,
-                            "members": [m["summary"] for m in members]},
-               "training_failure": failure,
+               **training_record(s, members, scorer, failure),
                "provenance": {"command": s.command, "versions": runs.versions(), "device": str(device),
-                              "processes": ranks.world}}
+                              "cpu": cpu_name(), "precision": choice.record(), "processes": ranks.world}}
     runs.write_json(run_dir / "timing.json", {"seconds_since_data_loaded": round(time.perf_counter() - started, 1),
                                               "epochs_run": len(history)})
     write_results(s, run_dir, metrics)
     return 0
 
 
+def training_record(s: Settings, members: list[dict], scorer: evaluate.Scorer, failure: str | None) -> dict:
+    """metrics.json's account of the training: every member's summary, the detector, any failure."""
+    return {"ood_detector": {"threshold": scorer.detector.threshold,
+                             "validation_false_alarms": scorer.detector.validation_false_alarms},
+            "training": {"keep": s.keep, "patience": s.patience, "ensemble": len(scorer.predictor.members), "tta": s.tta,
+                         "members": [m["summary"] for m in members]},
+            "training_failure": failure}
+
+
+def training_failure(s: Settings, members: list[dict]) -> str | None:
+    """Why a member's training failed (said on stderr, with what is evaluated instead), or None."""
+    failure = next((m["summary"]["stopped"] for m in members if m["summary"]["stopped"].startswith("failed")), None)
+    if failure:
+        print(f"error: {'member ' + str(len(members)) + ': ' if s.ensemble > 1 else ''}{failure}", file=sys.stderr)
+        print(f"evaluating what was kept: {members[-1]['summary']['kept'] or 'the members before it'}", file=sys.stderr)
+    return failure
+
+
+def build_scorer(s: Settings, kept: list[dict], prep: Preprocess, device: torch.device, choice: precision.Choice,
+                 ds: data.Dataset) -> evaluate.Scorer:
+    """The kept members as one predictor, with the out-of-distribution detector fitted on the training split (its
+    threshold on validation); the decision threshold is chosen next."""
+    scorer = evaluate.Scorer(infer.Predictor([new_network(s, device, m["weights"]) for m in kept], prep, device,
+                                             tta=s.tta, autocast=choice.dtype), float("nan"), s.cam_target, s.seed)
+    train_images, _, train_idx = ds.subset("train")
+    scorer.detector = ood.fit(scorer.predictor, train_images, ds.labels[train_idx].astype(int), ds.subset("val")[0],
+                              s.seed)
+    return scorer
+
+
 def train_members(s: Settings, ranks: distributed.Context, device: torch.device, prep: Preprocess, sets: list,
-                  run_dir: Path, resume: dict | None) -> list[dict]:
+                  run_dir: Path, resume: dict | None, autocast: torch.dtype | None = None) -> list[dict]:
     """Train the members one after the other (one for a single model), each from its own seed; returns each
     member's kept weights, summary and history. A resumed run reads its finished members and continues the
     member its last.pt holds. Training stops at a member that fails; what it kept is still returned."""
@@ -190,7 +240,8 @@ def train_members(s: Settings, ranks: distributed.Context, device: torch.device,
         state_resume = resume if member == first and resume is not None and resume["state"].get("member", 0) == member \
             else None
         earlier = [h for m in done for h in m["history"]]
-        state = train.fit(model, *sets, prep, train_config(s, device, ranks, member), run_dir, state_resume, earlier)
+        cfg = dataclasses.replace(train_config(s, device, ranks, member), autocast=autocast)
+        state = train.fit(model, *sets, prep, cfg, run_dir, state_resume, earlier)
         done.append({"weights": state.kept_model, "summary": state.summary, "history": state.history})
         if state.kept_model is None or state.failure:
             break
@@ -259,9 +310,12 @@ def score_run(s: Settings, run_dir: Path, ds: data.Dataset, scorer: evaluate.Sco
 
 
 def load_scorer(args) -> evaluate.Scorer:
-    """The checkpoint's predictor and thresholds on the chosen device."""
+    """The checkpoint's predictor and thresholds on the chosen device, at the chosen precision."""
     ckpt = runs.read_checkpoint(args.checkpoint)
-    predictor = infer.load_predictor(ckpt, configure_device(args.device))
+    device = configure_device(args.device)
+    choice = choose_precision(args.precision, device, lambda: PneumoniaCNN(**ckpt["model_config"]),
+                              ckpt["preprocess"]["image_size"], getattr(args, "batch_size", 64), train=False)
+    predictor = infer.load_predictor(ckpt, device, choice.dtype)
     if args.cam_target in ("bacterial", "viral") and predictor.outputs == 1:
         raise UsageError(f"--cam-target {args.cam_target} needs a model trained with --task cause; "
                          f"'{args.checkpoint}' tells pneumonia from normal only")
@@ -347,9 +401,9 @@ def run_calibrate(args) -> int:
     the source, which is never touched, with the before/after figures and what the site should expect."""
     ckpt = runs.read_checkpoint(args.checkpoint)
     device = configure_device(args.device)
-    before_model = infer.load_predictor(ckpt, device)
-    policy = args.threshold or ckpt.get("threshold_policy", "sens=0.95")
-    store = decode_cache(None if args.no_cache else args.cache_dir, before_model.prep.image_size)
+    choice = choose_precision(args.precision, device, lambda: PneumoniaCNN(**ckpt["model_config"]),
+                              ckpt["preprocess"]["image_size"], 64, train=False)
+    store = decode_cache(None if args.no_cache else args.cache_dir, ckpt["preprocess"]["image_size"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -360,10 +414,30 @@ def run_calibrate(args) -> int:
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     out = runs.create(args.out or str(Path(args.checkpoint).parent / ("calibrate-" + time.strftime("%Y%m%d-%H%M%S"))))
+    metrics, predictor, thresholds, prob = calibrate_to(args, ckpt, ds, choice, warning, device)
+    save_calibrated(ckpt, predictor, *thresholds, metrics, out / "best.pt")
+    data.write_split_files(out, ds)
+    evaluate.write_predictions(out / "predictions.csv", evaluate.labelled_predictions(
+        evaluate.Scorer(predictor, thresholds[0], detector=load_detector(ckpt)), ds, np.arange(len(prob)), prob, None,
+        None), thresholds[0])
+    runs.write_json(out / "metrics.json", metrics)
+    report.write_calibration_report(out, f"Site calibration of {args.checkpoint} on {args.data}", metrics)
+    report.write_calibrated_card(out, Path(args.checkpoint).parent / "MODEL_CARD.md", metrics)
+    print(report.calibration_table(metrics).text())
+    print(f"wrote {out / 'best.pt'} (score with it as with any best.pt), {out / 'report.html'} and MODEL_CARD.md")
+    return 0
+
+
+def calibrate_to(args, ckpt: dict, ds: data.Dataset, choice: precision.Choice, warning: str | None,
+                 device: torch.device) -> tuple[dict, infer.Predictor, tuple, np.ndarray]:
+    """The figures before, the site-adapted predictor (AdaBN with --adapt-bn), its thresholds and the figures after,
+    with the expected rates; returns (metrics, predictor, (threshold, cause threshold), the site's probabilities)."""
     images, y, patients = np.asarray(ds.images), ds.labels.astype(int), ds.patients
+    before_model = infer.load_predictor(ckpt, device, choice.dtype)
     before = evaluate.score(y, before_model.predict(torch.from_numpy(images).unsqueeze(1))[0], patients,
                             ckpt["threshold"], seed=args.seed)
-    predictor = infer.load_predictor(ckpt, device)
+    policy = args.threshold or ckpt.get("threshold_policy", "sens=0.95")
+    predictor = infer.load_predictor(ckpt, device, choice.dtype)
     adapt_images = images
     if args.adapt_bn is not None:
         extra = calibrate.unlabelled_images(args.adapt_bn, images.shape[-1], show=not args.quiet) if args.adapt_bn \
@@ -379,17 +453,7 @@ def run_calibrate(args) -> int:
                                "unlabelled": list(args.adapt_bn or []), "adapt_bn": args.adapt_bn is not None,
                                "adapt_bn_images": int(len(adapt_images)) if args.adapt_bn is not None else 0,
                                "policy": policy, "warning": warning}}
-    save_calibrated(ckpt, predictor, threshold, cause_threshold, metrics, out / "best.pt")
-    data.write_split_files(out, ds)
-    evaluate.write_predictions(out / "predictions.csv", evaluate.labelled_predictions(
-        evaluate.Scorer(predictor, threshold, detector=load_detector(ckpt)), ds, np.arange(len(y)), prob, None,
-        None), threshold)
-    runs.write_json(out / "metrics.json", metrics)
-    report.write_calibration_report(out, f"Site calibration of {args.checkpoint} on {args.data}", metrics)
-    report.write_calibrated_card(out, Path(args.checkpoint).parent / "MODEL_CARD.md", metrics)
-    print(report.calibration_table(metrics).text())
-    print(f"wrote {out / 'best.pt'} (score with it as with any best.pt), {out / 'report.html'} and MODEL_CARD.md")
-    return 0
+    return metrics, predictor, (threshold, cause_threshold), prob
 
 
 def save_calibrated(ckpt: dict, predictor: infer.Predictor, threshold: float, cause_threshold: float | None,

@@ -467,7 +467,9 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
               "", "## Known limitations", *_md_limitations(metrics),
               "", "## How this model was made",
               f"Command: `{prov['command']}`", "",
-              "Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()) + f"; device {prov['device']}.",
+              "Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()) + f"; device {prov['device']}"
+              + (f" ({prov['cpu']})" if prov.get("cpu") else "") + ".",
+              *([f"Precision: {prov['precision']['chosen']} ({prov['precision']['reason']})."] if prov.get("precision") else []),
               "", "Everything above is generated from this folder's metrics.json and config.json; report.html has "
                   "the plots."]
     path = out_dir / "MODEL_CARD.md"

@@ -23,7 +23,7 @@ import distributed
 import progress
 import runs
 from cache import TensorRows
-from infer import Predictor, amp_dtype, memory_format, reestimate_batchnorm
+from infer import Predictor, memory_format, reestimate_batchnorm
 from transforms import Preprocess
 
 
@@ -160,6 +160,7 @@ class Parts:
     device: torch.device
     generator: torch.Generator  # drives shuffling and augmentation: equal on every rank
     scaler: torch.amp.GradScaler | None = None  # loss scaling for fp16 autocast
+    autocast: torch.dtype | None = None  # bf16 or fp16 autocast for the steps; None: fp32
     ranks: distributed.Context = field(default_factory=distributed.Context)
 
 
@@ -181,7 +182,7 @@ def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainS
     if state.step > 0:
         generator.set_state(resume_rng)
     p.model.train()
-    dtype = amp_dtype(device)
+    dtype = p.autocast
     scaler = p.scaler or torch.amp.GradScaler(device.type, enabled=False)
     for k in range(state.step, len(order)):
         idx, keep = p.ranks.share(order[k])
@@ -216,13 +217,13 @@ def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainS
 
 
 def validate(model, images, labels, prep, loss_fn: Callable, device,
-             ranks: distributed.Context = distributed.Context()) -> tuple[float, float]:
+             ranks: distributed.Context = distributed.Context(), autocast: torch.dtype | None = None) -> tuple[float, float]:
     """Validation loss and AUC (macro one-vs-rest for three classes), on the CPU whatever device the model is on.
 
     Under torchrun each rank scores every world-th image and the logits are gathered: every rank then
     computes the loss and AUC of the whole set, the figures one process would get.
     """
-    predictor = Predictor([model], prep, device)
+    predictor = Predictor([model], prep, device, autocast=autocast)
     if ranks.active:
         rows = distributed.shard_rows(len(images), ranks)
         mine = images.take(rows) if isinstance(images, TensorRows) else images[rows.to(images.device)]
@@ -291,6 +292,7 @@ class TrainConfig:
     swa_epochs: int = 5  # keep="swa": how many final epochs are averaged
     member: int = 0  # the ensemble member being trained (its seed is `seed`)
     device: torch.device = torch.device("cpu")
+    autocast: torch.dtype | None = None  # bf16 or fp16 autocast (precision.py); None: fp32
     task: str = "pneumonia"  # or 'cause': normal / bacterial / viral
     ranks: distributed.Context = field(default_factory=distributed.Context)  # this process's place under torchrun
 
@@ -309,7 +311,8 @@ def _parts(model, train_set, prep, cfg: TrainConfig, generator: torch.Generator)
     return Parts(torch.compile(stepped) if cfg.compile_model else stepped, optimizer, scheduler,  # compiled for steps only
                  make_loss(cfg, train_set[1], device, cfg.label_smoothing),
                  make_loss(cfg, train_set[1], torch.device("cpu"), 0.0), prep, device, generator,
-                 torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16), ranks)
+                 torch.amp.GradScaler(device.type, enabled=cfg.autocast == torch.float16), ranks=ranks,
+                 autocast=cfg.autocast)
 
 
 def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume: dict | None = None,
@@ -384,7 +387,8 @@ def keep_weights(model, train_set, val_set, parts: Parts, state: TrainState, cfg
                             cfg.batch_size, cfg.device)
         distributed.sync_buffers(model, parts.ranks)
         state.kept_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        state.kept_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device, parts.ranks)[1]
+        state.kept_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device, parts.ranks,
+                                  parts.autocast)[1]
         kept = list(range(state.epoch - len(state.tail) + 1, state.epoch + 1))
     for h in state.history:
         h["kept"] = "yes" if h["epoch"] in kept else ""
@@ -420,7 +424,8 @@ def end_epoch(model, val_set, parts: Parts, state: TrainState, loss: float, star
     """Validate `model` (the uncompiled one), record the epoch, track the best and the tail's weights, decide on
     early stopping."""
     distributed.sync_buffers(model, parts.ranks)
-    val_loss, val_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device, parts.ranks)
+    val_loss, val_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device, parts.ranks,
+                                 parts.autocast)
     state.epoch += 1
     state.step = 0
     state.history.append({"member": cfg.member, "epoch": state.epoch, "loss": round(loss, 6),

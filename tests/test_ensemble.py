@@ -169,3 +169,21 @@ def test_keep_swa_and_best_and_tta_end_to_end(tmp_path):
     history = _rows(tmp_path / "best" / "history.csv")
     top = max(history, key=lambda r: (float(r["val_auc"]), -float(r["val_loss"])))
     assert best["kept_epochs"] == [int(top["epoch"])] and top["kept"] == "yes"
+
+
+def test_bf16_trains_on_the_cpu_records_its_choice_and_its_checkpoint_scores_alike_in_fp32(tmp_path):
+    assert main.main(TINY + ["--precision", "bf16", "--out", str(tmp_path / "bf16")]) == 0
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    m = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert config["precision_choice"]["chosen"] == m["provenance"]["precision"]["chosen"] == "bf16"
+    assert "Precision: bf16" in (tmp_path / "bf16" / "MODEL_CARD.md").read_text()
+    images = sorted((tmp_path / "bf16" / "demo_data" / "images").rglob("*.png"))[:12]
+    probs = {}
+    for name in ("fp32", "bf16"):
+        assert main.main(["predict", *map(str, images), "--checkpoint", str(tmp_path / "bf16" / "best.pt"),
+                          "--precision", name, "--out", str(tmp_path / f"p{name}")]) == 0
+        probs[name] = np.array([float(r["probability"]) for r in _rows(tmp_path / f"p{name}" / "predictions.csv")])
+    assert np.abs(probs["fp32"] - probs["bf16"]).max() <= 0.01
+    assert main.main(TINY + ["--out", str(tmp_path / "auto")]) == 0  # the default: auto, measured and recorded
+    auto = json.loads((tmp_path / "auto" / "config.json").read_text())["precision_choice"]
+    assert auto["chosen"] in ("fp32", "bf16") and set(auto["timings_ms"]) == {"fp32", "bf16"}

@@ -96,13 +96,34 @@ def test_device_choice(monkeypatch):
     assert train.resolve_device("auto").type == "cpu"
     with pytest.raises(ValueError, match="--device cuda"):
         train.resolve_device("cuda")
-    assert infer.amp_dtype(torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert train.resolve_device("auto").type == "cuda"
+
+
+def test_precision_auto_keeps_bf16_only_when_it_measures_faster(monkeypatch):
+    import precision
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    make = lambda: PneumoniaCNN((4, 4, 4), stem=4)  # noqa: E731
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert infer.amp_dtype(torch.device("cuda")) is torch.bfloat16
+    assert precision.resolve("auto", cuda, make, 32, 4).dtype is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert infer.amp_dtype(torch.device("cuda")) is torch.float16
+    assert precision.resolve("auto", cuda, make, 32, 4).dtype is torch.float16
+    with pytest.raises(ValueError, match="does not support bf16"):
+        precision.resolve("bf16", cuda, make, 32, 4)
+    assert precision.resolve("fp32", cpu, make, 32, 4).dtype is None
+    assert precision.resolve("bf16", cpu, make, 32, 4).dtype is torch.bfloat16
+    for fp32, bf16, chosen in ((100.0, 80.0, "bf16"), (100.0, 95.0, "fp32"), (100.0, 130.0, "fp32")):
+        monkeypatch.setattr(precision, "probe", lambda *a, **k: {"fp32": fp32, "bf16": bf16})
+        choice = precision.resolve("auto", cpu, make, 32, 4)
+        assert choice.name == chosen and choice.record()["timings_ms"] == {"fp32": fp32, "bf16": bf16}
+
+
+def test_the_precision_probe_times_both_and_leaves_the_random_state_alone():
+    import precision
+    before = torch.get_rng_state()
+    timings = precision.probe(lambda: PneumoniaCNN((4, 4, 4), stem=4), 32, 4, steps=2)
+    assert set(timings) == {"fp32", "bf16"} and all(t > 0 for t in timings.values())
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_predict_restores_mode_and_is_batch_size_independent():
@@ -160,12 +181,12 @@ def test_early_stopping_counts_only_the_low_rate_tail_and_waits_for_auc_and_loss
 
 
 # each module may import only modules of a lower rank: data flows one way, from main down to model
-RANKS = {"model": 0, "transforms": 0, "distributed": 0, "labels": 0, "progress": 0, "runs": 1, "images": 2,
-         "settings": 2, "cache": 3, "demo": 3, "data": 4, "infer": 4, "train": 5, "gradcam": 5, "evaluate": 6,
-         "report": 7, "calibrate": 7, "main": 8}
+RANKS = {"model": 0, "transforms": 0, "distributed": 0, "labels": 0, "progress": 0, "precision": 0, "runs": 1,
+         "images": 2, "settings": 2, "cache": 3, "demo": 3, "data": 4, "infer": 4, "train": 5, "gradcam": 5, "ood": 5,
+         "evaluate": 6, "report": 7, "calibrate": 7, "main": 8}
 # and, whatever the ranks allow: scoring and explaining never load fitting; parsing flags loads neither
 NEVER_LOADS = {"infer": {"train"}, "gradcam": {"train"}, "evaluate": {"train"}, "report": {"train"},
-               "calibrate": {"train"},
+               "calibrate": {"train"}, "ood": {"train"},
                "settings": {"train", "gradcam"}}
 
 

@@ -1,0 +1,93 @@
+"""Mixed precision, chosen by measurement: fp32, or bf16 autocast where this machine runs it faster.
+
+Usage: `choice = precision.resolve("auto", device, make_model, image_size, batch_size)`; pass `choice.dtype`
+to training and inference (None: fp32). Some CPUs run bf16 convolutions much faster than fp32 (AMX), some
+slower (AVX512-BF16 alone, or none): `auto` times a few steps of the actual model both ways at start-up
+and keeps bf16 only when it is more than 10% faster. On CUDA, `auto` is bf16 where the GPU supports it,
+else fp16 with loss scaling. Weights, optimizer state and the loss stay fp32 whatever is chosen, so a
+checkpoint trained in one precision scores in the other.
+"""
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+CHOICES = ("auto", "fp32", "bf16")
+SPEEDUP = 1.10  # bf16 must beat fp32 by more than this factor to be chosen
+PROBE_STEPS = 4  # timed steps per precision, after one warm-up each
+
+
+@dataclass
+class Choice:
+    """The precision a command runs at, and why."""
+
+    name: str  # fp32, bf16 or fp16
+    reason: str
+    timings_ms: dict = field(default_factory=dict)  # per step, when probed: {"fp32": ..., "bf16": ...}
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The autocast dtype (None: no autocast, fp32)."""
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
+
+    def record(self) -> dict:
+        """For config.json, the provenance block and the model card."""
+        return {"chosen": self.name, "reason": self.reason, "timings_ms": self.timings_ms}
+
+
+def resolve(requested: str, device: torch.device, make_model, image_size: int, batch_size: int,
+            train: bool = True) -> Choice:
+    """The precision for `--precision requested` on `device`; `auto` on the CPU probes a model `make_model()` builds
+    (a fresh one, so the caller's model and random state are untouched)."""
+    if requested == "fp32":
+        return Choice("fp32", "asked for (--precision fp32)")
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+        if requested == "bf16" and not supported:
+            raise ValueError("--precision bf16 was asked for, but this GPU does not support bf16; use auto or fp32")
+        if requested == "bf16":
+            return Choice("bf16", "asked for (--precision bf16)")
+        return Choice("bf16", "auto on a CUDA GPU with bf16") if supported else \
+            Choice("fp16", "auto on a CUDA GPU without bf16: fp16 autocast with loss scaling")
+    if requested == "bf16":
+        return Choice("bf16", "asked for (--precision bf16)")
+    if device.type != "cpu":
+        return Choice("fp32", f"auto on {device.type}: fp32")
+    timings = probe(make_model, image_size, batch_size, train)
+    faster = timings["bf16"] * SPEEDUP < timings["fp32"]
+    what = "training step" if train else "forward pass"
+    return Choice("bf16" if faster else "fp32",
+                  f"auto on this CPU: a {what} of batch {batch_size} took {timings['bf16']:.0f} ms in bf16 against "
+                  f"{timings['fp32']:.0f} ms in fp32; bf16 is kept only when more than {SPEEDUP - 1:.0%} faster",
+                  {k: round(v, 1) for k, v in timings.items()})
+
+
+def probe(make_model, image_size: int, batch_size: int, train: bool = True,
+          steps: int = PROBE_STEPS) -> dict[str, float]:
+    """Median milliseconds of a training step (or a forward pass) of a fresh model, fp32 against bf16 autocast,
+    alternating so that both see the same machine load. The caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = make_model().cpu().to(memory_format=torch.channels_last).train(train)
+        x = torch.randn(batch_size, 1, image_size, image_size).contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+        times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        for k in range(steps + 1):
+            for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+                start = time.perf_counter()
+                _step(model, optimizer, x, dtype, train)
+                if k:  # the first of each is a warm-up (kernel selection, allocation)
+                    times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, dtype, train: bool) -> None:
+    """One training step (or, for inference, one forward pass) at autocast `dtype` (None: fp32)."""
+    with torch.set_grad_enabled(train), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        out = model(x).float()
+    if train:
+        optimizer.zero_grad(set_to_none=True)
+        out.square().mean().backward()
+        optimizer.step()
