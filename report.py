@@ -23,6 +23,16 @@ border-left:4px solid #e0a800}.ok{color:#17692f}.bad{color:#b00020;font-weight:b
 img.wide{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:10px;overflow-x:auto;font-size:13px}"""
 
 
+def write_page(out_dir: Path, title: str, body: list[str]) -> Path:
+    """report.html from its sections: one self-contained page, no network, no JavaScript."""
+    body = [*body, "<p><em>A research tool, not a medical device: not clinically validated.</em></p>"]
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
+    path = out_dir / "report.html"
+    atomic_write(path, lambda f: f.write(page.encode()))
+    return path
+
+
 def _img(path: Path, wide: bool = False) -> str:
     if not path.exists():
         return ""
@@ -214,12 +224,7 @@ def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner:
     if (out_dir / "MODEL_CARD.md").exists():
         body.append('<p>What this model is for, and where it fails: <a href="MODEL_CARD.md">MODEL_CARD.md</a>.</p>')
     body.append("<h2>Configuration</h2><pre>" + html.escape(json.dumps(config, indent=2)) + "</pre>")
-    body.append("<p><em>A research tool, not a medical device: not clinically validated.</em></p>")
-    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
-    path = out_dir / "report.html"
-    atomic_write(path, lambda f: f.write(page.encode()))
-    return path
+    return write_page(out_dir, title, body)
 
 
 # ---------------------------------------------------------------- inputs unlike the training films
@@ -251,13 +256,8 @@ def write_predict_report(out_dir: Path, title: str, summary: dict) -> Path:
     """predict's report.html: how many inputs were flagged, and which."""
     body = [f"<h1>{html.escape(title)}</h1>", "<h2>Inputs unlike the training films</h2>",
             flagged_section(summary, out_dir / "ood_flagged.png"),
-            "<p>Every file's probability and call are in predictions.csv.</p>",
-            "<p><em>A research tool, not a medical device: not clinically validated.</em></p>"]
-    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
-    path = out_dir / "report.html"
-    atomic_write(path, lambda f: f.write(page.encode()))
-    return path
+            "<p>Every file's probability and call are in predictions.csv.</p>"]
+    return write_page(out_dir, title, body)
 
 
 # ---------------------------------------------------------------- site calibration
@@ -297,12 +297,7 @@ def write_calibration_report(out_dir: Path, title: str, m: dict) -> Path:
             *(f"<p>{html.escape(t)}</p>" for t in calibration_text(m)), calibration_table(m).html()]
     if m["calibration"].get("warning"):
         body.append(f'<p class="warn">{html.escape(m["calibration"]["warning"])}</p>')
-    body.append("<p><em>A research tool, not a medical device: not clinically validated.</em></p>")
-    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
-    path = out_dir / "report.html"
-    atomic_write(path, lambda f: f.write(page.encode()))
-    return path
+    return write_page(out_dir, title, body)
 
 
 def write_calibrated_card(out_dir: Path, source_card: Path, m: dict) -> Path:
