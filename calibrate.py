@@ -21,6 +21,10 @@ from infer import Predictor, reestimate_batchnorm
 SMALL_SAMPLE = 50  # images per class: below this a promised sensitivity rests on too few pneumonias
 RESAMPLES = 500
 BN_BATCH = 32  # images per batch when re-estimating BatchNorm statistics: training's batch size
+# AdaBN re-estimates only the early layers' statistics: acquisition (exposure, contrast, framing) shows there,
+# while the deeper layers' statistics also carry the sample's class mix (benchmarks/site_calibration.py: from a
+# 20%-pneumonia sample, adapting every layer cost a third of the specificity, adapting these cost little)
+ADAPTED = ("stem", "block1")
 
 
 class CalibrationError(ValueError):
@@ -49,12 +53,13 @@ def unlabelled_images(folders: list[str], size: int, show: bool = True) -> np.nd
     return images[[e is None for e in errors]]
 
 
-def adapt_batchnorm(predictor: Predictor, images: np.ndarray) -> None:
-    """AdaBN: every member's BatchNorm statistics re-estimated on the site's images, as the model sees them (the
-    plain centre view, no augmentation), a training-sized batch at a time; the labels are never used."""
+def adapt_batchnorm(predictor: Predictor, images: np.ndarray, layers: tuple[str, ...] | None = ADAPTED) -> None:
+    """AdaBN: every member's BatchNorm statistics in `layers` (None: all) re-estimated on the site's images, as the
+    model sees them (the plain centre view, no augmentation), a training-sized batch at a time; labels unused."""
     batches = [torch.from_numpy(images[i:i + BN_BATCH]).unsqueeze(1) for i in range(0, len(images), BN_BATCH)]
     for member in predictor.members:
-        reestimate_batchnorm(member, (predictor.model_input(b) for b in batches if len(b) > 1))
+        within = [getattr(member, name) for name in layers] if layers is not None else None
+        reestimate_batchnorm(member, (predictor.model_input(b) for b in batches if len(b) > 1), within)
         member.eval()
 
 

@@ -109,19 +109,25 @@ class Predictor:
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, inputs) -> None:
-    """Replace every BatchNorm layer's running statistics by the mean of those of the batches `inputs` yields
-    (model inputs, already preprocessed), as torch.optim.swa_utils.update_bn does; the model's mode is restored.
+def reestimate_batchnorm(model: nn.Module, inputs, within: list[nn.Module] | None = None) -> None:
+    """Replace the running statistics of every BatchNorm layer (of the modules `within`, else all) by the mean of
+    those of the batches `inputs` yields (model inputs, already preprocessed), as torch.optim.swa_utils.update_bn
+    does; the other layers keep theirs. The model's mode is restored.
 
     Used for averaged weights (SWA, on augmented training batches) and for a new site's images (AdaBN).
     """
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    every = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    chosen = {id(m) for part in (within or [model]) for m in part.modules()}
+    layers = [m for m in every if id(m) in chosen]
     momenta = [m.momentum for m in layers]
     for m in layers:
         m.reset_running_stats()
         m.momentum = None  # a cumulative mean over the batches, each batch weighing the same
     was_training = model.training
     model.train()
+    for m in every:
+        if id(m) not in chosen:
+            m.eval()  # the others neither update their statistics nor normalise by the batch's
     for x in inputs:
         model(x)
     for m, momentum in zip(layers, momenta):

@@ -211,7 +211,8 @@ def derived_predictions(args, run: Path, members: int, tta: bool) -> dict[str, n
     predictor.tta = tta
     size = cache_size(predictor.prep.image_size)
     store = cache.ImageCache(default_cache_dir(), size)
-    sets = {name: (cache.load_images(paths, size, store, show=False)[0], y) for name, (paths, y) in split_rows(run).items()}
+    sets = {name: (np.array(cache.load_images(paths, size, store, show=False)[0]), y)  # a copy: the cache is read-only
+            for name, (paths, y) in split_rows(run).items()}
     ext = data.decode_found(data.find_labelled(args.external), store, progress=False)
     sets["ext"] = (np.asarray(ext.images), ext.labels.astype(int))
     out = {}

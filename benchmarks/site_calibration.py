@@ -8,7 +8,8 @@ Every calibration is a real `main.py calibrate` run on a checkpoint of those mem
 
 Label shift: AdaBN from a subsample of half A with 20% pneumonia (labels used only to draw it), scored on
 the rest of half A at the model's own validation threshold, against no adaptation and against AdaBN
-from a subsample of the same size with half A's own mix.
+from a subsample of the same size with half A's own mix; each as shipped (the early layers only) and
+with every layer adapted.
 """
 import argparse
 import json
@@ -64,7 +65,7 @@ def validation_threshold(run: Path, ckpt: dict) -> float:
     predictor = infer.load_predictor(ckpt, torch.device("cpu"))
     size = cache_size(predictor.prep.image_size)
     paths, y = generalisation.split_rows(run)["val"]
-    images = cache.load_images(paths, size, ImageCache(default_cache_dir(), size), show=False)[0]
+    images = np.array(cache.load_images(paths, size, ImageCache(default_cache_dir(), size), show=False)[0])
     prob = predictor.predict(torch.from_numpy(images).unsqueeze(1))[0]
     return evaluate.choose_threshold(y, prob, json.loads((run / "config.json").read_text())["threshold"])
 
@@ -99,14 +100,18 @@ def label_shift(args, source: Path, seed: int) -> dict:
     images = np.asarray(ds.images)
     result = {"rest images": int(rest.sum()), "rest pneumonia share": float(y[rest].mean())}
     for name, chosen in {"no adaptation": None, **subsets}.items():
-        predictor = infer.load_predictor(ckpt, torch.device("cpu"))
-        if chosen is not None:
-            picked = np.isin(patients, list(chosen))
-            calibrate.adapt_batchnorm(predictor, images[picked])
-            result[f"{name} pneumonia share"] = float(y[picked].mean())
-        prob = predictor.predict(torch.from_numpy(images[rest]).unsqueeze(1))[0]
-        m = evaluate.binary_metrics(y[rest], prob, ckpt["threshold"])
-        result[name] = {k: m[k] for k in ("auc", "sensitivity", "specificity", "accuracy")}
+        for layers, how in ((calibrate.ADAPTED, "early layers (shipped)"), (None, "every layer")):
+            predictor = infer.load_predictor(ckpt, torch.device("cpu"))
+            if chosen is not None:
+                picked = np.isin(patients, list(chosen))
+                calibrate.adapt_batchnorm(predictor, images[picked], layers)
+                result[f"{name} pneumonia share"] = float(y[picked].mean())
+            prob = predictor.predict(torch.from_numpy(images[rest]).unsqueeze(1))[0]
+            m = evaluate.binary_metrics(y[rest], prob, ckpt["threshold"])
+            result[name if chosen is None else f"{name}, {how}"] = {k: m[k] for k in ("auc", "sensitivity",
+                                                                                     "specificity", "accuracy")}
+            if chosen is None:
+                break
     return result
 
 
@@ -145,7 +150,8 @@ def main(argv=None) -> int:
               f"{mean_sd([m['expected']['sensitivity'] for m in ms])} spec {mean_sd([m['expected']['specificity'] for m in ms])}"
               f" acc {mean_sd([m['expected']['accuracy'] for m in ms])} | site AUC after {mean_sd([m['after']['auc'] for m in ms])}")
     print("\nlabel shift (default models; the rest of the site, at the validation threshold)")
-    for name in ("no adaptation", "20% pneumonia", "site's own mix"):
+    for name in ("no adaptation", *(f"{sub}, {how}" for sub in ("20% pneumonia", "site's own mix")
+                                     for how in ("early layers (shipped)", "every layer"))):
         print(f"{name:15s}: " + ", ".join(f"{k} {mean_sd([s[name][k] for s in shifts])}"
                                           for k in ("auc", "sensitivity", "specificity", "accuracy")))
     (out / "summary.json").write_text(json.dumps({"label_shift": shifts}, indent=1))

@@ -91,11 +91,23 @@ def test_adabn_gives_the_batchnorm_statistics_computed_by_hand():
                                                                                               keepdim=True) + 1e-5)))
             mean2.append(b.mean((0, 2, 3)))
             var2.append(b.transpose(0, 1).flatten(1).var(1))
-    calibrate.adapt_batchnorm(predictor, images)
+    calibrate.adapt_batchnorm(predictor, images, layers=None)
     assert not net.training
     for layer, means, variances in ((net[1], mean1, var1), (net[4], mean2, var2)):
         assert torch.allclose(layer.running_mean, torch.stack(means).mean(0), atol=1e-5)
         assert torch.allclose(layer.running_var, torch.stack(variances).mean(0), atol=1e-4)
+
+
+def test_adabn_as_shipped_adapts_the_early_layers_only():
+    torch.manual_seed(1)
+    model = PneumoniaCNN((4, 8, 8), stem=4).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    predictor = infer.Predictor([model], transforms.Preprocess(24, 0.4, 0.3), torch.device("cpu"))
+    calibrate.adapt_batchnorm(predictor, (torch.rand(40, 28, 28) * 255).to(torch.uint8).numpy())
+    after = model.state_dict()
+    changed = {k.split(".")[0] for k in after if "running" in k and not torch.equal(after[k], before[k])}
+    assert changed == set(calibrate.ADAPTED) == {"stem", "block1"} and not model.training
+    assert all(torch.equal(after[k], before[k]) for k in after if "running" not in k and "num_batches" not in k)
 
 
 def test_expected_rates_choose_on_each_resample_and_score_the_patients_left_out():
