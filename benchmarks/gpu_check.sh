@@ -2,7 +2,7 @@
 # The CUDA path end to end, timed, in one go: `bash benchmarks/gpu_check.sh [OUT_DIR]` on a GPU machine.
 # Needs the real data under $PNEUMONIA_SHARED_DATA (default ../shared/data). Steps: a tiny demo run on
 # cuda (stops here if the CUDA path is broken), the default real run on cuda, the same with --compile,
-# the same with --task cause, the pipeline benchmark where its full-resolution images are present, and
+# with --task cause and with --ensemble 3, a site calibration with AdaBN, the pipeline benchmark where its full-resolution images are present, and
 # decode plus one epoch of a 20,000-image synthetic archive (benchmarks/scale_out.py simulate). Set CPU_RUN=runs/X to print
 # a CPU run's metrics beside the GPU's.
 set -uo pipefail
@@ -29,6 +29,9 @@ timed demo_cuda $PY main.py --demo --device cuda --epochs 3 --demo-patients 20 -
 timed default_cuda $PY main.py "${REAL[@]}" --out "$OUT/default_cuda"
 timed compile_cuda $PY main.py "${REAL[@]}" --compile --out "$OUT/compile_cuda"
 timed cause_cuda $PY main.py "${REAL[@]}" --task cause --out "$OUT/cause_cuda"
+timed ensemble3_cuda $PY main.py "${REAL[@]}" --ensemble 3 --out "$OUT/ensemble3_cuda"
+timed calibrate_cuda $PY main.py calibrate --checkpoint "$OUT/default_cuda/best.pt" \
+  --data "$SHARED/official_test_a_224sq" --adapt-bn --device cuda --quiet --out "$OUT/calibrate_cuda"
 if [ -d "$SHARED/chest_xray_fullres_train" ]; then
   timed bench_pipeline $PY benchmarks/bench_pipeline.py --shared "$SHARED" && cat "$OUT/bench_pipeline.log"
 else
