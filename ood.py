@@ -77,7 +77,7 @@ class Detector:
     threshold: float  # of the mean distance
     stat_low: np.ndarray
     stat_high: np.ndarray
-    orientation: dict  # coef (4 x D), intercept (4), and the probability of "turned" that flags
+    orientation: dict  # coef (4 x 256 thumbnail pixels), intercept (4), and the probability of "turned" that flags
     validation_false_alarms: float  # the share of validation films the distance flags
 
     def distance(self, features: torch.Tensor) -> np.ndarray:
@@ -155,7 +155,8 @@ def fit(predictor: Predictor, train_images, train_labels: np.ndarray, val_images
     """Fit every check on the training split, and the distance's threshold on the validation split."""
     _, train_features = predictor.logits_and_features(train_images)
     members = [fit_mahalanobis(f.numpy().astype(np.float64), np.asarray(train_labels)) for f in train_features]
-    stats = image_statistics(np.asarray(train_images[:])[:, 0])
+    stats = np.concatenate([image_statistics(np.asarray(train_images[i:i + 4096])[:, 0])  # a chunk at a time
+                            for i in range(0, len(train_images), 4096)])
     low, high = stats.min(0), stats.max(0)
     margin = STAT_MARGIN * (high - low)
     _, val_features = predictor.logits_and_features(val_images)

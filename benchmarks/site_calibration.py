@@ -54,6 +54,7 @@ def source_checkpoint(run: Path, members: int, path: Path) -> Path:
     if not path.exists():
         ckpt = runs.load_checkpoint(run / "best.pt")
         ckpt["members"], ckpt["training"] = ckpt["members"][:members], ckpt["training"][:members]
+        ckpt.pop("ood", None)  # its distance threshold belongs to all the run's members together
         if members < len(runs.load_checkpoint(run / "best.pt")["members"]):  # its own threshold, on validation
             ckpt["threshold"] = validation_threshold(run, ckpt)
         runs.save_checkpoint(path, {k: v for k, v in ckpt.items() if k not in ("format", "versions")})
