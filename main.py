@@ -65,18 +65,21 @@ def resolve_run(s: Settings, ranks: distributed.Context) -> tuple[Settings, Path
 
 
 def choose_precision(requested: str, device: torch.device, make_model, image_size: int, batch_size: int,
-                     train: bool = True, ranks: distributed.Context = distributed.Context()) -> precision.Choice:
-    """--precision resolved once, by rank 0 under torchrun (every rank must compute alike), and said in one line."""
+                     train: bool = True, ranks: distributed.Context = distributed.Context(),
+                     deterministic: bool = False, recorded: dict | None = None) -> precision.Choice:
+    """--precision resolved once, by rank 0 under torchrun (every rank must compute alike), and said in one line;
+    a resumed run takes the choice it `recorded` when it started."""
     choice = None
     if ranks.main:
         try:
-            choice = precision.resolve(requested, device, make_model, image_size, batch_size, train)
+            choice = precision.Choice.recorded(recorded) if recorded else \
+                precision.resolve(requested, device, make_model, image_size, batch_size, train, deterministic)
         except ValueError as err:
             choice = UsageError(str(err))
     choice = distributed.broadcast(choice, ranks)
     if isinstance(choice, Exception):
         raise choice
-    print(f"precision: {choice.name} ({choice.reason})")
+    print(f"precision: {choice.name} ({'as when the run started: ' if recorded else ''}{choice.reason})")
     return choice
 
 
@@ -156,8 +159,10 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
     if ranks.main:
         print(report.data_summary(audit))
     prep = fit_preprocessing(s, ds)
+    recorded = json.loads((run_dir / "config.json").read_text()).get("precision_choice") if resume is not None else None
     choice = choose_precision(s.precision, device, lambda: new_network(s, device), s.image_size,
-                              max(1, s.batch_size // ranks.world), ranks=ranks)
+                              max(1, s.batch_size // ranks.world), ranks=ranks, deterministic=s.deterministic,
+                              recorded=recorded)
     if resume is None and ranks.main:
         runs.write_json(run_dir / "config.json", {**s.config(), "precision_choice": choice.record()})
     started = time.perf_counter()

@@ -37,12 +37,21 @@ class Choice:
         return {"chosen": self.name, "reason": self.reason, "timings_ms": self.timings_ms}
 
 
+    @classmethod
+    def recorded(cls, record: dict) -> "Choice":
+        """The choice a run recorded in its config.json, taken again when it resumes (never re-timed mid-run)."""
+        return cls(record["chosen"], record["reason"], record.get("timings_ms", {}))
+
+
 def resolve(requested: str, device: torch.device, make_model, image_size: int, batch_size: int,
-            train: bool = True) -> Choice:
+            train: bool = True, deterministic: bool = False) -> Choice:
     """The precision for `--precision requested` on `device`; `auto` on the CPU probes a model `make_model()` builds
-    (a fresh one, so the caller's model and random state are untouched)."""
+    (a fresh one, so the caller's model and random state are untouched), unless `deterministic`: a timing can
+    differ between two runs of one command, and so would their results."""
     if requested == "fp32":
         return Choice("fp32", "asked for (--precision fp32)")
+    if requested == "auto" and deterministic and device.type == "cpu":
+        return Choice("fp32", "auto with --deterministic: fp32, not timed, so that every rerun computes alike")
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported()
         if requested == "bf16" and not supported:

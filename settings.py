@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decision threshold policy, applied to validation: sens=X (the strictest threshold reaching sensitivity X), youden, or a number")
     p.add_argument("--seed", type=number(int), default=0, help="seed for the split, initialisation, shuffling and augmentation")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA)")
-    p.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (slower); CPU runs always are")
+    p.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (slower), and --precision auto without timing (fp32 on a CPU), so that a rerun computes alike")
     p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes for the one-time decode; None uses every core")
     p.add_argument("--resume", metavar="RUN", default=None, help="continue the interrupted run in folder RUN")
     p.add_argument("--demo", action="store_true", help="generate synthetic phantoms into the run folder and use them as data")

@@ -295,8 +295,8 @@ def test_cache_second_load_decodes_nothing_and_rebuilds_only_changes(tiny_archiv
     cache_dir = tmp_path / "cache"
     first, _ = cache.load_images(paths, 24, cache.ImageCache(str(cache_dir), 24), workers=1, show=False)
     calls = []
-    real = images.decode_image
-    monkeypatch.setattr(images, "decode_image", lambda p, s: calls.append(p) or real(p, s))
+    real = images.decode_with_colour  # what the cache decodes with
+    monkeypatch.setattr(images, "decode_with_colour", lambda p, s: calls.append(p) or real(p, s))
     again, _ = cache.load_images(paths, 24, cache.ImageCache(str(cache_dir), 24), workers=1, show=False)
     assert calls == [] and np.array_equal(first, again)
     write_image(tiny_archive / "chest_xray" / "train" / "NORMAL" / "IM-0001-0001.jpeg", seed=999)
@@ -327,8 +327,8 @@ def test_damaged_cache_is_detected_and_only_the_bad_rows_decoded_again(tiny_arch
         index["crc"][2] += 1  # an index that does not describe the array: row 2 cannot be trusted
         array.with_suffix(".json").write_text(json.dumps(index))
     calls = []
-    real = images.decode_image
-    monkeypatch.setattr(images, "decode_image", lambda p, s: calls.append(p) or real(p, s))
+    real = images.decode_with_colour  # what the cache decodes with
+    monkeypatch.setattr(images, "decode_with_colour", lambda p, s: calls.append(p) or real(p, s))
     again, errors = _load(paths, tmp_path / "c")
     bad = {"a flipped byte": 5, "a truncated file": len(paths) - 1, "a stale index": 2}[damage]
     assert calls == [paths[bad]] and np.array_equal(first, again) and errors == [None] * len(paths)

@@ -116,6 +116,9 @@ def test_precision_auto_keeps_bf16_only_when_it_measures_faster(monkeypatch):
         monkeypatch.setattr(precision, "probe", lambda *a, **k: {"fp32": fp32, "bf16": bf16})
         choice = precision.resolve("auto", cpu, make, 32, 4)
         assert choice.name == chosen and choice.record()["timings_ms"] == {"fp32": fp32, "bf16": bf16}
+    # --deterministic: no timing (two runs could time differently), fp32 on the CPU
+    monkeypatch.setattr(precision, "probe", lambda *a, **k: pytest.fail("probed under --deterministic"))
+    assert precision.resolve("auto", cpu, make, 32, 4, deterministic=True).name == "fp32"
 
 
 def test_the_precision_probe_times_both_and_leaves_the_random_state_alone():

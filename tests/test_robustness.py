@@ -17,7 +17,8 @@ import transforms
 import main
 from conftest import shared
 
-TINY = ["--demo", "--demo-patients", "12", "--epochs", "3", "--image-size", "64", "--quiet"]
+# the precision pinned: --precision auto times this machine in each run, and runs compared here must compute alike
+TINY = ["--demo", "--demo-patients", "12", "--epochs", "3", "--image-size", "64", "--quiet", "--precision", "fp32"]
 
 
 def _bad_zoo(root, good):
@@ -155,6 +156,25 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, whe
     whole, cut = (runs.load_checkpoint(tmp_path / n / "best.pt")["members"] for n in ("whole", "cut"))
     assert len(whole) == len(cut) == members
     assert all(torch.equal(a[k], b[k]) for a, b in zip(whole, cut) for k in a)  # the same ensemble, weight for weight
+
+
+def test_a_resumed_run_keeps_the_precision_auto_chose_when_it_started(tmp_path, monkeypatch):
+    import precision
+    auto = [a for a in TINY if a not in ("--precision", "fp32")] + ["--out", str(tmp_path / "run")]
+    monkeypatch.setattr(precision, "probe", lambda *a, **k: {"fp32": 100.0, "bf16": 50.0})
+    real = transforms.Preprocess.train
+
+    def interrupting(self, batch, generator, *share):
+        os.kill(os.getpid(), signal.SIGINT)  # stop after the first step
+        return real(self, batch, generator, *share)
+
+    monkeypatch.setattr(transforms.Preprocess, "train", interrupting)
+    assert main.main(auto) == 130
+    monkeypatch.setattr(transforms.Preprocess, "train", real)
+    monkeypatch.setattr(precision, "probe", lambda *a, **k: {"fp32": 50.0, "bf16": 100.0})  # would choose fp32 now
+    assert main.main(["--resume", str(tmp_path / "run"), "--quiet"]) == 0
+    chosen = json.loads((tmp_path / "run" / "metrics.json").read_text())["provenance"]["precision"]
+    assert chosen["chosen"] == "bf16" and chosen["timings_ms"] == {"fp32": 100.0, "bf16": 50.0}
 
 
 def test_resume_refuses_a_finished_run(demo_run, capsys):
