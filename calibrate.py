@@ -89,6 +89,19 @@ def expected_rates(y_true, y_prob, patients, policy: str, resamples: int = RESAM
             "method": "out-of-bag bootstrap of patients: threshold chosen in-bag, scored on the patients left out"}
 
 
+def shortfall(policy: str, expected: dict) -> str | None:
+    """A sentence when `sens=X` is expected to give the site's new films less than X: the threshold is the strictest
+    that reaches X on this sample, so new films fall short about half the time; a higher target buys a margin."""
+    if not policy.startswith("sens="):
+        return None
+    asked, got = float(policy[5:]), expected["sensitivity"]
+    if got >= asked:
+        return None
+    return (f"expected sensitivity on new films {got:.3f} is below the {asked:.2f} asked for (the threshold is the "
+            f"strictest reaching {asked:.2f} on this sample); for a margin, calibrate with a higher target, for example "
+            f"--threshold sens={min(1.0, asked + 0.02):.2f}, and read its expected column")
+
+
 def site_thresholds(predictor: Predictor, ds: data.Dataset, policy: str) -> tuple[float, float | None, np.ndarray]:
     """The threshold `policy` chooses on the whole site sample, the bacterial-vs-viral threshold of a cause model
     (Youden, where the file names tell both causes), and the site's P(pneumonia)."""

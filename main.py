@@ -429,6 +429,8 @@ def run_calibrate(args) -> int:
     report.write_calibration_report(out, f"Site calibration of {args.checkpoint} on {args.data}", metrics)
     report.write_calibrated_card(out, Path(args.checkpoint).parent / "MODEL_CARD.md", metrics)
     print(report.calibration_table(metrics).text())
+    if metrics["calibration"]["shortfall"]:
+        print(f"note: {metrics['calibration']['shortfall']}")
     print(f"wrote {out / 'best.pt'} (score with it as with any best.pt), {out / 'report.html'} and MODEL_CARD.md")
     return 0
 
@@ -450,14 +452,14 @@ def calibrate_to(args, ckpt: dict, ds: data.Dataset, choice: precision.Choice, w
         adapt_images = np.concatenate([images, extra])
         calibrate.adapt_batchnorm(predictor, adapt_images)
     threshold, cause_threshold, prob = calibrate.site_thresholds(predictor, ds, policy)
-    metrics = {"before": before, "after": evaluate.score(y, prob, patients, threshold, seed=args.seed),
-               "expected": calibrate.expected_rates(y, prob, patients, policy, seed=args.seed),
+    expected = calibrate.expected_rates(y, prob, patients, policy, seed=args.seed)
+    metrics = {"before": before, "after": evaluate.score(y, prob, patients, threshold, seed=args.seed), "expected": expected,
                "calibration": {"source": {"path": str(args.checkpoint), "sha256": calibrate.file_sha256(args.checkpoint)},
                                "site": {"folder": args.data, "images": len(y), "patients": len(set(patients)),
                                         "normal": int((y == 0).sum()), "pneumonia": int((y == 1).sum())},
                                "unlabelled": list(args.adapt_bn or []), "adapt_bn": args.adapt_bn is not None,
                                "adapt_bn_images": int(len(adapt_images)) if args.adapt_bn is not None else 0,
-                               "policy": policy, "warning": warning}}
+                               "policy": policy, "warning": warning, "shortfall": calibrate.shortfall(policy, expected)}}
     return metrics, predictor, (threshold, cause_threshold), prob
 
 

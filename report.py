@@ -295,8 +295,9 @@ def write_calibration_report(out_dir: Path, title: str, m: dict) -> Path:
     """report.html of a calibration: provenance, the before/after table and the expected rates."""
     body = [f"<h1>{html.escape(title)}</h1>", "<h2>Site calibration</h2>",
             *(f"<p>{html.escape(t)}</p>" for t in calibration_text(m)), calibration_table(m).html()]
-    if m["calibration"].get("warning"):
-        body.append(f'<p class="warn">{html.escape(m["calibration"]["warning"])}</p>')
+    for key in ("warning", "shortfall"):
+        if m["calibration"].get(key):
+            body.append(f'<p class="warn">{html.escape(m["calibration"][key])}</p>')
     return write_page(out_dir, title, body)
 
 
@@ -304,8 +305,9 @@ def write_calibrated_card(out_dir: Path, source_card: Path, m: dict) -> Path:
     """MODEL_CARD.md of a calibrated checkpoint: the source's card, then a "Site calibration" section."""
     card = source_card.read_text() if source_card.exists() else "# Model card\n\nThe source run's card was not found.\n"
     lines = ["", "## Site calibration", *calibration_text(m), "", calibration_table(m).markdown()]
-    if m["calibration"].get("warning"):
-        lines += ["", f"**Warning:** {m['calibration']['warning']}"]
+    for key, label in (("warning", "Warning"), ("shortfall", "Note")):
+        if m["calibration"].get(key):
+            lines += ["", f"**{label}:** {m['calibration'][key]}"]
     lines += ["", "This section supersedes the threshold above for this checkpoint: it scores at "
                   f"{m['after']['threshold']:.4f}."]
     path = out_dir / "MODEL_CARD.md"

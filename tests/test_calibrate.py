@@ -124,6 +124,9 @@ def test_expected_rates_choose_on_each_resample_and_score_the_patients_left_out(
     noisy = calibrate.expected_rates(y, separable + rng.normal(0, 0.25, 120), patients, "sens=0.95", resamples=200)
     assert noisy["specificity"] < 0.9 and noisy["ci95"]["sensitivity"][0] < 0.9  # the threshold's spread shows
     assert noisy["ci95"]["threshold"][1] - noisy["ci95"]["threshold"][0] > 0.05
+    # a promise below the target asked for is said, with a higher target to try; one at or above it is not
+    assert "sens=0.97" in calibrate.shortfall("sens=0.95", {"sensitivity": 0.944})
+    assert calibrate.shortfall("sens=0.95", {"sensitivity": 0.95}) is None and calibrate.shortfall("youden", perfect) is None
 
 
 def test_small_samples_warn_and_one_class_or_empty_folders_are_refused(demo_run, site, tmp_path, capsys):
