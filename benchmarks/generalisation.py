@@ -11,9 +11,10 @@ fairly, without retraining.
 "old default" runs the code of commit OLD_DEFAULT (a git worktree under --out): early stopping after 5
 epochs without improvement, counted from the first epoch, and the best validation epoch kept.
 
-Derived rows (DERIVED) re-score the members of an "ensemble 5" run instead of training again: member m
-of a run is trained from seed + 1000 m whatever the ensemble's size, so its first member is the default
-run of that seed and its first 3 members the `--ensemble 3` run (a test checks it). Each derived
+Derived rows (DERIVED) re-score the first members of a seed's "ensemble 5" run (or, where that seed has none,
+its "ensemble 3" run) instead of training again: member m of a run is trained from seed + 1000 m whatever the
+ensemble's size, so its first member is the default run of that seed and its first 3 members the
+`--ensemble 3` run (a test checks it). Each derived
 model's threshold is chosen on the run's own validation split by the same policy, then the test split
 and the external set are scored; `--tta` is the first member scored with test-time augmentation.
 """
@@ -68,10 +69,11 @@ CONFIGS = {
     "160 px": ["--image-size", "160"],
 }
 KEYS = ("auc", "accuracy", "sensitivity", "specificity")
-# name -> (the configuration whose runs are re-scored, how many of their first members, test-time augmentation)
-DERIVED = {"default = member 1 of ensemble 5": ("ensemble 5", 1, False),
-           "ensemble 3 = members 1-3 of ensemble 5": ("ensemble 5", 3, False),
-           "tta = member 1 of ensemble 5, with --tta": ("ensemble 5", 1, True)}
+# name -> (how many first members of an ensemble run are re-scored, test-time augmentation)
+DERIVED = {"default = member 1 of an ensemble": (1, False),
+           "ensemble 3 = members 1-3 of an ensemble": (3, False),
+           "tta = member 1 of an ensemble, with --tta": (1, True)}
+SOURCES = {"ensemble 5": 5, "ensemble 3": 3}  # the ensemble runs derived rows read, the first found per seed
 POLICIES = ("sens=0.95", "0.5")
 
 
@@ -187,6 +189,12 @@ def split_rows(run: Path) -> dict[str, tuple[list[str], np.ndarray]]:
             for name in ("val", "test")}
 
 
+def source_run(out: Path, seed: int, members: int) -> Path | None:
+    """The first finished ensemble run of `seed` under `out` (SOURCES, in order) with at least `members` members."""
+    found = [Path(out) / folder_name(name) / f"seed{seed}" for name, size in SOURCES.items() if size >= members]
+    return next((run for run in found if (run / "metrics.json").exists()), None)
+
+
 def derived_figures(args, run: Path, members: int, tta: bool) -> dict | None:
     """The figures of a run's first `members` members (with test-time augmentation if `tta`), re-scored as main.py
     scores: threshold on the run's validation split by its policy, then its test split and the external set.
@@ -286,9 +294,10 @@ def main(argv=None) -> int:
     if unknown:
         sys.exit(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
     results = sweep(args, {n: CONFIGS[n] for n in names})
-    for name, (source, members, tta) in DERIVED.items():  # re-scored from runs already there, whichever ran now
-        if any((run_folder(args, source, s) / "metrics.json").exists() for s in range(args.seeds)):
-            results[name] = [derived_figures(args, run_folder(args, source, s), members, tta) for s in range(args.seeds)]
+    for name, (members, tta) in DERIVED.items():  # re-scored from runs already there, whichever ran now
+        sources = [source_run(Path(args.out), s, members) for s in range(args.seeds)]
+        if any(sources):
+            results[name] = [derived_figures(args, run, members, tta) if run else None for run in sources]
     summarise(results, Path(args.out))
     return 0
 

@@ -1,9 +1,10 @@
 """Site calibration on half A of the official test: the expected rates `main.py calibrate` promises, with and
 without AdaBN, for the default model and a 3-member ensemble of each seed; and AdaBN under label shift.
 
-Usage: `python benchmarks/site_calibration.py [--runs benchmarks/results/generalisation/ensemble_5] [--seeds 5]`.
-The models are the members of generalisation.py's "ensemble 5" runs: member 1 is the default model of its
-seed and members 1-3 its `--ensemble 3` (each member trains from seed + 1000 m whatever the ensemble's size).
+Usage: `python benchmarks/site_calibration.py [--runs benchmarks/results/generalisation] [--seeds 5]`.
+The models are the members of generalisation.py's "ensemble 5" runs (or "ensemble 3" for a seed without
+one): member 1 is the default model of its seed and members 1-3 its `--ensemble 3` (each member trains
+from seed + 1000 m whatever the ensemble's size).
 Every calibration is a real `main.py calibrate` run on a checkpoint of those members. Results go to --out.
 
 Label shift: AdaBN from a subsample of half A with 20% pneumonia (labels used only to draw it), scored on
@@ -36,13 +37,13 @@ from images import cache_size  # noqa: E402
 from settings import default_cache_dir  # noqa: E402
 
 SHARED = Path(os.environ.get("PNEUMONIA_SHARED_DATA", ROOT.parent / "shared" / "data"))
-MODELS = {"default": 1, "ensemble 3": 3}  # name -> first members of the ensemble-5 run
+MODELS = {"default": 1, "ensemble 3": 3}  # name -> first members of the ensemble run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--runs", default=str(ROOT / "benchmarks" / "results" / "generalisation" / "ensemble_5"),
-                   help="folder of the ensemble-5 runs, one seedN/ per seed")
+    p.add_argument("--runs", default=str(ROOT / "benchmarks" / "results" / "generalisation"),
+                   help="generalisation.py's --out: its ensemble runs, one seedN/ per seed")
     p.add_argument("--site", default=str(SHARED / "official_test_a_224sq"), help="the site's labelled folder")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "site_calibration"), help="results folder")
@@ -127,9 +128,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows, shifts = {}, []
     for seed in range(args.seeds):
-        run = Path(args.runs) / f"seed{seed}"
-        if not (run / "metrics.json").exists():
-            print(f"seed {seed}: no finished ensemble-5 run in {run}; skipped")
+        run = generalisation.source_run(Path(args.runs), seed, max(MODELS.values()))
+        if run is None:
+            print(f"seed {seed}: no finished ensemble run in {args.runs}; skipped")
             continue
         for name, members in MODELS.items():
             source = source_checkpoint(run, members, out / f"seed{seed}-{members}.pt")
