@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "score the mean of their logits")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: score the mean logit over fixed zoom and aspect views (threshold, test, "
-                        "external sets, evaluate and predict alike)")
+                        "external sets, evaluate and predict alike); off by default: no gain over 5 seeds (docs/generalisation.md)")
     p.add_argument("--image-size", type=number(int, 16), default=128, help="model input side in pixels (images are stored 10%% larger and edge-cropped)")
     p.add_argument("--widths", type=POSITIVE_INT, nargs=3, default=[24, 48, 96], help="channels of the three CNN blocks")
     p.add_argument("--split", choices=["patient", "random", "official"], default="patient",
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=threshold_policy, default="sens=0.95",
                    help="decision threshold policy, applied to validation: sens=X (the strictest threshold reaching sensitivity X), youden, or a number")
     p.add_argument("--seed", type=number(int), default=0, help="seed for the split, initialisation, shuffling and augmentation")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training steps (about 30 s to compile; on a CPU it needs a C++ compiler; docs/performance.md)")
     p.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (slower), and --precision auto without timing (fp32 on a CPU), so that a rerun computes alike")
     p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes for the one-time decode; None uses every core")
     p.add_argument("--resume", metavar="RUN", default=None, help="continue the interrupted run in folder RUN")

@@ -68,7 +68,7 @@ def real(tmp_path_factory):
 
 
 def _flags(predictor, detector, images, paths):
-    _, features = predictor.logits_and_features(torch.from_numpy(images).unsqueeze(1))
+    _, features = predictor.logits_and_features(torch.from_numpy(np.array(images)).unsqueeze(1))  # a copy: mapped rows are read-only
     return ood.inspect(paths, images, features, predictor.prep, detector)
 
 
