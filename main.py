@@ -453,7 +453,8 @@ def calibrate_to(args, ckpt: dict, ds: data.Dataset, choice: precision.Choice, w
         calibrate.adapt_batchnorm(predictor, adapt_images)
     threshold, cause_threshold, prob = calibrate.site_thresholds(predictor, ds, policy)
     expected = calibrate.expected_rates(y, prob, patients, policy, seed=args.seed)
-    metrics = {"before": before, "after": evaluate.score(y, prob, patients, threshold, seed=args.seed), "expected": expected,
+    metrics = {"before": before, "after": evaluate.score(y, prob, patients, threshold, seed=args.seed),
+               "expected": expected,
                "calibration": {"source": {"path": str(args.checkpoint), "sha256": calibrate.file_sha256(args.checkpoint)},
                                "site": {"folder": args.data, "images": len(y), "patients": len(set(patients)),
                                         "normal": int((y == 0).sum()), "pneumonia": int((y == 1).sum())},

@@ -36,7 +36,6 @@ class Choice:
         """For config.json, the provenance block and the model card."""
         return {"chosen": self.name, "reason": self.reason, "timings_ms": self.timings_ms}
 
-
     @classmethod
     def recorded(cls, record: dict) -> "Choice":
         """The choice a run recorded in its config.json, taken again when it resumes (never re-timed mid-run)."""

@@ -54,6 +54,7 @@ CONFIGS = {
     "ensemble 3": ["--ensemble", "3"],
     "ensemble 5": ["--ensemble", "5"],
     "keep swa": ["--keep", "swa"],
+    "bf16": ["--precision", "bf16"],  # accuracy parity with fp32 (the default run where auto keeps fp32)
     "augment none (original)": ["--augment", "none"],
     "no zoom/aspect jitter": ["--zoom", "0"],
     "no intensity jitter": ["--gamma", "0", "--contrast", "0", "--brightness", "0"],
