@@ -159,7 +159,9 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
     if ranks.main:
         print(report.data_summary(audit))
     prep = fit_preprocessing(s, ds)
-    recorded = json.loads((run_dir / "config.json").read_text()).get("precision_choice") if resume is not None else None
+    # a resumed run keeps the precision it started with (rank 0 decides, so only it reads the record)
+    recorded = json.loads((run_dir / "config.json").read_text()).get("precision_choice") \
+        if resume is not None and ranks.main else None
     choice = choose_precision(s.precision, device, lambda: new_network(s, device), s.image_size,
                               max(1, s.batch_size // ranks.world), ranks=ranks, deterministic=s.deterministic,
                               recorded=recorded)

@@ -155,8 +155,7 @@ def fit(predictor: Predictor, train_images, train_labels: np.ndarray, val_images
     """Fit every check on the training split, and the distance's threshold on the validation split."""
     _, train_features = predictor.logits_and_features(train_images)
     members = [fit_mahalanobis(f.numpy().astype(np.float64), np.asarray(train_labels)) for f in train_features]
-    stats = np.concatenate([image_statistics(np.asarray(train_images[i:i + 4096])[:, 0])  # a chunk at a time
-                            for i in range(0, len(train_images), 4096)])
+    stats = np.concatenate([image_statistics(chunk) for chunk in _chunks(train_images, 4096)])
     low, high = stats.min(0), stats.max(0)
     margin = STAT_MARGIN * (high - low)
     _, val_features = predictor.logits_and_features(val_images)
@@ -168,6 +167,12 @@ def fit(predictor: Predictor, train_images, train_labels: np.ndarray, val_images
     return detector
 
 
+def _chunks(images, n: int = 1024):
+    """The N x 1 x S x S rows of a split as N x S x S uint8 arrays, n at a time: never the whole split in memory."""
+    for start in range(0, len(images), n):
+        yield np.asarray(images[start:start + n])[:, 0]
+
+
 def fit_orientation(train_images, val_images, seed: int) -> dict:
     """A four-way logistic regression on thumbnails of turned (and mirrored) training films; it flags a film whose
     probability of being turned exceeds what ORIENTATION_FALSE_ALARMS of the upright validation films reach."""
@@ -176,8 +181,7 @@ def fit_orientation(train_images, val_images, seed: int) -> dict:
     turned, labels = turned_views(torch.as_tensor(np.asarray(train_images[pick])))
     head = LogisticRegression(max_iter=3000).fit(thumbnails(turned.numpy()[:, 0]), labels)
     orientation = {"coef": head.coef_, "intercept": head.intercept_}
-    p_turned = np.concatenate([turn_probabilities(thumbnails(np.asarray(chunk)[:, 0]), orientation)[1]
-                               for chunk in (val_images[i:i + 1024] for i in range(0, len(val_images), 1024))])
+    p_turned = np.concatenate([turn_probabilities(thumbnails(chunk), orientation)[1] for chunk in _chunks(val_images)])
     orientation["flag_above"] = float(max(0.5, np.quantile(p_turned, 1 - ORIENTATION_FALSE_ALARMS)))
     return orientation
 
