@@ -66,14 +66,17 @@ def resolve_run(s: Settings, ranks: distributed.Context) -> tuple[Settings, Path
 
 def choose_precision(requested: str, device: torch.device, make_model, image_size: int, batch_size: int,
                      train: bool = True, ranks: distributed.Context = distributed.Context(),
-                     deterministic: bool = False, recorded: dict | None = None) -> precision.Choice:
+                     deterministic: bool = False, recorded: dict | None = None,
+                     scored_at: str | None = None) -> precision.Choice:
     """--precision resolved once, by rank 0 under torchrun (every rank must compute alike), and said in one line;
-    a resumed run takes the choice it `recorded` when it started."""
+    a resumed run takes the choice it `recorded` when it started; scoring a checkpoint, auto keeps the precision
+    its threshold was chosen at (`scored_at`)."""
     choice = None
     if ranks.main:
         try:
             choice = precision.Choice.recorded(recorded) if recorded else \
-                precision.resolve(requested, device, make_model, image_size, batch_size, train, deterministic)
+                precision.resolve(requested, device, make_model, image_size, batch_size, train, deterministic,
+                                  scored_at)
         except ValueError as err:
             choice = UsageError(str(err))
     choice = distributed.broadcast(choice, ranks)
@@ -184,7 +187,7 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
     if not kept:
         return 1
     scorer = build_scorer(s, kept, prep, device, choice, ds)
-    val_auc = choose_threshold_and_save(s, run_dir, kept, ds, scorer)
+    val_auc = choose_threshold_and_save(s, run_dir, kept, ds, scorer, choice.name)
     history = [h for m in members for h in m["history"]]
     evaluate.plot_history(history, run_dir / "training_curves.png")
     metrics = {**score_run(s, run_dir, ds, scorer), "synthetic": s.demo, "split": s.split, "data": audit,
@@ -294,14 +297,14 @@ def write_results(s: Settings, run_dir: Path, metrics: dict) -> None:
 
 
 def choose_threshold_and_save(s: Settings, run_dir: Path, members: list[dict], ds: data.Dataset,
-                              scorer: evaluate.Scorer) -> float:
+                              scorer: evaluate.Scorer, precision_name: str) -> float:
     """Choose the scorer's threshold on validation (predictions_val.csv) and write best.pt; returns the validation AUC."""
     val_auc = evaluate.set_threshold(scorer, ds, s.threshold, run_dir / "predictions_val.csv")
     runs.save_best(run_dir / "best.pt", model_config=scorer.predictor.members[0].config,
                    members=[m["weights"] for m in members], prep=scorer.predictor.prep,
                    thresholds={"threshold": scorer.threshold, "cause_threshold": scorer.cause_threshold},
                    policy=s.threshold, tta=s.tta, training=[m["summary"] for m in members], ood=scorer.detector.state(),
-                   config=s.config())
+                   config=s.config(), precision=precision_name)
     return val_auc
 
 
@@ -321,7 +324,8 @@ def load_scorer(args) -> evaluate.Scorer:
     ckpt = runs.read_checkpoint(args.checkpoint)
     device = configure_device(args.device)
     choice = choose_precision(args.precision, device, lambda: PneumoniaCNN(**ckpt["model_config"]),
-                              ckpt["preprocess"]["image_size"], getattr(args, "batch_size", 64), train=False)
+                              ckpt["preprocess"]["image_size"], getattr(args, "batch_size", 64), train=False,
+                              scored_at=ckpt.get("precision"))
     predictor = infer.load_predictor(ckpt, device, choice.dtype)
     if args.cam_target in ("bacterial", "viral") and predictor.outputs == 1:
         raise UsageError(f"--cam-target {args.cam_target} needs a model trained with --task cause; "
@@ -409,7 +413,7 @@ def run_calibrate(args) -> int:
     ckpt = runs.read_checkpoint(args.checkpoint)
     device = configure_device(args.device)
     choice = choose_precision(args.precision, device, lambda: PneumoniaCNN(**ckpt["model_config"]),
-                              ckpt["preprocess"]["image_size"], 64, train=False)
+                              ckpt["preprocess"]["image_size"], 64, train=False, scored_at=ckpt.get("precision"))
     store = decode_cache(None if args.no_cache else args.cache_dir, ckpt["preprocess"]["image_size"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -422,7 +426,7 @@ def run_calibrate(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     out = runs.create(args.out or str(Path(args.checkpoint).parent / ("calibrate-" + time.strftime("%Y%m%d-%H%M%S"))))
     metrics, predictor, thresholds, prob = calibrate_to(args, ckpt, ds, choice, warning, device)
-    save_calibrated(ckpt, predictor, *thresholds, metrics, out / "best.pt")
+    save_calibrated(ckpt, predictor, *thresholds, metrics, choice.name, out / "best.pt")
     data.write_split_files(out, ds)
     evaluate.write_predictions(out / "predictions.csv", evaluate.labelled_predictions(
         evaluate.Scorer(predictor, thresholds[0], detector=load_detector(ckpt)), ds, np.arange(len(prob)), prob, None,
@@ -467,11 +471,12 @@ def calibrate_to(args, ckpt: dict, ds: data.Dataset, choice: precision.Choice, w
 
 
 def save_calibrated(ckpt: dict, predictor: infer.Predictor, threshold: float, cause_threshold: float | None,
-                    metrics: dict, path: Path) -> None:
-    """The source checkpoint with the site's BatchNorm statistics, thresholds and a provenance block."""
+                    metrics: dict, precision_name: str, path: Path) -> None:
+    """The source checkpoint with the site's BatchNorm statistics, thresholds (and the precision they were chosen
+    at) and a provenance block."""
     calibrated = {k: v for k, v in ckpt.items() if k not in ("model", "format", "versions")}
     calibrated.update(members=[{k: v.cpu() for k, v in m.state_dict().items()} for m in predictor.members],
-                      threshold=threshold, threshold_policy=metrics["calibration"]["policy"],
+                      threshold=threshold, threshold_policy=metrics["calibration"]["policy"], precision=precision_name,
                       calibration={**metrics["calibration"], "before": {k: metrics["before"][k] for k in
                                                                          ("threshold", "sensitivity", "specificity")},
                                    "expected": metrics["expected"]})

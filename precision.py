@@ -5,7 +5,10 @@ to training and inference (None: fp32). Some CPUs run bf16 convolutions much fas
 slower (AVX512-BF16 alone, or none): `auto` times a few steps of the actual model both ways at start-up
 and keeps bf16 only when it is more than 10% faster. On CUDA, `auto` is bf16 where the GPU supports it,
 else fp16 with loss scaling. Weights, optimizer state and the loss stay fp32 whatever is chosen, so a
-checkpoint trained in one precision scores in the other.
+checkpoint trained in one precision scores in the other. A scoring command's `auto` takes the precision
+the checkpoint's threshold was chosen at (`scored_at`), where the device runs it: bf16 moves a
+probability by up to about 0.01, enough to move calls at the threshold, so re-scoring a run's own test
+split in another precision would not give back its recorded figures; scoring is decode-bound anyway.
 """
 import statistics
 import time
@@ -42,13 +45,24 @@ class Choice:
         return cls(record["chosen"], record["reason"], record.get("timings_ms", {}))
 
 
+def runs_on(device: torch.device) -> set[str]:
+    """The precisions `device` computes in."""
+    if device.type == "cuda":
+        return {"fp32", "fp16"} | ({"bf16"} if torch.cuda.is_bf16_supported() else set())
+    return {"fp32", "bf16"} if device.type == "cpu" else {"fp32"}
+
+
 def resolve(requested: str, device: torch.device, make_model, image_size: int, batch_size: int,
-            train: bool = True, deterministic: bool = False) -> Choice:
+            train: bool = True, deterministic: bool = False, scored_at: str | None = None) -> Choice:
     """The precision for `--precision requested` on `device`; `auto` on the CPU probes a model `make_model()` builds
     (a fresh one, so the caller's model and random state are untouched), unless `deterministic`: a timing can
-    differ between two runs of one command, and so would their results."""
+    differ between two runs of one command, and so would their results. For scoring a checkpoint, `scored_at` is
+    the precision its threshold was chosen at: `auto` keeps it where `device` runs it."""
     if requested == "fp32":
         return Choice("fp32", "asked for (--precision fp32)")
+    if requested == "auto" and scored_at in runs_on(device):
+        return Choice(scored_at, f"auto for a checkpoint whose threshold was chosen in {scored_at}: the same, so "
+                                 f"that its recorded figures reproduce")
     if requested == "auto" and deterministic and device.type == "cpu":
         return Choice("fp32", "auto with --deterministic: fp32, not timed, so that every rerun computes alike")
     if device.type == "cuda":

@@ -157,15 +157,16 @@ def read_checkpoint(path: str | Path | None) -> dict:
 
 
 def save_best(path: Path, *, model_config: dict, members: list[dict], prep: Preprocess, thresholds: dict,
-              policy: str, tta: bool, training: list[dict], ood: dict, config: dict) -> None:
+              policy: str, tta: bool, training: list[dict], ood: dict, config: dict, precision: str) -> None:
     """best.pt: what scoring new data needs (every member's weights, the model config, preprocessing, thresholds,
-    whether to average test-time views, the out-of-distribution detector) and how the members were trained, with
-    the run's config.
+    whether to average test-time views, the out-of-distribution detector, the precision the thresholds were chosen
+    at) and how the members were trained, with the run's config.
 
     `thresholds` holds "threshold" (on P(pneumonia)) and, for three-class models, "cause_threshold".
     """
     save_checkpoint(path, {"members": members, "model_config": model_config, "preprocess": prep.state(), **thresholds,
-                           "threshold_policy": policy, "tta": tta, "training": training, "ood": ood, "config": config})
+                           "threshold_policy": policy, "tta": tta, "training": training, "ood": ood, "config": config,
+                           "precision": precision})
 
 
 def load_models(ckpt: dict, device: torch.device) -> tuple[list[PneumoniaCNN], Preprocess]:

@@ -215,7 +215,8 @@ def add_shared_flags(p: argparse.ArgumentParser, cache: bool, cam: bool = True) 
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="arithmetic of the forward and backward passes: auto times the model in fp32 and in bf16 "
                         "autocast at start-up on a CPU and keeps bf16 only when it is over 10%% faster (bf16 on a "
-                        "CUDA GPU that has it, else fp16); weights stay fp32 either way")
+                        "CUDA GPU that has it, else fp16); scoring a checkpoint, auto keeps the precision its "
+                        "threshold was chosen at, so that its figures reproduce; weights stay fp32 either way")
     if cam:
         p.add_argument("--cam-target", choices=CAM_TARGETS, default="pneumonia",
                        help="class whose evidence Grad-CAM shows; bacterial and viral (each against the other) need a --task cause model")

@@ -140,21 +140,33 @@ def test_an_ensemble_of_one_is_the_single_model_and_its_members_lead_larger_ense
         assert "an ensemble of 2 models" in text and "the last epoch&#x27;s weights (epoch 3)" in text.replace("'", "&#x27;")
 
 
-def test_evaluate_and_predict_read_ensemble_and_format_1_checkpoints(pair, tmp_path):
+def test_evaluate_and_predict_read_ensemble_and_format_1_checkpoints(pair, tmp_path, monkeypatch, capsys):
+    import precision
+    # as on a CPU with fast bf16: auto must still score these fp32-trained checkpoints in fp32, or re-scoring
+    # the run's own test split would not give back its figures
+    monkeypatch.setattr(precision, "probe", lambda *a, **k: {"fp32": 100.0, "bf16": 50.0})
     image = sorted((pair / "two" / "demo_data" / "images" / "PNEUMONIA").glob("*.png"))[0]
     ckpt = runs.load_checkpoint(pair / "one" / "best.pt")
-    old = {k: v for k, v in ckpt.items() if k not in ("members", "training", "tta")}
+    assert ckpt["precision"] == "fp32"
+    old = {k: v for k, v in ckpt.items() if k not in ("members", "training", "tta", "precision")}
     old.update(format=1, model=ckpt["members"][0])  # what project 1.2 wrote
     torch.save(old, tmp_path / "old.pt")
     probs = {}
     for name, path in (("one", pair / "one" / "best.pt"), ("old", tmp_path / "old.pt"), ("two", pair / "two" / "best.pt")):
-        assert main.main(["predict", str(image), "--checkpoint", str(path), "--out", str(tmp_path / f"p{name}")]) == 0
+        # a checkpoint that records no precision is timed like any new one: fp32 asked for, to compare the weights
+        pinned = ["--precision", "fp32"] if name == "old" else []
+        assert main.main(["predict", str(image), "--checkpoint", str(path), "--out", str(tmp_path / f"p{name}"),
+                          *pinned]) == 0
         probs[name] = float(_rows(tmp_path / f"p{name}" / "predictions.csv")[0]["probability"])
         assert main.main(["evaluate", "--checkpoint", str(path), "--data", str(pair / "two" / "split.csv"),
-                          "--out", str(tmp_path / f"e{name}"), "--quiet", "--no-cache"]) == 0
+                          "--out", str(tmp_path / f"e{name}"), "--quiet", "--no-cache", *pinned]) == 0
     assert probs["one"] == probs["old"] != probs["two"]
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("precision:")]
+    assert len(said) == 6 and all("fp32" in line.split()[1] for line in said)
     again = json.loads((tmp_path / "etwo" / "metrics.json").read_text())
     assert again["test"] == json.loads((pair / "two" / "metrics.json").read_text())["test"]  # the run's own figures
+    assert main.main(["predict", str(image), "--checkpoint", str(tmp_path / "old.pt"), "--out", str(tmp_path / "q")]) == 0
+    assert "precision: bf16 (auto on this CPU" in capsys.readouterr().out
 
 
 def test_keep_swa_and_best_and_tta_end_to_end(tmp_path):
@@ -181,11 +193,12 @@ def test_bf16_trains_on_the_cpu_records_its_choice_and_its_checkpoint_scores_ali
     assert "Precision: bf16" in (tmp_path / "bf16" / "MODEL_CARD.md").read_text()
     images = sorted((tmp_path / "bf16" / "demo_data" / "images").rglob("*.png"))[:12]
     probs = {}
-    for name in ("fp32", "bf16"):
+    for name in ("fp32", "bf16", "auto"):
         assert main.main(["predict", *map(str, images), "--checkpoint", str(tmp_path / "bf16" / "best.pt"),
                           "--precision", name, "--out", str(tmp_path / f"p{name}")]) == 0
         probs[name] = np.array([float(r["probability"]) for r in _rows(tmp_path / f"p{name}" / "predictions.csv")])
     assert np.abs(probs["fp32"] - probs["bf16"]).max() <= 0.01
+    assert np.array_equal(probs["auto"], probs["bf16"])  # auto scores in the precision the threshold was chosen at
     assert main.main(TINY + ["--out", str(tmp_path / "auto")]) == 0  # the default: auto, measured and recorded
     auto = json.loads((tmp_path / "auto" / "config.json").read_text())["precision_choice"]
     assert auto["chosen"] in ("fp32", "bf16") and set(auto["timings_ms"]) == {"fp32", "bf16"}

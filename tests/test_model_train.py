@@ -119,6 +119,13 @@ def test_precision_auto_keeps_bf16_only_when_it_measures_faster(monkeypatch):
     # --deterministic: no timing (two runs could time differently), fp32 on the CPU
     monkeypatch.setattr(precision, "probe", lambda *a, **k: pytest.fail("probed under --deterministic"))
     assert precision.resolve("auto", cpu, make, 32, 4, deterministic=True).name == "fp32"
+    # scoring a checkpoint: auto keeps the precision its threshold was chosen at, where the device computes in it
+    for scored_at in ("fp32", "bf16"):
+        assert precision.resolve("auto", cpu, make, 32, 4, train=False, scored_at=scored_at).name == scored_at
+    assert precision.resolve("fp32", cpu, make, 32, 4, train=False, scored_at="bf16").name == "fp32"  # asked for
+    monkeypatch.setattr(precision, "probe", lambda *a, **k: {"fp32": 100.0, "bf16": 50.0})
+    assert precision.resolve("auto", cpu, make, 32, 4, train=False, scored_at="fp16").name == "bf16"  # not on a CPU
+    assert precision.resolve("auto", cuda, make, 32, 4, train=False, scored_at="bf16").name == "fp16"  # no GPU bf16
 
 
 def test_the_precision_probe_times_both_and_leaves_the_random_state_alone():
