@@ -2,7 +2,8 @@
 
 Usage: `python benchmarks/precision.py [--steps 40]`. Prints the CPU model and its bf16 flags, then:
 1. training steps of the default model (batch 32, 128 px, augmentation included) in fp32 and bf16,
-   in alternating blocks so that both see the same machine load, as a ratio;
+   in alternating blocks so that both see the same machine load, as a ratio; then whole epochs
+   through `train.train_one_epoch` (3,636 images, the default run's training split), alternating;
 2. what `--precision auto` chose here and what its probe cost;
 3. torch.compile: its compile time, and its step time against eager, so whether it repays itself
    within a default run (25 epochs of 114 steps);
@@ -61,6 +62,19 @@ def stepper(dtype, compiled: bool = False):
     return step
 
 
+def epoch(dtype, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Seconds for one whole training epoch of the default model through train.train_one_epoch at autocast `dtype`."""
+    torch.manual_seed(0)
+    model = PneumoniaCNN().to(memory_format=torch.channels_last)
+    optimizer, scheduler = train.make_optimizer(model, 0.05, 25, (len(images) + 31) // 32)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))
+    parts = train.Parts(model, optimizer, scheduler, loss_fn, loss_fn, Preprocess(128, 0.5, 0.25), torch.device("cpu"),
+                        torch.Generator().manual_seed(0), autocast=dtype)
+    start = time.perf_counter()
+    train.train_one_epoch(parts, images, labels, 32, train.TrainState())
+    return time.perf_counter() - start
+
+
 def timed(step, n: int) -> float:
     """Seconds per step over n steps."""
     start = time.perf_counter()
@@ -73,6 +87,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=40, help="timed training steps per precision and round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    p.add_argument("--epoch-rounds", type=int, default=2, help="alternating rounds of whole epochs (0: skip)")
     args = p.parse_args(argv)
     name, flags = cpu()
     print(f"CPU: {name}; bf16-related flags: {', '.join(flags) or 'none'}; torch {torch.__version__}, "
@@ -87,6 +102,18 @@ def main(argv=None) -> int:
     fp32, bf16 = (statistics.median(results[k]) * 1000 for k in ("fp32", "bf16"))
     print(f"1. training step, batch 32 at 128 px: fp32 {fp32:.1f} ms, bf16 {bf16:.1f} ms: bf16/fp32 = {bf16 / fp32:.2f}x "
           f"(an epoch of 114 steps: {fp32 * 114 / 1000:.1f} s against {bf16 * 114 / 1000:.1f} s)")
+    if args.epoch_rounds:
+        # random pixels stand in for films: the arithmetic of an epoch does not depend on what the pixels show
+        images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3636, 1, 141, 141), np.uint8))
+        labels = (torch.arange(3636) % 4 != 0).float()  # about the training split's 3:1 pneumonia:normal
+        whole = {"fp32": [], "bf16": []}
+        for _ in range(args.epoch_rounds):
+            for k, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+                whole[k].append(epoch(dtype, images, labels))
+        fp32_e, bf16_e = (statistics.median(whole[k]) for k in ("fp32", "bf16"))
+        print(f"1b. whole training epochs (3,636 images, {args.epoch_rounds} alternating rounds): fp32 "
+              f"{'/'.join(f'{t:.1f}' for t in whole['fp32'])} s, bf16 {'/'.join(f'{t:.1f}' for t in whole['bf16'])} s: "
+              f"bf16/fp32 = {bf16_e / fp32_e:.2f}x")
     start = time.perf_counter()
     choice = precision.resolve("auto", torch.device("cpu"), PneumoniaCNN, 128, 32)
     print(f"2. --precision auto chose {choice.name} after a probe of {time.perf_counter() - start:.1f} s: {choice.reason}")
