@@ -86,6 +86,13 @@ def choose_precision(requested: str, device: torch.device, make_model, image_siz
     return choice
 
 
+def scoring_precision(requested: str, ckpt: dict, device: torch.device, batch_size: int = 64) -> precision.Choice:
+    """--precision for scoring the checkpoint `ckpt`: auto keeps the precision its threshold was chosen at, and times
+    a forward pass of its model where it records none."""
+    return choose_precision(requested, device, lambda: PneumoniaCNN(**ckpt["model_config"]),
+                            ckpt["preprocess"]["image_size"], batch_size, train=False, scored_at=ckpt.get("precision"))
+
+
 def cpu_name() -> str:
     """The CPU's model name, for the provenance block (timings mean little without it)."""
     try:
@@ -323,9 +330,7 @@ def load_scorer(args) -> evaluate.Scorer:
     """The checkpoint's predictor and thresholds on the chosen device, at the chosen precision."""
     ckpt = runs.read_checkpoint(args.checkpoint)
     device = configure_device(args.device)
-    choice = choose_precision(args.precision, device, lambda: PneumoniaCNN(**ckpt["model_config"]),
-                              ckpt["preprocess"]["image_size"], getattr(args, "batch_size", 64), train=False,
-                              scored_at=ckpt.get("precision"))
+    choice = scoring_precision(args.precision, ckpt, device, getattr(args, "batch_size", 64))
     predictor = infer.load_predictor(ckpt, device, choice.dtype)
     if args.cam_target in ("bacterial", "viral") and predictor.outputs == 1:
         raise UsageError(f"--cam-target {args.cam_target} needs a model trained with --task cause; "
@@ -412,8 +417,7 @@ def run_calibrate(args) -> int:
     the source, which is never touched, with the before/after figures and what the site should expect."""
     ckpt = runs.read_checkpoint(args.checkpoint)
     device = configure_device(args.device)
-    choice = choose_precision(args.precision, device, lambda: PneumoniaCNN(**ckpt["model_config"]),
-                              ckpt["preprocess"]["image_size"], 64, train=False, scored_at=ckpt.get("precision"))
+    choice = scoring_precision(args.precision, ckpt, device)
     store = decode_cache(None if args.no_cache else args.cache_dir, ckpt["preprocess"]["image_size"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -40,36 +40,37 @@ def cpu() -> tuple[str, list[str]]:
     return name, [f for f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16") if f in flags]
 
 
-def stepper(dtype, compiled: bool = False):
-    """One training step of the default model on a fixed augmented batch, at autocast `dtype`."""
+def default_parts(dtype, steps_per_epoch: int, compiled: bool = False) -> train.Parts:
+    """The default model with its training recipe (SGD with OneCycle, pos_weight 0.6, 128 px preprocessing), stepping
+    at autocast `dtype`: one setup for the step and the epoch timings."""
     torch.manual_seed(0)
     model = PneumoniaCNN().to(memory_format=torch.channels_last)
-    stepped = torch.compile(model) if compiled else model
-    optimizer, _ = train.make_optimizer(model, 0.05, 25, 114)
-    prep = Preprocess(128, 0.5, 0.25)
+    optimizer, scheduler = train.make_optimizer(model, 0.05, 25, steps_per_epoch)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))
+    return train.Parts(torch.compile(model) if compiled else model, optimizer, scheduler, loss_fn, loss_fn,
+                       Preprocess(128, 0.5, 0.25), torch.device("cpu"), torch.Generator().manual_seed(0),
+                       autocast=dtype)
+
+
+def stepper(dtype, compiled: bool = False):
+    """One training step of the default model on a fixed augmented batch, at autocast `dtype`."""
+    p = default_parts(dtype, 114, compiled)
     batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (32, 1, 141, 141), np.uint8))
     y = (torch.arange(32) % 2).float()
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))
-    generator = torch.Generator().manual_seed(0)
 
     def step():
-        x = prep.train(batch, generator).contiguous(memory_format=torch.channels_last)
+        x = p.prep.train(batch, p.generator).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            loss = loss_fn(stepped(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
+            loss = p.loss_fn(p.model(x).float(), y)
+        p.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        p.optimizer.step()
     return step
 
 
 def epoch(dtype, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Seconds for one whole training epoch of the default model through train.train_one_epoch at autocast `dtype`."""
-    torch.manual_seed(0)
-    model = PneumoniaCNN().to(memory_format=torch.channels_last)
-    optimizer, scheduler = train.make_optimizer(model, 0.05, 25, (len(images) + 31) // 32)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))
-    parts = train.Parts(model, optimizer, scheduler, loss_fn, loss_fn, Preprocess(128, 0.5, 0.25), torch.device("cpu"),
-                        torch.Generator().manual_seed(0), autocast=dtype)
+    parts = default_parts(dtype, (len(images) + 31) // 32)
     start = time.perf_counter()
     train.train_one_epoch(parts, images, labels, 32, train.TrainState())
     return time.perf_counter() - start
