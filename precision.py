@@ -1,14 +1,15 @@
 """Mixed precision, chosen by measurement: fp32, or bf16 autocast where this machine runs it faster.
 
 Usage: `choice = precision.resolve("auto", device, make_model, image_size, batch_size)`; pass `choice.dtype`
-to training and inference (None: fp32). Some CPUs run bf16 convolutions much faster than fp32 (AMX), some
-slower (AVX512-BF16 alone, or none): `auto` times a few steps of the actual model both ways at start-up
-and keeps bf16 only when it is more than 10% faster. On CUDA, `auto` is bf16 where the GPU supports it,
-else fp16 with loss scaling. Weights, optimizer state and the loss stay fp32 whatever is chosen, so a
-checkpoint trained in one precision scores in the other. A scoring command's `auto` takes the precision
-the checkpoint's threshold was chosen at (`scored_at`), where the device runs it: bf16 moves a
-probability by up to about 0.01, enough to move calls at the threshold, so re-scoring a run's own test
-split in another precision would not give back its recorded figures; scoring is decode-bound anyway.
+to training and inference (None: fp32). Some CPUs run bf16 convolutions much faster than fp32 (AMX, Zen 4),
+some a little slower (AVX512-BF16 alone on some Xeons), and those without bf16 instructions emulate it about
+10x slower: `auto` times a few steps of the actual model both ways at start-up and keeps bf16 only when it is
+more than 10% faster, after a small batch has screened out emulation cheaply. On CUDA, `auto` is bf16
+where the GPU supports it, else fp16 with loss scaling. Weights, optimizer state and the loss stay fp32
+whatever is chosen, so a checkpoint trained in one precision scores in the other. A scoring command's
+`auto` takes the precision the checkpoint's threshold was chosen at (`scored_at`), where the device runs
+it natively: bf16 moves a probability by up to about 0.01, enough to move calls at the threshold, so
+re-scoring a run's own test split in another precision would not give back its recorded figures.
 """
 import statistics
 import time
@@ -20,6 +21,10 @@ from torch import nn
 CHOICES = ("auto", "fp32", "bf16")
 SPEEDUP = 1.10  # bf16 must beat fp32 by more than this factor to be chosen
 PROBE_STEPS = 4  # timed steps per precision, after one warm-up each
+# A CPU without bf16 instructions emulates it, about 10x slower (an AMD EPYC Zen 3: 2.5 s against 0.22 s a step);
+# a small batch shows that in a tenth of the full probe's time, so that such a CPU pays about 1 s, not 13 s
+SCREEN_BATCH, SCREEN_STEPS = 4, 2
+EMULATED = 3.0  # bf16 this many times slower than fp32 on the small batch: emulated
 
 
 @dataclass
@@ -57,12 +62,19 @@ def resolve(requested: str, device: torch.device, make_model, image_size: int, b
     """The precision for `--precision requested` on `device`; `auto` on the CPU probes a model `make_model()` builds
     (a fresh one, so the caller's model and random state are untouched), unless `deterministic`: a timing can
     differ between two runs of one command, and so would their results. For scoring a checkpoint, `scored_at` is
-    the precision its threshold was chosen at: `auto` keeps it where `device` runs it."""
+    the precision its threshold was chosen at: `auto` keeps it where `device` runs it, unless the CPU emulates bf16."""
     if requested == "fp32":
         return Choice("fp32", "asked for (--precision fp32)")
+    what = "training step" if train else "forward pass"
     if requested == "auto" and scored_at in runs_on(device):
-        return Choice(scored_at, f"auto for a checkpoint whose threshold was chosen in {scored_at}: the same, so "
-                                 f"that its recorded figures reproduce")
+        cpu_bf16 = scored_at == "bf16" and device.type == "cpu"
+        slow = emulated(make_model, image_size, batch_size, train) if cpu_bf16 else None
+        if slow is None:
+            return Choice(scored_at, f"auto for a checkpoint whose threshold was chosen in {scored_at}: the same, "
+                                     f"so that its recorded figures reproduce")
+        return Choice("fp32", f"auto for a checkpoint whose threshold was chosen in bf16, on a CPU that emulates "
+                              f"bf16 ({_timed(slow, what, SCREEN_BATCH)}): fp32, {slow['bf16'] / slow['fp32']:.0f}x "
+                              f"faster here; its probabilities may differ from the recorded ones by about 0.01", slow)
     if requested == "auto" and deterministic and device.type == "cpu":
         return Choice("fp32", "auto with --deterministic: fp32, not timed, so that every rerun computes alike")
     if device.type == "cuda":
@@ -77,13 +89,30 @@ def resolve(requested: str, device: torch.device, make_model, image_size: int, b
         return Choice("bf16", "asked for (--precision bf16)")
     if device.type != "cpu":
         return Choice("fp32", f"auto on {device.type}: fp32")
+    slow = emulated(make_model, image_size, batch_size, train)
+    if slow is not None:
+        return Choice("fp32", f"auto on this CPU: {_timed(slow, what, SCREEN_BATCH)}, so it emulates bf16; the full "
+                              f"probe was skipped", slow)
     timings = probe(make_model, image_size, batch_size, train)
     faster = timings["bf16"] * SPEEDUP < timings["fp32"]
-    what = "training step" if train else "forward pass"
     return Choice("bf16" if faster else "fp32",
-                  f"auto on this CPU: a {what} of batch {batch_size} took {timings['bf16']:.0f} ms in bf16 against "
-                  f"{timings['fp32']:.0f} ms in fp32; bf16 is kept only when more than {SPEEDUP - 1:.0%} faster",
-                  {k: round(v, 1) for k, v in timings.items()})
+                  f"auto on this CPU: {_timed(timings, what, batch_size)}; bf16 is kept only when more than "
+                  f"{SPEEDUP - 1:.0%} faster", {k: round(v, 1) for k, v in timings.items()})
+
+
+def _timed(timings: dict[str, float], what: str, batch_size: int) -> str:
+    """The two timings, in words, for a choice's reason."""
+    return (f"a {what} of batch {batch_size} took {timings['bf16']:.0f} ms in bf16 against {timings['fp32']:.0f} ms "
+            f"in fp32")
+
+
+def emulated(make_model, image_size: int, batch_size: int, train: bool = True) -> dict[str, float] | None:
+    """The timings of a small batch when they show this CPU emulating bf16 (more than EMULATED times slower than
+    fp32), else None: then only a full probe can tell whether bf16 is faster."""
+    if batch_size <= SCREEN_BATCH:
+        return None
+    timings = probe(make_model, image_size, SCREEN_BATCH, train, SCREEN_STEPS)
+    return {k: round(v, 1) for k, v in timings.items()} if timings["bf16"] > EMULATED * timings["fp32"] else None
 
 
 def probe(make_model, image_size: int, batch_size: int, train: bool = True,

@@ -120,12 +120,37 @@ def test_precision_auto_keeps_bf16_only_when_it_measures_faster(monkeypatch):
     monkeypatch.setattr(precision, "probe", lambda *a, **k: pytest.fail("probed under --deterministic"))
     assert precision.resolve("auto", cpu, make, 32, 4, deterministic=True).name == "fp32"
     # scoring a checkpoint: auto keeps the precision its threshold was chosen at, where the device computes in it
+    monkeypatch.setattr(precision, "probe", lambda *a, **k: {"fp32": 100.0, "bf16": 130.0})  # bf16 native, slower
     for scored_at in ("fp32", "bf16"):
-        assert precision.resolve("auto", cpu, make, 32, 4, train=False, scored_at=scored_at).name == scored_at
+        assert precision.resolve("auto", cpu, make, 32, 16, train=False, scored_at=scored_at).name == scored_at
     assert precision.resolve("fp32", cpu, make, 32, 4, train=False, scored_at="bf16").name == "fp32"  # asked for
     monkeypatch.setattr(precision, "probe", lambda *a, **k: {"fp32": 100.0, "bf16": 50.0})
     assert precision.resolve("auto", cpu, make, 32, 4, train=False, scored_at="fp16").name == "bf16"  # not on a CPU
     assert precision.resolve("auto", cuda, make, 32, 4, train=False, scored_at="bf16").name == "fp16"  # no GPU bf16
+
+
+def test_a_cpu_that_emulates_bf16_is_told_by_a_small_batch_and_scores_a_bf16_checkpoint_in_fp32(monkeypatch):
+    import precision
+    cpu, make = torch.device("cpu"), lambda: PneumoniaCNN((4, 4, 4), stem=4)  # noqa: E731
+    timed = []
+
+    def probe(make_model, image_size, batch_size, train=True, steps=precision.PROBE_STEPS):
+        timed.append(batch_size)  # emulated bf16: 10x slower at every batch size (as on an AMD EPYC Zen 3)
+        return {"fp32": 10.0 * batch_size, "bf16": 100.0 * batch_size}
+
+    monkeypatch.setattr(precision, "probe", probe)
+    choice = precision.resolve("auto", cpu, make, 128, 32)
+    assert choice.name == "fp32" and "emulates bf16" in choice.reason and timed == [precision.SCREEN_BATCH]
+    assert choice.record()["timings_ms"] == {"fp32": 40.0, "bf16": 400.0}  # the small batch's, as the reason says
+    timed.clear()
+    scoring = precision.resolve("auto", cpu, make, 128, 64, train=False, scored_at="bf16")
+    assert scoring.name == "fp32" and "emulates bf16" in scoring.reason and timed == [precision.SCREEN_BATCH]
+    assert precision.resolve("bf16", cpu, make, 128, 32).name == "bf16"  # asked for: no screen overrules it
+    # a CPU whose bf16 is native, if slower at a small batch: the screen passes it to the full probe, at the batch
+    monkeypatch.setattr(precision, "probe", lambda m, size, batch, *a, **k: timed.append(batch) or
+                        {"fp32": 100.0, "bf16": 150.0 if batch == precision.SCREEN_BATCH else 80.0})
+    timed.clear()
+    assert precision.resolve("auto", cpu, make, 128, 32).name == "bf16" and timed == [precision.SCREEN_BATCH, 32]
 
 
 def test_the_precision_probe_times_both_and_leaves_the_random_state_alone():
