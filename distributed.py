@@ -68,9 +68,13 @@ def start(ranks: Context, device: torch.device) -> torch.device:
     return device
 
 
-def stop(ranks: Context) -> None:
-    """Leave the process group."""
+def stop(ranks: Context, finished: bool = True) -> None:
+    """Leave the process group. A rank that `finished` first waits for every other, so that no rank tears down
+    its connections while a peer is still at work on them (a rare abort of the rank left behind, seen in CI);
+    one leaving on an error does not wait, since a peer may be gone."""
     if ranks.active and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

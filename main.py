@@ -143,15 +143,16 @@ def run_train(s: Settings) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     try:
-        return train_and_score(s, ranks, device)
-    except RuntimeError as err:
-        if ranks.active:  # most often a collective that lost a dead rank: say so before the traceback
+        status = train_and_score(s, ranks, device)
+    except BaseException as err:
+        if ranks.active and isinstance(err, RuntimeError):  # most often a collective that lost a dead rank
             print(f"error: rank {ranks.rank} stopped: {str(err).splitlines()[0][:200]}\nIf another rank died, "
                   f"torchrun's report names it; `--resume` the run folder to continue from its last finished "
                   f"epoch.", file=sys.stderr)
+        distributed.stop(ranks, finished=False)
         raise
-    finally:
-        distributed.stop(ranks)
+    distributed.stop(ranks)
+    return status
 
 
 def train_and_score(s: Settings, ranks: distributed.Context, device: torch.device) -> int:

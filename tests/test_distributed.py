@@ -60,11 +60,13 @@ def test_two_processes_write_one_run_folder_and_match_one_process(two_runs):
     assert out.count("Test split (threshold chosen on validation") == 1  # printed by rank 0 only
     one, two = (json.loads((base / n / "metrics.json").read_text()) for n in ("one", "two"))
     # both AUCs saturate on phantoms, so compare the models image by image: the 2-process model must rank and
-    # score the same test images as the 1-process one (measured: Spearman 0.98, mean |difference| 0.013)
+    # score the same test images as the 1-process one. Measured mean |difference|: 0.013 on an Intel Xeon, 0.052 on
+    # an AMD EPYC Zen 3 (BatchNorm sees 16 images a rank, and the kernels round differently); 2-process runs with a
+    # recipe slip score 0.087 (--lr doubled), 0.127 (halved) and 0.092 (8 epochs' schedule) there
     rows = [list(csv.DictReader(open(base / n / "predictions.csv"))) for n in ("one", "two")]
     assert [Path(r["path"]).name for r in rows[0]] == [Path(r["path"]).name for r in rows[1]]
     p1, p2 = (np.array([float(r["probability"]) for r in run]) for run in rows)
-    assert spearmanr(p1, p2)[0] >= 0.9 and np.abs(p1 - p2).mean() <= 0.05
+    assert spearmanr(p1, p2)[0] >= 0.9 and np.abs(p1 - p2).mean() <= 0.07
     assert one["data"]["splits"] == two["data"]["splits"]  # the same split on every rank
     history = (base / "two" / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 10 and not (base / "two" / "INCOMPLETE").exists()
@@ -185,6 +187,27 @@ def test_each_epoch_the_ranks_train_on_disjoint_shards_that_cover_every_image(tm
         for a, b in zip(got[0]["history"], got[1]["history"]))
     assert got[0]["weights"] == pytest.approx(got[1]["weights"], rel=1e-6)  # one model, kept in step
     assert (tmp_path / "last.pt").exists()  # written by rank 0
+
+
+def _stop_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    ranks = distributed.Context.from_env()
+    distributed.start(ranks, torch.device("cpu"))
+    if ranks.main:
+        time.sleep(1.0)  # rank 0 still at work (writing its files) when rank 1 is done
+    arrived = time.time()
+    distributed.stop(ranks)
+    Path(out, f"stop{rank}.json").write_text(json.dumps({"arrived": arrived, "left": time.time()}))
+
+
+def test_a_finished_rank_leaves_the_process_group_only_once_every_rank_has_finished(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_stop_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    first, second = (json.loads((tmp_path / f"stop{r}.json").read_text()) for r in (0, 1))
+    assert second["left"] >= first["arrived"]  # rank 1 waited for rank 0 instead of tearing down under it
 
 
 def test_a_batch_is_shared_without_overlap_and_a_tiny_last_batch_goes_round():
