@@ -185,7 +185,8 @@ def test_keep_swa_and_best_and_tta_end_to_end(tmp_path):
     assert best["kept_epochs"] == [int(top["epoch"])] and top["kept"] == "yes"
 
 
-def test_bf16_trains_on_the_cpu_records_its_choice_and_its_checkpoint_scores_alike_in_fp32(tmp_path):
+def test_bf16_trains_on_the_cpu_records_its_choice_and_its_checkpoint_scores_alike_in_fp32(tmp_path, monkeypatch):
+    import precision
     assert main.main(TINY + ["--precision", "bf16", "--out", str(tmp_path / "bf16")]) == 0
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     m = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
@@ -193,12 +194,17 @@ def test_bf16_trains_on_the_cpu_records_its_choice_and_its_checkpoint_scores_ali
     assert "Precision: bf16" in (tmp_path / "bf16" / "MODEL_CARD.md").read_text()
     images = sorted((tmp_path / "bf16" / "demo_data" / "images").rglob("*.png"))[:12]
     probs = {}
-    for name in ("fp32", "bf16", "auto"):
+    # auto on a CPU with native bf16 (the screen finds it not emulated), then on one that emulates it
+    for name, cpu_emulates in (("fp32", None), ("bf16", None), ("auto", False), ("auto", True)):
+        monkeypatch.setattr(precision, "emulated", lambda *a, **k: {"fp32": 1.0, "bf16": 9.0} if cpu_emulates else None)
+        out = tmp_path / f"p{name}{'_emulated' if cpu_emulates else ''}"
         assert main.main(["predict", *map(str, images), "--checkpoint", str(tmp_path / "bf16" / "best.pt"),
-                          "--precision", name, "--out", str(tmp_path / f"p{name}")]) == 0
-        probs[name] = np.array([float(r["probability"]) for r in _rows(tmp_path / f"p{name}" / "predictions.csv")])
+                          "--precision", name, "--out", str(out)]) == 0
+        probs[out.name[1:]] = np.array([float(r["probability"]) for r in _rows(out / "predictions.csv")])
     assert np.abs(probs["fp32"] - probs["bf16"]).max() <= 0.01
-    assert np.array_equal(probs["auto"], probs["bf16"])  # auto scores in the precision the threshold was chosen at
+    assert np.array_equal(probs["auto"], probs["bf16"])  # auto scores in the precision the threshold was chosen at,
+    assert np.array_equal(probs["auto_emulated"], probs["fp32"])  # unless this CPU emulates bf16 (~10x slower)
+    monkeypatch.undo()
     assert main.main(TINY + ["--out", str(tmp_path / "auto")]) == 0  # the default: auto, measured and recorded
     auto = json.loads((tmp_path / "auto" / "config.json").read_text())["precision_choice"]
     assert auto["chosen"] in ("fp32", "bf16") and set(auto["timings_ms"]) == {"fp32", "bf16"}
