@@ -33,7 +33,9 @@ class Choice:
 
     name: str  # fp32, bf16 or fp16
     reason: str
-    timings_ms: dict = field(default_factory=dict)  # per step, when probed: {"fp32": ..., "bf16": ...}
+    # per step, when probed: {"fp32": ..., "bf16": ...}, at the batch the reason names (the screen's 4 where it
+    # found bf16 emulated, else the run's batch)
+    timings_ms: dict = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype | None:
