@@ -13,6 +13,7 @@ import hashlib
 import json
 import mmap
 import os
+import signal
 import warnings
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -159,24 +160,32 @@ def _decode_all(paths: list[str], size: int, todo: list[int], put, workers: int 
     # every core, but at least 8 files per worker: for fewer, starting a process costs more than it saves
     workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 8))
     bar = progress.track(len(jobs), "decoding images (once)", "images", show)
-    with ProcessPoolExecutor(workers) if workers > 1 else _Serial() as pool:
+    pool = ProcessPoolExecutor(workers, initializer=_leave_interrupts_to_parent) if workers > 1 else _Serial()
+    try:
         results = pool.map(_decode_job, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
         for i, (image, err, colour) in zip(todo, results):
             put(i, image, err)
             if colours is not None:
                 colours[i] = colour
             bar.update()
+    except BaseException:  # Ctrl-C: drop the queued files instead of decoding them all before leaving
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     bar.close()
+
+
+def _leave_interrupts_to_parent() -> None:
+    """A decode worker ignores Ctrl-C, which the terminal sends to every process: the parent stops the pool, so
+    one line is printed instead of a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Serial:
     """A pool of no processes: map in this one."""
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
 
     @staticmethod
     def map(fn, jobs, chunksize=1):

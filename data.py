@@ -14,7 +14,7 @@ import torch
 from cache import ImageCache, ImageRows, TensorRows, load_images
 from images import DICOM_SUFFIXES, cache_size, header, is_dicom, view_problem
 from labels import CAUSES, CLASSES
-from runs import write_csv
+from runs import read_csv, write_csv
 
 JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 SPLITS = ("train", "val", "test")
@@ -474,18 +474,37 @@ def audit(ds: Dataset) -> dict:
 def find_labelled(source: str) -> Found:
     """The labelled files of a folder (DIR/**/{NORMAL,PNEUMONIA}/*), or the test rows of a run's split.csv."""
     if source.endswith(".csv"):
-        with open(source, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
-        return Found(paths=[r["path"] for r in rows], labels=[CLASSES.index(r["label"]) for r in rows])
+        return _split_csv_test_rows(source)
     found = find_images(source)
     if not found.paths:
         raise NoImagesFound(f"no images in NORMAL/ or PNEUMONIA/ folders under '{source}'")
     return found
 
 
+SPLIT_COLUMNS = ("path", "patient", "label", "split")
+
+
+def _split_csv_test_rows(source: str) -> Found:
+    """The test rows of a run's split.csv; any other CSV is refused with what it lacks."""
+    try:
+        rows = read_csv(source)
+    except (OSError, UnicodeError, csv.Error) as err:
+        raise DataError(f"cannot read '{source}' as a run's split.csv ({type(err).__name__}: {err})") from None
+    have = list(rows[0]) if rows else []
+    missing = [c for c in ("path", "label", "split") if c not in have]
+    if missing or not rows:
+        raise DataError(f"'{source}' is not a run's split.csv: it needs the columns path, label and split"
+                        + (f" and has {', '.join(have) or 'none'}" if rows else " and has no rows"))
+    bad = sorted({r["label"] for r in rows} - set(CLASSES))
+    if bad:
+        raise DataError(f"'{source}' has labels {', '.join(bad)[:80]}; a split.csv holds NORMAL and PNEUMONIA only")
+    test = [r for r in rows if r["split"] == "test"]
+    return Found(paths=[r["path"] for r in test], labels=[CLASSES.index(r["label"]) for r in test])
+
+
 def write_split_files(folder: Path, ds: Dataset) -> None:
     """split.csv, skipped.csv and duplicates.csv: every file found is in exactly one of them."""
-    write_csv(folder / "split.csv", ["path", "patient", "label", "split"],
+    write_csv(folder / "split.csv", SPLIT_COLUMNS,
               zip(ds.paths, ds.patients, [CLASSES[i] for i in ds.labels], ds.split))
     write_csv(folder / "skipped.csv", ["path", "reason"], ds.found.skipped)
     write_csv(folder / "duplicates.csv", ["path", "duplicate_of", "why"], ds.found.duplicates)

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# long enough for the first rank of a machine to decode a large archive while the others wait at a barrier;
-# a rank that dies does not leave the others waiting this long: torchrun stops them all
-TIMEOUT = datetime.timedelta(minutes=60)
+# how long a collective waits for the other ranks: long enough for the first rank of a machine to decode a large
+# archive while the others wait at a barrier (a rank that dies does not leave the others waiting this long: torchrun
+# stops them all); PNEUMONIA_DIST_TIMEOUT_S sets it, for a slow shared disk or for tests
+TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("PNEUMONIA_DIST_TIMEOUT_S", 3600)))
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ def start(ranks: Context, device: torch.device) -> torch.device:
     if not ranks.active:
         return device
     if device.type == "cuda":
+        visible = torch.cuda.device_count()
+        if ranks.local_rank >= visible:
+            raise ValueError(f"this process has LOCAL_RANK {ranks.local_rank}, but only {visible} GPU(s) are visible "
+                             f"on this machine; start torchrun with --nproc_per_node={visible} or fewer, or train on "
+                             f"the CPU with --device cpu")
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
@@ -69,9 +75,10 @@ def start(ranks: Context, device: torch.device) -> torch.device:
 
 
 def stop(ranks: Context, finished: bool = True) -> None:
-    """Leave the process group. A rank that `finished` first waits for every other, so that no rank tears down
-    its connections while a peer is still at work on them (a rare abort of the rank left behind, seen in CI);
-    one leaving on an error does not wait, since a peer may be gone."""
+    """Leave the process group (a second call does nothing). A rank that `finished` first waits for every other, so
+    that no rank tears down its connections while a peer is still at work on them (a rare abort of the rank left
+    behind, seen in CI); one leaving on an error does not wait, since a peer may be gone. Training calls it as
+    soon as the last collective is done, before rank 0 scores alone."""
     if ranks.active and dist.is_initialized():
         if finished:
             dist.barrier()
@@ -85,6 +92,15 @@ def broadcast(value, ranks: Context):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(value, ranks: Context) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if not ranks.active:
+        return [value]
+    out = [None] * ranks.world
+    dist.all_gather_object(out, value)
+    return out
 
 
 def barrier(ranks: Context) -> None:

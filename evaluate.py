@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
+matplotlib.rcParams["text.parse_math"] = False  # titles and legends carry file names: "$" is text, not TeX
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -375,6 +376,7 @@ def merge_externals(test: tuple[dict, np.ndarray, np.ndarray], externals: dict, 
 # ---------------------------------------------------------------- plots
 
 def _save(fig, path) -> None:
+    gradcam.printable_text(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

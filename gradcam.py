@@ -10,6 +10,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+matplotlib.rcParams["text.parse_math"] = False  # titles and legends carry file names: "$" is text, not TeX
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 import progress
 from labels import CLASSES
+from names import printable
 from transforms import centre_crop
 
 
@@ -226,8 +228,16 @@ def _show(ax, image, cam=None, alpha=0.45):
     ax.set_axis_off()
 
 
+def printable_text(fig) -> None:
+    """Every title, label and legend entry of `fig` with its names printable: a byte that is not UTF-8 has no glyph
+    and stops FreeType, a control character draws as a box (names.printable)."""
+    for text in fig.findobj(matplotlib.text.Text):
+        text.set_text(printable(text.get_text()))
+
+
 def _save(fig, path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
+    printable_text(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -5,6 +5,7 @@ DICOM files follow the display pipeline of PS3.3 C.11: Modality LUT (rescale), t
 window, then MONOCHROME1 inversion; `header(path)` reads what predict warns about without the pixels.
 """
 import functools
+import re
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,8 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 FRONTAL_VIEWS = {"", "AP", "PA"}  # ViewPosition values of a frontal chest film (empty: not recorded)
 CHEST_PARTS = {"", "CHEST", "THORAX", "LUNG", "PORT CHEST"}  # BodyPartExamined values of a chest film
 MAX_ASPECT = 2.5  # longer side / shorter side; the Kaggle originals run from 1.0 to 2.4
+ADULT_YEARS = 18  # PatientAge from which a film is flagged: the training children were 1 to 5 years old
+AGE_UNITS = {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}  # PatientAge (DICOM AS) units per year
 
 
 class NotARadiograph(ValueError):
@@ -59,7 +62,25 @@ def header(path: str) -> dict:
     return {"patient": str(ds.get("PatientID", "") or ""), "view": str(ds.get("ViewPosition", "") or "").upper(),
             "body_part": str(ds.get("BodyPartExamined", "") or "").upper(),
             "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
-            "width": int(ds.get("Columns", 0) or 0), "height": int(ds.get("Rows", 0) or 0)}
+            "width": int(ds.get("Columns", 0) or 0), "height": int(ds.get("Rows", 0) or 0),
+            "age": str(ds.get("PatientAge", "") or "").strip()}
+
+
+def age_in_years(text: str) -> float | None:
+    """A PatientAge in years: the standard's nnnD/W/M/Y ("062Y", "018M"), or a bare number of years ("62", written
+    by some systems against the standard); None when empty or unreadable."""
+    match = re.fullmatch(r"(\d{1,3})\s*([DWMY]?)", text.strip().upper())
+    if not match:
+        return None
+    return int(match[1]) / AGE_UNITS[match[2] or "Y"]
+
+
+def age_problem(facts: dict) -> str | None:
+    """Why a header's PatientAge says this film is not of the training population (an adult), or None."""
+    years = age_in_years(facts.get("age", ""))
+    if years is not None and years >= ADULT_YEARS:
+        return f"an adult (PatientAge {facts['age']}): the model learned from children aged 1 to 5"
+    return None
 
 
 def view_problem(facts: dict) -> str | None:
@@ -80,7 +101,7 @@ def describe(path: str) -> dict:
         width, height = img.size
         mode = img.mode
     return {"patient": "", "view": "", "body_part": "", "photometric": "", "width": width, "height": height,
-            "mode": mode}
+            "mode": mode, "age": ""}
 
 
 def input_checks(path: str, image: np.ndarray, prep, facts: dict | None = None) -> tuple[list[str], list[str]]:
@@ -88,11 +109,10 @@ def input_checks(path: str, image: np.ndarray, prep, facts: dict | None = None) 
     (not the training films' kind).
 
     Notes: an inverted (MONOCHROME1) source, a size or aspect unlike the training films. Flags: not a
-    frontal chest view, a mean grey level outside every training image's (`prep.grey_range`).
+    frontal chest view, an adult's PatientAge, a mean grey level outside every training image's (`prep.grey_range`).
     """
     facts, notes, flags = facts or describe(path), [], []
-    if problem := view_problem(facts):
-        flags.append(problem)
+    flags += [problem for problem in (view_problem(facts), age_problem(facts)) if problem]
     if facts["photometric"] == "MONOCHROME1":
         notes.append("inverted photometric (MONOCHROME1), turned to MONOCHROME2 before scoring")
     short, long = sorted((facts["width"], facts["height"]))
@@ -141,6 +161,7 @@ def _dicom_gray(path: str) -> Image.Image:
         raise NotARadiograph(f"colour image ({photometric or 'no PhotometricInterpretation'}), not a radiograph")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise NotARadiograph(f"{ds.NumberOfFrames} frames (a cine or multi-frame object), not one radiograph")
+    check_pixel_budget(int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0))
     stored = ds.pixel_array  # decodes the compressed transfer syntaxes pydicom has a plug-in for
     plain_8bit = int(ds.get("BitsStored", 8)) <= 8 and "RescaleSlope" not in ds and "ModalityLUTSequence" not in ds
     values = apply_modality_lut(stored, ds).astype(np.float64)
@@ -156,6 +177,15 @@ def _dicom_gray(path: str) -> Image.Image:
     if photometric == "MONOCHROME1":  # 0 means white: turn it into the usual black background
         unit = 1.0 - unit
     return Image.fromarray(np.round(np.clip(unit, 0, 1) * 255).astype(np.uint8), "L")
+
+
+def check_pixel_budget(pixels: int) -> None:
+    """Refuse a picture over Pillow's decompression-bomb limit before decoding it, as Pillow does for PNG and JPEG:
+    a compressed DICOM of a few MB can hold gigabytes of pixels (RLE, JPEG 2000)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and pixels > limit:
+        raise Image.DecompressionBombError(f"Image size ({pixels} pixels) exceeds limit of {limit} pixels, "
+                                           f"could be decompression bomb DOS attack.")
 
 
 def _voi_lut(values: np.ndarray, item: pydicom.Dataset) -> np.ndarray:

@@ -32,6 +32,7 @@ from cache import ImageCache
 from images import cache_size
 from labels import CLASSES
 from model import PneumoniaCNN, count_flops
+from names import say
 from settings import Settings, UsageError, build_calibrate_parser, build_evaluate_parser, build_predict_parser
 from transforms import Preprocess, fit_normalisation
 
@@ -53,7 +54,7 @@ def resolve_run(s: Settings, ranks: distributed.Context) -> tuple[Settings, Path
     result = None
     if ranks.main:
         try:
-            result = (s, runs.create(s.out)) if not s.resume else \
+            result = (s, runs.create(s.out, inputs=[s.data, *s.external])) if not s.resume else \
                 (s.resumed(runs.interrupted_config(Path(s.resume))), Path(s.resume))
         except (UsageError, runs.RunError) as err:
             result = err
@@ -61,7 +62,7 @@ def resolve_run(s: Settings, ranks: distributed.Context) -> tuple[Settings, Path
     if isinstance(result, Exception):
         raise result
     s, run_dir = result
-    return s, run_dir, runs.read_checkpoint(run_dir / "last.pt") if s.resume else None
+    return s, run_dir, runs.read_checkpoint(run_dir / "last.pt", "last") if s.resume else None
 
 
 def choose_precision(requested: str, device: torch.device, make_model, image_size: int, batch_size: int,
@@ -82,7 +83,7 @@ def choose_precision(requested: str, device: torch.device, make_model, image_siz
     choice = distributed.broadcast(choice, ranks)
     if isinstance(choice, Exception):
         raise choice
-    print(f"precision: {choice.name} ({'as when the run started: ' if recorded else ''}{choice.reason})")
+    say(f"precision: {choice.name} ({'as when the run started: ' if recorded else ''}{choice.reason})")
     return choice
 
 
@@ -146,7 +147,7 @@ def run_train(s: Settings) -> int:
         status = train_and_score(s, ranks, device)
     except BaseException as err:
         if ranks.active and isinstance(err, RuntimeError):  # most often a collective that lost a dead rank
-            print(f"error: rank {ranks.rank} stopped: {str(err).splitlines()[0][:200]}\nIf another rank died, "
+            say(f"error: rank {ranks.rank} stopped: {str(err).splitlines()[0][:200]}\nIf another rank died, "
                   f"torchrun's report names it; `--resume` the run folder to continue from its last finished "
                   f"epoch.", file=sys.stderr)
         distributed.stop(ranks, finished=False)
@@ -168,7 +169,7 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
     print("config:", json.dumps({**s.config(), "device": str(device), "processes": ranks.world}))
     audit = data.audit(ds) if ranks.main else {}
     if ranks.main:
-        print(report.data_summary(audit))
+        say(report.data_summary(audit))
     prep = fit_preprocessing(s, ds)
     # a resumed run keeps the precision it started with (rank 0 decides, so only it reads the record)
     recorded = json.loads((run_dir / "config.json").read_text()).get("precision_choice") \
@@ -185,14 +186,18 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
         members = train_members(s, ranks, device, prep, on_device, run_dir, resume, choice.dtype)
     except train.Interrupted as err:
         if ranks.main:
-            print(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}"
+            say(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}"
                   + (" (under torchrun, with any number of processes)" if ranks.active else ""), file=sys.stderr)
         return 130
+    # every rank leaves the process group now: rank 0's scoring, Grad-CAM and --external decoding can outlast any
+    # collective's timeout, and a peer waiting in a barrier would then be killed with rank 0 mid-report
+    distributed.stop(ranks)
     if not ranks.main:
         return 0
-    failure = training_failure(s, members)
     kept = [m for m in members if m["weights"] is not None]  # a member that failed in its first epoch kept nothing
+    failure = training_failure(s, members, bool(kept))
     if not kept:
+        runs.mark_unresumable(run_dir, f"training {failure} before any weights were kept")
         return 1
     scorer = build_scorer(s, kept, prep, device, choice, ds)
     val_auc = choose_threshold_and_save(s, run_dir, kept, ds, scorer, choice.name)
@@ -218,12 +223,17 @@ def training_record(s: Settings, members: list[dict], scorer: evaluate.Scorer, f
             "training_failure": failure}
 
 
-def training_failure(s: Settings, members: list[dict]) -> str | None:
-    """Why a member's training failed (said on stderr, with what is evaluated instead), or None."""
+def training_failure(s: Settings, members: list[dict], kept: bool) -> str | None:
+    """Why a member's training failed (said on stderr, with what is evaluated instead, if anything), or None."""
     failure = next((m["summary"]["stopped"] for m in members if m["summary"]["stopped"].startswith("failed")), None)
     if failure:
-        print(f"error: {'member ' + str(len(members)) + ': ' if s.ensemble > 1 else ''}{failure}", file=sys.stderr)
-        print(f"evaluating what was kept: {members[-1]['summary']['kept'] or 'the members before it'}", file=sys.stderr)
+        say(f"error: {'member ' + str(len(members)) + ': ' if s.ensemble > 1 else ''}{failure}", file=sys.stderr)
+        if kept:
+            say(f"evaluating what was kept: {members[-1]['summary']['kept'] or 'the members before it'}",
+                file=sys.stderr)
+        else:
+            say("nothing was kept, so nothing is evaluated and the run cannot be resumed: start a new run (with a "
+                "lower --lr if the loss diverged)", file=sys.stderr)
     return failure
 
 
@@ -251,10 +261,10 @@ def train_members(s: Settings, ranks: distributed.Context, device: torch.device,
         train.set_seed(seed)  # the member's initial weights and dropout
         model = new_network(s, device)
         if member == first:
-            print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+            say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
                   f"{count_flops(model, s.image_size) / 1e6:.0f} M multiply-adds per image")
         if s.ensemble > 1:
-            print(f"ensemble member {member + 1} of {s.ensemble} (seed {seed})")
+            say(f"ensemble member {member + 1} of {s.ensemble} (seed {seed})")
         state_resume = resume if member == first and resume is not None and resume["state"].get("member", 0) == member \
             else None
         earlier = [h for m in done for h in m["history"]]
@@ -301,7 +311,7 @@ def write_results(s: Settings, run_dir: Path, metrics: dict) -> None:
     report.write_report(run_dir, "Pneumonia CNN" + (" - " + banner if banner else "") + f" - run {run_dir.name}",
                         s.config(), metrics, banner)
     runs.finish(run_dir)
-    print(report.terminal_summary(metrics, run_dir, banner))
+    say(report.terminal_summary(metrics, run_dir, banner))
 
 
 def choose_threshold_and_save(s: Settings, run_dir: Path, members: list[dict], ds: data.Dataset,
@@ -348,17 +358,18 @@ def load_detector(ckpt: dict) -> ood.Detector | None:
 def run_evaluate(args) -> int:
     """Score a checkpoint on a labelled folder or a run's test split, with every plot and the report."""
     scorer = load_scorer(args)
-    out = runs.create(args.out or str(Path(args.checkpoint).parent / ("evaluate-" + time.strftime("%Y%m%d-%H%M%S"))))
-    cache = decode_cache(None if args.no_cache else args.cache_dir, scorer.predictor.prep.image_size)
-    ds = data.decode_found(data.find_labelled(args.data), cache, progress=not args.quiet)
-    data.write_split_files(out, ds)
-    metrics = evaluate.score_set(scorer, ds, np.flatnonzero(ds.split == "test"), out, note=f", {Path(args.data).name}",
-                                 show=not args.quiet)[0]
-    metrics["data"] = data.audit(ds)
-    metrics["evaluated"] = {"checkpoint": args.checkpoint, "data": args.data}
-    runs.write_json(out / "metrics.json", metrics)
-    report.write_report(out, f"Pneumonia CNN - evaluation of {args.checkpoint} on {args.data}", vars(args), metrics)
-    print(report.terminal_summary(metrics, out))
+    out = runs.create(args.out, "evaluate-", Path(args.checkpoint).parent, inputs=[args.data])
+    with runs.partial(out, "evaluate"):
+        cache = decode_cache(None if args.no_cache else args.cache_dir, scorer.predictor.prep.image_size)
+        ds = data.decode_found(data.find_labelled(args.data), cache, progress=not args.quiet)
+        data.write_split_files(out, ds)
+        metrics = evaluate.score_set(scorer, ds, np.flatnonzero(ds.split == "test"), out, note=f", {Path(args.data).name}",
+                                     show=not args.quiet)[0]
+        metrics["data"] = data.audit(ds)
+        metrics["evaluated"] = {"checkpoint": args.checkpoint, "data": args.data}
+        runs.write_json(out / "metrics.json", metrics)
+        report.write_report(out, f"Pneumonia CNN - evaluation of {args.checkpoint} on {args.data}", vars(args), metrics)
+        say(report.terminal_summary(metrics, out))
     return 0
 
 
@@ -370,19 +381,20 @@ def run_predict(args) -> int:
     if not files:
         raise UsageError(f"no image files found in {', '.join(args.paths)}"
                          + (f" ({len(skipped)} other files skipped)" if skipped else ""))
-    out = runs.create(args.out, prefix="predict-")
-    scorer.predictor.batch_size = args.batch_size
-    decoded = scorer.predictor.decode(files, args.workers, show=len(files) > 1)
-    images, errors, _ = decoded
-    good = [i for i, e in enumerate(errors) if e is None]
-    scored = scorer.assess(torch.from_numpy(images[good]).unsqueeze(1), show=len(good) > 1) if good else \
-        (np.zeros(0), None, None)
-    rows = evaluate.file_predictions(scorer, files, decoded, scored, skipped)
-    if args.strict:
-        for i in np.flatnonzero(rows.flagged()):
-            rows.prob[i], rows.errors[i] = np.nan, "flagged, not scored (--strict): " + "; ".join(rows.flags[i])
-    evaluate.write_predictions(out / "predictions.csv", rows, scorer.threshold)
-    report_predictions(scorer, rows, images, good, files, out, args)
+    out = runs.create(args.out, "predict-", inputs=args.paths)
+    with runs.partial(out, "predict"):
+        scorer.predictor.batch_size = args.batch_size
+        decoded = scorer.predictor.decode(files, args.workers, show=len(files) > 1)
+        images, errors, _ = decoded
+        good = [i for i, e in enumerate(errors) if e is None]
+        scored = scorer.assess(torch.from_numpy(images[good]).unsqueeze(1), show=len(good) > 1) if good else \
+            (np.zeros(0), None, None)
+        rows = evaluate.file_predictions(scorer, files, decoded, scored, skipped)
+        if args.strict:
+            for i in np.flatnonzero(rows.flagged()):
+                rows.prob[i], rows.errors[i] = np.nan, "flagged, not scored (--strict): " + "; ".join(rows.flags[i])
+        evaluate.write_predictions(out / "predictions.csv", rows, scorer.threshold)
+        report_predictions(scorer, rows, images, good, files, out, args)
     return 0
 
 
@@ -391,10 +403,10 @@ def report_predictions(scorer: evaluate.Scorer, rows: evaluate.Predictions, imag
     """predict's terminal lines, flagged thumbnails and report.html, and the Grad-CAM overlays asked for."""
     for path, notes, flags, error in zip(rows.paths, rows.notes, rows.flags, rows.errors):
         if error or flags or notes:
-            print(f"{'skipped' if error else 'flagged:' if flags else 'warning:'} {path}: "
+            say(f"{'skipped' if error else 'flagged:' if flags else 'warning:'} {path}: "
                   f"{error or '; '.join(flags + notes)}", file=sys.stderr)
     if scorer.detector is None:
-        print("note: this checkpoint has no out-of-distribution detector (made before project 1.3): only the colour, "
+        say("note: this checkpoint has no out-of-distribution detector (made before project 1.3): only the colour, "
               "header and grey-level checks ran", file=sys.stderr)
     scored = [i for i in good if rows.prob[i] == rows.prob[i]]
     overlays = []
@@ -406,10 +418,10 @@ def report_predictions(scorer: evaluate.Scorer, rows: evaluate.Predictions, imag
                           out / "ood_flagged.png")
     report.write_predict_report(out, f"Pneumonia CNN - predict with {args.checkpoint}", evaluate.flag_summary(rows))
     if len(files) == 1 and scored:
-        print(f"{files[0]}: probability of pneumonia {rows.prob[0]:.4f} -> {CLASSES[int(rows.prob[0] >= scorer.threshold)]} "
+        say(f"{files[0]}: probability of pneumonia {rows.prob[0]:.4f} -> {CLASSES[int(rows.prob[0] >= scorer.threshold)]} "
               f"(threshold {scorer.threshold:.4f}); overlay: {overlays[0]}")
     else:
-        print(f"{len(scored)} of {len(files)} images scored; {int(flagged.sum())} flagged as unlike the training films; "
+        say(f"{len(scored)} of {len(files)} images scored; {int(flagged.sum())} flagged as unlike the training films; "
               f"wrote {out / 'predictions.csv'}, {out / 'report.html'}" + (f" and {len(overlays)} overlays" if overlays else ""))
 
 
@@ -428,21 +440,22 @@ def run_calibrate(args) -> int:
             raise UsageError(str(err)) from None
     warning = "; ".join(str(w.message) for w in caught if issubclass(w.category, UserWarning)) or None
     if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    out = runs.create(args.out or str(Path(args.checkpoint).parent / ("calibrate-" + time.strftime("%Y%m%d-%H%M%S"))))
-    metrics, predictor, thresholds, prob = calibrate_to(args, ckpt, ds, choice, warning, device)
-    save_calibrated(ckpt, predictor, *thresholds, metrics, choice.name, out / "best.pt")
-    data.write_split_files(out, ds)
-    evaluate.write_predictions(out / "predictions.csv", evaluate.labelled_predictions(
-        evaluate.Scorer(predictor, thresholds[0], detector=load_detector(ckpt)), ds, np.arange(len(prob)), prob, None,
-        None), thresholds[0])
-    runs.write_json(out / "metrics.json", metrics)
-    report.write_calibration_report(out, f"Site calibration of {args.checkpoint} on {args.data}", metrics)
-    report.write_calibrated_card(out, Path(args.checkpoint).parent / "MODEL_CARD.md", metrics)
-    print(report.calibration_table(metrics).text())
-    if metrics["calibration"]["shortfall"]:
-        print(f"note: {metrics['calibration']['shortfall']}")
-    print(f"wrote {out / 'best.pt'} (score with it as with any best.pt), {out / 'report.html'} and MODEL_CARD.md")
+        say(f"warning: {warning}", file=sys.stderr)
+    out = runs.create(args.out, "calibrate-", Path(args.checkpoint).parent, inputs=[args.data, *(args.adapt_bn or [])])
+    with runs.partial(out, "calibrate"):
+        metrics, predictor, thresholds, prob = calibrate_to(args, ckpt, ds, choice, warning, device)
+        save_calibrated(ckpt, predictor, *thresholds, metrics, choice.name, out / "best.pt")
+        data.write_split_files(out, ds)
+        evaluate.write_predictions(out / "predictions.csv", evaluate.labelled_predictions(
+            evaluate.Scorer(predictor, thresholds[0], detector=load_detector(ckpt)), ds, np.arange(len(prob)), prob, None,
+            None), thresholds[0])
+        runs.write_json(out / "metrics.json", metrics)
+        report.write_calibration_report(out, f"Site calibration of {args.checkpoint} on {args.data}", metrics)
+        report.write_calibrated_card(out, Path(args.checkpoint).parent / "MODEL_CARD.md", metrics)
+        say(report.calibration_table(metrics).text())
+        if metrics["calibration"]["shortfall"]:
+            say(f"note: {metrics['calibration']['shortfall']}")
+        say(f"wrote {out / 'best.pt'} (score with it as with any best.pt), {out / 'report.html'} and MODEL_CARD.md")
     return 0
 
 
@@ -494,8 +507,12 @@ def save_calibrated(ckpt: dict, predictor: infer.Predictor, threshold: float, ca
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to train, evaluate or predict; user errors print one sentence and return 2."""
+    """Dispatch to train, evaluate, predict or calibrate; user errors print one sentence and return 2, Ctrl-C in a
+    scoring command one line and 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):  # a name that is not UTF-8 is shown escaped, never a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         if argv[:1] in (["evaluate"], ["predict"], ["calibrate"]) and distributed.Context.from_env().active:
             raise UsageError(f"{argv[0]} runs in one process: use `python main.py {argv[0]} ...`, not torchrun")
@@ -508,12 +525,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_train(Settings.parse(argv))
     except (UsageError, data.DataError, runs.RunError) as err:
         if distributed.Context.from_env().main:  # under torchrun every rank has the same refusal: say it once
-            print(f"error: {err}", file=sys.stderr)
+            say(f"error: {err}", file=sys.stderr)
         return 2
+    except runs.Interrupted as err:
+        say(str(err), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before a scoring command made its folder, or outside training's own handler
+        say("interrupted (Ctrl-C); a training run folder with a last.pt continues with --resume", file=sys.stderr)
+        return 130
     except OSError as err:  # a full disk or a folder that became unwritable mid-run
-        print(f"error: could not write '{err.filename or 'a file'}' ({err.strerror or err}); every file written "
-              f"before it is complete, checkpoints included: free space or fix permissions, then --resume the run "
-              f"folder or start again", file=sys.stderr)
+        say(f"error: could not write '{err.filename or 'a file'}' ({err.strerror or err}); every file written "
+            f"before it is complete, checkpoints included: free space or fix permissions, then --resume the run "
+            f"folder or start again", file=sys.stderr)
         return 2
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-CHOICES = ("auto", "fp32", "bf16")
+CHOICES = ("auto", "fp32", "bf16", "fp16")
 SPEEDUP = 1.10  # bf16 must beat fp32 by more than this factor to be chosen
 PROBE_STEPS = 4  # timed steps per precision, after one warm-up each
 # A CPU without bf16 instructions emulates it, about 10x slower (an AMD EPYC Zen 3: 2.5 s against 0.22 s a step);
@@ -52,10 +52,16 @@ class Choice:
         return cls(record["chosen"], record["reason"], record.get("timings_ms", {}))
 
 
+def cuda_has_bf16() -> bool:
+    """Whether the current GPU computes bf16 in hardware (compute capability 8.0 on, or ROCm). torch's own check
+    counts emulation by default: a T4 (sm_75) then says yes and runs bf16 slowly, where fp16 is native."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def runs_on(device: torch.device) -> set[str]:
-    """The precisions `device` computes in."""
+    """The precisions `device` computes in natively."""
     if device.type == "cuda":
-        return {"fp32", "fp16"} | ({"bf16"} if torch.cuda.is_bf16_supported() else set())
+        return {"fp32", "fp16"} | ({"bf16"} if cuda_has_bf16() else set())
     return {"fp32", "bf16"} if device.type == "cpu" else {"fp32"}
 
 
@@ -67,6 +73,11 @@ def resolve(requested: str, device: torch.device, make_model, image_size: int, b
     the precision its threshold was chosen at: `auto` keeps it where `device` runs it, unless the CPU emulates bf16."""
     if requested == "fp32":
         return Choice("fp32", "asked for (--precision fp32)")
+    if requested == "fp16":
+        if device.type != "cuda":
+            raise ValueError(f"--precision fp16 runs on a CUDA GPU only (autocast with loss scaling); on "
+                             f"{device.type} use auto, fp32 or bf16")
+        return Choice("fp16", "asked for (--precision fp16): fp16 autocast with loss scaling")
     what = "training step" if train else "forward pass"
     if requested == "auto" and scored_at in runs_on(device):
         cpu_bf16 = scored_at == "bf16" and device.type == "cpu"
@@ -80,9 +91,10 @@ def resolve(requested: str, device: torch.device, make_model, image_size: int, b
     if requested == "auto" and deterministic and device.type == "cpu":
         return Choice("fp32", "auto with --deterministic: fp32, not timed, so that every rerun computes alike")
     if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
+        supported = cuda_has_bf16()
         if requested == "bf16" and not supported:
-            raise ValueError("--precision bf16 was asked for, but this GPU does not support bf16; use auto or fp32")
+            raise ValueError("--precision bf16 was asked for, but this GPU has no bf16 units (it would emulate "
+                             "them); use auto (fp16 with loss scaling here) or fp32")
         if requested == "bf16":
             return Choice("bf16", "asked for (--precision bf16)")
         return Choice("bf16", "auto on a CUDA GPU with bf16") if supported else \

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from evaluate import BOOTSTRAP_RESAMPLES, METRICS
 from labels import CAUSES
-from runs import atomic_write
+from names import code, printable
+from runs import write_text
 
 STYLE = """body{font:15px/1.45 system-ui,sans-serif;max-width:1180px;margin:24px auto;padding:0 16px;color:#222}
 h1{font-size:24px}h2{font-size:19px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:30px}
@@ -29,7 +30,7 @@ def write_page(out_dir: Path, title: str, body: list[str]) -> Path:
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
     path = out_dir / "report.html"
-    atomic_write(path, lambda f: f.write(page.encode()))
+    write_text(path, page)
     return path
 
 
@@ -61,7 +62,8 @@ class Table:
 
     def markdown(self) -> str:
         lines = ["| " + " | ".join(self.header) + " |", "|---|" + "---:|" * (len(self.header) - 1)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in self.rows])
+        # a name in a cell may hold a pipe, which would split the cell
+        return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in self.rows])
 
 
 def interval(ci) -> str:
@@ -281,8 +283,8 @@ def calibration_text(m: dict) -> list[str]:
     adapt = (f"BatchNorm statistics were first re-estimated on {c['adapt_bn_images']} of the site's images "
              f"(labels unused; the out-of-distribution distance, fitted to the training statistics, is off in the "
              f"calibrated checkpoint, while the image checks stay), then " if c["adapt_bn"] else "")
-    return [f"Source checkpoint `{c['source']['path']}` (sha256 {c['source']['sha256'][:16]}...), left unchanged. "
-            f"Site sample `{site['folder']}`: {site['images']} images of {site['patients']} patients, "
+    return [f"Source checkpoint {code(c['source']['path'])} (sha256 {c['source']['sha256'][:16]}...), left unchanged. "
+            f"Site sample {code(site['folder'])}: {site['images']} images of {site['patients']} patients, "
             f"{site['normal']} NORMAL and {site['pneumonia']} PNEUMONIA. {adapt.capitalize() if adapt else ''}"
             f"the threshold was chosen on the site sample by the policy `{c['policy']}`.",
             f"The 'after' column is measured on the same images the threshold was chosen on, so it flatters. The "
@@ -307,11 +309,11 @@ def write_calibrated_card(out_dir: Path, source_card: Path, m: dict) -> Path:
     lines = ["", "## Site calibration", *calibration_text(m), "", calibration_table(m).markdown()]
     for key, label in (("warning", "Warning"), ("shortfall", "Note")):
         if m["calibration"].get(key):
-            lines += ["", f"**{label}:** {m['calibration'][key]}"]
+            lines += ["", f"**{label}:** {html.escape(printable(m['calibration'][key]))}"]
     lines += ["", "This section supersedes the threshold above for this checkpoint: it scores at "
                   f"{m['after']['threshold']:.4f}."]
     path = out_dir / "MODEL_CARD.md"
-    atomic_write(path, lambda f: f.write((card.rstrip() + "\n" + "\n".join(lines) + "\n").encode()))
+    write_text(path, card.rstrip() + "\n" + "\n".join(lines) + "\n")
     return path
 
 
@@ -404,7 +406,7 @@ def _md_limitations(metrics: dict) -> list[str]:
     ]
     shift = "**Train-to-test shift.** The test split comes from the same folder as the training images."
     for name, m in metrics.get("external", {}).items():
-        shift += (f" On the external set `{name}` the same threshold gives sensitivity {m['sensitivity']:.3f} and "
+        shift += (f" On the external set {code(name)} the same threshold gives sensitivity {m['sensitivity']:.3f} and "
                   f"specificity {m['specificity']:.3f}, against {metrics['test']['sensitivity']:.3f} and "
                   f"{metrics['test']['specificity']:.3f} on the test split.")
     if not metrics.get("external"):
@@ -415,7 +417,7 @@ def _md_limitations(metrics: dict) -> list[str]:
 def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "") -> Path:
     """MODEL_CARD.md (Mitchell et al. 2019; TRIPOD+AI items), every figure taken from `metrics` (metrics.json)."""
     val, prov = metrics["validation"], metrics["provenance"]
-    lines = [f"# Model card: pediatric pneumonia CNN, run `{out_dir.name}`", ""]
+    lines = [f"# Model card: pediatric pneumonia CNN, run {code(out_dir.name)}", ""]
     if banner:
         lines += [f"> **{banner}**", ""]
     lines += [
@@ -430,7 +432,7 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
         "taken from file names;",
         "- telling pneumonia from other opacities it was never shown.",
         "", "## Training data",
-        f"Source: `{config['data'] if not config.get('demo') else 'generated phantoms (--demo)'}`, "
+        f"Source: {code(config['data'] if not config.get('demo') else 'generated phantoms (--demo)')}, "
         f"{metrics['data']['images']} images after merging copies.", "",
         *_md_data(metrics["data"]),
         "", "## Split method",
@@ -448,10 +450,10 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
         *_md_metrics(metrics["test"]),
     ]
     for name, m in metrics.get("external", {}).items():
-        lines += ["", f"## Performance on the external set `{name}`", *_md_metrics(m)]
+        lines += ["", f"## Performance on the external set {code(name)}", *_md_metrics(m)]
     for name, c in {"the test split": metrics.get("cause"), **metrics.get("external_cause", {})}.items():
         if c:
-            lines += ["", f"## Bacterial vs viral on {name if name == 'the test split' else f'`{name}`'}",
+            lines += ["", f"## Bacterial vs viral on {name if name == 'the test split' else code(name)}",
                       "Among the pneumonia cases, P(bacterial) / (P(bacterial) + P(viral)) at the threshold chosen on "
                       "validation (Youden); sensitivity is for bacterial, specificity for viral.", "",
                       *_md_metrics(c["bacterial_vs_viral"])]
@@ -463,12 +465,12 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
               "", "## Grad-CAM checks", *_md_gradcam(metrics["gradcam"]), *cause_text,
               "", "## Known limitations", *_md_limitations(metrics),
               "", "## How this model was made",
-              f"Command: `{prov['command']}`", "",
+              f"Command: {code(prov['command'])}", "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()) + f"; device {prov['device']}"
               + (f" ({prov['cpu']})" if prov.get("cpu") else "") + ".",
               *([f"Precision: {prov['precision']['chosen']} ({prov['precision']['reason']})."] if prov.get("precision") else []),
               "", "Everything above is generated from this folder's metrics.json and config.json; report.html has "
                   "the plots."]
     path = out_dir / "MODEL_CARD.md"
-    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    write_text(path, "\n".join(lines) + "\n")
     return path

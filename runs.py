@@ -12,12 +12,15 @@ import platform
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
+from labels import CLASSES
 from model import PneumoniaCNN
+from names import cell, uncell
 from transforms import Preprocess
 
 CHECKPOINT_FORMAT = 2  # 2: best.pt holds a list of members (an ensemble of one or more); 1: one "model"
@@ -29,6 +32,10 @@ MEMBERS = "members"  # folder of the finished ensemble members of a run that has
 
 class RunError(Exception):
     """A run folder or checkpoint that cannot be used; the message says why and what to do."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C in a scoring command; the message names the folder left partial."""
 
 
 # ---------------------------------------------------------------- files
@@ -56,13 +63,28 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, allow_nan=True).encode()))
 
 
+def write_text(path: Path, text: str) -> None:
+    """A UTF-8 text file, written atomically; a name that was not UTF-8 on disk is shown escaped (\\udce9)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8", "backslashreplace")))
+
+
 def write_csv(path: Path, header, rows) -> None:
-    """A CSV file with a header row, written atomically."""
+    """A CSV file with a header row, written atomically and safe to open in a spreadsheet (`names.cell`).
+
+    Bytes of a file name that are not UTF-8 are written back as they were (surrogateescape), so `read_csv`
+    returns the very name that opens the file.
+    """
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+    writer.writerows([cell(v) for v in row] for row in rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode("utf-8", "surrogateescape")))
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    """The rows of a CSV file this project wrote, every cell as `write_csv` was given it."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return [{k: uncell(v) if isinstance(v, str) else v for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def versions() -> dict:
@@ -74,25 +96,87 @@ def versions() -> dict:
 
 
 # ---------------------------------------------------------------- run folders
-def create(out: str | None, prefix: str = "") -> Path:
-    """A fresh, writable run folder (default runs/<prefix><YYYYmmdd-HHMMSS>); an existing one is refused."""
-    path = Path(out) if out else Path("runs") / (prefix + time.strftime("%Y%m%d-%H%M%S"))
-    if path.exists() and any(path.iterdir()):
-        raise RunError(f"output folder '{path}' already exists and is not empty; choose another --out "
-                       f"(or `--resume {path}` if it is an interrupted run)")
+CLAIM = ".claimed"  # created with O_EXCL: the one command that made it owns the folder
+
+
+def create(out: str | None, prefix: str = "", parent: str | Path = "runs", inputs=()) -> Path:
+    """A fresh, writable output folder that this command alone writes to.
+
+    Without `out`: <parent>/<prefix><YYYYmmdd-HHMMSS>, with -2, -3, ... added when another command took that name
+    in the same second. An explicit `out` that is not empty, or that another command has just claimed, is refused;
+    so is one inside a class folder or inside a folder this command reads (`inputs`), where the next walk of that
+    data would take this command's own pictures for films.
+    """
+    if out:
+        path = Path(out)
+        _check_place(path, inputs)
+        why = _claim(path)
+        if why:
+            raise RunError(f"output folder '{path}' {why}; choose another --out"
+                           + (f" (or `--resume {path}` if it is an interrupted run)" if why.startswith("already") else ""))
+        return path
+    stamp = Path(parent) / (prefix + time.strftime("%Y%m%d-%H%M%S"))
+    for n in range(1, 1000):
+        path = stamp if n == 1 else stamp.with_name(f"{stamp.name}-{n}")
+        if not _claim(path):
+            return path
+    raise RunError(f"could not find a free output folder name beside '{stamp}'; pass --out")
+
+
+def _check_place(path: Path, inputs) -> None:
+    """Refuse an --out that is a file, or that lies in a class folder or in a folder this command reads."""
+    if path.exists() and not path.is_dir():
+        raise RunError(f"--out '{path}' is an existing file, not a folder; choose a folder name")
+    where = path.resolve()
+    for folder in [where, *where.parents]:
+        if folder.name.upper() in CLASSES:
+            raise RunError(f"--out '{path}' lies inside the class folder '{folder}', where the next walk of that data "
+                           f"would take this command's own pictures for films; choose a folder outside the data")
+    for given in inputs:
+        if os.path.isdir(given) and where.is_relative_to(Path(given).resolve()):
+            raise RunError(f"--out '{path}' lies inside '{given}', which this command reads; the next run on that "
+                           f"folder would take this command's own pictures for films; choose a folder outside it")
+
+
+def _claim(path: Path) -> str | None:
+    """Make `path` (if need be) and claim it; None when this command now owns it, else why it cannot."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        (path / ".write-test").touch()
-        (path / ".write-test").unlink()
+        os.close(os.open(path / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        if any(p.name != CLAIM for p in path.iterdir()):
+            return "already exists and is not empty"
+        return "was claimed by another command that is writing to it now"
     except OSError as err:
         raise RunError(f"cannot write to output folder '{path}' ({err.strerror}); choose a writable --out") from None
-    return path
+    if any(p.name != CLAIM for p in path.iterdir()):
+        (path / CLAIM).unlink()
+        return "already exists and is not empty"
+    return None
+
+
+@contextmanager
+def partial(out: Path, command: str):
+    """Mark `out` INCOMPLETE while `command` writes into it, so that a folder left by Ctrl-C, a crash or a full disk
+    never looks finished; Ctrl-C becomes Interrupted, naming the folder."""
+    (out / MARKER).write_text(f"{command} did not finish: the files beside this one are partial; run it again\n")
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"{command} interrupted (Ctrl-C): '{out}' holds partial files and an {MARKER} file "
+                          f"that says so") from None
+    (out / MARKER).unlink()
 
 
 def start(run_dir: Path, config: dict) -> None:
     """Write config.json and the INCOMPLETE marker that --resume looks for."""
     write_json(run_dir / "config.json", config)
     (run_dir / MARKER).write_text("training has not finished; resume with: python main.py --resume " + str(run_dir))
+
+
+def mark_unresumable(run_dir: Path, why: str) -> None:
+    """The INCOMPLETE marker of a run that cannot go on says so, and why (--resume refuses such a run)."""
+    (run_dir / MARKER).write_text(f"{why}; this run cannot be resumed: start a new one\n")
 
 
 def finish(run_dir: Path) -> None:
@@ -105,8 +189,9 @@ def finish(run_dir: Path) -> None:
 
 
 def discard_if_empty(run_dir: Path) -> None:
-    """Leave no empty folder behind a run that never started."""
-    if run_dir.is_dir() and not any(run_dir.iterdir()):
+    """Leave no empty folder behind a run that never started (its claim aside)."""
+    if run_dir.is_dir() and not any(p.name != CLAIM for p in run_dir.iterdir()):
+        (run_dir / CLAIM).unlink(missing_ok=True)
         run_dir.rmdir()
 
 
@@ -115,7 +200,9 @@ def interrupted_config(run_dir: Path) -> dict:
     if not (run_dir / MARKER).exists():
         raise RunError(f"'{run_dir}' is not an interrupted run (no {MARKER} marker); nothing to resume")
     if not (run_dir / "last.pt").exists():
-        raise RunError(f"'{run_dir}' has no last.pt to resume from; start a new run")
+        said = (run_dir / MARKER).read_text().strip()
+        raise RunError(f"'{run_dir}' has no last.pt to resume from"
+                       + (f" ({said})" if "cannot be resumed" in said else "; start a new run"))
     saved = json.loads((run_dir / "config.json").read_text())
     saved.setdefault("augment", "none")  # runs from before the augmentation flags used the plain transform
     saved.setdefault("keep", "best")  # runs from before --keep kept the best validation epoch
@@ -143,17 +230,38 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def read_checkpoint(path: str | Path | None) -> dict:
-    """load_checkpoint, with every failure turned into one RunError sentence."""
+# what each kind of checkpoint holds, and how a user would name it
+KINDS = {"model": ("members", "a model (the best.pt of a finished run)"),
+         "last": ("state", "a training state (the last.pt that --resume continues from)"),
+         "member": ("weights", "an ensemble member of an unfinished run (members/memberN.pt)")}
+
+
+def kind_of(ckpt: dict) -> str | None:
+    """Which of KINDS a loaded checkpoint is, or None; a last.pt holds a "model" state dict too, so "state" is
+    asked first, and a format-1 best.pt holds one "model" instead of "members"."""
+    for kind in ("last", "member", "model"):
+        if KINDS[kind][0] in ckpt:
+            return kind
+    return "model" if "model" in ckpt else None
+
+
+def read_checkpoint(path: str | Path | None, kind: str = "model") -> dict:
+    """load_checkpoint of a checkpoint of `kind`, with every failure turned into one RunError sentence."""
     if not path:
         raise RunError("no checkpoint given; pass --checkpoint runs/<run>/best.pt from a finished training run")
     if not Path(path).is_file():
         raise RunError(f"checkpoint '{path}' does not exist; pass the best.pt of a finished run")
     try:
-        return load_checkpoint(path)
+        ckpt = load_checkpoint(path)
     except Exception as err:  # pickle errors, refused globals, wrong format: all mean 'not ours'
         raise RunError(f"'{path}' cannot be loaded safely as a checkpoint of this project "
                        f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+    found = kind_of(ckpt)
+    if found != kind:
+        what = KINDS[found][1] if found else "no checkpoint kind this project writes"
+        raise RunError(f"'{path}' is {what}, but {KINDS[kind][1]} is needed here"
+                       + ("; pass the run's best.pt" if kind == "model" else ""))
+    return ckpt
 
 
 def save_best(path: Path, *, model_config: dict, members: list[dict], prep: Preprocess, thresholds: dict,
@@ -198,23 +306,44 @@ def read_members(run_dir: Path) -> list[dict]:
     """The finished members of a run, in order (each: weights, summary, history); the first gap ends the list."""
     members = []
     while (path := run_dir / MEMBERS / f"member{len(members)}.pt").exists():
-        members.append(load_checkpoint(path))
+        members.append(read_checkpoint(path, "member"))
     return members
 
 
-def save_last(path: Path, parts: dict, generator: torch.Generator, state: dict) -> None:
-    """last.pt: every state dict in `parts`, every random-number state and the loop position `state`."""
+def cuda_rng(device: torch.device) -> torch.Tensor | None:
+    """The CUDA random-number state of `device` (this rank's GPU), or None off CUDA."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def save_last(path: Path, parts: dict, generator: torch.Generator, state: dict, cuda_states: list | None = None) -> None:
+    """last.pt: every state dict in `parts`, every random-number state and the loop position `state`.
+
+    `cuda_states` holds each rank's own GPU state, in rank order (under torchrun rank 0 gathers them).
+    """
     rng = {"generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+           "cuda_rng_per_rank": [s for s in cuda_states or [] if s is not None]}
     save_checkpoint(path, {**{k: v.state_dict() for k, v in parts.items()}, **rng, "state": state})
 
 
-def restore_last(ckpt: dict, parts: dict, generator: torch.Generator) -> dict:
-    """Put a last.pt back into `parts` and the random-number generators; returns the loop position."""
+def restore_last(ckpt: dict, parts: dict, generator: torch.Generator, rank: int = 0,
+                 device: torch.device = torch.device("cpu")) -> dict:
+    """Put a last.pt back into `parts` and the random-number generators; returns the loop position.
+
+    Each rank takes its own saved GPU state; a rank the saved run did not have (resumed on more GPUs) keeps the
+    state its seed gave it. A last.pt from before per-rank states held every GPU of rank 0: this rank takes the
+    entry of its own device, when there is one.
+    """
     for name, part in parts.items():
         part.load_state_dict(ckpt[name])
     generator.set_state(ckpt["generator"])
     torch.set_rng_state(ckpt["torch_rng"])
-    if ckpt["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    if device.type == "cuda":
+        per_rank, legacy, index = ckpt.get("cuda_rng_per_rank", []), ckpt.get("cuda_rng", []), device.index or 0
+        state = None
+        if per_rank:
+            state = per_rank[rank] if rank < len(per_rank) else None
+        elif index < len(legacy):
+            state = legacy[index]
+        if state is not None:
+            torch.cuda.set_rng_state(state, device)
     return ckpt["state"]

@@ -77,6 +77,10 @@ def threshold_policy(text: str) -> str:
 
 
 POSITIVE_INT, COUNT = number(int, 1), number(int, 0)
+# numpy seeds run to 2**32 - 1, and ensemble member k adds 1000 k to the run's seed (train.member_seed)
+SEED = number(int, 0, 2**31 - 1)
+MAX_LR = 10.0  # 200x the default peak: above it a rate is a typo (1e308 overflowed a float in the first step)
+MAX_IMAGE_SIZE = 1024  # the Kaggle originals are 0.5-2.8k px wide; the decode cache of a larger side fills memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=POSITIVE_INT, default=25, help="maximum training epochs")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32,
                    help="training batch size; under torchrun the global batch, split evenly over the processes")
-    p.add_argument("--lr", type=number(float, 0, open_low=True), default=0.05, help="peak learning rate of the OneCycle SGD schedule")
+    p.add_argument("--lr", type=number(float, 0, MAX_LR, open_low=True), default=0.05,
+                   help="peak learning rate of the OneCycle SGD schedule")
     p.add_argument("--momentum", type=number(float, 0, 1, open_low=True, open_high=True), nargs=2, default=[0.85, 0.95],
                    metavar=("AT_PEAK", "AT_ENDS"), help="SGD's Nesterov momentum, cycled by OneCycle against the learning "
                                                         "rate: its value at the peak rate and at both ends")
@@ -114,13 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: score the mean logit over fixed zoom and aspect views (threshold, test, "
                         "external sets, evaluate and predict alike); off by default: no gain over 5 seeds (docs/generalisation.md)")
-    p.add_argument("--image-size", type=number(int, 16), default=128, help="model input side in pixels (images are stored 10%% larger and edge-cropped)")
+    p.add_argument("--image-size", type=number(int, 16, MAX_IMAGE_SIZE), default=128, help="model input side in pixels (images are stored 10%% larger and edge-cropped)")
     p.add_argument("--widths", type=POSITIVE_INT, nargs=3, default=[24, 48, 96], help="channels of the three CNN blocks")
     p.add_argument("--split", choices=["patient", "random", "official"], default="patient",
                    help="patient: 70/15/15 grouped by child; random: image-level (leaky, for comparison); official: the archive's test/ folder")
     p.add_argument("--threshold", type=threshold_policy, default="sens=0.95",
                    help="decision threshold policy, applied to validation: sens=X (the strictest threshold reaching sensitivity X), youden, or a number")
-    p.add_argument("--seed", type=number(int), default=0, help="seed for the split, initialisation, shuffling and augmentation")
+    p.add_argument("--seed", type=SEED, default=0, help="seed for the split, initialisation, shuffling and augmentation")
     p.add_argument("--compile", action="store_true", help="torch.compile the training steps (about 30 s to compile; on a CPU it needs a C++ compiler; docs/performance.md)")
     p.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (slower), and --precision auto without timing (fp32 on a CPU), so that a rerun computes alike")
     p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes for the one-time decode; None uses every core")
@@ -165,7 +170,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="best.pt of a finished run")
     p.add_argument("--data", required=True, help="labelled folder, or a run's split.csv (its test rows are scored)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/evaluate-<YYYYmmdd-HHMMSS>)")
-    p.add_argument("--seed", type=number(int), default=0, help="seed of the bootstrap and the randomisation test")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the bootstrap and the randomisation test")
     add_shared_flags(p, cache=True)
     return p
 
@@ -203,7 +208,7 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
                         "folder's, labels unused, plus any unlabelled folders named here")
     p.add_argument("--out", default=None,
                    help="output folder for the calibrated best.pt (default: <checkpoint folder>/calibrate-<YYYYmmdd-HHMMSS>)")
-    p.add_argument("--seed", type=number(int), default=0, help="seed of the bootstrap behind the expected rates")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the bootstrap behind the expected rates")
     add_shared_flags(p, cache=True, cam=False)
     return p
 
@@ -212,10 +217,10 @@ def add_shared_flags(p: argparse.ArgumentParser, cache: bool, cam: bool = True) 
     """Flags the commands share: the device, the Grad-CAM target (where maps are drawn), the decode cache and
     progress bars."""
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run: auto picks cuda, then mps, then the cpu")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="arithmetic of the forward and backward passes: auto times the model in fp32 and in bf16 "
                         "autocast at start-up on a CPU and keeps bf16 only when it is over 10%% faster (bf16 on a "
-                        "CUDA GPU that has it, else fp16); scoring a checkpoint, auto keeps the precision its "
+                        "CUDA GPU that has bf16 units, else fp16 with loss scaling; fp16 can be asked for on CUDA only); scoring a checkpoint, auto keeps the precision its "
                         "threshold was chosen at, so that its figures reproduce; weights stay fp32 either way")
     if cam:
         p.add_argument("--cam-target", choices=CAM_TARGETS, default="pneumonia",

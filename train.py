@@ -328,7 +328,8 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume
     generator, ranks = torch.Generator().manual_seed(cfg.seed), cfg.ranks  # as set_seed(seed)
     parts = _parts(model, train_set, prep, cfg, generator)
     saved = {"model": model, "optimizer": parts.optimizer, "scheduler": parts.scheduler, "scaler": parts.scaler}
-    state = TrainState(**runs.restore_last(resume, saved, generator)) if resume is not None else TrainState(cfg.member)
+    state = TrainState(**runs.restore_last(resume, saved, generator, ranks.rank, cfg.device)) if resume is not None \
+        else TrainState(cfg.member)
     steps = math.ceil(len(train_set[0]) / cfg.batch_size)
     bar = progress.track(cfg.epochs * steps, "training" + (f" member {cfg.member + 1}" if cfg.member else ""), "steps",
                          cfg.progress and ranks.main, initial=state.epoch * steps + state.step)
@@ -339,8 +340,9 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume
                 try:
                     loss = train_one_epoch(parts, *train_set, cfg.batch_size, state, stop, bar)
                 except Interrupted:
+                    cuda_states = distributed.gather_objects(runs.cuda_rng(cfg.device), ranks)
                     if ranks.main:
-                        runs.save_last(run_dir / "last.pt", saved, generator, vars(state))
+                        runs.save_last(run_dir / "last.pt", saved, generator, vars(state), cuda_states)
                     distributed.barrier(ranks)  # no rank exits before last.pt is whole
                     raise
                 except NonFiniteLoss as err:
@@ -350,9 +352,10 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume
                 bar.set_postfix(loss=f"{loss:.4f}", val_auc=f"{state.history[-1]['val_auc']:.4f}")
                 if cfg.progress and ranks.main and not progress.on_terminal():  # a log gets one line per epoch
                     print(epoch_line(state.history[-1], cfg.epochs), flush=True)
+                cuda_states = distributed.gather_objects(runs.cuda_rng(cfg.device), ranks)  # each rank's own GPU
                 if ranks.main:
                     write_history(run_dir / "history.csv", [*earlier, *state.history])
-                    runs.save_last(run_dir / "last.pt", saved, generator, vars(state))
+                    runs.save_last(run_dir / "last.pt", saved, generator, vars(state), cuda_states)
                 # the signal came during validation: the epoch is saved, stop here (every rank, or none)
                 if distributed.all_sum([float(bool(stop.raised))], ranks, device=cfg.device)[0]:
                     distributed.barrier(ranks)
@@ -374,7 +377,8 @@ def keep_weights(model, train_set, val_set, parts: Parts, state: TrainState, cfg
     """
     rule = "best" if state.failure else cfg.keep
     if state.epoch == 0 or (rule == "best" and state.best_model is None):
-        state.summary = {"member": cfg.member, "seed": cfg.seed, "epochs_run": 0, "stopped": state.failure, "kept": None}
+        stopped = f"failed: {state.failure}" if state.failure else "no epoch finished"  # as below: says it failed
+        state.summary = {"member": cfg.member, "seed": cfg.seed, "epochs_run": 0, "stopped": stopped, "kept": None}
         return
     if rule == "best":
         state.kept_model, state.kept_auc, kept = state.best_model, state.best_auc, [state.best_epoch]

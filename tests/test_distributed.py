@@ -109,7 +109,7 @@ def test_sigterm_on_one_rank_stops_both_and_the_run_resumes_with_two_or_one_proc
     assert rc != 0 and "continue with: python main.py --resume" in out, out[-3000:]
     assert out.count("received: saved") == 1  # one message, one last.pt, from rank 0
     assert (run / "INCOMPLETE").exists() and (run / "last.pt").exists() and not (run / "metrics.json").exists()
-    done = int(runs.read_checkpoint(run / "last.pt")["state"]["epoch"])
+    done = int(runs.read_checkpoint(run / "last.pt", "last")["state"]["epoch"])
     assert 2 <= done < 40
     finished_rows = (run / "history.csv").read_text().splitlines()[:1 + done]  # with their wall seconds
     shutil.copytree(run, tmp_path / "alone")
