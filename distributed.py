@@ -26,12 +26,14 @@ class Context:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun: a process group even of one process (NCCL on one GPU, say)
 
     @classmethod
     def from_env(cls) -> "Context":
         """The place torchrun gave this process, or the single process of a plain run."""
         env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+                   "TORCHELASTIC_RUN_ID" in env)
 
     @property
     def main(self) -> bool:
@@ -40,7 +42,8 @@ class Context:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        """Whether this process is one rank of a process group: several processes, or one that torchrun started."""
+        return self.world > 1 or self.launched
 
     def share(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's images of a global batch (every world-th from its rank on) and their positions in it.

@@ -9,7 +9,10 @@ import io
 import json
 import os
 import platform
+import signal
+import sys
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -158,13 +161,36 @@ def _claim(path: Path) -> str | None:
 @contextmanager
 def partial(out: Path, command: str):
     """Mark `out` INCOMPLETE while `command` writes into it, so that a folder left by Ctrl-C, a crash or a full disk
-    never looks finished; Ctrl-C becomes Interrupted, naming the folder."""
+    never looks finished; Ctrl-C becomes Interrupted, naming the folder.
+
+    Python cannot raise a Ctrl-C that lands in a fork hook (as a decode pool starts its workers) and prints a
+    traceback instead: the signal is recorded here, that traceback dropped, and the command stops at the end.
+    """
     (out / MARKER).write_text(f"{command} did not finish: the files beside this one are partial; run it again\n")
+    asked, hook = [], sys.unraisablehook
+
+    def interrupt(signum, frame):
+        asked.append(signum)
+        raise KeyboardInterrupt
+
+    def quiet(unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            hook(unraisable)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, interrupt) if main_thread else None
+    sys.unraisablehook = quiet
     try:
         yield
+        if asked:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         raise Interrupted(f"{command} interrupted (Ctrl-C): '{out}' holds partial files and an {MARKER} file "
                           f"that says so") from None
+    finally:
+        sys.unraisablehook = hook
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     (out / MARKER).unlink()
 
 

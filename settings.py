@@ -239,7 +239,7 @@ def default_cache_dir() -> str:
 def launcher() -> list[str]:
     """How this process was started, for the model card: python, or torchrun with its process count."""
     world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if world == 1:
+    if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return ["python"]
     return ["torchrun", f"--nproc_per_node={local}"] + ([f"--nnodes={world // local}"] if world != local else [])
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA path end to end, timed, in one go: `bash benchmarks/gpu_check.sh [OUT_DIR]` on a GPU machine.
 # Needs the real data under $PNEUMONIA_SHARED_DATA (default ../shared/data). Steps: a tiny demo run on
-# cuda (stops here if the CUDA path is broken), the default real run on cuda, the same with --compile,
+# cuda (stops here if the CUDA path is broken); then, on demo phantoms, a 1-process torchrun (NCCL), a run
+# interrupted with Ctrl-C and resumed, --deterministic, a forced fp16 run (GradScaler), evaluate and predict
+# on cuda; then the default real run on cuda, the same with --compile,
 # with --task cause and with --ensemble 3, a site calibration with AdaBN, the pipeline benchmark where its full-resolution images are present, and
 # decode plus one epoch of a 20,000-image synthetic archive (benchmarks/scale_out.py simulate). Set CPU_RUN=runs/X to print
 # a CPU run's metrics beside the GPU's.
@@ -25,7 +27,26 @@ timed() {  # timed NAME CMD...: run CMD with its log in $OUT/NAME.log; print exi
 }
 
 REAL=(--data "$SHARED/chest_xray_224sq" --external "$SHARED/official_test_a_224sq" --device cuda --quiet)
-timed demo_cuda $PY main.py --demo --device cuda --epochs 3 --demo-patients 20 --quiet --out "$OUT/demo_cuda" || exit 1
+DEMO=(--demo --device cuda --epochs 3 --demo-patients 20 --quiet)
+timed demo_cuda $PY main.py "${DEMO[@]}" --out "$OUT/demo_cuda" || exit 1
+
+interrupt_and_resume() {  # a demo run stopped by SIGINT once its first last.pt is written, then --resume to the end
+  $PY main.py "${DEMO[@]}" --epochs 6 --out "$OUT/resume_cuda" & local pid=$!
+  while [ ! -f "$OUT/resume_cuda/last.pt" ] && kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+  kill -INT "$pid"; wait "$pid"; local rc=$?
+  echo "interrupted run: exit $rc (130 expected)"
+  [ $rc -eq 130 ] || return 1
+  $PY main.py --resume "$OUT/resume_cuda" --device cuda --quiet
+}
+timed torchrun_nccl $PY -m torch.distributed.run --standalone --nproc_per_node=1 main.py "${DEMO[@]}" \
+  --out "$OUT/torchrun_nccl_cuda"
+timed resume_cuda interrupt_and_resume
+timed deterministic_cuda $PY main.py "${DEMO[@]}" --deterministic --out "$OUT/deterministic_cuda"
+timed fp16_cuda $PY main.py "${DEMO[@]}" --precision fp16 --out "$OUT/fp16_cuda" && grep -h '"chosen"' "$OUT/fp16_cuda/metrics.json"
+timed evaluate_cuda $PY main.py evaluate --checkpoint "$OUT/demo_cuda/best.pt" --data "$OUT/demo_cuda/split.csv" \
+  --device cuda --quiet --out "$OUT/evaluate_cuda"
+timed predict_cuda $PY main.py predict "$OUT/demo_cuda/demo_data" --checkpoint "$OUT/demo_cuda/best.pt" --device cuda \
+  --cam --out "$OUT/predict_cuda"
 timed default_cuda $PY main.py "${REAL[@]}" --out "$OUT/default_cuda"
 timed compile_cuda $PY main.py "${REAL[@]}" --compile --out "$OUT/compile_cuda"
 timed cause_cuda $PY main.py "${REAL[@]}" --task cause --out "$OUT/cause_cuda"
@@ -43,7 +64,7 @@ timed simulate_20k $PY benchmarks/scale_out.py simulate --images 20000 --root /t
 $PY - "$OUT" "${CPU_RUN:-}" <<'PYEOF'
 import json, sys
 from pathlib import Path
-runs = {p.name: p for p in sorted(Path(sys.argv[1]).glob("*_cuda")) if (p / "metrics.json").exists()}
+runs = {p.name: p for p in sorted(Path(sys.argv[1]).glob("*_cuda")) if (p / "timing.json").exists()}  # training runs
 if sys.argv[2]:
     runs["cpu (" + sys.argv[2] + ")"] = Path(sys.argv[2])
 for name, run in runs.items():
