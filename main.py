@@ -21,6 +21,7 @@ import data
 import demo
 import distributed
 import evaluate
+import export
 import gradcam
 import infer
 import ood
@@ -33,7 +34,8 @@ from images import cache_size
 from labels import CLASSES
 from model import PneumoniaCNN, count_flops
 from names import say
-from settings import Settings, UsageError, build_calibrate_parser, build_evaluate_parser, build_predict_parser
+from settings import (Settings, UsageError, build_calibrate_parser, build_evaluate_parser, build_export_parser,
+                      build_predict_parser)
 from transforms import Preprocess, fit_normalisation
 
 DOWNLOAD_HELP = """No chest X-rays found in '{root}'.
@@ -506,6 +508,17 @@ def save_calibrated(ckpt: dict, predictor: infer.Predictor, threshold: float, ca
     runs.save_checkpoint(path, calibrated)
 
 
+def run_export(args) -> int:
+    """model.onnx and model.json for a checkpoint, for runtimes without PyTorch."""
+    export.prepare(args.checkpoint)  # every refusal before a folder is made
+    out = runs.create(args.out, "export-", Path(args.checkpoint).parent)
+    with runs.partial(out, "export"):
+        meta = export.write(args.checkpoint, out)
+    say(f"wrote {out / 'model.onnx'} ({meta['export']['bytes'] / 1e6:.1f} MB, {meta['export']['seconds']:.0f} s) "
+        f"and model.json; score without PyTorch: python examples/onnx_predict.py IMAGES --model {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to train, evaluate, predict or calibrate; user errors print one sentence and return 2, Ctrl-C in a
     scoring command one line and 130."""
@@ -514,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        if argv[:1] in (["evaluate"], ["predict"], ["calibrate"]) and distributed.Context.from_env().active:
+        if argv[:1] in (["evaluate"], ["predict"], ["calibrate"], ["export"]) and distributed.Context.from_env().active:
             raise UsageError(f"{argv[0]} runs in one process: use `python main.py {argv[0]} ...`, not torchrun")
         if argv[:1] == ["evaluate"]:
             return run_evaluate(build_evaluate_parser().parse_args(argv[1:]))
@@ -522,8 +535,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_predict(build_predict_parser().parse_args(argv[1:]))
         if argv[:1] == ["calibrate"]:
             return run_calibrate(build_calibrate_parser().parse_args(argv[1:]))
+        if argv[:1] == ["export"]:
+            return run_export(build_export_parser().parse_args(argv[1:]))
         return run_train(Settings.parse(argv))
-    except (UsageError, data.DataError, runs.RunError) as err:
+    except (UsageError, data.DataError, runs.RunError, export.ExportError) as err:
         if distributed.Context.from_env().main:  # under torchrun every rank has the same refusal: say it once
             say(f"error: {err}", file=sys.stderr)
         return 2

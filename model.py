@@ -37,10 +37,14 @@ class PneumoniaCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[0]
 
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the head: the activations of `cam_layer` (N x widths[2] x S/8 x S/8)."""
+        return self.block3(self.block2(self.block1(self.stem(x))))
+
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits and the penultimate features (block3 pooled over space, N x widths[2]) in one pass."""
         pool, flatten, dropout, linear = self.head
-        features = flatten(pool(self.block3(self.block2(self.block1(self.stem(x))))))
+        features = flatten(pool(self.trunk(x)))
         logits = linear(dropout(features))
         return (logits.squeeze(1) if self.outputs == 1 else logits), features
 

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The training command (the default): every flag with its default."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = Parser(prog="main.py", description=DESCRIPTION, formatter_class=fmt,
-               epilog="Sub-commands: `main.py evaluate --help`, `main.py predict --help`, `main.py calibrate --help`. "
+               epilog="Sub-commands: `main.py evaluate --help`, `main.py predict --help`, `main.py calibrate --help`, "
+                      "`main.py export --help`. "
                       "Data-parallel training on "
                       "N GPUs or CPU processes: `torchrun --standalone --nproc_per_node=N main.py [flags]`.")
     p.add_argument("--data", default="archive", help="folder holding the unzipped Kaggle archive (any NORMAL/ and PNEUMONIA/ folders below it)")
@@ -210,6 +211,18 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
                    help="output folder for the calibrated best.pt (default: <checkpoint folder>/calibrate-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the bootstrap behind the expected rates")
     add_shared_flags(p, cache=True, cam=False)
+    return p
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    """`main.py export`: a checkpoint as an ONNX graph and its metadata, for runtimes without PyTorch."""
+    p = Parser(prog="main.py export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               description="Write model.onnx (uint8 images in; probability, logit, heatmap, out-of-distribution "
+                           "distance and image checks out) and model.json (threshold, classes, input size, the "
+                           "checks' limits) for a finished run's best.pt; examples/onnx_predict.py scores with them "
+                           "without PyTorch. Needs `pip install -r requirements-export.txt`. See docs/export.md.")
+    p.add_argument("--checkpoint", required=True, help="best.pt of a finished run (or of a calibration)")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/export-<YYYYmmdd-HHMMSS>)")
     return p
 
 

@@ -261,7 +261,7 @@ def test_resume_applies_runtime_flags_and_refuses_the_others(demo_run, tmp_path,
     run.mkdir()
     (run / "config.json").write_text((demo_run / "config.json").read_text())
     (run / "INCOMPLETE").write_text("")
-    (run / "last.pt").write_bytes((demo_run / "best.pt").read_bytes())  # any checkpoint; refused before it matters
+    (run / "last.pt").write_bytes((demo_run / "last.pt").read_bytes())  # a training state; refused before it matters
     assert main.main(["--resume", str(run), "--epochs", "30", "--lr", "0.1"]) == 2
     err = capsys.readouterr().err
     assert "--epochs, --lr cannot change now" in err and err.count("\n") == 1

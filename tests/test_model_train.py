@@ -104,11 +104,11 @@ def test_precision_auto_keeps_bf16_only_when_it_measures_faster(monkeypatch):
     import precision
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     make = lambda: PneumoniaCNN((4, 4, 4), stem=4)  # noqa: E731
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert precision.resolve("auto", cuda, make, 32, 4).dtype is torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     assert precision.resolve("auto", cuda, make, 32, 4).dtype is torch.float16
-    with pytest.raises(ValueError, match="does not support bf16"):
+    with pytest.raises(ValueError, match="has no bf16 units"):
         precision.resolve("bf16", cuda, make, 32, 4)
     assert precision.resolve("fp32", cpu, make, 32, 4).dtype is None
     assert precision.resolve("bf16", cpu, make, 32, 4).dtype is torch.bfloat16
@@ -218,10 +218,10 @@ def test_early_stopping_counts_only_the_low_rate_tail_and_waits_for_auc_and_loss
 # each module may import only modules of a lower rank: data flows one way, from main down to model
 RANKS = {"model": 0, "transforms": 0, "distributed": 0, "labels": 0, "progress": 0, "precision": 0, "names": 0, "runs": 1,
          "images": 2, "settings": 2, "cache": 3, "demo": 3, "data": 4, "infer": 4, "train": 5, "gradcam": 5, "ood": 5,
-         "evaluate": 6, "report": 7, "calibrate": 7, "main": 8}
+         "evaluate": 6, "report": 7, "calibrate": 7, "export": 7, "main": 8}
 # and, whatever the ranks allow: scoring and explaining never load fitting; parsing flags loads neither
 NEVER_LOADS = {"infer": {"train"}, "gradcam": {"train"}, "evaluate": {"train"}, "report": {"train"},
-               "calibrate": {"train"}, "ood": {"train"},
+               "calibrate": {"train"}, "ood": {"train"}, "export": {"train", "gradcam"},
                "settings": {"train", "gradcam"}}
 
 
