@@ -6,7 +6,6 @@ The expected sensitivity and specificity come from out-of-bag bootstrap: the thr
 resample of the site's patients and scored on the patients left out, so the intervals carry the
 threshold's own uncertainty as well as the sample's.
 """
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -115,10 +114,3 @@ def site_thresholds(predictor: Predictor, ds: data.Dataset, policy: str) -> tupl
     return threshold, cause, prob
 
 
-def file_sha256(path: str | Path) -> str:
-    """The checkpoint's fingerprint, for the calibrated one's provenance."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

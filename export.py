@@ -7,7 +7,6 @@ logit, the heatmap and the out-of-distribution distance run inside it. The heatm
 the Grad-CAM layer: behind global average pooling and one linear layer, Grad-CAM's weights are the linear weights
 (times the softmax slope for a three-class model), so the map needs no autograd and survives export.
 """
-import hashlib
 import importlib.util
 import json
 import time
@@ -138,14 +137,6 @@ def check_packages() -> None:
                           f"which {'are' if len(missing) > 1 else 'is'} not installed: {INSTALL}")
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def graph_of(ckpt: dict, path: str) -> Graph:
     """The Graph a best.pt describes, or ExportError for what cannot be exported."""
     if ckpt.get("tta"):
@@ -208,6 +199,6 @@ def describe(ckpt: dict, graph: Graph, checkpoint: str, side: int) -> dict:
                    "turned_above": (detector.get("orientation") or {}).get("flag_above"),
                    "turned": {str(k): v for k, v in ood.TURNED.items()},
                    "colour_limit": ood.COLOUR_LIMIT, "max_aspect": MAX_ASPECT},
-        "source": {"checkpoint": str(checkpoint), "sha256": file_sha256(checkpoint), "members": len(graph.members)},
+        "source": {"checkpoint": str(checkpoint), "sha256": runs.file_sha256(checkpoint), "members": len(graph.members)},
         "versions": runs.versions(),
     }

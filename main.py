@@ -481,7 +481,7 @@ def calibrate_to(args, ckpt: dict, ds: data.Dataset, choice: precision.Choice, w
     expected = calibrate.expected_rates(y, prob, patients, policy, seed=args.seed)
     metrics = {"before": before, "after": evaluate.score(y, prob, patients, threshold, seed=args.seed),
                "expected": expected,
-               "calibration": {"source": {"path": str(args.checkpoint), "sha256": calibrate.file_sha256(args.checkpoint)},
+               "calibration": {"source": {"path": str(args.checkpoint), "sha256": runs.file_sha256(args.checkpoint)},
                                "site": {"folder": args.data, "images": len(y), "patients": len(set(patients)),
                                         "normal": int((y == 0).sum()), "pneumonia": int((y == 1).sum())},
                                "unlabelled": list(args.adapt_bn or []), "adapt_bn": args.adapt_bn is not None,

@@ -306,6 +306,8 @@ def write_calibration_report(out_dir: Path, title: str, m: dict) -> Path:
 def write_calibrated_card(out_dir: Path, source_card: Path, m: dict) -> Path:
     """MODEL_CARD.md of a calibrated checkpoint: the source's card, then a "Site calibration" section."""
     card = source_card.read_text() if source_card.exists() else "# Model card\n\nThe source run's card was not found.\n"
+    if card.startswith("---\n"):  # the source's front matter gives its metrics at its threshold, not this one's
+        card = card.split("---\n", 2)[2].lstrip()
     lines = ["", "## Site calibration", *calibration_text(m), "", calibration_table(m).markdown()]
     for key, label in (("warning", "Warning"), ("shortfall", "Note")):
         if m["calibration"].get(key):

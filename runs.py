@@ -5,6 +5,7 @@ Every file is written whole or not at all (`atomic_write`): a killed run or a fu
 half a file, so the last checkpoint written always loads.
 """
 import csv
+import hashlib
 import io
 import json
 import os
@@ -88,6 +89,15 @@ def read_csv(path: str | Path) -> list[dict]:
     """The rows of a CSV file this project wrote, every cell as `write_csv` was given it."""
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         return [{k: uncell(v) if isinstance(v, str) else v for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's fingerprint (a checkpoint's, for the provenance of what was made from it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def versions() -> dict:

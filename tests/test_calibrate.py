@@ -41,7 +41,7 @@ def test_the_site_threshold_is_the_one_computed_by_hand_and_the_source_is_left_a
     assert ckpt["threshold"] == pytest.approx(positives[int(np.ceil(0.9 * len(positives))) - 1], abs=1e-6)
     assert ckpt["threshold_policy"] == "sens=0.9" and ckpt["threshold"] != runs.load_checkpoint(demo_run / "best.pt")["threshold"]
     c = ckpt["calibration"]
-    assert c["source"]["path"] == str(demo_run / "best.pt") and c["source"]["sha256"] == calibrate.file_sha256(demo_run / "best.pt")
+    assert c["source"]["path"] == str(demo_run / "best.pt") and c["source"]["sha256"] == runs.file_sha256(demo_run / "best.pt")
     assert c["site"]["images"] == 120 and c["site"]["normal"] == c["site"]["pneumonia"] == 60 and not c["adapt_bn"]
     m = json.loads((tmp_path / "cal" / "metrics.json").read_text())
     assert m["after"]["threshold"] == ckpt["threshold"] and m["expected"]["resamples"] > 400

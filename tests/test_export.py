@@ -80,7 +80,7 @@ def test_the_exported_graph_scores_explains_and_checks_like_predict(demo_run, ex
     assert got["heatmap"].max() > 0  # a trained model's maps are not all zero, so the comparison means something
     meta = json.loads((exported / "model.json").read_text())
     assert meta["threshold"] == ckpt["threshold"] and meta["input"]["side"] == 141
-    assert meta["source"]["sha256"] == export.file_sha256(demo_run / "best.pt")
+    assert meta["source"]["sha256"] == runs.file_sha256(demo_run / "best.pt")
     assert meta["outputs"] == [o.name for o in ort.InferenceSession(str(exported / "model.onnx")).get_outputs()]
     assert not (exported / runs.MARKER).exists() and not list(exported.glob("*.data"))  # one self-contained file
 
