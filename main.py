@@ -2,7 +2,8 @@
 
 Usage: `python main.py` (Kaggle archive in archive/), `python main.py --demo` (synthetic phantoms),
 `python main.py evaluate --checkpoint runs/X/best.pt --data DIR`, `python main.py predict IMG --checkpoint ...`,
-`python main.py calibrate --checkpoint runs/X/best.pt --data SITE_DIR [--adapt-bn]`.
+`python main.py calibrate --checkpoint runs/X/best.pt --data SITE_DIR [--adapt-bn]`,
+`python main.py export --checkpoint runs/X/best.pt`.
 This file only wires the steps; the flags and their checks live in settings.py.
 """
 import dataclasses
@@ -520,8 +521,8 @@ def run_export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to train, evaluate, predict or calibrate; user errors print one sentence and return 2, Ctrl-C in a
-    scoring command one line and 130."""
+    """Dispatch to training or a sub-command (evaluate, predict, calibrate, export); user errors print one sentence
+    and return 2, Ctrl-C in a sub-command one line and 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
     for stream in (sys.stdout, sys.stderr):  # a name that is not UTF-8 is shown escaped, never a crash
         if hasattr(stream, "reconfigure"):

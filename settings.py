@@ -1,7 +1,8 @@
 """Settings: every flag parsed and checked, and the training settings as one object.
 
 Usage: `settings = Settings.parse(argv)` for training (`settings.config()` is config.json);
-`build_evaluate_parser().parse_args(argv)` and `build_predict_parser()` for the two sub-commands.
+`build_evaluate_parser().parse_args(argv)`, `build_predict_parser()`, `build_calibrate_parser()` and
+`build_export_parser()` for the four sub-commands.
 A value out of range is refused when it is parsed, in one sentence naming the flag, exit status 2.
 """
 import argparse
@@ -233,7 +234,8 @@ def add_shared_flags(p: argparse.ArgumentParser, cache: bool, cam: bool = True) 
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="arithmetic of the forward and backward passes: auto times the model in fp32 and in bf16 "
                         "autocast at start-up on a CPU and keeps bf16 only when it is over 10%% faster (bf16 on a "
-                        "CUDA GPU that has bf16 units, else fp16 with loss scaling; fp16 can be asked for on CUDA only); scoring a checkpoint, auto keeps the precision its "
+                        "CUDA GPU that has bf16 units, else fp16 with loss scaling; fp16 can be asked for on CUDA "
+                        "only); scoring a checkpoint, auto keeps the precision its "
                         "threshold was chosen at, so that its figures reproduce; weights stay fp32 either way")
     if cam:
         p.add_argument("--cam-target", choices=CAM_TARGETS, default="pneumonia",
