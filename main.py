@@ -46,6 +46,7 @@ unzip it into {root}/ so that it looks like
     {root}/chest_xray/val/...               {root}/chest_xray/test/...
 (any depth works: every NORMAL/ and PNEUMONIA/ folder is used), then run `python main.py` again.
 To try the tool without the download: `python main.py --demo`."""
+SUB_COMMANDS = ("evaluate", "predict", "calibrate", "export")
 SYNTHETIC = "SYNTHETIC DEMO DATA (generated phantoms): not real X-rays, not a medical result."
 
 
@@ -528,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        if argv[:1] in (["evaluate"], ["predict"], ["calibrate"], ["export"]) and distributed.Context.from_env().active:
+        if argv[:1] and argv[0] in SUB_COMMANDS and distributed.Context.from_env().active:
             raise UsageError(f"{argv[0]} runs in one process: use `python main.py {argv[0]} ...`, not torchrun")
         if argv[:1] == ["evaluate"]:
             return run_evaluate(build_evaluate_parser().parse_args(argv[1:]))
@@ -538,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_calibrate(build_calibrate_parser().parse_args(argv[1:]))
         if argv[:1] == ["export"]:
             return run_export(build_export_parser().parse_args(argv[1:]))
+        if argv and not argv[0].startswith("-"):  # training takes flags only: a word first is a mistyped sub-command
+            raise UsageError(f"'{argv[0]}' is not a sub-command; use {', '.join(SUB_COMMANDS[:-1])} or "
+                             f"{SUB_COMMANDS[-1]} (each with --help), or flags alone to train")
         return run_train(Settings.parse(argv))
     except (UsageError, data.DataError, runs.RunError, export.ExportError) as err:
         if distributed.Context.from_env().main:  # under torchrun every rank has the same refusal: say it once

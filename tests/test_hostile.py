@@ -409,3 +409,10 @@ def test_a_one_process_torchrun_job_is_a_process_group_of_one(monkeypatch):
     assert settings.launcher() == ["torchrun", "--nproc_per_node=1"]
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     assert not distributed.Context.from_env().active
+
+
+def test_a_word_that_is_no_sub_command_is_refused_naming_the_sub_commands(capsys):
+    assert main.main(["prdict", "x.png"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: 'prdict' is not a sub-command; use evaluate, predict, calibrate or export (each with "
+                   "--help), or flags alone to train")
