@@ -125,16 +125,18 @@ def check_flags(out: dict, i: int, checks: dict) -> list[str]:
     if lo_hi and not lo_hi[0] <= grey <= lo_hi[1]:
         flags.append(f"mean grey level {grey:.2f} outside the training range [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]")
     stats = out["statistics"][i]
-    if stats[0] < checks["near_constant"]:
-        return flags + ["blank or near-constant image"]
-    if checks["statistics_low"]:
-        for name, v, lo, hi in zip(checks["statistics"], stats, checks["statistics_low"], checks["statistics_high"]):
-            if not lo <= v <= hi:
-                flags.append(f"{name} {v:.2f} unlike the training films' [{lo:.2f}, {hi:.2f}]")
-    if "turn_probabilities" in out:
-        p = out["turn_probabilities"][i]
-        if p.argmax() and 1.0 - p[0] > checks["turned_above"]:
-            flags.append(checks["turned"][str(int(p.argmax()))])
+    if stats[0] < checks["near_constant"]:  # a blank image: its statistics and orientation say nothing more
+        flags.append("blank or near-constant image")
+    else:
+        if checks["statistics_low"]:
+            for name, v, lo, hi in zip(checks["statistics"], stats, checks["statistics_low"],
+                                       checks["statistics_high"]):
+                if not lo <= v <= hi:
+                    flags.append(f"{name} {v:.2f} unlike the training films' [{lo:.2f}, {hi:.2f}]")
+        if "turn_probabilities" in out:
+            p = out["turn_probabilities"][i]
+            if p.argmax() and 1.0 - p[0] > checks["turned_above"]:
+                flags.append(checks["turned"][str(int(p.argmax()))])
     if "distance" in out and out["distance"][i] > checks["distance_threshold"]:
         flags.append(f"not like the training films: distance {out['distance'][i]:.1f} > "
                      f"{checks['distance_threshold']:.1f}")

@@ -139,6 +139,7 @@ def test_the_runtime_writes_predict_columns_with_the_same_probabilities_and_over
         (folder / f.name).parent.mkdir(parents=True, exist_ok=True)
         (folder / f.name).write_bytes(f.read_bytes())
     (folder / "=broken.png").write_bytes(b"not an image")
+    Image.new("L", (160, 160), 128).save(folder / "blank.png")  # flagged blank, and still its distance checked
     assert onnx_predict.main([str(folder), "--model", str(exported), "--csv", str(tmp_path / "onnx.csv"),
                               "--cam", str(tmp_path / "cams")]) == 0
     assert main.main(["predict", str(folder), "--checkpoint", str(demo_run / "best.pt"), "--out",
@@ -153,8 +154,9 @@ def test_the_runtime_writes_predict_columns_with_the_same_probabilities_and_over
             assert theirs[path]["error"]  # unreadable to both
             continue
         assert abs(float(row["probability"]) - float(theirs[path]["probability"])) <= 1e-5
-        assert row["predicted"] == theirs[path]["predicted"] and row["flagged"] == theirs[path]["flagged"]
-    assert len(list((tmp_path / "cams").glob("*_cam.png"))) == 5
+        assert row["predicted"] == theirs[path]["predicted"] and row["warnings"] == theirs[path]["warnings"]
+    assert any("blank or near-constant image" in r["warnings"] for r in rows)
+    assert len(list((tmp_path / "cams").glob("*_cam.png"))) == 6
 
 
 def test_the_model_card_opens_with_yaml_front_matter_a_hub_can_read(demo_run, tmp_path):
