@@ -31,7 +31,7 @@ DEMO=(--demo --device cuda --epochs 3 --demo-patients 20 --quiet)
 timed demo_cuda $PY main.py "${DEMO[@]}" --out "$OUT/demo_cuda" || exit 1
 
 interrupt_and_resume() {  # a demo run stopped by SIGINT once its first last.pt is written, then --resume to the end
-  $PY main.py "${DEMO[@]}" --epochs 6 --out "$OUT/resume_cuda" & local pid=$!
+  $PY main.py "${DEMO[@]}" --epochs 20 --out "$OUT/resume_cuda" & local pid=$!  # 20: a GPU must not finish first
   while [ ! -f "$OUT/resume_cuda/last.pt" ] && kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
   kill -INT "$pid"; wait "$pid"; local rc=$?
   echo "interrupted run: exit $rc (130 expected)"
