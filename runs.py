@@ -195,13 +195,28 @@ def partial(out: Path, command: str):
         if asked:
             raise KeyboardInterrupt
     except KeyboardInterrupt:
+        if _discard_unwritten(out):
+            raise Interrupted(f"{command} interrupted (Ctrl-C) before it wrote anything; '{out}' was removed") from None
         raise Interrupted(f"{command} interrupted (Ctrl-C): '{out}' holds partial files and an {MARKER} file "
                           f"that says so") from None
+    except BaseException:
+        _discard_unwritten(out)  # a refusal before the first file leaves no folder that blocks the same --out
+        raise
     finally:
         sys.unraisablehook = hook
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     (out / MARKER).unlink()
+
+
+def _discard_unwritten(out: Path) -> bool:
+    """Remove `out` when it holds nothing but its claim and marker; whether it did."""
+    if any(p.name not in (CLAIM, MARKER) for p in out.iterdir()):
+        return False
+    for name in (CLAIM, MARKER):
+        (out / name).unlink(missing_ok=True)
+    out.rmdir()
+    return True
 
 
 def start(run_dir: Path, config: dict) -> None:

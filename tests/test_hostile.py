@@ -392,6 +392,7 @@ def test_rank_0_scoring_longer_than_the_process_group_timeout_does_not_kill_the_
 def test_a_ctrl_c_that_python_could_not_raise_still_stops_a_scoring_command(tmp_path):
     with pytest.raises(runs.Interrupted, match="predict interrupted"):
         with runs.partial(tmp_path, "predict"):
+            (tmp_path / "predictions.csv").write_text("path\n")  # something written: the folder stays, marked
             try:
                 signal.raise_signal(signal.SIGINT)
             except KeyboardInterrupt:
@@ -416,3 +417,13 @@ def test_a_word_that_is_no_sub_command_is_refused_naming_the_sub_commands(capsys
     err = capsys.readouterr().err.strip()
     assert err == ("error: 'prdict' is not a sub-command; use evaluate, predict, calibrate or export (each with "
                    "--help), or flags alone to train")
+
+
+def test_a_sub_command_refused_before_its_first_file_leaves_no_folder_behind(demo_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = ["evaluate", "--checkpoint", str(demo_run / "best.pt"), "--data", str(tmp_path / "empty"), "--out",
+            str(tmp_path / "ev")]
+    assert main.main(argv) == 2 and "no images" in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()  # so the same --out works once the data is right
+    assert main.main(argv[:4] + [str(demo_run / "demo_data")] + argv[5:] + ["--quiet"]) == 0
+    assert (tmp_path / "ev" / "metrics.json").exists() and not (tmp_path / "ev" / runs.MARKER).exists()
