@@ -157,9 +157,10 @@ def prepare(checkpoint: str) -> tuple[dict, Graph]:
     return ckpt, graph_of(ckpt, checkpoint)
 
 
-def write(checkpoint: str, out: Path) -> dict:
-    """model.onnx and model.json for `checkpoint` in `out`; returns model.json's content."""
-    ckpt, graph = prepare(checkpoint)
+def write(checkpoint: str, out: Path, prepared: tuple[dict, Graph] | None = None) -> dict:
+    """model.onnx and model.json for `checkpoint` in `out` (from `prepared`, its `prepare`, when given); returns
+    model.json's content."""
+    ckpt, graph = prepared or prepare(checkpoint)
     side = cache_size(graph.prep.image_size)
     example = torch.zeros(2, 1, side, side, dtype=torch.uint8)
     started = time.perf_counter()

@@ -512,10 +512,10 @@ def save_calibrated(ckpt: dict, predictor: infer.Predictor, threshold: float, ca
 
 def run_export(args) -> int:
     """model.onnx and model.json for a checkpoint, for runtimes without PyTorch."""
-    export.prepare(args.checkpoint)  # every refusal before a folder is made
+    prepared = export.prepare(args.checkpoint)  # every refusal before a folder is made
     out = runs.create(args.out, "export-", Path(args.checkpoint).parent)
     with runs.partial(out, "export"):
-        meta = export.write(args.checkpoint, out)
+        meta = export.write(args.checkpoint, out, prepared)
     say(f"wrote {out / 'model.onnx'} ({meta['export']['bytes'] / 1e6:.1f} MB, {meta['export']['seconds']:.0f} s) "
         f"and model.json; score without PyTorch: python examples/onnx_predict.py IMAGES --model {out}")
     return 0

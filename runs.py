@@ -195,28 +195,18 @@ def partial(out: Path, command: str):
         if asked:
             raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if _discard_unwritten(out):
+        if discard_if_empty(out):
             raise Interrupted(f"{command} interrupted (Ctrl-C) before it wrote anything; '{out}' was removed") from None
         raise Interrupted(f"{command} interrupted (Ctrl-C): '{out}' holds partial files and an {MARKER} file "
                           f"that says so") from None
     except BaseException:
-        _discard_unwritten(out)  # a refusal before the first file leaves no folder that blocks the same --out
+        discard_if_empty(out)  # a refusal before the first file leaves no folder that blocks the same --out
         raise
     finally:
         sys.unraisablehook = hook
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     (out / MARKER).unlink()
-
-
-def _discard_unwritten(out: Path) -> bool:
-    """Remove `out` when it holds nothing but its claim and marker; whether it did."""
-    if any(p.name not in (CLAIM, MARKER) for p in out.iterdir()):
-        return False
-    for name in (CLAIM, MARKER):
-        (out / name).unlink(missing_ok=True)
-    out.rmdir()
-    return True
 
 
 def start(run_dir: Path, config: dict) -> None:
@@ -239,11 +229,15 @@ def finish(run_dir: Path) -> None:
     (run_dir / MARKER).unlink(missing_ok=True)
 
 
-def discard_if_empty(run_dir: Path) -> None:
-    """Leave no empty folder behind a run that never started (its claim aside)."""
-    if run_dir.is_dir() and not any(p.name != CLAIM for p in run_dir.iterdir()):
-        (run_dir / CLAIM).unlink(missing_ok=True)
-        run_dir.rmdir()
+def discard_if_empty(run_dir: Path) -> bool:
+    """Leave no folder behind a command that wrote nothing (its claim and INCOMPLETE marker aside); whether it
+    removed one."""
+    if not run_dir.is_dir() or any(p.name not in (CLAIM, MARKER) for p in run_dir.iterdir()):
+        return False
+    for name in (CLAIM, MARKER):
+        (run_dir / name).unlink(missing_ok=True)
+    run_dir.rmdir()
+    return True
 
 
 def interrupted_config(run_dir: Path) -> dict:
