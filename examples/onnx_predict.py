@@ -73,10 +73,14 @@ def decode_dicom(path: str, side: int) -> tuple[np.ndarray, dict]:
         raise ValueError(f"Image size ({pixels} pixels) exceeds limit of {Image.MAX_IMAGE_PIXELS} pixels")
     values = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
     plain = int(ds.get("BitsStored", 8)) <= 8 and "RescaleSlope" not in ds and "ModalityLUTSequence" not in ds
-    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
-        values = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
-        lo, hi = values.min(), values.max()
-        unit = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    if "VOILUTSequence" in ds:  # the LUT's output, on [0, 1] by its bit depth
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        unit = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64) / (2 ** bits - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:  # PS3.3 C.11.2.1.2.1, the LINEAR window, on [0, 1]
+        centre, width = (float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
+                         for v in (ds.WindowCenter, ds.WindowWidth))
+        unit = (values >= centre - 0.5) * 1.0 if width <= 1 else \
+            np.clip((values - (centre - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
     elif plain:
         unit = values / 255.0
     else:

@@ -177,3 +177,17 @@ def test_the_model_card_opens_with_yaml_front_matter_a_hub_can_read(demo_run, tm
         auc = {r["dataset"]["name"]: m["value"] for r in results for m in r["metrics"] if m["type"] == "roc_auc"}
         assert auc == {"test split": round(metrics["test"]["auc"], 4), 'site "B": 2\\x1b': round(metrics["test"]["auc"], 4)}
     assert (demo_run / "MODEL_CARD.md").read_text().startswith("---\nlicense: cc-by-4.0")  # every run writes it
+
+
+def test_the_runtime_decodes_a_windowed_and_a_rescaled_dicom_like_images_py(tmp_path):
+    from test_dicom import write_dicom
+    rng = np.random.default_rng(3)
+    pixels = (rng.integers(0, 4096, (180, 150))).astype(np.uint16)
+    write_dicom(tmp_path / "window.dcm", pixels, bits=12, WindowCenter=2048, WindowWidth=8192)  # output 0.25-0.75
+    write_dicom(tmp_path / "rescale.dcm", pixels, bits=12, RescaleSlope=2, RescaleIntercept=-1024)
+    write_dicom(tmp_path / "inverted.dcm", pixels, bits=12,
+                photometric="MONOCHROME1")
+    for name in ("window.dcm", "rescale.dcm", "inverted.dcm"):
+        ours = images.decode_image(str(tmp_path / name), 141)
+        theirs, _ = onnx_predict.decode_dicom(str(tmp_path / name), 141)
+        assert np.array_equal(ours, theirs), name
