@@ -7,6 +7,8 @@ resample of the site's patients and scored on the patients left out, so the inte
 threshold's own uncertainty as well as the sample's.
 """
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +16,13 @@ import torch
 
 import data
 import evaluate
+import runs
 from cache import ImageCache, load_images
 from infer import Predictor, reestimate_batchnorm
 
 SMALL_SAMPLE = 50  # images per class: below this a promised sensitivity rests on too few pneumonias
 RESAMPLES = 500
 BN_BATCH = 32  # images per batch when re-estimating BatchNorm statistics: training's batch size
-# AdaBN re-estimates only the early layers' statistics: acquisition (exposure, contrast, framing) shows there,
-# while the deeper layers' statistics also carry the sample's class mix (benchmarks/site_calibration.py: from a
-# 20%-pneumonia sample, adapting every layer cost a third of the specificity, adapting these cost little)
-ADAPTED = ("stem", "block1")
 
 
 class CalibrationError(ValueError):
@@ -52,12 +51,16 @@ def unlabelled_images(folders: list[str], size: int, show: bool = True) -> np.nd
     return images[[e is None for e in errors]]
 
 
-def adapt_batchnorm(predictor: Predictor, images: np.ndarray, layers: tuple[str, ...] | None = ADAPTED) -> None:
-    """AdaBN: every member's BatchNorm statistics in `layers` (None: all) re-estimated on the site's images, as the
-    model sees them (the plain centre view, no augmentation), a training-sized batch at a time; labels unused."""
+def adapt_batchnorm(predictor: Predictor, images: np.ndarray, every_layer: bool = False) -> None:
+    """AdaBN: every member's BatchNorm statistics in the blocks it names `adaptable` (or in every layer) re-estimated
+    on the site's images, as the model sees them (the plain centre view, no augmentation), a training-sized batch at
+    a time; labels unused.
+
+    Only the early blocks by default: from a 20%-pneumonia sample, adapting every layer cost a third of the
+    specificity, adapting the early ones cost little (benchmarks/site_calibration.py)."""
     batches = [torch.from_numpy(images[i:i + BN_BATCH]).unsqueeze(1) for i in range(0, len(images), BN_BATCH)]
     for member in predictor.members:
-        within = [getattr(member, name) for name in layers] if layers is not None else None
+        within = None if every_layer else [getattr(member, name) for name in member.adaptable]
         reestimate_batchnorm(member, (predictor.model_input(b) for b in batches if len(b) > 1), within)
         member.eval()
 
@@ -114,3 +117,38 @@ def site_thresholds(predictor: Predictor, ds: data.Dataset, policy: str) -> tupl
     return threshold, cause, prob
 
 
+@dataclass
+class Site:
+    """A site calibration: the figures before and after, the adapted predictor and its thresholds."""
+
+    metrics: dict  # metrics.json: before, after, expected, and the calibration block
+    predictor: Predictor
+    threshold: float
+    cause_threshold: float | None
+    prob: np.ndarray  # P(pneumonia) of the site's images, after
+
+
+def fit_site(args, ckpt: dict, ds: data.Dataset, load: Callable[[], Predictor], warning: str | None) -> Site:
+    """The figures before, the site-adapted predictor (AdaBN with --adapt-bn), its thresholds and the figures after,
+    with the expected rates. `args` are calibrate's flags; `load` gives a fresh predictor of the checkpoint."""
+    images, y, patients = np.asarray(ds.images), ds.labels.astype(int), ds.patients
+    before = evaluate.score(y, load().predict(torch.from_numpy(images).unsqueeze(1))[0], patients, ckpt["threshold"],
+                            seed=args.seed)
+    policy = args.threshold or ckpt.get("threshold_policy", "sens=0.95")
+    predictor = load()
+    adapt_images = images
+    if args.adapt_bn is not None:
+        extra = unlabelled_images(args.adapt_bn, images.shape[-1], show=not args.quiet) if args.adapt_bn else images[:0]
+        adapt_images = np.concatenate([images, extra])
+        adapt_batchnorm(predictor, adapt_images)
+    threshold, cause_threshold, prob = site_thresholds(predictor, ds, policy)
+    expected = expected_rates(y, prob, patients, policy, seed=args.seed)
+    metrics = {"before": before, "after": evaluate.score(y, prob, patients, threshold, seed=args.seed),
+               "expected": expected,
+               "calibration": {"source": {"path": str(args.checkpoint), "sha256": runs.file_sha256(args.checkpoint)},
+                               "site": {"folder": args.data, "images": len(y), "patients": len(set(patients)),
+                                        "normal": int((y == 0).sum()), "pneumonia": int((y == 1).sum())},
+                               "unlabelled": list(args.adapt_bn or []), "adapt_bn": args.adapt_bn is not None,
+                               "adapt_bn_images": int(len(adapt_images)) if args.adapt_bn is not None else 0,
+                               "policy": policy, "warning": warning, "shortfall": shortfall(policy, expected)}}
+    return Site(metrics, predictor, threshold, cause_threshold, prob)

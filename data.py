@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from cache import ImageCache, ImageRows, TensorRows, load_images
+from errors import UserError
 from images import DICOM_SUFFIXES, cache_size, header, is_dicom, view_problem
 from labels import CAUSES, CLASSES
 from runs import read_csv, write_csv
@@ -22,7 +23,7 @@ SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Input that cannot be used; the message says what is wrong and how to fix it."""
 
 

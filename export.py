@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import infer
 import ood
 import runs
+from errors import UserError
 from images import MAX_ASPECT, cache_size
 from labels import CAUSES, CLASSES
 from transforms import Preprocess
@@ -27,7 +29,7 @@ PACKAGES = ("onnx", "onnxscript")  # torch.onnx's exporter needs both; the runti
 INSTALL = "pip install -r requirements-export.txt"
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """What cannot be exported, in one sentence."""
 
 
@@ -142,7 +144,7 @@ def graph_of(ckpt: dict, path: str) -> Graph:
     if ckpt.get("tta"):
         raise ExportError(f"'{path}' averages test-time views (--tta), which the exported graph does not; "
                           f"export a model trained without --tta")
-    models, prep = runs.load_models(ckpt, torch.device("cpu"))
+    models, prep = infer.load_models(ckpt, torch.device("cpu"))
     models = [m.to(memory_format=torch.contiguous_format).float().eval() for m in models]
     if not all(hasattr(m, "trunk") and isinstance(m.head[-1], nn.Linear) for m in models):
         raise ExportError(f"'{path}' holds a network without a pooled linear head; only such a network's heatmap "

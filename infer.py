@@ -14,6 +14,7 @@ from torch import nn
 
 import progress
 import runs
+from model import Network, build, memory_format, place
 from cache import ImageCache, load_images
 from images import cache_size
 from transforms import Preprocess
@@ -21,11 +22,6 @@ from transforms import Preprocess
 # (x, y) magnification of the centre view: the image as trained, zoomed out and in, wider and taller.
 # Training jitters each axis by up to 1.25x, so these views stay inside what the model has seen.
 TTA_VIEWS = ((1.0, 1.0), (0.9, 0.9), (1.1, 1.1), (1.1, 1 / 1.1), (1 / 1.1, 1.1))
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last, the faster layout for these convolutions, except on MPS where it is not supported."""
-    return torch.contiguous_format if device.type == "mps" else torch.channels_last
 
 
 def probabilities(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -137,5 +133,26 @@ def reestimate_batchnorm(model: nn.Module, inputs, within: list[nn.Module] | Non
 
 def load_predictor(ckpt: dict, device: torch.device, autocast: torch.dtype | None = None) -> Predictor:
     """The Predictor a best.pt describes (its members, and whether it averages test-time views), on `device`."""
-    models, prep = runs.load_models(ckpt, device)
+    models, prep = load_models(ckpt, device)
     return Predictor(models, prep, device, tta=bool(ckpt.get("tta", False)), autocast=autocast)
+
+
+def load_models(ckpt: dict, device: torch.device) -> tuple[list[Network], Preprocess]:
+    """Rebuild the members (in eval mode, on `device`) and the preprocessing a best.pt describes.
+
+    A format-1 checkpoint holds one "model": an ensemble of one; a model_config without "arch" is the custom CNN.
+    """
+    try:
+        models = []
+        for weights in ckpt["members"] if "members" in ckpt else [ckpt["model"]]:
+            model = build(ckpt["model_config"])
+            model.load_state_dict(weights)
+            models.append(place(model, device).eval())
+        prep = Preprocess.from_state(ckpt["preprocess"])
+    except ValueError as err:  # an architecture this version does not know
+        raise runs.RunError(f"the checkpoint cannot be rebuilt: {err}") from None
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise runs.RunError(f"the checkpoint does not fit this model ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:160]}); it was made by another model config or version of "
+                            f"this project") from None
+    return models, prep

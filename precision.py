@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from model import memory_format, place
+
 CHOICES = ("auto", "fp32", "bf16", "fp16")
 SPEEDUP = 1.10  # bf16 must beat fp32 by more than this factor to be chosen
 PROBE_STEPS = 4  # timed steps per precision, after one warm-up each
@@ -135,8 +137,9 @@ def probe(make_model, image_size: int, batch_size: int, train: bool = True,
     alternating so that both see the same machine load. The caller's random state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = make_model().cpu().to(memory_format=torch.channels_last).train(train)
-        x = torch.randn(batch_size, 1, image_size, image_size).contiguous(memory_format=torch.channels_last)
+        cpu = torch.device("cpu")
+        model = place(make_model(), cpu).train(train)
+        x = torch.randn(batch_size, 1, image_size, image_size).contiguous(memory_format=memory_format(cpu))
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
         times: dict[str, list[float]] = {"fp32": [], "bf16": []}
         for k in range(steps + 1):

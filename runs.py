@@ -1,6 +1,6 @@
 """Run folders and checkpoints: create, mark incomplete, resume, finish; the best.pt and last.pt formats.
 
-Usage: `run_dir = runs.create(out)`, `runs.save_best(run_dir / "best.pt", ...)`, `models, prep = runs.load_models(ckpt, device)`.
+Usage: `run_dir = runs.create(out)`, `runs.save_best(run_dir / "best.pt", ...)`; `runs.read_checkpoint(path)` to read one.
 Every file is written whole or not at all (`atomic_write`): a killed run or a full disk never leaves
 half a file, so the last checkpoint written always loads.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from errors import Interrupted, UserError
 from labels import CLASSES
-from model import PneumoniaCNN
 from names import cell, uncell
 from transforms import Preprocess
 
@@ -34,12 +34,10 @@ MARKER = "INCOMPLETE"  # present while a training run has not finished
 MEMBERS = "members"  # folder of the finished ensemble members of a run that has not finished
 
 
-class RunError(Exception):
+class RunError(UserError):
     """A run folder or checkpoint that cannot be used; the message says why and what to do."""
 
 
-class Interrupted(Exception):
-    """Ctrl-C in a scoring command; the message names the folder left partial."""
 
 
 # ---------------------------------------------------------------- files
@@ -110,6 +108,14 @@ def versions() -> dict:
 
 # ---------------------------------------------------------------- run folders
 CLAIM = ".claimed"  # created with O_EXCL: the one command that made it owns the folder
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for the provenance block (timings mean little without it)."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
 
 
 def create(out: str | None, prefix: str = "", parent: str | Path = "runs", inputs=()) -> Path:
@@ -322,22 +328,22 @@ def save_best(path: Path, *, model_config: dict, members: list[dict], prep: Prep
                            "precision": precision})
 
 
-def load_models(ckpt: dict, device: torch.device) -> tuple[list[PneumoniaCNN], Preprocess]:
-    """Rebuild the members (in eval mode, on `device`) and the preprocessing a best.pt describes.
-
-    A format-1 checkpoint holds one "model": an ensemble of one.
-    """
-    try:
-        models = []
-        for weights in ckpt["members"] if "members" in ckpt else [ckpt["model"]]:
-            model = PneumoniaCNN(**ckpt["model_config"])
-            model.load_state_dict(weights)
-            models.append(model.to(device, memory_format=torch.channels_last).eval())
-        prep = Preprocess.from_state(ckpt["preprocess"])
-    except (KeyError, TypeError, RuntimeError) as err:
-        raise RunError(f"the checkpoint does not fit this model ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
-                       f"it was made by another model config or version of this project") from None
-    return models, prep
+def save_calibrated(path: Path, ckpt: dict, members: list[dict], threshold: float, cause_threshold: float | None,
+                    metrics: dict, precision: str) -> None:
+    """A calibrated best.pt: the source checkpoint `ckpt` with the site's member weights (BatchNorm statistics),
+    thresholds, the precision they were chosen at, and a provenance block from calibrate's `metrics`."""
+    calibrated = {k: v for k, v in ckpt.items() if k not in ("model", "format", "versions")}
+    calibrated.update(members=[{k: v.cpu() for k, v in m.items()} for m in members], threshold=threshold,
+                      threshold_policy=metrics["calibration"]["policy"], precision=precision,
+                      calibration={**metrics["calibration"], "before": {k: metrics["before"][k] for k in
+                                                                         ("threshold", "sensitivity", "specificity")},
+                                   "expected": metrics["expected"]})
+    if cause_threshold is not None:
+        calibrated["cause_threshold"] = cause_threshold
+    if metrics["calibration"]["adapt_bn"] and calibrated.get("ood"):
+        # the distance was fitted to the features of the training statistics; the site's no longer match them
+        calibrated["ood"] = {**calibrated["ood"], "members": []}
+    save_checkpoint(path, calibrated)
 
 
 # ---------------------------------------------------------------- ensemble members of an unfinished run

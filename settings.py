@@ -1,9 +1,9 @@
 """Settings: every flag parsed and checked, and the training settings as one object.
 
-Usage: `settings = Settings.parse(argv)` for training (`settings.config()` is config.json);
-`build_evaluate_parser().parse_args(argv)`, `build_predict_parser()`, `build_calibrate_parser()` and
-`build_export_parser()` for the four sub-commands.
-A value out of range is refused when it is parsed, in one sentence naming the flag, exit status 2.
+Usage: `command, parsed = parse_command(argv)`: "train" with a Settings (`settings.config()` is config.json), or a
+sub-command's name with its argparse namespace.
+A value out of range is refused when it is parsed, in one sentence naming the flag, exit status 2. Nothing here
+imports torch, so `--help` and every refusal answer at once.
 """
 import argparse
 import dataclasses
@@ -13,14 +13,18 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from augment import INTENSITY, PADDING, Augment
+from errors import UserError
 from labels import CAM_TARGETS
-from transforms import INTENSITY, PADDING, Augment
 
 
 DESCRIPTION = "Pneumonia detector for pediatric chest X-rays: train, evaluate and explain a custom CNN."
+# model.ARCHITECTURES' names, written here so that parsing loads no torch (tests/test_model_train.py checks they agree)
+ARCHITECTURES = ("cnn", "resnet18")
+SUB_COMMANDS = ("evaluate", "predict", "calibrate", "export")
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A problem the user can fix; printed as one sentence, exit status 2."""
 
 
@@ -122,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: score the mean logit over fixed zoom and aspect views (threshold, test, "
                         "external sets, evaluate and predict alike); off by default: no gain over 5 seeds (docs/generalisation.md)")
     p.add_argument("--image-size", type=number(int, 16, MAX_IMAGE_SIZE), default=128, help="model input side in pixels (images are stored 10%% larger and edge-cropped)")
-    p.add_argument("--widths", type=POSITIVE_INT, nargs=3, default=[24, 48, 96], help="channels of the three CNN blocks")
+    p.add_argument("--arch", choices=ARCHITECTURES, default="cnn",
+                   help="network: cnn, the custom CNN (160 k parameters, 78 M multiply-adds at 128 px); resnet18, "
+                        "torchvision's ResNet-18 from scratch with a one-channel stem (11 M, 566 M), the baseline "
+                        "papers report")
+    p.add_argument("--widths", type=POSITIVE_INT, nargs=3, default=[24, 48, 96],
+                   help="channels of the custom CNN's three blocks (--arch cnn only)")
     p.add_argument("--split", choices=["patient", "random", "official"], default="patient",
                    help="patient: 70/15/15 grouped by child; random: image-level (leaky, for comparison); official: the archive's test/ folder")
     p.add_argument("--threshold", type=threshold_policy, default="sens=0.95",
@@ -147,13 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
 def add_augment_flags(p: argparse.ArgumentParser) -> None:
     """Training augmentation against acquisition shift (Augment); the defaults are the measured best."""
     d = Augment()
-    g = p.add_argument_group("augmentation", "drawn per training image, uniformly in +-range; see README 'Generalisation'")
+    g = p.add_argument_group("augmentation", "drawn per training image, uniformly in +-range; see docs/generalisation.md")
     g.add_argument("--augment", choices=["full", "none"], default="full",
                    help="full: the settings below; none: the original project's rotation and crop only (ignores the settings below)")
     g.add_argument("--rotation", type=number(float, 0, 180), default=d.rotation, help="rotation range in degrees")
     g.add_argument("--zoom", type=number(float, 0), default=d.zoom, help="per-axis scale jitter: each axis scaled by [1/(1+z), 1+z], so size and aspect ratio change")
     g.add_argument("--translate", type=number(float, 0, 0.5), default=d.translate, help="extra shift as a fraction of the side, beyond the random crop position")
-    demo_note = "; None: {} on real data, 0 with --demo (phantoms have no exposure shift; see README)"
+    demo_note = "; None: {} on real data, 0 with --demo (phantoms have no exposure shift)"
     g.add_argument("--gamma", type=number(float, 0), default=None, help="log-gamma range: x ** exp(+-g), black and white stay fixed" + demo_note.format(d.gamma))
     g.add_argument("--contrast", type=number(float, 0, 1, open_high=True), default=None, help="contrast range around each image's mean: x (1 +- c)" + demo_note.format(d.contrast))
     g.add_argument("--brightness", type=number(float, 0, 1), default=None, help="brightness range in [0, 1] grey units" + demo_note.format(d.brightness))
@@ -246,6 +255,28 @@ def add_shared_flags(p: argparse.ArgumentParser, cache: bool, cam: bool = True) 
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+SUB_PARSERS = {"evaluate": build_evaluate_parser, "predict": build_predict_parser,
+               "calibrate": build_calibrate_parser, "export": build_export_parser}
+
+
+def parse_command(argv: list[str]) -> tuple[str, "Settings | argparse.Namespace"]:
+    """The command and its parsed flags: training (flags only) or a sub-command (its name first). --help exits
+    here; a refused flag or a word that is no sub-command raises UsageError or exits 2, in one sentence."""
+    if argv[:1] and argv[0] in SUB_PARSERS:
+        if launched_by_torchrun():
+            raise UsageError(f"{argv[0]} runs in one process: use `python main.py {argv[0]} ...`, not torchrun")
+        return argv[0], SUB_PARSERS[argv[0]]().parse_args(argv[1:])
+    if argv and not argv[0].startswith("-"):  # training takes flags only: a word first is a mistyped sub-command
+        raise UsageError(f"'{argv[0]}' is not a sub-command; use {', '.join(SUB_COMMANDS[:-1])} or "
+                         f"{SUB_COMMANDS[-1]} (each with --help), or flags alone to train")
+    return "train", Settings.parse(argv)
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun started this process (distributed.Context.active, read without importing torch)."""
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def default_cache_dir() -> str:
     """Where decoded images are kept: $XDG_CACHE_HOME/pneumonia-cnn, else ~/.cache/pneumonia-cnn."""
     return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pneumonia-cnn")
@@ -254,7 +285,7 @@ def default_cache_dir() -> str:
 def launcher() -> list[str]:
     """How this process was started, for the model card: python, or torchrun with its process count."""
     world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+    if not launched_by_torchrun():
         return ["python"]
     return ["torchrun", f"--nproc_per_node={local}"] + ([f"--nnodes={world // local}"] if world != local else [])
 
@@ -286,6 +317,7 @@ class Settings:
     ensemble: int
     tta: bool
     image_size: int
+    arch: str
     widths: tuple[int, int, int]
     split: str
     threshold: str
@@ -325,7 +357,7 @@ class Settings:
         values = vars(parser.parse_args(argv))
         # The phantoms' only finding is a brightness change and their 'scanner' never changes; with
         # intensity jitter the phantom model learns to compare the lungs with the heart and spine, and
-        # the Grad-CAM maximum moves off the drawn lesions (README, Generalisation).
+        # the Grad-CAM maximum moves off the drawn lesions (docs/generalisation.md).
         for name in ("gamma", "contrast", "brightness"):
             if values[name] is None:
                 values[name] = 0.0 if values["demo"] else getattr(Augment(), name)
@@ -338,8 +370,8 @@ class Settings:
     def from_dict(cls, values: dict, given: frozenset = frozenset()) -> "Settings":
         """Settings from parsed or saved values (lists become tuples, unknown keys of older runs are dropped)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"given"}
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
-        return cls(**values, given=given)
+        values = {"arch": "cnn", **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}}
+        return cls(**values, given=given)  # a run from before --arch existed trained the custom CNN
 
     def config(self) -> dict:
         """What config.json holds: every setting that defines the run."""
@@ -364,5 +396,11 @@ class Settings:
         """The Augment the flags describe."""
         if self.augment == "none":
             return Augment.plain(self.rotation)
-        return Augment(self.rotation, self.zoom, self.translate, self.gamma, self.contrast, self.brightness,
-                       self.noise, self.padding, self.sharpness)
+        return Augment(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Augment)})
+
+    def model_config(self) -> dict:
+        """What model.build makes the network from: the architecture, its outputs for the task, the CNN's widths."""
+        outputs = 3 if self.task == "cause" else 1
+        if self.arch == "cnn":
+            return {"arch": "cnn", "widths": list(self.widths), "outputs": outputs}
+        return {"arch": self.arch, "outputs": outputs}

@@ -10,6 +10,7 @@ import random
 import signal
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,8 @@ import distributed
 import progress
 import runs
 from cache import TensorRows
-from infer import Predictor, memory_format, reestimate_batchnorm
+from infer import Predictor, reestimate_batchnorm
+from model import memory_format
 from transforms import Preprocess
 
 
@@ -187,7 +189,7 @@ def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainS
     for k in range(state.step, len(order)):
         idx, keep = p.ranks.share(order[k])
         x = p.prep.train(images[idx].to(device, non_blocking=True), generator, len(order[k]), keep)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=memory_format(device))
         y = labels[idx].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = p.loss_fn(p.model(x).float(), y)
@@ -273,7 +275,7 @@ def write_history(path: Path, history: list[dict]) -> None:
     runs.write_csv(path, HISTORY_FIELDS, [[h.get(k, "") for k in HISTORY_FIELDS] for h in history])
 
 
-@dataclass
+@dataclass(kw_only=True)  # by name only: a field inserted later cannot shift the others
 class TrainConfig:
     """The settings fit() needs."""
     epochs: int
@@ -295,6 +297,17 @@ class TrainConfig:
     autocast: torch.dtype | None = None  # bf16 or fp16 autocast (precision.py); None: fp32
     task: str = "pneumonia"  # or 'cause': normal / bacterial / viral
     ranks: distributed.Context = field(default_factory=distributed.Context)  # this process's place under torchrun
+
+    @classmethod
+    def of(cls, settings, member: int, device: torch.device, ranks: distributed.Context,
+           autocast: torch.dtype | None) -> "TrainConfig":
+        """One member's config: every field named like a training setting (settings.Settings) takes its value; the
+        rest come from this process's place and the member's own seed."""
+        own = {"progress": not settings.quiet, "compile_model": settings.compile,
+               "seed": member_seed(settings.seed, member), "member": member, "device": device, "autocast": autocast,
+               "ranks": ranks}
+        same = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(settings)} - set(own)
+        return cls(**{name: getattr(settings, name) for name in same}, **own)
 
 
 def _parts(model, train_set, prep, cfg: TrainConfig, generator: torch.Generator) -> Parts:

@@ -10,34 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PADDING = ("border", "reflection", "zeros")
-INTENSITY = ("dataset", "image")
-
-
-@dataclass
-class Augment:
-    """Training augmentation for acquisition shift; every value is drawn per image, uniformly in +-range.
-
-    Geometry (rotation, per-axis zoom, which changes size and aspect ratio, translation) is one affine
-    resampling of the whole batch; intensity (gamma, contrast, brightness, noise) follows in [0, 1].
-    `padding` fills what the resampling pulls in from outside the stored image.
-    """
-
-    rotation: float = 15.0  # degrees
-    zoom: float = 0.25  # each axis scaled by a factor in [1/(1+zoom), 1+zoom], log-uniform
-    translate: float = 0.0  # extra shift, as a fraction of the side, beyond the random crop position
-    gamma: float = 0.5  # x ** exp(u), u in +-gamma: keeps black and white, bends the grey levels
-    contrast: float = 0.3  # (x - image mean) * (1 + u) + image mean
-    brightness: float = 0.1  # + u, in [0, 1] grey units
-    noise: float = 0.0  # std of added Gaussian noise, in [0, 1] grey units
-    padding: str = "border"
-    sharpness: float = 0.0  # x + u (3x3 box blur of x - x): u > 0 blurs, u < 0 sharpens
-
-    @classmethod
-    def plain(cls, rotation: float = 15.0) -> "Augment":
-        """The original project's transform: rotation and crop position only, zero padding."""
-        return cls(rotation, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "zeros", 0.0)
-
+from augment import INTENSITY, PADDING, Augment  # noqa: F401 (Augment is part of this module's interface)
 
 def centre_crop(images, size: int):
     """The centre size x size of the last two axes (numpy or torch): edges, markers and text cut off."""

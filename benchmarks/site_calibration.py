@@ -102,11 +102,11 @@ def label_shift(args, source: Path, seed: int) -> dict:
     images = np.asarray(ds.images)
     result = {"rest images": int(rest.sum()), "rest pneumonia share": float(y[rest].mean())}
     for name, chosen in {"no adaptation": None, **subsets}.items():
-        for layers, how in ((calibrate.ADAPTED, "early layers (shipped)"), (None, "every layer")):
+        for every_layer, how in ((False, "early layers (shipped)"), (True, "every layer")):
             predictor = infer.load_predictor(ckpt, torch.device("cpu"))
             if chosen is not None:
                 picked = np.isin(patients, list(chosen))
-                calibrate.adapt_batchnorm(predictor, images[picked], layers)
+                calibrate.adapt_batchnorm(predictor, images[picked], every_layer)
                 result[f"{name} pneumonia share"] = float(y[picked].mean())
             prob = predictor.predict(torch.from_numpy(images[rest]).unsqueeze(1))[0]
             m = evaluate.binary_metrics(y[rest], prob, ckpt["threshold"])

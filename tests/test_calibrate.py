@@ -14,7 +14,7 @@ import infer
 import main
 import runs
 import transforms
-from model import PneumoniaCNN
+from model import PneumoniaCNN, build
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_a_calibrated_checkpoint_scores_in_evaluate_and_predict_at_its_site_thre
     ckpt = runs.load_checkpoint(tmp_path / "cal" / "best.pt")
     source = runs.load_checkpoint(demo_run / "best.pt")
     assert ckpt["calibration"]["adapt_bn"] and ckpt["calibration"]["adapt_bn_images"] == 120
-    early = [k for k in source["members"][0] if k.startswith(calibrate.ADAPTED) and k.endswith("running_mean")]
+    early = [k for k in source["members"][0] if k.startswith(PneumoniaCNN.adaptable) and k.endswith("running_mean")]
     assert early and all(not torch.equal(ckpt["members"][0][k], source["members"][0][k]) for k in early)  # adapted
     late = "block3.4.running_mean"  # later layers keep the training statistics (a guard against label shift)
     assert torch.equal(ckpt["members"][0][late], source["members"][0][late])
@@ -95,7 +95,7 @@ def test_adabn_gives_the_batchnorm_statistics_computed_by_hand():
                                                                                               keepdim=True) + 1e-5)))
             mean2.append(b.mean((0, 2, 3)))
             var2.append(b.transpose(0, 1).flatten(1).var(1))
-    calibrate.adapt_batchnorm(predictor, images, layers=None)
+    calibrate.adapt_batchnorm(predictor, images, every_layer=True)
     assert not net.training
     for layer, means, variances in ((net[1], mean1, var1), (net[4], mean2, var2)):
         assert torch.allclose(layer.running_mean, torch.stack(means).mean(0), atol=1e-5)
@@ -110,7 +110,7 @@ def test_adabn_as_shipped_adapts_the_early_layers_only():
     calibrate.adapt_batchnorm(predictor, (torch.rand(40, 28, 28) * 255).to(torch.uint8).numpy())
     after = model.state_dict()
     changed = {k.split(".")[0] for k in after if "running" in k and not torch.equal(after[k], before[k])}
-    assert changed == set(calibrate.ADAPTED) == {"stem", "block1"} and not model.training
+    assert changed == set(model.adaptable) == {"stem", "block1"} and not model.training
     assert all(torch.equal(after[k], before[k]) for k in after if "running" not in k and "num_batches" not in k)
 
 
@@ -160,4 +160,4 @@ def test_a_cause_model_gets_its_site_thresholds_for_both_decisions(tmp_path):
     source = runs.load_checkpoint(tmp_path / "run" / "best.pt")
     assert ckpt["model_config"]["outputs"] == 3 and "cause_threshold" in ckpt
     assert ckpt["cause_threshold"] != source["cause_threshold"] or ckpt["threshold"] != source["threshold"]
-    assert PneumoniaCNN(**ckpt["model_config"]).load_state_dict(ckpt["members"][0])
+    assert build(ckpt["model_config"]).load_state_dict(ckpt["members"][0])

@@ -120,7 +120,7 @@ def test_an_ensemble_of_one_is_the_single_model_and_its_members_lead_larger_ense
     assert not torch.equal(two["members"][0]["stem.0.weight"], two["members"][1]["stem.0.weight"])
     assert [m["seed"] for m in two["training"]] == [0, 1000]
     # every scored set: the ensemble's probability is the sigmoid of its members' mean logit
-    models, prep = runs.load_models(two, torch.device("cpu"))
+    models, prep = infer.load_models(two, torch.device("cpu"))
     import cache
     import images
     rows = _rows(pair / "two" / "predictions.csv")

@@ -19,7 +19,7 @@ import main
 import ood
 import runs
 from conftest import ROOT, shared, write_image
-from model import PneumoniaCNN
+from model import PneumoniaCNN, build
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -88,12 +88,12 @@ def test_the_exported_graph_scores_explains_and_checks_like_predict(demo_run, ex
 def test_an_ensemble_and_a_three_class_model_each_export_as_one_graph(demo_run, tmp_path):
     base = runs.read_checkpoint(demo_run / "best.pt")
     torch.manual_seed(1)
-    other = PneumoniaCNN(**base["model_config"]).state_dict()  # a second member that disagrees with the first
+    other = build(base["model_config"]).state_dict()  # a second member that disagrees with the first
     ensemble = {**base, "members": [base["members"][0], other],
                 "ood": {**base["ood"], "members": base["ood"]["members"] * 2}}
     cause_config = {**base["model_config"], "outputs": 3}
     torch.manual_seed(2)
-    cause = {**base, "model_config": cause_config, "members": [PneumoniaCNN(**cause_config).eval().state_dict()],
+    cause = {**base, "model_config": cause_config, "members": [build(cause_config).eval().state_dict()],
              "ood": {**base["ood"], "members": []}, "cause_threshold": 0.5}  # after --adapt-bn: no distance
     batch = demo_batch(demo_run, 6)
     for name, ckpt in (("ensemble", ensemble), ("cause", cause)):

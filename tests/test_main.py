@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import evaluate
+import commands
 import main
+import infer
 import runs
 from distributed import Context
 from settings import Settings
@@ -217,7 +219,7 @@ def test_predict_matches_training_preprocessing_on_real_files(demo_run, tmp_path
     import images
     import infer
     import torch
-    (model,), prep = runs.load_models(runs.load_checkpoint(demo_run / "best.pt"), torch.device("cpu"))
+    (model,), prep = infer.load_models(runs.load_checkpoint(demo_run / "best.pt"), torch.device("cpu"))
     files = [r["path"] for r in rows]
     decoded, _ = cache.load_images(files, images.cache_size(prep.image_size), cache.ImageCache(None, 0), show=False)
     expected, _ = infer.Predictor([model], prep, torch.device("cpu")).predict(torch.from_numpy(decoded).unsqueeze(1))
@@ -265,7 +267,7 @@ def test_resume_applies_runtime_flags_and_refuses_the_others(demo_run, tmp_path,
     assert main.main(["--resume", str(run), "--epochs", "30", "--lr", "0.1"]) == 2
     err = capsys.readouterr().err
     assert "--epochs, --lr cannot change now" in err and err.count("\n") == 1
-    args, _, _ = main.resolve_run(Settings.parse(["--resume", str(run), "--device", "cpu", "--quiet"]), Context())
+    args, _, _ = commands.resolve_run(Settings.parse(["--resume", str(run), "--device", "cpu", "--quiet"]), Context())
     saved = json.loads((run / "config.json").read_text())
     assert args.device == "cpu" and args.quiet and args.epochs == saved["epochs"] and args.demo is True
 
@@ -298,7 +300,7 @@ def test_optimiser_constants_are_settings_that_reach_sgd_and_onecycle_and_surviv
     from transforms import Preprocess
     s = Settings.parse(["--momentum", "0.8", "0.9", "--weight-decay", "0.001", "--warmup", "0.5", "--epochs", "2", "--batch-size", "4",
                         "--quiet"])
-    cfg = main.train_config(s, torch.device("cpu"), Context())
+    cfg = train.TrainConfig.of(s, 0, torch.device("cpu"), Context(), None)
     g = torch.Generator().manual_seed(0)
     images, labels = (torch.rand(16, 1, 24, 24, generator=g) * 255).to(torch.uint8), (torch.arange(16) % 2).float()
     train.fit(PneumoniaCNN((4, 4, 4), stem=4), (images, labels), (images, labels), Preprocess(20), cfg, tmp_path)

@@ -206,23 +206,24 @@ def test_early_stopping_counts_only_the_low_rate_tail_and_waits_for_auc_and_loss
     worse = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # the loss only rises and the AUC never beats epoch 1
     aucs = [0.9, 0.8, 0.8, 0.8, 0.8, 0.8]
     high, low = [0.05] * 6, [0.05, 0.004, 0.003, 0.002, 0.001, 0.0]  # lr at each epoch's end; the peak is 0.05
-    cfg = train.TrainConfig(6, 8, 0.05, 0.6, patience=2)
+    cfg = train.TrainConfig(epochs=6, batch_size=8, lr=0.05, pos_weight=0.6, patience=2)
     assert not _epochs(monkeypatch, cfg, worse, aucs, high).stopped_early  # never in the tail: never stops
     state = _epochs(monkeypatch, cfg, worse, aucs, low)
     assert state.stopped_early and state.epoch == 3  # tail epochs 2 and 3 without improvement
     assert not _epochs(monkeypatch, cfg, [0.5, 0.4, 0.3, 0.2, 0.1, 0.05], aucs, low).stopped_early  # the loss improves
-    assert not _epochs(monkeypatch, train.TrainConfig(6, 8, 0.05, 0.6, patience=0), worse, aucs, low).stopped_early
+    assert not _epochs(monkeypatch, train.TrainConfig(epochs=6, batch_size=8, lr=0.05, pos_weight=0.6, patience=0), worse, aucs, low).stopped_early
     assert state.best_epoch == 1
 
 
 # each module may import only modules of a lower rank: data flows one way, from main down to model
-RANKS = {"model": 0, "transforms": 0, "distributed": 0, "labels": 0, "progress": 0, "precision": 0, "names": 0, "runs": 1,
-         "images": 2, "settings": 2, "cache": 3, "demo": 3, "data": 4, "infer": 4, "train": 5, "gradcam": 5, "ood": 5,
-         "evaluate": 6, "report": 7, "calibrate": 7, "export": 7, "main": 8}
+RANKS = {"errors": 0, "augment": 0, "labels": 0, "names": 0, "progress": 0, "distributed": 0, "model": 0,
+         "transforms": 1, "precision": 1, "runs": 2, "images": 3, "settings": 3, "cache": 4, "demo": 4, "data": 5,
+         "infer": 5, "train": 6, "gradcam": 6, "ood": 6, "evaluate": 7, "report": 8, "calibrate": 8, "export": 8,
+         "commands": 9, "main": 10}
 # and, whatever the ranks allow: scoring and explaining never load fitting; parsing flags loads neither
 NEVER_LOADS = {"infer": {"train"}, "gradcam": {"train"}, "evaluate": {"train"}, "report": {"train"},
                "calibrate": {"train"}, "ood": {"train"}, "export": {"train", "gradcam"},
-               "settings": {"train", "gradcam"}}
+               "runs": {"model"}, "settings": {"train", "gradcam", "model", "transforms", "precision", "runs"}}
 
 
 def our_imports(name: str) -> set[str]:

@@ -1,0 +1,457 @@
+"""The commands, wired step by step: training (with its scoring and explaining), evaluate, predict, calibrate and
+export. Usage: `commands.RUN[name](parsed)`, called by main.py once the command line is accepted.
+
+Each function here only connects the steps that live in data, train, evaluate, gradcam, report and the rest.
+"""
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import calibrate
+import data
+import demo
+import distributed
+import evaluate
+import export
+import gradcam
+import infer
+import model
+import ood
+import precision
+import report
+import runs
+import train
+from cache import ImageCache
+from images import cache_size
+from labels import CLASSES
+from names import say
+from settings import Settings, UsageError
+from transforms import Preprocess, fit_normalisation
+
+DOWNLOAD_HELP = """No chest X-rays found in '{root}'.
+Download "Chest X-Ray Images (Pneumonia)" from Kaggle (https://www.kaggle.com/datasets/paultimothymooney/chest-xray-pneumonia),
+unzip it into {root}/ so that it looks like
+    {root}/chest_xray/train/NORMAL/*.jpeg   {root}/chest_xray/train/PNEUMONIA/*.jpeg
+    {root}/chest_xray/val/...               {root}/chest_xray/test/...
+(any depth works: every NORMAL/ and PNEUMONIA/ folder is used), then run `python main.py` again.
+To try the tool without the download: `python main.py --demo`."""
+SYNTHETIC = "SYNTHETIC DEMO DATA (generated phantoms): not real X-rays, not a medical result."
+
+
+def resolve_run(s: Settings, ranks: distributed.Context) -> tuple[Settings, Path, dict | None]:
+    """A new run folder, or the interrupted one in --resume with its saved settings and last.pt.
+
+    Under torchrun rank 0 alone creates or checks the folder and sends the result, or its refusal, to the others.
+    """
+    result = None
+    if ranks.main:
+        try:
+            result = (s, runs.create(s.out, inputs=[s.data, *s.external])) if not s.resume else \
+                (s.resumed(runs.interrupted_config(Path(s.resume))), Path(s.resume))
+        except (UsageError, runs.RunError) as err:
+            result = err
+    result = distributed.broadcast(result, ranks)
+    if isinstance(result, Exception):
+        raise result
+    s, run_dir = result
+    return s, run_dir, runs.read_checkpoint(run_dir / "last.pt", "last") if s.resume else None
+
+
+def choose_precision(requested: str, device: torch.device, make_model, image_size: int, batch_size: int,
+                     train: bool = True, ranks: distributed.Context = distributed.Context(),
+                     deterministic: bool = False, recorded: dict | None = None,
+                     scored_at: str | None = None) -> precision.Choice:
+    """--precision resolved once, by rank 0 under torchrun (every rank must compute alike), and said in one line;
+    a resumed run takes the choice it `recorded` when it started; scoring a checkpoint, auto keeps the precision
+    its threshold was chosen at (`scored_at`)."""
+    choice = None
+    if ranks.main:
+        try:
+            choice = precision.Choice.recorded(recorded) if recorded else \
+                precision.resolve(requested, device, make_model, image_size, batch_size, train, deterministic,
+                                  scored_at)
+        except ValueError as err:
+            choice = UsageError(str(err))
+    choice = distributed.broadcast(choice, ranks)
+    if isinstance(choice, Exception):
+        raise choice
+    say(f"precision: {choice.name} ({'as when the run started: ' if recorded else ''}{choice.reason})")
+    return choice
+
+
+def scoring_precision(requested: str, ckpt: dict, device: torch.device, batch_size: int = 64) -> precision.Choice:
+    """--precision for scoring the checkpoint `ckpt`: auto keeps the precision its threshold was chosen at, and times
+    a forward pass of its model where it records none."""
+    return choose_precision(requested, device, lambda: model.build(ckpt["model_config"]),
+                            ckpt["preprocess"]["image_size"], batch_size, train=False, scored_at=ckpt.get("precision"))
+
+
+def configure_device(name: str, deterministic: bool = False) -> torch.device:
+    """Resolve --device once and set the determinism / autotuning switches for it."""
+    try:
+        return train.setup_device(name, deterministic)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def decode_cache(cache_dir: str | None, image_size: int) -> ImageCache:
+    """The decode cache for a model of `image_size` (images are stored 10% larger); None keeps nothing."""
+    return ImageCache(cache_dir, cache_size(image_size))
+
+
+def load_training_data(s: Settings, run_dir: Path, resumed: bool, ranks: distributed.Context) -> data.Dataset:
+    """Phantoms for --demo, else the archive; a missing archive gives the download instructions."""
+    root = str(run_dir / "demo_data") if s.demo else s.data
+    if s.demo and not Path(root).exists() and ranks.local_rank == 0:
+        demo.make_phantoms(root, patients_per_class=s.demo_patients, seed=s.seed)
+    cache = None if s.no_cache or s.demo else s.cache_dir
+    try:
+        return data.load_dataset(root, s.image_size, s.split, s.seed, cache, workers=s.workers, progress=not s.quiet,
+                                 task=s.task)
+    except data.DataError as err:
+        if not resumed and ranks.main:
+            runs.discard_if_empty(run_dir)
+        if isinstance(err, data.NoImagesFound):
+            raise UsageError(DOWNLOAD_HELP.format(root=root)) from None
+        raise
+
+
+def run_train(s: Settings) -> int:
+    """Train (or resume) in this process, or in this rank of a torchrun job; returns the exit status."""
+    ranks = distributed.Context.from_env()
+    device = configure_device(s.device, s.deterministic)
+    if ranks.world > s.batch_size:
+        raise UsageError(f"--batch-size {s.batch_size} is the global batch and must be at least the number of "
+                         f"processes ({ranks.world})")
+    try:
+        device = distributed.start(ranks, device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        status = train_and_score(s, ranks, device)
+    except BaseException as err:
+        if ranks.active and isinstance(err, RuntimeError):  # most often a collective that lost a dead rank
+            say(f"error: rank {ranks.rank} stopped: {str(err).splitlines()[0][:200]}\nIf another rank died, "
+                  f"torchrun's report names it; `--resume` the run folder to continue from its last finished "
+                  f"epoch.", file=sys.stderr)
+        distributed.stop(ranks, finished=False)
+        raise
+    distributed.stop(ranks)
+    return status
+
+
+def train_and_score(s: Settings, ranks: distributed.Context, device: torch.device) -> int:
+    """Train every member, then (rank 0 only) evaluate and explain; every rank trains on its share of each batch."""
+    s, run_dir, resume = resolve_run(s, ranks)
+    if not ranks.main:
+        s = dataclasses.replace(s, quiet=True)  # no progress bars off rank 0 (stdout is silenced by distributed.start)
+    with distributed.local_main_first(ranks):  # the first rank of each machine fills the decode cache
+        ds = load_training_data(s, run_dir, resume is not None, ranks)
+    if resume is None and ranks.main:
+        runs.start(run_dir, s.config())
+        data.write_split_files(run_dir, ds)
+    print("config:", json.dumps({**s.config(), "device": str(device), "processes": ranks.world}))
+    audit = data.audit(ds) if ranks.main else {}
+    if ranks.main:
+        say(report.data_summary(audit))
+    prep = fit_preprocessing(s, ds)
+    # a resumed run keeps the precision it started with (rank 0 decides, so only it reads the record)
+    recorded = json.loads((run_dir / "config.json").read_text()).get("precision_choice") \
+        if resume is not None and ranks.main else None
+    choice = choose_precision(s.precision, device, lambda: network(s, device), s.image_size,
+                              max(1, s.batch_size // ranks.world), ranks=ranks, deterministic=s.deterministic,
+                              recorded=recorded)
+    if resume is None and ranks.main:
+        runs.write_json(run_dir / "config.json", {**s.config(), "precision_choice": choice.record()})
+    started = time.perf_counter()
+    on_device = [(train.to_device(images, device), labels.to(device))
+                 for images, labels, _ in (ds.subset("train", s.task), ds.subset("val", s.task))]
+    try:
+        members = train_members(s, ranks, device, prep, on_device, run_dir, resume, choice.dtype)
+    except train.Interrupted as err:
+        if ranks.main:
+            say(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}"
+                  + (" (under torchrun, with any number of processes)" if ranks.active else ""), file=sys.stderr)
+        return 130
+    # every rank leaves the process group now: rank 0's scoring, Grad-CAM and --external decoding can outlast any
+    # collective's timeout, and a peer waiting in a barrier would then be killed with rank 0 mid-report
+    distributed.stop(ranks)
+    if not ranks.main:
+        return 0
+    kept = [m for m in members if m["weights"] is not None]  # a member that failed in its first epoch kept nothing
+    failure = training_failure(s, members, bool(kept))
+    if not kept:
+        runs.mark_unresumable(run_dir, f"training {failure} before any weights were kept")
+        return 1
+    scorer = build_scorer(s, kept, prep, device, choice, ds)
+    val_auc = choose_threshold_and_save(s, run_dir, kept, ds, scorer, choice.name)
+    history = [h for m in members for h in m["history"]]
+    evaluate.plot_history(history, run_dir / "training_curves.png")
+    metrics = {**score_run(s, run_dir, ds, scorer), "synthetic": s.demo, "split": s.split, "data": audit,
+               "validation": {"auc": val_auc, "threshold_policy": s.threshold, "threshold": scorer.threshold},
+               **training_record(s, members, scorer, failure),
+               "provenance": {"command": s.command, "versions": runs.versions(), "device": str(device),
+                              "cpu": runs.cpu_name(), "precision": choice.record(), "processes": ranks.world}}
+    runs.write_json(run_dir / "timing.json", {"seconds_since_data_loaded": round(time.perf_counter() - started, 1),
+                                              "epochs_run": len(history)})
+    write_results(s, run_dir, metrics)
+    return 0
+
+
+def training_record(s: Settings, members: list[dict], scorer: evaluate.Scorer, failure: str | None) -> dict:
+    """metrics.json's account of the training: every member's summary, the detector, any failure."""
+    return {"ood_detector": {"threshold": scorer.detector.threshold,
+                             "validation_false_alarms": scorer.detector.validation_false_alarms},
+            "training": {"keep": s.keep, "patience": s.patience, "ensemble": len(scorer.predictor.members), "tta": s.tta,
+                         "members": [m["summary"] for m in members]},
+            "training_failure": failure}
+
+
+def training_failure(s: Settings, members: list[dict], kept: bool) -> str | None:
+    """Why a member's training failed (said on stderr, with what is evaluated instead, if anything), or None."""
+    failure = next((m["summary"]["stopped"] for m in members if m["summary"]["stopped"].startswith("failed")), None)
+    if failure:
+        say(f"error: {'member ' + str(len(members)) + ': ' if s.ensemble > 1 else ''}{failure}", file=sys.stderr)
+        if kept:
+            say(f"evaluating what was kept: {members[-1]['summary']['kept'] or 'the members before it'}",
+                file=sys.stderr)
+        else:
+            say("nothing was kept, so nothing is evaluated and the run cannot be resumed: start a new run (with a "
+                "lower --lr if the loss diverged)", file=sys.stderr)
+    return failure
+
+
+def build_scorer(s: Settings, kept: list[dict], prep: Preprocess, device: torch.device, choice: precision.Choice,
+                 ds: data.Dataset) -> evaluate.Scorer:
+    """The kept members as one predictor, with the out-of-distribution detector fitted on the training split (its
+    threshold on validation); the decision threshold is chosen next."""
+    scorer = evaluate.Scorer(infer.Predictor([network(s, device, m["weights"]) for m in kept], prep, device,
+                                             tta=s.tta, autocast=choice.dtype), float("nan"), s.cam_target, s.seed)
+    train_images, _, train_idx = ds.subset("train")
+    scorer.detector = ood.fit(scorer.predictor, train_images, ds.labels[train_idx].astype(int), ds.subset("val")[0],
+                              s.seed)
+    return scorer
+
+
+def train_members(s: Settings, ranks: distributed.Context, device: torch.device, prep: Preprocess, sets: list,
+                  run_dir: Path, resume: dict | None, autocast: torch.dtype | None = None) -> list[dict]:
+    """Train the members one after the other (one for a single model), each from its own seed; returns each
+    member's kept weights, summary and history. A resumed run reads its finished members and continues the
+    member its last.pt holds. Training stops at a member that fails; what it kept is still returned."""
+    done = runs.read_members(run_dir) if resume is not None else []
+    first = len(done)
+    for member in range(first, s.ensemble):
+        seed = train.member_seed(s.seed, member)
+        train.set_seed(seed)  # the member's initial weights and dropout
+        net = network(s, device)
+        if member == first:
+            say(f"model: {s.arch}, {sum(p.numel() for p in net.parameters()):,} parameters, "
+                f"{model.count_flops(net, s.image_size) / 1e6:.0f} M multiply-adds per image")
+        if s.ensemble > 1:
+            say(f"ensemble member {member + 1} of {s.ensemble} (seed {seed})")
+        state_resume = resume if member == first and resume is not None and resume["state"].get("member", 0) == member \
+            else None
+        earlier = [h for m in done for h in m["history"]]
+        cfg = train.TrainConfig.of(s, member, device, ranks, autocast)
+        state = train.fit(net, *sets, prep, cfg, run_dir, state_resume, earlier)
+        done.append({"weights": state.kept_model, "summary": state.summary, "history": state.history})
+        if state.kept_model is None or state.failure:
+            break
+        if ranks.main:
+            runs.save_member(run_dir, member, **done[-1])
+    return done
+
+
+def fit_preprocessing(s: Settings, ds: data.Dataset) -> Preprocess:
+    """The preprocessing, its normalisation fitted on the training split."""
+    mean, std, grey_range = fit_normalisation(ds.images.take(ds.split == "train").chunks(), s.image_size)
+    return Preprocess(s.image_size, mean, std, s.augmentation(), s.intensity, grey_range)
+
+
+def network(s: Settings, device: torch.device, weights: dict | None = None) -> model.Network:
+    """The network the settings describe: freshly initialised from the current seed to be trained, or holding kept
+    `weights` in eval mode, to be scored and explained (Grad-CAM keeps the mode it is given)."""
+    net = model.build(s.model_config())
+    if weights is not None:
+        net.load_state_dict(weights)
+        net.eval()
+    return model.place(net, device)
+
+
+def write_results(s: Settings, run_dir: Path, metrics: dict) -> None:
+    """metrics.json, MODEL_CARD.md and report.html; then the run is complete and its summary printed."""
+    runs.write_json(run_dir / "metrics.json", metrics)
+    banner = SYNTHETIC if s.demo else ""
+    report.write_model_card(run_dir, s.config(), metrics, banner)
+    report.write_report(run_dir, "Pneumonia CNN" + (" - " + banner if banner else "") + f" - run {run_dir.name}",
+                        s.config(), metrics, banner)
+    runs.finish(run_dir)
+    say(report.terminal_summary(metrics, run_dir, banner))
+
+
+def choose_threshold_and_save(s: Settings, run_dir: Path, members: list[dict], ds: data.Dataset,
+                              scorer: evaluate.Scorer, precision_name: str) -> float:
+    """Choose the scorer's threshold on validation (predictions_val.csv) and write best.pt; returns the validation AUC."""
+    val_auc = evaluate.set_threshold(scorer, ds, s.threshold, run_dir / "predictions_val.csv")
+    runs.save_best(run_dir / "best.pt", model_config=scorer.predictor.members[0].config,
+                   members=[m["weights"] for m in members], prep=scorer.predictor.prep,
+                   thresholds={"threshold": scorer.threshold, "cause_threshold": scorer.cause_threshold},
+                   policy=s.threshold, tta=s.tta, training=[m["summary"] for m in members], ood=scorer.detector.state(),
+                   config=s.config(), precision=precision_name)
+    return val_auc
+
+
+def score_run(s: Settings, run_dir: Path, ds: data.Dataset, scorer: evaluate.Scorer) -> dict:
+    """Score the test split once, then each --external folder; returns the metrics."""
+    idx = np.flatnonzero(ds.split == "test")
+    masks = demo.load_masks(run_dir / "demo_data", [ds.paths[i] for i in idx], ds.images.shape[-1]) if s.demo else None
+    note = ", test split" + (" [SYNTHETIC DEMO]" if s.demo else "")
+    test = evaluate.score_set(scorer, ds, idx, run_dir, note, masks, show=not s.quiet)
+    cache = decode_cache(None if s.no_cache else s.cache_dir, s.image_size)
+    externals = evaluate.score_externals(scorer, s.external, cache, run_dir, show=not s.quiet)
+    return evaluate.merge_externals(test, externals, run_dir / "roc_all.png")
+
+
+def load_scorer(args) -> evaluate.Scorer:
+    """The checkpoint's predictor and thresholds on the chosen device, at the chosen precision."""
+    ckpt = runs.read_checkpoint(args.checkpoint)
+    device = configure_device(args.device)
+    choice = scoring_precision(args.precision, ckpt, device, getattr(args, "batch_size", 64))
+    predictor = infer.load_predictor(ckpt, device, choice.dtype)
+    if args.cam_target in ("bacterial", "viral") and predictor.outputs == 1:
+        raise UsageError(f"--cam-target {args.cam_target} needs a model trained with --task cause; "
+                         f"'{args.checkpoint}' tells pneumonia from normal only")
+    return evaluate.Scorer(predictor, ckpt["threshold"], args.cam_target, getattr(args, "seed", 0),
+                           ckpt.get("cause_threshold", 0.5), load_detector(ckpt))
+
+
+def load_detector(ckpt: dict) -> ood.Detector | None:
+    """The checkpoint's out-of-distribution detector, or None for one made before it existed."""
+    return ood.Detector.from_state(ckpt["ood"]) if ckpt.get("ood") else None
+
+
+def run_evaluate(args) -> int:
+    """Score a checkpoint on a labelled folder or a run's test split, with every plot and the report."""
+    scorer = load_scorer(args)
+    out = runs.create(args.out, "evaluate-", Path(args.checkpoint).parent, inputs=[args.data])
+    with runs.partial(out, "evaluate"):
+        cache = decode_cache(None if args.no_cache else args.cache_dir, scorer.predictor.prep.image_size)
+        ds = data.decode_found(data.find_labelled(args.data), cache, progress=not args.quiet)
+        data.write_split_files(out, ds)
+        metrics = evaluate.score_set(scorer, ds, np.flatnonzero(ds.split == "test"), out, note=f", {Path(args.data).name}",
+                                     show=not args.quiet)[0]
+        metrics["data"] = data.audit(ds)
+        metrics["evaluated"] = {"checkpoint": args.checkpoint, "data": args.data}
+        runs.write_json(out / "metrics.json", metrics)
+        report.write_report(out, f"Pneumonia CNN - evaluation of {args.checkpoint} on {args.data}", vars(args), metrics)
+        say(report.terminal_summary(metrics, out))
+    return 0
+
+
+def run_predict(args) -> int:
+    """Probabilities and calls at the stored threshold for images and folders, every input checked; bad files are
+    reported and skipped, and with --strict so are flagged ones."""
+    scorer = load_scorer(args)
+    files, skipped = data.list_files(args.paths)
+    if not files:
+        raise UsageError(f"no image files found in {', '.join(args.paths)}"
+                         + (f" ({len(skipped)} other files skipped)" if skipped else ""))
+    out = runs.create(args.out, "predict-", inputs=args.paths)
+    with runs.partial(out, "predict"):
+        scorer.predictor.batch_size = args.batch_size
+        decoded = scorer.predictor.decode(files, args.workers, show=len(files) > 1)
+        images, errors, _ = decoded
+        good = [i for i, e in enumerate(errors) if e is None]
+        scored = scorer.assess(torch.from_numpy(images[good]).unsqueeze(1), show=len(good) > 1) if good else \
+            (np.zeros(0), None, None)
+        rows = evaluate.file_predictions(scorer, files, decoded, scored, skipped)
+        if args.strict:
+            for i in np.flatnonzero(rows.flagged()):
+                rows.prob[i], rows.errors[i] = np.nan, "flagged, not scored (--strict): " + "; ".join(rows.flags[i])
+        evaluate.write_predictions(out / "predictions.csv", rows, scorer.threshold)
+        report_predictions(scorer, rows, images, good, files, out, args)
+    return 0
+
+
+def report_predictions(scorer: evaluate.Scorer, rows: evaluate.Predictions, images: np.ndarray, good: list[int],
+                       files: list[str], out: Path, args) -> None:
+    """predict's terminal lines, flagged thumbnails and report.html, and the Grad-CAM overlays asked for."""
+    for path, notes, flags, error in zip(rows.paths, rows.notes, rows.flags, rows.errors):
+        if error or flags or notes:
+            say(f"{'skipped' if error else 'flagged:' if flags else 'warning:'} {path}: "
+                  f"{error or '; '.join(flags + notes)}", file=sys.stderr)
+    if scorer.detector is None:
+        say("note: this checkpoint has no out-of-distribution detector (made before project 1.3): only the colour, "
+              "header and grey-level checks ran", file=sys.stderr)
+    scored = [i for i in good if rows.prob[i] == rows.prob[i]]
+    overlays = []
+    if scored and (args.cam or len(files) == 1):
+        overlays = gradcam.save_overlays(scorer, torch.from_numpy(images[scored]).unsqueeze(1), rows.prob[scored],
+                                         [files[i] for i in scored], out)
+    flagged = rows.flagged()
+    evaluate.draw_flagged(rows, torch.from_numpy(images[:len(files)]).unsqueeze(1), scorer.predictor.prep,
+                          out / "ood_flagged.png")
+    report.write_predict_report(out, f"Pneumonia CNN - predict with {args.checkpoint}", evaluate.flag_summary(rows))
+    if len(files) == 1 and scored:
+        say(f"{files[0]}: probability of pneumonia {rows.prob[0]:.4f} -> {CLASSES[int(rows.prob[0] >= scorer.threshold)]} "
+              f"(threshold {scorer.threshold:.4f}); overlay: {overlays[0]}")
+    else:
+        say(f"{len(scored)} of {len(files)} images scored; {int(flagged.sum())} flagged as unlike the training films; "
+              f"wrote {out / 'predictions.csv'}, {out / 'report.html'}" + (f" and {len(overlays)} overlays" if overlays else ""))
+
+
+def run_calibrate(args) -> int:
+    """Choose a site's threshold (after AdaBN with --adapt-bn) on its labelled sample; write a new checkpoint beside
+    the source, which is never touched, with the before/after figures and what the site should expect."""
+    ckpt = runs.read_checkpoint(args.checkpoint)
+    device = configure_device(args.device)
+    choice = scoring_precision(args.precision, ckpt, device)
+    store = decode_cache(None if args.no_cache else args.cache_dir, ckpt["preprocess"]["image_size"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = calibrate.site_sample(args.data, store, show=not args.quiet)
+        except (calibrate.CalibrationError, data.DataError) as err:
+            raise UsageError(str(err)) from None
+    warning = "; ".join(str(w.message) for w in caught if issubclass(w.category, UserWarning)) or None
+    if warning:
+        say(f"warning: {warning}", file=sys.stderr)
+    out = runs.create(args.out, "calibrate-", Path(args.checkpoint).parent, inputs=[args.data, *(args.adapt_bn or [])])
+    with runs.partial(out, "calibrate"):
+        site = calibrate.fit_site(args, ckpt, ds, lambda: infer.load_predictor(ckpt, device, choice.dtype), warning)
+        metrics = site.metrics
+        runs.save_calibrated(out / "best.pt", ckpt, [m.state_dict() for m in site.predictor.members], site.threshold,
+                             site.cause_threshold, metrics, choice.name)
+        data.write_split_files(out, ds)
+        evaluate.write_predictions(out / "predictions.csv", evaluate.labelled_predictions(
+            evaluate.Scorer(site.predictor, site.threshold, detector=load_detector(ckpt)), ds, np.arange(len(site.prob)),
+            site.prob, None, None), site.threshold)
+        runs.write_json(out / "metrics.json", metrics)
+        report.write_calibration_report(out, f"Site calibration of {args.checkpoint} on {args.data}", metrics)
+        report.write_calibrated_card(out, Path(args.checkpoint).parent / "MODEL_CARD.md", metrics)
+        say(report.calibration_table(metrics).text())
+        if metrics["calibration"]["shortfall"]:
+            say(f"note: {metrics['calibration']['shortfall']}")
+        say(f"wrote {out / 'best.pt'} (score with it as with any best.pt), {out / 'report.html'} and MODEL_CARD.md")
+    return 0
+
+
+def run_export(args) -> int:
+    """model.onnx and model.json for a checkpoint, for runtimes without PyTorch."""
+    prepared = export.prepare(args.checkpoint)  # every refusal before a folder is made
+    out = runs.create(args.out, "export-", Path(args.checkpoint).parent)
+    with runs.partial(out, "export"):
+        meta = export.write(args.checkpoint, out, prepared)
+    say(f"wrote {out / 'model.onnx'} ({meta['export']['bytes'] / 1e6:.1f} MB, {meta['export']['seconds']:.0f} s) "
+        f"and model.json; score without PyTorch: python examples/onnx_predict.py IMAGES --model {out}")
+    return 0
+
+
+RUN = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "calibrate": run_calibrate,
+       "export": run_export}
