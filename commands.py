@@ -315,7 +315,7 @@ def score_run(s: Settings, run_dir: Path, ds: data.Dataset, scorer: evaluate.Sco
     test = evaluate.score_set(scorer, ds, idx, run_dir, note, masks, show=not s.quiet)
     cache = decode_cache(None if s.no_cache else s.cache_dir, s.image_size)
     externals = evaluate.score_externals(scorer, s.external, cache, run_dir, show=not s.quiet)
-    return evaluate.merge_externals(test, externals, run_dir / "roc_all.png")
+    return evaluate.collect_sets(test, externals, run_dir / "roc_all.png")
 
 
 def load_scorer(args) -> evaluate.Scorer:
@@ -344,10 +344,11 @@ def run_evaluate(args) -> int:
         cache = decode_cache(None if args.no_cache else args.cache_dir, scorer.predictor.prep.image_size)
         ds = data.decode_found(data.find_labelled(args.data), cache, progress=not args.quiet)
         data.write_split_files(out, ds)
-        metrics = evaluate.score_set(scorer, ds, np.flatnonzero(ds.split == "test"), out, note=f", {Path(args.data).name}",
-                                     show=not args.quiet)[0]
-        metrics["data"] = data.audit(ds)
-        metrics["evaluated"] = {"checkpoint": args.checkpoint, "data": args.data}
+        name = "test split" if Path(args.data).suffix == ".csv" else Path(args.data).name  # a run's split.csv
+        block = evaluate.score_set(scorer, ds, np.flatnonzero(ds.split == "test"), out, note=f", {name}",
+                                   show=not args.quiet)[0]
+        metrics = {"schema": runs.METRICS_SCHEMA, "sets": {name: {"kind": "evaluated", "folder": ".", **block}},
+                   "data": data.audit(ds), "evaluated": {"checkpoint": args.checkpoint, "data": args.data}}
         runs.write_json(out / "metrics.json", metrics)
         report.write_report(out, f"Pneumonia CNN - evaluation of {args.checkpoint} on {args.data}", vars(args), metrics)
         say(report.terminal_summary(metrics, out))

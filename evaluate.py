@@ -23,6 +23,7 @@ import ood
 from cache import ImageCache, TensorRows
 from infer import Predictor, probabilities
 from labels import CAUSES, CLASS_COLUMNS, CLASSES
+import runs
 from runs import write_csv
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -122,10 +123,9 @@ def bootstrap_ci(y_true, y_prob, patients, threshold: float, n_resamples: int = 
     tp, tn, fp, fn = (weights @ per_patient).T
     auc = auc_draws(y_true, y_prob, weights, codes)
     with np.errstate(invalid="ignore", divide="ignore"):
-        draws = np.stack([(tp + tn) / (tp + tn + fp + fn), auc, tp / (tp + fn), tn / (tn + fp), tp / (tp + fp),
-                          tn / (tn + fn)], 1)
-    lo, hi = interval95(draws)
-    return {m: [float(a), float(b)] for m, a, b in zip(METRICS, lo, hi)}
+        draws = {"accuracy": (tp + tn) / (tp + tn + fp + fn), "auc": auc, "sensitivity": tp / (tp + fn),
+                 "specificity": tn / (tn + fp), "ppv": tp / (tp + fp), "npv": tn / (tn + fn)}
+    return {m: [float(v) for v in interval95(draws[m])] for m in METRICS}
 
 
 def expected_calibration_error(y_true, y_prob, n_bins: int = 10) -> float:
@@ -320,7 +320,9 @@ def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note
               masks: np.ndarray | None = None, show: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
     """Predict, score with intervals, draw, explain and list per image the images `idx` of `ds`.
 
-    Returns ({"test": metrics, "gradcam": checks}, y_true, y_prob); writes predictions.csv into `out`.
+    Returns (the set's block of metrics.json, y_true, y_prob); writes predictions.csv and the plots into `out`.
+    The block holds "rates" (the binary figures and intervals), "gradcam", "ood" and, for a cause model, "cause"
+    and "cause_gradcam": every figure of one set in one place.
     """
     images = TensorRows(ds.images.take(idx))  # read batch by batch: a large test split is never held whole
     y_prob, classes, features = scorer.assess(images, show)
@@ -331,7 +333,7 @@ def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note
     metrics = score(y_true, y_prob, patients, scorer.threshold, seed=scorer.seed)
     draw_all(y_true, y_prob, metrics, out, note)
     draw_flagged(rows, images, scorer.predictor.prep, out / "ood_flagged.png", note)
-    result = {"test": metrics, "gradcam": gradcam.explain(scorer, images, y_true, y_prob, out, note, masks, show),
+    result = {"rates": metrics, "gradcam": gradcam.explain(scorer, images, y_true, y_prob, out, note, masks, show),
               "ood": {**flag_summary(rows), "detector": scorer.detector is not None}}
     causes = ds.causes[idx]
     if classes is not None and has_both_causes(causes):
@@ -357,20 +359,15 @@ def score_externals(scorer: Scorer, folders: list[str], cache: ImageCache, out_r
     return results
 
 
-def merge_externals(test: tuple[dict, np.ndarray, np.ndarray], externals: dict, roc_path: Path) -> dict:
-    """The run's metrics: the test split's, plus an "external" block per folder and one ROC plot of every set."""
-    metrics, y_true, y_prob = test
+def collect_sets(test: tuple[dict, np.ndarray, np.ndarray], externals: dict, roc_path: Path) -> dict:
+    """metrics.json's "sets": the test split's block, then one per external folder (each with the folder its files
+    are in), and one ROC plot of every set."""
+    sets = {"test split": {"kind": "test", "folder": ".", **test[0]}}
+    sets.update({name: {"kind": "external", "folder": f"external/{name}", **r[0]} for name, r in externals.items()})
     if externals:
-        metrics["external"] = {name: r[0]["test"] for name, r in externals.items()}
-        metrics["external_gradcam"] = {name: r[0]["gradcam"] for name, r in externals.items()}
-        metrics["external_ood"] = {name: r[0]["ood"] for name, r in externals.items()}
-        for key in ("cause", "cause_gradcam"):
-            if any(key in r[0] for r in externals.values()):
-                metrics["external_" + key] = {name: r[0][key] for name, r in externals.items() if key in r[0]}
-        curves = {"test split": (y_true, y_prob, metrics["test"]),
-                  **{name: (r[1], r[2], r[0]["test"]) for name, r in externals.items()}}
-        plot_roc_sets(curves, roc_path)
-    return metrics
+        curves = {"test split": test[1:], **{name: r[1:] for name, r in externals.items()}}
+        plot_roc_sets({name: (*curves[name], sets[name]["rates"]) for name in sets}, roc_path)
+    return {"schema": runs.METRICS_SCHEMA, "sets": sets}
 
 
 # ---------------------------------------------------------------- plots

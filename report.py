@@ -173,11 +173,26 @@ def cause_table(sets: dict[str, dict]) -> Table:
     return Table(["metric (95% CI)", *sets], [[name, *(fn(c) for c in sets.values())] for name, fn in rows])
 
 
+def primary(metrics: dict) -> tuple[str, dict]:
+    """The first scored set (the test split of a run, or the folder `evaluate` scored) and its block."""
+    return next(iter(metrics["sets"].items()))
+
+
+def with_part(metrics: dict, part: str) -> dict[str, dict]:
+    """Every scored set's `part` ("rates", "gradcam", "ood", "cause", ...), for the sets that have one."""
+    return {name: block[part] for name, block in metrics["sets"].items() if part in block}
+
+
+def externals(metrics: dict) -> dict[str, dict]:
+    """The external sets' blocks (--external), by name."""
+    return {name: block for name, block in metrics["sets"].items() if block["kind"] == "external"}
+
+
 def cause_section(metrics: dict, out_dir: Path) -> str:
     """--task cause: the three-class figures, the plots, and bacterial vs viral Grad-CAM side by side."""
-    sets = {"test split": metrics["cause"], **metrics.get("external_cause", {})}
-    bvv = metrics["cause"]["bacterial_vs_viral"]
-    borders = {"test split": metrics["cause_gradcam"], **metrics.get("external_cause_gradcam", {})}
+    sets, borders = with_part(metrics, "cause"), with_part(metrics, "cause_gradcam")
+    first = next(iter(borders.values()))
+    bvv = next(iter(sets.values()))["bacterial_vs_viral"]
     mass = "; ".join(f"{n}: bacterial maps {g['bacterial']['border_mass_share']:.3f}, viral maps "
                      f"{g['viral']['border_mass_share']:.3f}" for n, g in borders.items())
     return ("<h2>Bacterial or viral (--task cause)</h2>"
@@ -186,43 +201,43 @@ def cause_section(metrics: dict, out_dir: Path) -> str:
             f"for viral.</p>" + cause_table(sets).html() +
             '<div class="figs">' + "".join(_img(out_dir / n) for n in
                                            ("confusion_cause.png", "roc_cause.png", "roc_bacterial_viral.png")) + "</div>"
-            f"<p>Share of Grad-CAM mass in the outer frame, against {borders['test split']['bacterial']['border_area_share']:.2f} "
+            f"<p>Share of Grad-CAM mass in the outer frame, against {first['bacterial']['border_area_share']:.2f} "
             f"of the area: {html.escape(mass)}. The bacterial map shows where the evidence for bacterial over viral "
             f"lies, the viral map the reverse.</p>" + _img(out_dir / "gradcam_cause_pairs.png", wide=True))
 
 
 def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner: str = "") -> Path:
     """Assemble report.html from metrics.json-style figures and the PNGs in `out_dir`."""
-    test = metrics["test"]
+    name, first = primary(metrics)
     body = [f"<h1>{html.escape(title)}</h1>"]
     if banner:
         body.append(f'<p class="warn">{html.escape(banner)}</p>')
-    body.append("<h2>Test metrics</h2>" + metric_section(test))
+    heading = "Test metrics" if first["kind"] == "test" else f"Metrics on {name}"
+    body.append(f"<h2>{html.escape(heading)}</h2>" + metric_section(first["rates"]))
     body.append('<div class="figs">' + "".join(_img(out_dir / n) for n in
                 ("roc.png", "confusion_matrix.png", "pr.png", "calibration.png")) + "</div>")
-    if metrics.get("external"):
-        body.append("<h2>Test split and external sets</h2>" + sets_table({"test split": test, **metrics["external"]}).html()
+    if externals(metrics):
+        body.append("<h2>Test split and external sets</h2>" + sets_table(with_part(metrics, "rates")).html()
                     + "<p>Every set is scored at the one threshold chosen on validation; nothing is tuned on an "
                       "external set.</p>")
         body.append(_img(out_dir / "roc_all.png"))
-        for name in metrics["external"]:
-            folder = out_dir / "external" / name
-            body.append(f"<h3>External: {html.escape(name)}</h3>" + gradcam_section(metrics["external_gradcam"][name]))
-            body.append(_img(folder / "gradcam_grid.png", wide=True))
-    if "cause" in metrics:
+        for ext, block in externals(metrics).items():
+            body.append(f"<h3>External: {html.escape(ext)}</h3>" + gradcam_section(block["gradcam"]))
+            body.append(_img(out_dir / block["folder"] / "gradcam_grid.png", wide=True))
+    if with_part(metrics, "cause"):
         body.append(cause_section(metrics, out_dir))
     if "training" in metrics:
         body.append("<h2>Training</h2>" + f"<p>{html.escape(training_text(metrics['training'], metrics['validation']))}</p>"
                     + training_table(metrics["training"]).html() + _img(out_dir / "training_curves.png", wide=True))
-    if "ood" in metrics:
-        body.append("<h2>Inputs unlike the training films</h2>" + flagged_section(metrics["ood"], out_dir / "ood_flagged.png")
-                    + "".join(f"<h3>External: {html.escape(n)}</h3>" + flagged_section(f, out_dir / "external" / n / "ood_flagged.png")
-                              for n, f in metrics.get("external_ood", {}).items()))
+    if "ood" in first:
+        body.append("<h2>Inputs unlike the training films</h2>"
+                    + "".join(("" if n == name else f"<h3>External: {html.escape(n)}</h3>")
+                              + flagged_section(block["ood"], out_dir / block["folder"] / "ood_flagged.png")
+                              for n, block in metrics["sets"].items() if "ood" in block))
     if "data" in metrics:
         body.append("<h2>Data audit</h2>" + audit_table(metrics["data"]))
-    if "gradcam" in metrics:
-        body.append("<h2>Grad-CAM</h2>" + gradcam_section(metrics["gradcam"]))
-        body.append(_img(out_dir / "gradcam_grid.png", wide=True) + _img(out_dir / "gradcam_randomisation.png", wide=True))
+    body.append("<h2>Grad-CAM</h2>" + gradcam_section(first["gradcam"]))
+    body.append(_img(out_dir / "gradcam_grid.png", wide=True) + _img(out_dir / "gradcam_randomisation.png", wide=True))
     if (out_dir / "MODEL_CARD.md").exists():
         body.append('<p>What this model is for, and where it fails: <a href="MODEL_CARD.md">MODEL_CARD.md</a>.</p>')
     body.append("<h2>Configuration</h2><pre>" + html.escape(json.dumps(config, indent=2)) + "</pre>")
@@ -246,8 +261,9 @@ def ood_sentence(metrics: dict) -> str:
     d = metrics.get("ood_detector")
     if not d:
         return "No out-of-distribution detector was fitted for this model."
-    flagged = {"the test split": metrics["ood"], **metrics.get("external_ood", {})}
-    counts = "; ".join(f"{name}: {f['flagged']} of {f['images']}" for name, f in flagged.items())
+    flagged = with_part(metrics, "ood")
+    counts = "; ".join(f"{'the ' if name == 'test split' else ''}{name}: {f['flagged']} of {f['images']}"
+                       for name, f in flagged.items())
     return (f"Inputs unlike the training films are flagged, not refused: the Mahalanobis distance of the penultimate "
             f"features to the training films (threshold {d['threshold']:.1f}, which flags "
             f"{d['validation_false_alarms']:.1%} of the validation films), a quarter-turn check on the same features, "
@@ -330,22 +346,22 @@ def data_summary(audit: dict) -> str:
 def terminal_summary(metrics: dict, out: Path, banner: str = "") -> str:
     """The metric table and the Grad-CAM checks, as printed at the end of a run."""
     lines = [banner] if banner else []
-    test = metrics["test"]
-    lines += ["Test split (threshold chosen on validation; 95% patient-bootstrap CI)", metric_table(test).text(),
-              counts_line(test)]
-    if metrics.get("external"):
+    name, first = primary(metrics)
+    lines += [f"{name[0].upper() + name[1:]} (threshold chosen on validation; 95% patient-bootstrap CI)",
+              metric_table(first["rates"]).text(), counts_line(first["rates"])]
+    if externals(metrics):
         lines += ["Side by side, each at the threshold chosen on validation",
-                  sets_table({"test split": test, **metrics["external"]}).text()]
-    if "cause" in metrics:
-        for name, cause in {"test split pneumonias": metrics["cause"], **metrics.get("external_cause", {})}.items():
-            c = cause["bacterial_vs_viral"]
-            lines.append(f"Bacterial vs viral ({name}): AUC {c['auc']:.3f} [{c['ci95']['auc'][0]:.3f}, "
-                         f"{c['ci95']['auc'][1]:.3f}], accuracy {c['accuracy']:.3f}, sensitivity {c['sensitivity']:.3f}, "
-                         f"specificity {c['specificity']:.3f}; macro one-vs-rest AUC {cause['macro_auc']['auc']:.3f}")
-    g = metrics["gradcam"]
-    for name, f in {"test split": metrics.get("ood"), **metrics.get("external_ood", {})}.items():
+                  sets_table(with_part(metrics, "rates")).text()]
+    for set_name, cause in with_part(metrics, "cause").items():
+        c = cause["bacterial_vs_viral"]
+        lines.append(f"Bacterial vs viral ({set_name}{' pneumonias' if set_name == name else ''}): AUC {c['auc']:.3f} "
+                     f"[{c['ci95']['auc'][0]:.3f}, {c['ci95']['auc'][1]:.3f}], accuracy {c['accuracy']:.3f}, "
+                     f"sensitivity {c['sensitivity']:.3f}, specificity {c['specificity']:.3f}; macro one-vs-rest AUC "
+                     f"{cause['macro_auc']['auc']:.3f}")
+    g = first["gradcam"]
+    for set_name, f in with_part(metrics, "ood").items():
         if f:
-            lines.append(f"Input checks ({name}): {f['flagged']} of {f['images']} images flagged as unlike the training "
+            lines.append(f"Input checks ({set_name}): {f['flagged']} of {f['images']} images flagged as unlike the training "
                          f"films" + (f" ({', '.join(f'{k}: {n}' for k, n in f['by_reason'].items())})" if f["flagged"] else ""))
     lines.append(f"Grad-CAM: randomised-model median Spearman {g['randomisation']['fully_randomised_median_spearman']:.3f}, "
                  f"border mass {g['border']['border_mass_share']:.3f} (area {g['border']['border_area_share']:.2f})"
@@ -407,11 +423,13 @@ def _md_limitations(metrics: dict) -> list[str]:
         "pneumonias the PPV falls.",
     ]
     shift = "**Train-to-test shift.** The test split comes from the same folder as the training images."
-    for name, m in metrics.get("external", {}).items():
+    test = primary(metrics)[1]["rates"]
+    for name, block in externals(metrics).items():
+        m = block["rates"]
         shift += (f" On the external set {code(name)} the same threshold gives sensitivity {m['sensitivity']:.3f} and "
-                  f"specificity {m['specificity']:.3f}, against {metrics['test']['sensitivity']:.3f} and "
-                  f"{metrics['test']['specificity']:.3f} on the test split.")
-    if not metrics.get("external"):
+                  f"specificity {m['specificity']:.3f}, against {test['sensitivity']:.3f} and "
+                  f"{test['specificity']:.3f} on the test split.")
+    if not externals(metrics):
         shift += " This run was not scored on any other set (`--external`): expect lower specificity elsewhere."
     return ["- " + item for item in [shift, *items]]
 
@@ -441,8 +459,7 @@ def front_matter(config: dict, metrics: dict) -> list[str]:
                                                "Tomography (OCT) and Chest X-Ray Images for Classification, "
                                                "Mendeley Data v2")]
     lines += ["model-index:", "- name: pediatric-pneumonia-cnn", "  results:"]
-    sets = {"test split": metrics["test"], **metrics.get("external", {})}
-    for name, m in sets.items():
+    for name, m in with_part(metrics, "rates").items():
         lines += ["  - task: {type: image-classification, name: pneumonia vs normal}",
                   f"    dataset: {{name: {_yaml(name)}, type: {dataset}, split: "
                   f"{'test' if name == 'test split' else 'external'}}}", "    metrics:"]
@@ -455,6 +472,7 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
     """MODEL_CARD.md (Mitchell et al. 2019; TRIPOD+AI items), every figure taken from `metrics` (metrics.json),
     behind YAML front matter that model hubs and registries read."""
     val, prov = metrics["validation"], metrics["provenance"]
+    test = primary(metrics)[1]
     lines = [*front_matter(config, metrics), f"# Model card: pediatric pneumonia CNN, run {code(out_dir.name)}", ""]
     if banner:
         lines += [f"> **{banner}**", ""]
@@ -480,27 +498,26 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
         "", "## Training",
         training_text(metrics["training"], val), "", training_table(metrics["training"]).markdown(),
         "", "## Threshold",
-        f"{metrics['test']['threshold']:.4f} on the pneumonia probability, chosen on validation by the policy "
+        f"{test['rates']['threshold']:.4f} on the pneumonia probability, chosen on validation by the policy "
         f"`{val['threshold_policy']}`.",
         "", "## Performance on the test split",
-        f"95% intervals from {metrics['test'].get('bootstrap_resamples', BOOTSTRAP_RESAMPLES):,} patient-level "
+        f"95% intervals from {test['rates'].get('bootstrap_resamples', BOOTSTRAP_RESAMPLES):,} patient-level "
         f"bootstrap resamples.", "",
-        *_md_metrics(metrics["test"]),
+        *_md_metrics(test["rates"]),
     ]
-    for name, m in metrics.get("external", {}).items():
-        lines += ["", f"## Performance on the external set {code(name)}", *_md_metrics(m)]
-    for name, c in {"the test split": metrics.get("cause"), **metrics.get("external_cause", {})}.items():
-        if c:
-            lines += ["", f"## Bacterial vs viral on {name if name == 'the test split' else code(name)}",
-                      "Among the pneumonia cases, P(bacterial) / (P(bacterial) + P(viral)) at the threshold chosen on "
-                      "validation (Youden); sensitivity is for bacterial, specificity for viral.", "",
-                      *_md_metrics(c["bacterial_vs_viral"])]
-    cause_maps = metrics.get("cause_gradcam")
+    for name, block in externals(metrics).items():
+        lines += ["", f"## Performance on the external set {code(name)}", *_md_metrics(block["rates"])]
+    for name, c in with_part(metrics, "cause").items():
+        lines += ["", f"## Bacterial vs viral on {'the test split' if name == 'test split' else code(name)}",
+                  "Among the pneumonia cases, P(bacterial) / (P(bacterial) + P(viral)) at the threshold chosen on "
+                  "validation (Youden); sensitivity is for bacterial, specificity for viral.", "",
+                  *_md_metrics(c["bacterial_vs_viral"])]
+    cause_maps = test.get("cause_gradcam")
     cause_text = ([f"Bacterial-vs-viral maps (`--cam-target bacterial|viral`): share of mass in the same frame "
                    f"{cause_maps['bacterial']['border_mass_share']:.3f} (bacterial) and "
                    f"{cause_maps['viral']['border_mass_share']:.3f} (viral)."] if cause_maps else [])
     lines += ["", "## Inputs unlike the training films", ood_sentence(metrics),
-              "", "## Grad-CAM checks", *_md_gradcam(metrics["gradcam"]), *cause_text,
+              "", "## Grad-CAM checks", *_md_gradcam(test["gradcam"]), *cause_text,
               "", "## Known limitations", *_md_limitations(metrics),
               "", "## How this model was made",
               f"Command: {code(prov['command'])}", "",

@@ -27,6 +27,10 @@ from labels import CLASSES
 from names import cell, uncell
 from transforms import Preprocess
 
+# 2: every scored set's figures in one block, metrics["sets"][name]; 1 (no "schema" key): the test split's figures at
+# the top ("test", "gradcam", "ood", "cause", "cause_gradcam") and each external set's spread over "external_*" dicts
+METRICS_SCHEMA = 2
+SET_PARTS = {"test": "rates", "gradcam": "gradcam", "ood": "ood", "cause": "cause", "cause_gradcam": "cause_gradcam"}
 CHECKPOINT_FORMAT = 2  # 2: best.pt holds a list of members (an ensemble of one or more); 1: one "model"
 READABLE_FORMATS = (1, 2)
 PROJECT_VERSION = "1.3.0"
@@ -87,6 +91,27 @@ def read_csv(path: str | Path) -> list[dict]:
     """The rows of a CSV file this project wrote, every cell as `write_csv` was given it."""
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         return [{k: uncell(v) if isinstance(v, str) else v for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def read_metrics(path: str | Path) -> dict:
+    """A metrics.json in today's schema; one written before the "sets" block (schema 1) is rebuilt into it."""
+    return upgrade_metrics(json.loads(Path(path).read_text()))
+
+
+def upgrade_metrics(metrics: dict) -> dict:
+    """Schema 1 to METRICS_SCHEMA: the test split's top-level figures and every external_* dict become one block
+    per set; everything else is kept as it was."""
+    if metrics.get("schema", 1) >= METRICS_SCHEMA:
+        return metrics
+    old = {k: v for k, v in metrics.items() if k in SET_PARTS or k == "external" or k.startswith("external_")}
+    sets = {"test split": {"kind": "test", "folder": ".",
+                           **{part: old[key] for key, part in SET_PARTS.items() if key in old}}}
+    for name in old.get("external", {}):
+        blocks = {part: old.get("external" if key == "test" else f"external_{key}", {}) for key, part in SET_PARTS.items()}
+        sets[name] = {"kind": "external", "folder": f"external/{name}",
+                      **{part: block[name] for part, block in blocks.items() if name in block}}
+    rest = {k: v for k, v in metrics.items() if k not in old}
+    return {"schema": METRICS_SCHEMA, "sets": sets, **rest}
 
 
 def file_sha256(path: str | Path) -> str:

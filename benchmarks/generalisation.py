@@ -149,11 +149,12 @@ def run_figures(run: Path) -> dict | None:
     other POLICIES, each threshold chosen on its validation predictions by this checkout's rule."""
     if not (run / "metrics.json").exists():
         return None
-    m = json.loads((run / "metrics.json").read_text())
+    m = runs.read_metrics(run / "metrics.json")  # runs made before the "sets" block read alike
+    test = m["sets"]["test split"]
     fig = {"wall": float((run / "wall_seconds.txt").read_text()) if (run / "wall_seconds.txt").exists() else float("nan"),
            **training_figures(run)}
-    fig["test border"] = m["gradcam"]["border"]["border_mass_share"]
-    fig["test rand"] = m["gradcam"]["randomisation"]["fully_randomised_median_spearman"]
+    fig["test border"] = test["gradcam"]["border"]["border_mass_share"]
+    fig["test rand"] = test["gradcam"]["randomisation"]["fully_randomised_median_spearman"]
     ext_csv = next((run / "external").glob("*/predictions.csv"), None) if (run / "external").exists() else None
     sets = {"val": read_predictions(run / "predictions_val.csv")[:2], "test": read_predictions(run / "predictions.csv")[:2],
             **({"ext": read_predictions(ext_csv)[:2]} if ext_csv else {})}

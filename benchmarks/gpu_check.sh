@@ -64,16 +64,17 @@ timed simulate_20k $PY benchmarks/scale_out.py simulate --images 20000 --root /t
 $PY - "$OUT" "${CPU_RUN:-}" <<'PYEOF'
 import json, sys
 from pathlib import Path
+import runs as project_runs
 runs = {p.name: p for p in sorted(Path(sys.argv[1]).glob("*_cuda")) if (p / "timing.json").exists()}  # training runs
 if sys.argv[2]:
     runs["cpu (" + sys.argv[2] + ")"] = Path(sys.argv[2])
 for name, run in runs.items():
-    m = json.loads((run / "metrics.json").read_text())
+    m = project_runs.read_metrics(run / "metrics.json")
     t = json.loads((run / "timing.json").read_text())
-    sets = {"test": m["test"], **m.get("external", {})}
+    sets = {name: block["rates"] for name, block in m["sets"].items()}
     text = "; ".join(f"{s}: " + " ".join(f"{k} {v[k]:.3f}" for k in ("auc", "accuracy", "sensitivity", "specificity"))
                      for s, v in sets.items())
-    causes = {"test": m.get("cause"), **m.get("external_cause", {})}
+    causes = {name: block.get("cause") for name, block in m["sets"].items()}
     text += "".join(f"; {s} bacterial vs viral AUC {c['bacterial_vs_viral']['auc']:.3f}" for s, c in causes.items() if c)
     print(f"{name:<16} {t['epochs_run']} epochs, {t['seconds_since_data_loaded']:.1f} s after data load | {text}")
 PYEOF

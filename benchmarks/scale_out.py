@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import cache  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
+import runs  # noqa: E402
 from images import cache_size  # noqa: E402
 from settings import default_cache_dir  # noqa: E402
 
@@ -169,10 +170,10 @@ def memory(args) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
         got = run_sampled([*launcher, "main.py", *common, "--out", str(run_dir)], out / f"{run_dir.name}.log")
         assert got["rc"] == 0, (out / f"{run_dir.name}.log").read_text()[-3000:]
-        results[name] = (got, json.loads((run_dir / "metrics.json").read_text()))
+        results[name] = (got, runs.read_metrics(run_dir / "metrics.json"))
     print(f"default real run, {os.cpu_count()} CPU cores, warm decode cache ({train_dir.name}, external {external.name})")
     for name, (got, metrics) in results.items():
-        t, a = metrics["test"], metrics["external"][external.name]
+        t, a = (metrics["sets"][name]["rates"] for name in ("test split", external.name))
         print(f"  {name}: {got['wall']:.0f} s wall; test AUC {t['auc']:.4f} accuracy {t['accuracy']:.4f} "
               f"sensitivity {t['sensitivity']:.4f} specificity {t['specificity']:.4f}; half A AUC {a['auc']:.4f} "
               f"specificity {a['specificity']:.4f}")

@@ -66,7 +66,7 @@ def test_a_calibrated_checkpoint_scores_in_evaluate_and_predict_at_its_site_thre
     assert torch.equal(ckpt["members"][0]["block3.3.weight"], source["members"][0]["block3.3.weight"])  # same weights
     assert main.main(["evaluate", "--checkpoint", str(tmp_path / "cal" / "best.pt"), "--data", str(site),
                       "--out", str(tmp_path / "ev"), "--quiet", "--no-cache"]) == 0
-    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())["test"]
+    (again,) = [b["rates"] for b in json.loads((tmp_path / "ev" / "metrics.json").read_text())["sets"].values()]
     after = json.loads((tmp_path / "cal" / "metrics.json").read_text())["after"]
     assert again["threshold"] == ckpt["threshold"] and again["auc"] == pytest.approx(after["auc"], abs=1e-9)
     image = sorted((site / "images" / "NORMAL").glob("*.png"))[0]

@@ -73,9 +73,10 @@ def cause_run(tmp_path_factory):
 
 def test_cause_run_writes_the_cause_block_plots_and_class_columns(cause_run):
     m = json.loads((cause_run / "metrics.json").read_text())
-    assert set(m["test"]) >= set(evaluate.METRICS)  # the binary block stays, from P(bacterial) + P(viral)
-    assert set(m["cause"]) == {"classes", "one_vs_rest_auc", "macro_auc", "confusion", "bacterial_vs_viral"}
-    assert set(m["cause_gradcam"]) == {"bacterial", "viral"}
+    test = m["sets"]["test split"]
+    assert set(test["rates"]) >= set(evaluate.METRICS)  # the binary block stays, from P(bacterial) + P(viral)
+    assert set(test["cause"]) == {"classes", "one_vs_rest_auc", "macro_auc", "confusion", "bacterial_vs_viral"}
+    assert set(test["cause_gradcam"]) == {"bacterial", "viral"}
     for name in ("confusion_cause.png", "roc_cause.png", "roc_bacterial_viral.png", "gradcam_cause_pairs.png"):
         assert (cause_run / name).is_file(), name
     rows = list(csv.DictReader(open(cause_run / "predictions.csv")))
@@ -84,7 +85,7 @@ def test_cause_run_writes_the_cause_block_plots_and_class_columns(cause_run):
         assert sum(p) == pytest.approx(1, abs=1e-5) and float(r["probability"]) == pytest.approx(p[1] + p[2], abs=1e-5)
     page = (cause_run / "report.html").read_text()
     card = (cause_run / "MODEL_CARD.md").read_text()
-    bvv = m["cause"]["bacterial_vs_viral"]
+    bvv = test["cause"]["bacterial_vs_viral"]
     assert "Bacterial or viral" in page and "Bacterial vs viral" in card and not stray_figures(card, m)
     assert f"| auc | {bvv['auc']:.3f} | {bvv['ci95']['auc'][0]:.3f} - {bvv['ci95']['auc'][1]:.3f} |" in card
 
@@ -93,7 +94,8 @@ def test_evaluate_and_predict_read_the_task_from_the_checkpoint(cause_run, tmp_p
     assert main.main(["evaluate", "--checkpoint", str(cause_run / "best.pt"), "--data", str(cause_run / "split.csv"),
                       "--out", str(tmp_path / "ev"), "--quiet", "--no-cache"]) == 0
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert again["cause"] == json.loads((cause_run / "metrics.json").read_text())["cause"]
+    own = json.loads((cause_run / "metrics.json").read_text())["sets"]["test split"]["cause"]
+    assert again["sets"]["test split"]["cause"] == own
     images = sorted((cause_run / "demo_data" / "images" / "PNEUMONIA").glob("*.png"))[:3]
     assert main.main(["predict", *map(str, images), "--checkpoint", str(cause_run / "best.pt"), "--out",
                       str(tmp_path / "pr"), "--cam-target", "viral", "--cam"]) == 0

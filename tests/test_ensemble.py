@@ -131,7 +131,8 @@ def test_an_ensemble_of_one_is_the_single_model_and_its_members_lead_larger_ense
         logits = torch.stack([m(prep.eval(batch).contiguous(memory_format=torch.channels_last)) for m in models])
     assert np.allclose([float(r["probability"]) for r in rows], torch.sigmoid(logits.mean(0)).numpy(), atol=2e-6)
     m = json.loads((pair / "two" / "metrics.json").read_text())
-    assert m["training"]["ensemble"] == 2 and m["gradcam"]["members"] == 2 and m["gradcam"]["randomisation"]["images"] > 0
+    assert m["training"]["ensemble"] == 2 and m["sets"]["test split"]["gradcam"]["members"] == 2 and \
+        m["sets"]["test split"]["gradcam"]["randomisation"]["images"] > 0
     history = _rows(pair / "two" / "history.csv")
     assert [r["member"] for r in history] == ["0"] * 3 + ["1"] * 3 and [r["kept"] for r in history].count("yes") == 2
     assert history[2]["stopped"] == "completed all 3 epochs" and history[2]["kept"] == "yes"
@@ -164,7 +165,8 @@ def test_evaluate_and_predict_read_ensemble_and_format_1_checkpoints(pair, tmp_p
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("precision:")]
     assert len(said) == 6 and all("fp32" in line.split()[1] for line in said)
     again = json.loads((tmp_path / "etwo" / "metrics.json").read_text())
-    assert again["test"] == json.loads((pair / "two" / "metrics.json").read_text())["test"]  # the run's own figures
+    own = json.loads((pair / "two" / "metrics.json").read_text())["sets"]["test split"]["rates"]
+    assert again["sets"]["test split"]["rates"] == own  # the run's own figures
     assert main.main(["predict", str(image), "--checkpoint", str(tmp_path / "old.pt"), "--out", str(tmp_path / "q")]) == 0
     assert "precision: bf16 (auto on this CPU" in capsys.readouterr().out
 

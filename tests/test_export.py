@@ -164,7 +164,8 @@ def test_the_model_card_opens_with_yaml_front_matter_a_hub_can_read(demo_run, tm
     yaml = pytest.importorskip("yaml")
     metrics = json.loads((demo_run / "metrics.json").read_text())
     config = json.loads((demo_run / "config.json").read_text())
-    metrics["external"] = {'site "B": 2\x1b': metrics["test"]}  # a name that needs quoting
+    test = metrics["sets"]["test split"]
+    metrics["sets"] = {"test split": test, 'site "B": 2\x1b': {**test, "kind": "external"}}  # a name to quote
     for synthetic in (True, False):
         card = report.write_model_card(tmp_path, {**config, "demo": synthetic}, metrics).read_text()
         assert card.startswith("---\n")
@@ -175,7 +176,7 @@ def test_the_model_card_opens_with_yaml_front_matter_a_hub_can_read(demo_run, tm
             "10.17632/rscbjbr9sj.2"
         results = meta["model-index"][0]["results"]
         auc = {r["dataset"]["name"]: m["value"] for r in results for m in r["metrics"] if m["type"] == "roc_auc"}
-        assert auc == {"test split": round(metrics["test"]["auc"], 4), 'site "B": 2\\x1b': round(metrics["test"]["auc"], 4)}
+        assert auc == {"test split": round(test["rates"]["auc"], 4), 'site "B": 2\\x1b': round(test["rates"]["auc"], 4)}
     assert (demo_run / "MODEL_CARD.md").read_text().startswith("---\nlicense: cc-by-4.0")  # every run writes it
 
 

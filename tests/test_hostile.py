@@ -84,7 +84,7 @@ def test_the_model_card_keeps_a_hostile_folder_name_inside_its_code_spans(demo_r
     config = json.loads((demo_run / "config.json").read_text())
     evil = "data`<img src=x onerror=alert(1)>`|x"
     config.update(data=evil, demo=False)
-    metrics["external"] = {evil: metrics["test"]}
+    metrics["sets"][evil] = {**metrics["sets"]["test split"], "kind": "external"}
     metrics["provenance"]["command"] = f"python main.py --data '{evil}'"
     card = report.write_model_card(tmp_path, config, metrics).read_text()
     assert "<img" in card and "<img" not in outside_code_spans(card)

@@ -31,7 +31,8 @@ def test_demo_run_writes_every_output_and_learns(demo_run):
     assert len(list((demo_run / "gradcam").glob("TP_*.png"))) >= 1
     assert not (demo_run / "INCOMPLETE").exists()
     m = json.loads((demo_run / "metrics.json").read_text())
-    test = m["test"]
+    assert m["schema"] == runs.METRICS_SCHEMA and list(m["sets"]) == ["test split", "other_site"]  # test, then --external
+    test = m["sets"]["test split"]["rates"]
     assert m["synthetic"] is True
     assert set(test) >= {"accuracy", "auc", "sensitivity", "specificity", "ppv", "npv", "threshold", "tp", "tn", "fp", "fn"}
     assert test["auc"] >= 0.95
@@ -44,7 +45,7 @@ def test_demo_run_writes_every_output_and_learns(demo_run):
 
 
 def test_demo_gradcam_points_at_the_phantom_lesions(demo_run):
-    g = json.loads((demo_run / "metrics.json").read_text())["gradcam"]
+    g = json.loads((demo_run / "metrics.json").read_text())["sets"]["test split"]["gradcam"]
     loc = g["localisation"]
     print(f"pointing game {loc['pointing_game']:.3f} on {loc['images']} images, mass ratio {loc['mass_ratio']:.2f}")
     assert loc["images"] >= 10 and loc["pointing_game"] >= 0.85
@@ -116,8 +117,10 @@ def test_evaluate_on_the_runs_own_test_split_reproduces_metrics(demo_run, tmp_pa
                       "--out", str(out), "--quiet", "--no-cache"]) == 0
     original = json.loads((demo_run / "metrics.json").read_text())
     again = json.loads((out / "metrics.json").read_text())
-    assert again["test"] == original["test"]
-    assert again["gradcam"]["border"] == original["gradcam"]["border"]
+    (name, block), = again["sets"].items()
+    assert name == "test split" and block["kind"] == "evaluated"
+    assert block["rates"] == original["sets"]["test split"]["rates"]
+    assert block["gradcam"]["border"] == original["sets"]["test split"]["gradcam"]["border"]
     assert (out / "report.html").is_file() and (out / "roc.png").is_file()
 
 
@@ -133,14 +136,16 @@ def _predictions(path) -> list[dict]:
 
 def test_external_block_equals_evaluate_on_the_same_folder(demo_run, tmp_path):
     m = json.loads((demo_run / "metrics.json").read_text())
-    (name, block), = m["external"].items()
-    assert set(block) == set(m["test"]) and block["threshold"] == m["test"]["threshold"]
+    (name, block), = ((n, b) for n, b in m["sets"].items() if b["kind"] == "external")
+    test = m["sets"]["test split"]
+    assert set(block) == set(test) and block["rates"]["threshold"] == test["rates"]["threshold"]
+    assert block["folder"] == f"external/{name}"
     folder = json.loads((demo_run / "config.json").read_text())["external"][0]
     assert name == Path(folder).name
     assert main.main(["evaluate", "--checkpoint", str(demo_run / "best.pt"), "--data", folder,
                       "--out", str(tmp_path / "ev"), "--quiet", "--no-cache"]) == 0
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert again["test"] == block
+    assert again["sets"][name]["rates"] == block["rates"] and again["sets"][name]["ood"] == block["ood"]
     assert _predictions(tmp_path / "ev" / "predictions.csv") == _predictions(demo_run / "external" / name / "predictions.csv")
     assert (demo_run / "roc_all.png").is_file() and (demo_run / "external" / name / "gradcam_grid.png").is_file()
     page = (demo_run / "report.html").read_text()
@@ -152,11 +157,12 @@ def test_prediction_csvs_list_every_scored_image_at_the_validation_threshold(dem
     test = _predictions(demo_run / "predictions.csv")
     split = list(csv.DictReader(open(demo_run / "split.csv")))
     assert sorted(r["path"] for r in test) == sorted(r["path"] for r in split if r["split"] == "test")
-    threshold = m["test"]["threshold"]
+    rates = m["sets"]["test split"]["rates"]
+    threshold = rates["threshold"]
     for r in test:
         assert r["predicted"] == ("PNEUMONIA" if float(r["probability"]) >= threshold else "NORMAL")
     tp = sum(r["label"] == r["predicted"] == "PNEUMONIA" for r in test)
-    assert tp == m["test"]["tp"] and len(test) == m["test"]["images"]
+    assert tp == rates["tp"] and len(test) == rates["images"]
     val = _predictions(demo_run / "predictions_val.csv")
     assert sorted(r["path"] for r in val) == sorted(r["path"] for r in split if r["split"] == "val")
     ys = np.array([r["label"] == "PNEUMONIA" for r in val])
@@ -170,7 +176,7 @@ def test_evaluate_external_folder_and_checkpoint_errors(demo_run, tmp_path, caps
     assert main.main(["evaluate", "--checkpoint", str(demo_run / "best.pt"), "--data", str(folder),
                       "--out", str(tmp_path / "ext"), "--quiet", "--no-cache"]) == 0
     external = json.loads((tmp_path / "ext" / "metrics.json").read_text())
-    assert external["test"]["images"] == 240 and external["data"]["splits"]["test"]["patients"] == 80
+    assert external["sets"]["images"]["rates"]["images"] == 240 and external["data"]["splits"]["test"]["patients"] == 80
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert main.main(["evaluate", "--checkpoint", str(bad), "--data", str(folder)]) == 2
@@ -276,8 +282,8 @@ def test_model_card_figures_all_come_from_metrics_json(demo_run):
     card = (demo_run / "MODEL_CARD.md").read_text()
     m = json.loads((demo_run / "metrics.json").read_text())
     # every metric row of every scored set, value and interval, as metrics.json has it
-    sets = {"## Performance on the test split": m["test"],
-            **{f"## Performance on the external set `{n}`": e for n, e in m["external"].items()}}
+    sets = {"## Performance on the test split" if b["kind"] == "test" else f"## Performance on the external set `{n}`":
+            b["rates"] for n, b in m["sets"].items()}
     for heading, metrics in sets.items():
         section = card.split(heading)[1].split("\n## ")[0]
         for k in evaluate.METRICS:
@@ -286,7 +292,7 @@ def test_model_card_figures_all_come_from_metrics_json(demo_run):
         assert f"{metrics['images']} images of {metrics['patients']} patients" in section
         assert f"Brier score {metrics['brier']:.3f}" in section
     assert not stray_figures(card, m)
-    assert f"{m['test']['threshold']:.4f}" in card and m["validation"]["threshold_policy"] in card
+    assert f"{m['sets']['test split']['rates']['threshold']:.4f}" in card and m["validation"]["threshold_policy"] in card
     for split, a in m["data"]["splits"].items():
         assert f"| {split} | {a['images']} | {a['patients']} | {a['normal']} | {a['pneumonia']} |" in card
     assert "SYNTHETIC" in card and "python main.py --demo" in card and "not intended" in card.lower()
@@ -335,3 +341,17 @@ def test_a_log_redirected_to_a_file_gets_lines_not_progress_frames(tmp_path):
     for step in ("decoding images (once): ", "training: ", "scoring: ", "Grad-CAM maps: "):
         line = next(line for line in log.splitlines() if line.startswith(step))
         assert " in " in line and "/s)" in line, line  # count, seconds and rate
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["evaluate", "--help"], ["predict", "--help"], ["calibrate", "--help"],
+                                  ["export", "--help"], ["--seed", "-5"], ["--arch", "vit"], ["prdict", "x.png"],
+                                  ["evaluate", "--data", "x"]])
+def test_help_and_every_refusal_answer_before_torch_is_imported(argv):
+    from conftest import ROOT
+    code = ("import runpy, sys\nsys.argv = ['main.py', *sys.argv[1:]]\ntry:\n    runpy.run_path('main.py', "
+            "run_name='__main__')\nexcept SystemExit as e:\n    status = e.code\nprint('torch loaded:', 'torch' in "
+            "sys.modules, 'status:', status)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines()[-1] == f"torch loaded: False status: {0 if argv[-1] == '--help' else 2}", done.stderr
+    if argv[-1] != "--help":
+        assert done.stderr.count("\n") == 1 and "error:" in done.stderr  # one sentence

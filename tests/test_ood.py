@@ -133,6 +133,7 @@ def test_a_training_run_reports_its_detector(demo_run):
     m = json.loads((demo_run / "metrics.json").read_text())
     n_val = m["data"]["splits"]["val"]["images"]
     assert m["ood_detector"]["validation_false_alarms"] <= ood.VALIDATION_FALSE_ALARMS + 1 / n_val  # one film at most
-    assert m["ood"]["images"] == m["test"]["images"]
+    test = m["sets"]["test split"]
+    assert test["ood"]["images"] == test["rates"]["images"]
     assert "Inputs unlike the training films" in (demo_run / "MODEL_CARD.md").read_text()
     assert "Inputs unlike the training films" in (demo_run / "report.html").read_text()
