@@ -44,7 +44,8 @@ def _crc(row: np.ndarray) -> int:
 
 
 class ImageCache:
-    """Where decoded datasets of one image size live (None: nowhere), with a (path, size, mtime) -> content hash index."""
+    """Where decoded datasets of one image size live (None: nowhere), with a (path, size, mtime) -> content hash
+    index."""
 
     def __init__(self, directory: str | None, size: int):
         self.size = size

@@ -9,7 +9,6 @@ threshold's own uncertainty as well as the sample's.
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,7 +39,8 @@ def site_sample(folder: str, store: ImageCache, show: bool = True) -> data.Datas
     counts = np.bincount(ds.labels.astype(int), minlength=2)
     if counts.min() < SMALL_SAMPLE:
         warnings.warn(f"the site sample has {counts[0]} NORMAL and {counts[1]} PNEUMONIA images; under {SMALL_SAMPLE} "
-                      f"per class the promised sensitivity and specificity are loose (see their intervals)", stacklevel=2)
+                      f"per class the promised sensitivity and specificity are loose (see their intervals)",
+                      stacklevel=2)
     return ds
 
 
@@ -100,8 +100,8 @@ def shortfall(policy: str, expected: dict) -> str | None:
     if got >= asked:
         return None
     return (f"expected sensitivity on new films {got:.3f} is below the {asked:.2f} asked for (the threshold is the "
-            f"strictest reaching {asked:.2f} on this sample); for a margin, calibrate with a higher target, for example "
-            f"--threshold sens={min(1.0, asked + 0.02):.2f}, and read its expected column")
+            f"strictest reaching {asked:.2f} on this sample); for a margin, calibrate with a higher target, for "
+            f"example --threshold sens={min(1.0, asked + 0.02):.2f}, and read its expected column")
 
 
 def site_thresholds(predictor: Predictor, ds: data.Dataset, policy: str) -> tuple[float, float | None, np.ndarray]:
@@ -151,4 +151,4 @@ def fit_site(args, ckpt: dict, ds: data.Dataset, load: Callable[[], Predictor], 
                                "unlabelled": list(args.adapt_bn or []), "adapt_bn": args.adapt_bn is not None,
                                "adapt_bn_images": int(len(adapt_images)) if args.adapt_bn is not None else 0,
                                "policy": policy, "warning": warning, "shortfall": shortfall(policy, expected)}}
-    return Site(metrics, predictor, threshold, cause_threshold, prob)
+    return Site(metrics=metrics, predictor=predictor, threshold=threshold, cause_threshold=cause_threshold, prob=prob)

@@ -208,7 +208,8 @@ def training_record(s: Settings, members: list[dict], scorer: evaluate.Scorer, f
     """metrics.json's account of the training: every member's summary, the detector, any failure."""
     return {"ood_detector": {"threshold": scorer.detector.threshold,
                              "validation_false_alarms": scorer.detector.validation_false_alarms},
-            "training": {"keep": s.keep, "patience": s.patience, "ensemble": len(scorer.predictor.members), "tta": s.tta,
+            "training": {"keep": s.keep, "patience": s.patience, "ensemble": len(scorer.predictor.members),
+                         "tta": s.tta,
                          "members": [m["summary"] for m in members]},
             "training_failure": failure}
 
@@ -231,8 +232,9 @@ def build_scorer(s: Settings, kept: list[dict], prep: Preprocess, device: torch.
                  ds: data.Dataset) -> evaluate.Scorer:
     """The kept members as one predictor, with the out-of-distribution detector fitted on the training split (its
     threshold on validation); the decision threshold is chosen next."""
-    scorer = evaluate.Scorer(infer.Predictor([network(s, device, m["weights"]) for m in kept], prep, device,
-                                             tta=s.tta, autocast=choice.dtype), float("nan"), s.cam_target, s.seed)
+    predictor = infer.Predictor([network(s, device, m["weights"]) for m in kept], prep, device, tta=s.tta,
+                                autocast=choice.dtype)
+    scorer = evaluate.Scorer(predictor, threshold=float("nan"), cam_target=s.cam_target, seed=s.seed)
     train_images, _, train_idx = ds.subset("train")
     scorer.detector = ood.fit(scorer.predictor, train_images, ds.labels[train_idx].astype(int), ds.subset("val")[0],
                               s.seed)
@@ -271,7 +273,8 @@ def train_members(s: Settings, ranks: distributed.Context, device: torch.device,
 def fit_preprocessing(s: Settings, ds: data.Dataset) -> Preprocess:
     """The preprocessing, its normalisation fitted on the training split."""
     mean, std, grey_range = fit_normalisation(ds.images.take(ds.split == "train").chunks(), s.image_size)
-    return Preprocess(s.image_size, mean, std, s.augmentation(), s.intensity, grey_range)
+    return Preprocess(image_size=s.image_size, mean=mean, std=std, augment=s.augmentation(), intensity=s.intensity,
+                      grey_range=grey_range)
 
 
 def network(s: Settings, device: torch.device, weights: dict | None = None) -> model.Network:
@@ -297,7 +300,7 @@ def write_results(s: Settings, run_dir: Path, metrics: dict) -> None:
 
 def choose_threshold_and_save(s: Settings, run_dir: Path, members: list[dict], ds: data.Dataset,
                               scorer: evaluate.Scorer, precision_name: str) -> float:
-    """Choose the scorer's threshold on validation (predictions_val.csv) and write best.pt; returns the validation AUC."""
+    """Choose the scorer's threshold on validation (predictions_val.csv) and write best.pt; returns validation AUC."""
     val_auc = evaluate.set_threshold(scorer, ds, s.threshold, run_dir / "predictions_val.csv")
     runs.save_best(run_dir / "best.pt", model_config=scorer.predictor.members[0].config,
                    members=[m["weights"] for m in members], prep=scorer.predictor.prep,
@@ -327,8 +330,9 @@ def load_scorer(args) -> evaluate.Scorer:
     if args.cam_target in ("bacterial", "viral") and predictor.outputs == 1:
         raise UsageError(f"--cam-target {args.cam_target} needs a model trained with --task cause; "
                          f"'{args.checkpoint}' tells pneumonia from normal only")
-    return evaluate.Scorer(predictor, ckpt["threshold"], args.cam_target, getattr(args, "seed", 0),
-                           ckpt.get("cause_threshold", 0.5), load_detector(ckpt))
+    return evaluate.Scorer(predictor, threshold=ckpt["threshold"], cam_target=args.cam_target,
+                           seed=getattr(args, "seed", 0), cause_threshold=ckpt.get("cause_threshold", 0.5),
+                           detector=load_detector(ckpt))
 
 
 def load_detector(ckpt: dict) -> ood.Detector | None:
@@ -384,12 +388,13 @@ def report_predictions(scorer: evaluate.Scorer, rows: evaluate.Predictions, imag
                        files: list[str], out: Path, args) -> None:
     """predict's terminal lines, flagged thumbnails and report.html, and the Grad-CAM overlays asked for."""
     for path, notes, flags, error in zip(rows.paths, rows.notes, rows.flags, rows.errors):
-        if error or flags or notes:
-            say(f"{'skipped' if error else 'flagged:' if flags else 'warning:'} {path}: "
-                  f"{error or '; '.join(flags + notes)}", file=sys.stderr)
+        if error:
+            say(f"skipped {path}: {error}", file=sys.stderr)
+        elif flags or notes:
+            say(f"{'flagged:' if flags else 'warning:'} {path}: {'; '.join(flags + notes)}", file=sys.stderr)
     if scorer.detector is None:
         say("note: this checkpoint has no out-of-distribution detector (made before project 1.3): only the colour, "
-              "header and grey-level checks ran", file=sys.stderr)
+            "header and grey-level checks ran", file=sys.stderr)
     scored = [i for i in good if rows.prob[i] == rows.prob[i]]
     overlays = []
     if scored and (args.cam or len(files) == 1):
@@ -400,11 +405,13 @@ def report_predictions(scorer: evaluate.Scorer, rows: evaluate.Predictions, imag
                           out / "ood_flagged.png")
     report.write_predict_report(out, f"Pneumonia CNN - predict with {args.checkpoint}", evaluate.flag_summary(rows))
     if len(files) == 1 and scored:
-        say(f"{files[0]}: probability of pneumonia {rows.prob[0]:.4f} -> {CLASSES[int(rows.prob[0] >= scorer.threshold)]} "
-              f"(threshold {scorer.threshold:.4f}); overlay: {overlays[0]}")
+        say(f"{files[0]}: probability of pneumonia {rows.prob[0]:.4f} -> "
+            f"{CLASSES[int(rows.prob[0] >= scorer.threshold)]} "
+            f"(threshold {scorer.threshold:.4f}); overlay: {overlays[0]}")
     else:
         say(f"{len(scored)} of {len(files)} images scored; {int(flagged.sum())} flagged as unlike the training films; "
-              f"wrote {out / 'predictions.csv'}, {out / 'report.html'}" + (f" and {len(overlays)} overlays" if overlays else ""))
+            f"wrote {out / 'predictions.csv'}, {out / 'report.html'}"
+              + (f" and {len(overlays)} overlays" if overlays else ""))
 
 
 def run_calibrate(args) -> int:
@@ -431,7 +438,8 @@ def run_calibrate(args) -> int:
                              site.cause_threshold, metrics, choice.name)
         data.write_split_files(out, ds)
         evaluate.write_predictions(out / "predictions.csv", evaluate.labelled_predictions(
-            evaluate.Scorer(site.predictor, site.threshold, detector=load_detector(ckpt)), ds, np.arange(len(site.prob)),
+            evaluate.Scorer(site.predictor, site.threshold, detector=load_detector(ckpt)), ds,
+            np.arange(len(site.prob)),
             site.prob, None, None), site.threshold)
         runs.write_json(out / "metrics.json", metrics)
         report.write_calibration_report(out, f"Site calibration of {args.checkpoint} on {args.data}", metrics)

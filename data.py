@@ -1,4 +1,7 @@
-"""Find, de-duplicate, split and audit labelled chest X-rays. Usage: `ds = load_dataset("archive", 128, "patient", 0, cache_dir)`."""
+"""Find, de-duplicate, split and audit labelled chest X-rays.
+
+Usage: `ds = load_dataset("archive", 128, "patient", 0, cache_dir)`.
+"""
 import csv
 import hashlib
 import itertools
@@ -159,7 +162,8 @@ def require_two_classes(labels) -> None:
         raise DataError("no usable images found")
     if counts.min() == 0:
         present = CLASSES[int(counts.argmax())]
-        raise DataError(f"only {present} images were found ({counts.max()}); put both NORMAL/ and PNEUMONIA/ folders under the data folder")
+        raise DataError(f"only {present} images were found ({counts.max()}); put both NORMAL/ and PNEUMONIA/ folders "
+                        "under the data folder")
 
 
 # ---------------------------------------------------------------- patients and splits
@@ -262,7 +266,8 @@ class Dataset:
     causes: np.ndarray  # CAUSES index per image, from the file name; -1 where unknown
 
     def subset(self, name: str, task: str = "pneumonia") -> tuple[TensorRows, torch.Tensor, np.ndarray]:
-        """(N x 1 x S x S uint8 images, read on demand; targets; indices) of one split: float labels, or the causes for 'cause'."""
+        """(N x 1 x S x S uint8 images, read on demand; targets; indices) of one split: float labels, or the causes
+        for 'cause'."""
         idx = np.flatnonzero(self.split == name)
         targets = torch.from_numpy(self.causes[idx]) if task == "cause" else torch.from_numpy(self.labels[idx]).float()
         return TensorRows(self.images.take(idx)), targets, idx
@@ -383,7 +388,9 @@ def cause_of(path: str, label: int) -> int:
     if label == 0:
         return 0
     name = os.path.basename(path).lower()
-    return 1 if "_bacteria_" in name else 2 if "_virus_" in name else -1
+    if "_bacteria_" in name:
+        return 1
+    return 2 if "_virus_" in name else -1
 
 
 def keep_known_causes(found: Found) -> None:

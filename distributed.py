@@ -1,4 +1,5 @@
-"""Data-parallel training under torchrun: the process group, which rank does what, and the few collectives training needs.
+"""Data-parallel training under torchrun: the process group, which rank does what, and the few collectives training
+needs.
 
 Usage: `ranks = Context.from_env(); device = start(ranks, device)`. Under `torchrun --nproc_per_node=N main.py`
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python main.py` has WORLD_SIZE 1, and then
@@ -58,7 +59,7 @@ class Context:
 
 
 def start(ranks: Context, device: torch.device) -> torch.device:
-    """Join the process group (NCCL on CUDA, gloo on the CPU) and silence stdout off rank 0; returns this rank's device."""
+    """Join the process group (NCCL on CUDA, gloo on the CPU), silence stdout off rank 0; returns this rank's device."""
     if not ranks.active:
         return device
     if device.type == "cuda":

@@ -199,10 +199,6 @@ class Scorer:
     cause_threshold: float = 0.5  # three-class models: on bacterial_share, chosen on validation
     detector: ood.Detector | None = None
 
-    def predict(self, images, show: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """P(pneumonia) per uint8 image, and the three class probabilities of a --task cause model (else None)."""
-        return self.predictor.predict(images, show)
-
     def assess(self, images, show: bool = False) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor | None]:
         """predict, plus every member's penultimate features, which the detector reads (one forward pass)."""
         logits, features = self.predictor.logits_and_features(images, show)
@@ -283,8 +279,8 @@ def file_predictions(scorer: Scorer, files: list[str], decoded: tuple, scored: t
     if classes is not None:
         full_classes = np.full((n, classes.shape[1]), np.nan)
         full_classes[good] = classes
-    return Predictions(files + [f for f, _ in skipped],
-                       [data.patient_of(files[i]) if i in set(good) else "" for i in range(len(files))] + [""] * len(skipped),
+    patients = [data.patient_of(files[i]) if i in set(good) else "" for i in range(len(files))]
+    return Predictions(files + [f for f, _ in skipped], patients + [""] * len(skipped),
                        np.full(n, -1), full_prob, notes, flags, [e or "" for e in errors] + [why for _, why in skipped],
                        distance, full_classes)
 
@@ -311,7 +307,8 @@ def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> 
     scorer.threshold = choose_threshold(labels.numpy().astype(int), y_prob, policy)
     causes = ds.causes[idx]
     if classes is not None and has_both_causes(causes):  # bacterial vs viral: Youden's, among the pneumonias
-        scorer.cause_threshold = choose_threshold(causes[causes > 0] == 1, bacterial_share(classes[causes > 0]), "youden")
+        scorer.cause_threshold = choose_threshold(causes[causes > 0] == 1, bacterial_share(classes[causes > 0]),
+                                                  "youden")
     write_predictions(path, labelled_predictions(scorer, ds, idx, y_prob, classes, features), scorer.threshold)
     return float(roc_auc_score(labels.numpy(), y_prob))
 
@@ -427,15 +424,17 @@ def plot_calibration(y_true, y_prob, m: dict, path, note: str = "") -> None:
 
 
 def plot_history(history: list[dict], path) -> None:
-    """Training and validation loss, and validation AUC, per epoch (one line per ensemble member), kept epochs marked."""
+    """Training and validation loss, and validation AUC, per epoch (a line per ensemble member), kept epochs marked."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
     for member in sorted({h.get("member", 0) for h in history}):
         rows = [h for h in history if h.get("member", 0) == member]
         name = f"member {member + 1}: " if member or len(history) > len(rows) else ""
         epochs = [h["epoch"] for h in rows]
         line, = ax1.plot(epochs, [h["loss"] for h in rows], "o-", ms=3, label=f"{name}train loss")
-        ax1.plot(epochs, [h["val_loss"] for h in rows], "s--", ms=3, color=line.get_color(), label=f"{name}validation loss")
-        ax2.plot(epochs, [h["val_auc"] for h in rows], "o-", ms=3, color=line.get_color(), label=f"{name}validation AUC")
+        ax1.plot(epochs, [h["val_loss"] for h in rows], "s--", ms=3, color=line.get_color(),
+                 label=f"{name}validation loss")
+        ax2.plot(epochs, [h["val_auc"] for h in rows], "o-", ms=3, color=line.get_color(),
+                 label=f"{name}validation AUC")
         kept = [h["epoch"] for h in rows if h.get("kept")]
         ax2.plot(kept, [h["val_auc"] for h in rows if h.get("kept")], "*", ms=11, color=line.get_color())
     ax2.plot([], [], "*", ms=11, color="grey", label="kept weights")

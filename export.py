@@ -8,7 +8,6 @@ the Grad-CAM layer: behind global average pooling and one linear layer, Grad-CAM
 (times the softmax slope for a three-class model), so the map needs no autograd and survives export.
 """
 import importlib.util
-import json
 import time
 from pathlib import Path
 
@@ -202,6 +201,7 @@ def describe(ckpt: dict, graph: Graph, checkpoint: str, side: int) -> dict:
                    "turned_above": (detector.get("orientation") or {}).get("flag_above"),
                    "turned": {str(k): v for k, v in ood.TURNED.items()},
                    "colour_limit": ood.COLOUR_LIMIT, "max_aspect": MAX_ASPECT},
-        "source": {"checkpoint": str(checkpoint), "sha256": runs.file_sha256(checkpoint), "members": len(graph.members)},
+        "source": {"checkpoint": str(checkpoint), "sha256": runs.file_sha256(checkpoint),
+                   "members": len(graph.members)},
         "versions": runs.versions(),
     }

@@ -282,7 +282,7 @@ def save_randomisation_figure(images, examples, stages, medians, path) -> None:
 
 
 def _maps(scorer, images: torch.Tensor, target: str | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Model input, Grad-CAM maps (for `target`, else the scorer's) and the [0, 1] crop the model saw, for a uint8 batch.
+    """Model input, Grad-CAM maps (for `target`, else the scorer's) and the [0, 1] crop the model saw, of a uint8 batch.
 
     The maps explain the plain centre view, also when test-time augmentation scores more views.
     """
@@ -339,7 +339,8 @@ def _draw_outcomes(scorer, images, picks: list[int], maps: dict, outcome: np.nda
 
     for kind in ("TP", "TN", "FP", "FN"):
         for k in [k for k, i in enumerate(picks) if outcome[i] == kind][:2]:
-            save_overlay(shown[k], maps[picks[k]], describe(picks[k]) + note, out / "gradcam" / f"{kind}_{picks[k]:04d}.png")
+            save_overlay(shown[k], maps[picks[k]], describe(picks[k]) + note,
+                         out / "gradcam" / f"{kind}_{picks[k]:04d}.png")
     save_grid(shown, [maps[i] for i in picks], [describe(i) for i in picks], out / "gradcam_grid.png",
               suptitle=f"Grad-CAM ({scorer.cam_target} evidence), up to 4 per outcome{note}")
 

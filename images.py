@@ -152,7 +152,8 @@ def _colourfulness(img: Image.Image) -> float:
 
 
 def _dicom_gray(path: str) -> Image.Image:
-    """A DICOM radiograph as an 8-bit display image: rescale, VOI LUT or window (else its full range), MONOCHROME1 inverted."""
+    """A DICOM radiograph as an 8-bit display image: rescale, VOI LUT or window (else its full range), MONOCHROME1
+    inverted."""
     ds = pydicom.dcmread(path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise NotARadiograph("no pixel data (a report, presentation state or other non-image object)")

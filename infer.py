@@ -79,7 +79,8 @@ class Predictor:
                           for m in self.members for x in inputs]
             logits.append(torch.stack([out.float() for out, _ in scored]).mean(0).cpu())
             if with_features:  # the plain view of each member: the first of its views
-                features.append(torch.stack([scored[k * len(views)][1].float().cpu() for k in range(len(self.members))]))
+                plain = [scored[k * len(views)][1].float().cpu() for k in range(len(self.members))]
+                features.append(torch.stack(plain))
             bar.update(len(batch))
         bar.close()
         for m, mode in zip(self.members, modes):

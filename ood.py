@@ -35,7 +35,8 @@ ORIENTATION_SAMPLE = 600  # training films turned four ways, and mirrored, to fi
 ORIENTATION_FALSE_ALARMS = 0.005  # the orientation check flags this share of the upright validation films
 TURNED = {1: "on its side?", 2: "upside down?", 3: "on its side?"}
 # the kinds of flag, as each reason starts (counted in metrics.json and the terminal)
-KINDS = ("colour picture", "blank or near-constant image", "contrast", "entropy", "edges", "not like the training films",
+KINDS = ("colour picture", "blank or near-constant image", "contrast", "entropy", "edges",
+         "not like the training films",
          "upside down", "on its side", "not a frontal view", "not a chest image", "mean grey level")
 
 
@@ -112,7 +113,8 @@ class Detector:
     def state(self) -> dict:
         """Plain types for best.pt (loaded with weights_only)."""
         return {"members": [{k: torch.from_numpy(v) for k, v in m.items()} for m in self.members],
-                "threshold": float(self.threshold), "stat_low": self.stat_low.tolist(), "stat_high": self.stat_high.tolist(),
+                "threshold": float(self.threshold), "stat_low": self.stat_low.tolist(),
+                "stat_high": self.stat_high.tolist(),
                 "orientation": {"coef": torch.from_numpy(self.orientation["coef"]),
                                 "intercept": torch.from_numpy(self.orientation["intercept"]),
                                 "flag_above": float(self.orientation["flag_above"])},

@@ -20,13 +20,14 @@ from torch import nn
 
 from model import memory_format, place
 
-CHOICES = ("auto", "fp32", "bf16", "fp16")
 SPEEDUP = 1.10  # bf16 must beat fp32 by more than this factor to be chosen
 PROBE_STEPS = 4  # timed steps per precision, after one warm-up each
 # A CPU without bf16 instructions emulates it, about 10x slower (an AMD EPYC Zen 3: 2.5 s against 0.22 s a step);
 # a small batch shows that in a tenth of the full probe's time, so that such a CPU pays about 1 s, not 13 s
 SCREEN_BATCH, SCREEN_STEPS = 4, 2
 EMULATED = 3.0  # bf16 this many times slower than fp32 on the small batch: emulated
+# x86 flags of bf16 instructions (AMD Zen 4 on; Intel Cooper Lake, Sapphire Rapids on)
+NATIVE_BF16 = {"avx512_bf16", "amx_bf16"}
 
 
 @dataclass
@@ -122,10 +123,20 @@ def _timed(timings: dict[str, float], what: str, batch_size: int) -> str:
             f"in fp32")
 
 
+def cpu_flags() -> set[str]:
+    """The x86 CPU's feature flags from /proc/cpuinfo (an empty set elsewhere, or where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
 def emulated(make_model, image_size: int, batch_size: int, train: bool = True) -> dict[str, float] | None:
     """The timings of a small batch when they show this CPU emulating bf16 (more than EMULATED times slower than
-    fp32), else None: then only a full probe can tell whether bf16 is faster."""
-    if batch_size <= SCREEN_BATCH:
+    fp32), else None: then only a full probe can tell whether bf16 is faster. A CPU whose flags name bf16
+    instructions is not timed: on a loaded machine one slow sample once made a native CPU look emulated."""
+    if batch_size <= SCREEN_BATCH or cpu_flags() & NATIVE_BF16:
         return None
     timings = probe(make_model, image_size, SCREEN_BATCH, train, SCREEN_STEPS)
     return {k: round(v, 1) for k, v in timings.items()} if timings["bf16"] > EMULATED * timings["fp32"] else None

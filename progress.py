@@ -34,8 +34,9 @@ class Lines:
         self.closed = True
         done, seconds = self.n - self.initial, time.perf_counter() - self.start
         per_second = done / seconds if seconds > 0 else 0.0
-        rate = f" ({per_second:,.0f} {self.unit}/s)" if per_second >= 10 else f" ({per_second:.2g} {self.unit}/s)" \
-            if done else ""
+        rate = ""
+        if done:
+            rate = f" ({per_second:,.0f} {self.unit}/s)" if per_second >= 10 else f" ({per_second:.2g} {self.unit}/s)"
         print(f"{self.desc}: {done:,} {self.unit} in {seconds:.1f} s{rate}", flush=True)
 
 

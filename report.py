@@ -57,8 +57,8 @@ class Table:
     def html(self) -> str:
         def cells(row, tag):
             return "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)
-        return f"<table><tr>{cells(self.header, 'th')}</tr>" + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in self.rows) \
-            + "</table>"
+        rows = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in self.rows)
+        return f"<table><tr>{cells(self.header, 'th')}</tr>{rows}</table>"
 
     def markdown(self) -> str:
         lines = ["| " + " | ".join(self.header) + " |", "|---|" + "---:|" * (len(self.header) - 1)]
@@ -110,7 +110,7 @@ def training_text(training: dict, validation: dict) -> str:
     how = f"an ensemble of {n} models, scored by the mean of their logits" if n > 1 else "one model"
     return (f"The scored model is {how}" + (", each averaged over test-time zoom and aspect views" if training["tta"]
                                            else "") + f"; its validation AUC is {validation['auc']:.3f}. Weights kept "
-            f"by the rule `--keep {training['keep']}`; early stopping " + (
+                                                      f"by the rule `--keep {training['keep']}`; early stopping " + (
                 f"after {training['patience']} epochs of the low-learning-rate tail without improvement."
                 if training["patience"] else "off (every epoch is trained)."))
 
@@ -134,7 +134,8 @@ def audit_table(audit: dict) -> str:
             f"<p>Patients in more than one split: {check('patients_in_several_splits')}. "
             f"Byte-identical images across splits: {check('duplicates_across_splits')}. "
             f"Pixel-identical images across splits: {check('identical_pixels_across_splits')}. "
-            f"Duplicates merged: {audit['duplicates_merged']}. Files skipped: {audit['skipped']} ({html.escape(skipped)}); "
+            f"Duplicates merged: {audit['duplicates_merged']}. Files skipped: {audit['skipped']} "
+            f"({html.escape(skipped)}); "
             f"see skipped.csv. Ignored folders: {html.escape(', '.join(audit['ignored_folders']) or 'none')}.</p>")
 
 
@@ -144,18 +145,22 @@ def gradcam_section(g: dict) -> str:
     rnd = g.get("randomisation")
     if rnd:
         cls = "ok" if rnd["passed"] else "bad"
-        parts.append(f'<p>Randomisation test (Adebayo et al. 2018): median Spearman correlation between trained and fully '
+        parts.append('<p>Randomisation test (Adebayo et al. 2018): median Spearman correlation between trained and '
+                     'fully '
                      f'randomised maps <span class="{cls}">{rnd["fully_randomised_median_spearman"]:.3f}</span> over '
                      f'{rnd["images"]} test images (low is good: the maps depend on the learned weights).</p>')
         if not rnd["passed"]:
-            parts.append('<p class="warn">The maps barely change when the weights are randomised: do not trust them.</p>')
+            parts.append('<p class="warn">The maps barely change when the weights are randomised: do not trust '
+                         'them.</p>')
     border = g.get("border")
     if border:
-        parts.append(f"<p>CAM mass in the outer {border.get('frame', 0.1):.0%} frame (where markers and text sit): {border['border_mass_share']:.3f} "
+        parts.append(f"<p>CAM mass in the outer {border.get('frame', 0.1):.0%} frame (where markers and text sit): "
+                     f"{border['border_mass_share']:.3f} "
                      f"of the total, against {border['border_area_share']:.2f} of the area.</p>")
     loc = g.get("localisation")
     if loc:
-        parts.append(f"<p>Phantom lesions: pointing game {loc['pointing_game']:.3f} on {loc['images']} correctly classified "
+        parts.append(f"<p>Phantom lesions: pointing game {loc['pointing_game']:.3f} on {loc['images']} correctly "
+                     "classified "
                      f"pneumonia phantoms; CAM mass inside lesions {loc['mass_in_lesions']:.3f} against their area "
                      f"{loc['lesion_area']:.3f} (ratio {loc['mass_ratio']:.1f}x).</p>")
     return "".join(parts)
@@ -168,7 +173,8 @@ def cause_table(sets: dict[str, dict]) -> Table:
     rows = [("macro AUC", lambda c: cell(c["macro_auc"]["auc"], c["macro_auc"]["ci95"]))]
     rows += [(f"{k} vs rest AUC", lambda c, k=k: cell(c["one_vs_rest_auc"][k]["auc"], c["one_vs_rest_auc"][k]["ci95"]))
              for k in (c.lower() for c in CAUSES)]
-    rows += [(f"bacterial vs viral {k}", lambda c, k=k: cell(c["bacterial_vs_viral"][k], c["bacterial_vs_viral"]["ci95"][k]))
+    rows += [(f"bacterial vs viral {k}", lambda c, k=k: cell(c["bacterial_vs_viral"][k],
+                                                             c["bacterial_vs_viral"]["ci95"][k]))
              for k in ("auc", "accuracy", "sensitivity", "specificity")]
     return Table(["metric (95% CI)", *sets], [[name, *(fn(c) for c in sets.values())] for name, fn in rows])
 
@@ -200,7 +206,8 @@ def cause_section(metrics: dict, out_dir: Path) -> str:
             f"threshold {bvv['threshold']:.4f} is Youden's on validation. Sensitivity is for bacterial, specificity "
             f"for viral.</p>" + cause_table(sets).html() +
             '<div class="figs">' + "".join(_img(out_dir / n) for n in
-                                           ("confusion_cause.png", "roc_cause.png", "roc_bacterial_viral.png")) + "</div>"
+                                           ("confusion_cause.png", "roc_cause.png",
+                                            "roc_bacterial_viral.png")) + "</div>"
             f"<p>Share of Grad-CAM mass in the outer frame, against {first['bacterial']['border_area_share']:.2f} "
             f"of the area: {html.escape(mass)}. The bacterial map shows where the evidence for bacterial over viral "
             f"lies, the viral map the reverse.</p>" + _img(out_dir / "gradcam_cause_pairs.png", wide=True))
@@ -227,8 +234,9 @@ def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner:
     if with_part(metrics, "cause"):
         body.append(cause_section(metrics, out_dir))
     if "training" in metrics:
-        body.append("<h2>Training</h2>" + f"<p>{html.escape(training_text(metrics['training'], metrics['validation']))}</p>"
-                    + training_table(metrics["training"]).html() + _img(out_dir / "training_curves.png", wide=True))
+        how = html.escape(training_text(metrics["training"], metrics["validation"]))
+        body.append(f"<h2>Training</h2><p>{how}</p>" + training_table(metrics["training"]).html()
+                    + _img(out_dir / "training_curves.png", wide=True))
     if "ood" in first:
         body.append("<h2>Inputs unlike the training films</h2>"
                     + "".join(("" if n == name else f"<h3>External: {html.escape(n)}</h3>")
@@ -251,8 +259,8 @@ def flagged_section(summary: dict, image: Path | None = None) -> str:
         return f"<p>None of the {summary['images']} images was flagged as unlike the training films.</p>"
     kinds = ", ".join(f"{k}: {n}" for k, n in summary["by_reason"].items())
     table = Table(["file", "why it is flagged"], [[Path(p).name, why] for p, why in summary["examples"]])
-    return (f"<p>{summary['flagged']} of {summary['images']} images flagged as unlike the training films ({html.escape(kinds)}). "
-            f"They are still scored; read their probabilities with care.</p>"
+    return (f"<p>{summary['flagged']} of {summary['images']} images flagged as unlike the training films "
+            f"({html.escape(kinds)}). They are still scored; read their probabilities with care.</p>"
             + (_img(image, wide=True) if image is not None else "") + table.html())
 
 
@@ -285,7 +293,8 @@ def calibration_table(m: dict) -> Table:
     rows = [["threshold", f"{before['threshold']:.4f}", f"{after['threshold']:.4f}",
              f"{expected['threshold']:.4f} ({interval(expected['ci95']['threshold'])})"]]
     for k in METRICS:
-        rows.append([k, f"{before[k]:.3f} ({interval(before['ci95'][k])})", f"{after[k]:.3f} ({interval(after['ci95'][k])})",
+        rows.append([k, f"{before[k]:.3f} ({interval(before['ci95'][k])})",
+                     f"{after[k]:.3f} ({interval(after['ci95'][k])})",
                      f"{expected[k]:.3f} ({interval(expected['ci95'][k])})" if k in expected else ""])
     adapted = " and BatchNorm" if m["calibration"]["adapt_bn"] else ""
     return Table(["metric (95% CI)", "before: the model as trained", f"after: site threshold{adapted}, on this sample",
@@ -361,9 +370,11 @@ def terminal_summary(metrics: dict, out: Path, banner: str = "") -> str:
     g = first["gradcam"]
     for set_name, f in with_part(metrics, "ood").items():
         if f:
-            lines.append(f"Input checks ({set_name}): {f['flagged']} of {f['images']} images flagged as unlike the training "
-                         f"films" + (f" ({', '.join(f'{k}: {n}' for k, n in f['by_reason'].items())})" if f["flagged"] else ""))
-    lines.append(f"Grad-CAM: randomised-model median Spearman {g['randomisation']['fully_randomised_median_spearman']:.3f}, "
+            reasons = f" ({', '.join(f'{k}: {n}' for k, n in f['by_reason'].items())})" if f["flagged"] else ""
+            lines.append(f"Input checks ({set_name}): {f['flagged']} of {f['images']} images flagged as unlike the "
+                         f"training films{reasons}")
+    lines.append("Grad-CAM: randomised-model median Spearman "
+                 f"{g['randomisation']['fully_randomised_median_spearman']:.3f}, "
                  f"border mass {g['border']['border_mass_share']:.3f} (area {g['border']['border_area_share']:.2f})"
                  + (f", pointing game {g['localisation']['pointing_game']:.3f}" if "localisation" in g else ""))
     lines.append(f"wrote {out}/report.html and everything beside it")
@@ -390,18 +401,19 @@ def _md_metrics(m: dict) -> list[str]:
 
 def _md_data(audit: dict) -> list[str]:
     """Images, patients and prevalence per split, and what was merged or left out."""
-    rows = [split_table(audit).markdown(), "", f"Copies merged: {audit['duplicates_merged']} (duplicates.csv). Files left out: {audit['skipped']} "
-                 f"(skipped.csv). Children in more than one split: {audit['patients_in_several_splits']}."]
+    rows = [split_table(audit).markdown(), "",
+            f"Copies merged: {audit['duplicates_merged']} (duplicates.csv). Files left out: {audit['skipped']} "
+            f"(skipped.csv). Children in more than one split: {audit['patients_in_several_splits']}."]
     return rows
 
 
 def _md_gradcam(g: dict) -> list[str]:
     """The Grad-CAM sanity checks in one paragraph."""
     rnd, border = g["randomisation"], g["border"]
+    verdict = "passed: the maps depend on the learned weights" if rnd["passed"] else "FAILED: do not trust the maps"
     text = (f"Grad-CAM on layer `{g['layer']}` for the {g['target']} class. Randomisation test (Adebayo et al. 2018): "
             f"median Spearman correlation between trained and randomised-weight maps "
-            f"{rnd['fully_randomised_median_spearman']:.3f} over {rnd['images']} images "
-            f"({'passed: the maps depend on the learned weights' if rnd['passed'] else 'FAILED: do not trust the maps'}). "
+            f"{rnd['fully_randomised_median_spearman']:.3f} over {rnd['images']} images ({verdict}). "
             f"Share of map mass in the outer {border['frame']:.0%} frame, where markers and text sit: "
             f"{border['border_mass_share']:.3f}, against {border['border_area_share']:.3f} of the area.")
     if "localisation" in g:
@@ -482,7 +494,8 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
         "normal" + (" (and ranks bacterial against viral pneumonia)" if config.get("task") == "cause" else "") +
         ", and shows with Grad-CAM where the evidence lies. It is for studying methods, not for patients.",
         "", "## Not intended for",
-        "- diagnosis, triage or any clinical decision; it is not a medical device and has not been clinically validated;",
+        "- diagnosis, triage or any clinical decision; it is not a medical device and has not been clinically "
+        "validated;",
         "- adults, lateral or other views, other body parts, CT or ultrasound (`predict` flags such inputs);",
         "- deciding on antibiotics: even a `--task cause` model only ranks bacterial against viral, with labels "
         "taken from file names;",
@@ -512,6 +525,8 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
                   "Among the pneumonia cases, P(bacterial) / (P(bacterial) + P(viral)) at the threshold chosen on "
                   "validation (Youden); sensitivity is for bacterial, specificity for viral.", "",
                   *_md_metrics(c["bacterial_vs_viral"])]
+    chosen = prov.get("precision")
+    precision = [f"Precision: {chosen['chosen']} ({chosen['reason']})."] if chosen else []
     cause_maps = test.get("cause_gradcam")
     cause_text = ([f"Bacterial-vs-viral maps (`--cam-target bacterial|viral`): share of mass in the same frame "
                    f"{cause_maps['bacterial']['border_mass_share']:.3f} (bacterial) and "
@@ -523,7 +538,7 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
               f"Command: {code(prov['command'])}", "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()) + f"; device {prov['device']}"
               + (f" ({prov['cpu']})" if prov.get("cpu") else "") + ".",
-              *([f"Precision: {prov['precision']['chosen']} ({prov['precision']['reason']})."] if prov.get("precision") else []),
+              *precision,
               "", "Everything above is generated from this folder's metrics.json and config.json; report.html has "
                   "the plots."]
     path = out_dir / "MODEL_CARD.md"

@@ -1,6 +1,7 @@
 """Run folders and checkpoints: create, mark incomplete, resume, finish; the best.pt and last.pt formats.
 
-Usage: `run_dir = runs.create(out)`, `runs.save_best(run_dir / "best.pt", ...)`; `runs.read_checkpoint(path)` to read one.
+Usage: `run_dir = runs.create(out)`, `runs.save_best(run_dir / "best.pt", ...)`; `runs.read_checkpoint(path)` reads
+one.
 Every file is written whole or not at all (`atomic_write`): a killed run or a full disk never leaves
 half a file, so the last checkpoint written always loads.
 """
@@ -107,7 +108,8 @@ def upgrade_metrics(metrics: dict) -> dict:
     sets = {"test split": {"kind": "test", "folder": ".",
                            **{part: old[key] for key, part in SET_PARTS.items() if key in old}}}
     for name in old.get("external", {}):
-        blocks = {part: old.get("external" if key == "test" else f"external_{key}", {}) for key, part in SET_PARTS.items()}
+        blocks = {part: old.get("external" if key == "test" else f"external_{key}", {}) for key,
+                  part in SET_PARTS.items()}
         sets[name] = {"kind": "external", "folder": f"external/{name}",
                       **{part: block[name] for part, block in blocks.items() if name in block}}
     rest = {k: v for k, v in metrics.items() if k not in old}
@@ -156,8 +158,8 @@ def create(out: str | None, prefix: str = "", parent: str | Path = "runs", input
         _check_place(path, inputs)
         why = _claim(path)
         if why:
-            raise RunError(f"output folder '{path}' {why}; choose another --out"
-                           + (f" (or `--resume {path}` if it is an interrupted run)" if why.startswith("already") else ""))
+            resume = f" (or `--resume {path}` if it is an interrupted run)" if why.startswith("already") else ""
+            raise RunError(f"output folder '{path}' {why}; choose another --out{resume}")
         return path
     stamp = Path(parent) / (prefix + time.strftime("%Y%m%d-%H%M%S"))
     for n in range(1, 1000):
@@ -288,14 +290,17 @@ def interrupted_config(run_dir: Path) -> dict:
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, payload: dict) -> None:
     """torch.save with the format and versions added, written atomically."""
-    payload = {"format": CHECKPOINT_FORMAT, "versions": {"torch": str(torch.__version__), "project": PROJECT_VERSION}, **payload}
+    payload = {"format": CHECKPOINT_FORMAT, "versions": {"torch": str(torch.__version__), "project": PROJECT_VERSION},
+               **payload}
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint without running any code (weights_only), checking its format."""
+    """Load a checkpoint without running any code (weights_only), checking its format: for a file this project
+    wrote itself (tests, benchmarks), so torch's own errors pass through. A path a user typed goes through
+    read_checkpoint, which also checks the kind and turns every failure into one RunError sentence."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         raise ValueError(f"'{path}' is not a checkpoint of this project's formats {READABLE_FORMATS}")
@@ -322,7 +327,7 @@ def kind_of(ckpt: dict) -> str | None:
 
 
 def read_checkpoint(path: str | Path | None, kind: str = "model") -> dict:
-    """load_checkpoint of a checkpoint of `kind`, with every failure turned into one RunError sentence."""
+    """The checkpoint at a path a user gave, which must be of `kind`; every failure is one RunError sentence."""
     if not path:
         raise RunError("no checkpoint given; pass --checkpoint runs/<run>/best.pt from a finished training run")
     if not Path(path).is_file():
@@ -391,7 +396,8 @@ def cuda_rng(device: torch.device) -> torch.Tensor | None:
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def save_last(path: Path, parts: dict, generator: torch.Generator, state: dict, cuda_states: list | None = None) -> None:
+def save_last(path: Path, parts: dict, generator: torch.Generator, state: dict,
+              cuda_states: list | None = None) -> None:
     """last.pt: every state dict in `parts`, every random-number state and the loop position `state`.
 
     `cuda_states` holds each rank's own GPU state, in rank order (under torchrun rank 0 gathers them).

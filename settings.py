@@ -78,7 +78,8 @@ def threshold_policy(text: str) -> str:
             return text
     except ValueError:
         pass
-    raise argparse.ArgumentTypeError(f"expected youden, sens=X with X in (0, 1], or a probability in [0, 1], got {text!r}")
+    raise argparse.ArgumentTypeError("expected youden, sens=X with X in (0, 1], or a probability in [0, 1], got "
+                                     f"{text!r}")
 
 
 POSITIVE_INT, COUNT = number(int, 1), number(int, 0)
@@ -93,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = Parser(prog="main.py", description=DESCRIPTION, formatter_class=fmt,
                epilog="Sub-commands: `main.py evaluate --help`, `main.py predict --help`, `main.py calibrate --help`, "
-                      "`main.py export --help`. "
-                      "Data-parallel training on "
+                      "`main.py export --help`. Data-parallel training on "
                       "N GPUs or CPU processes: `torchrun --standalone --nproc_per_node=N main.py [flags]`.")
-    p.add_argument("--data", default="archive", help="folder holding the unzipped Kaggle archive (any NORMAL/ and PNEUMONIA/ folders below it)")
+    p.add_argument("--data", default="archive",
+                   help="folder holding the unzipped Kaggle archive (any NORMAL/ and PNEUMONIA/ folders below it)")
     p.add_argument("--out", default=None, help="run folder (default runs/<YYYYmmdd-HHMMSS>); must not exist yet")
     p.add_argument("--epochs", type=POSITIVE_INT, default=25, help="maximum training epochs")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32,
@@ -104,28 +105,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=number(float, 0, MAX_LR, open_low=True), default=0.05,
                    help="peak learning rate of the OneCycle SGD schedule")
     p.add_argument("--momentum", type=number(float, 0, 1, open_low=True, open_high=True), nargs=2, default=[0.85, 0.95],
-                   metavar=("AT_PEAK", "AT_ENDS"), help="SGD's Nesterov momentum, cycled by OneCycle against the learning "
-                                                        "rate: its value at the peak rate and at both ends")
+                   metavar=("AT_PEAK", "AT_ENDS"),
+                   help="SGD's Nesterov momentum, cycled by OneCycle against the learning "
+                        "rate: its value at the peak rate and at both ends")
     p.add_argument("--weight-decay", type=number(float, 0), default=5e-4, help="SGD weight decay (L2 penalty)")
     p.add_argument("--warmup", type=number(float, 0, 1, open_low=True, open_high=True), default=0.2,
                    help="share of the training steps over which OneCycle's learning rate rises to its peak (pct_start)")
-    p.add_argument("--pos-weight", type=number(float, 0, open_low=True), default=0.6, help="BCEWithLogitsLoss pos_weight for the PNEUMONIA class")
-    p.add_argument("--label-smoothing", type=number(float, 0, 1, open_high=True), default=0.0, help="training targets moved this far towards 0.5 (0 = off)")
+    p.add_argument("--pos-weight", type=number(float, 0, open_low=True), default=0.6,
+                   help="BCEWithLogitsLoss pos_weight for the PNEUMONIA class")
+    p.add_argument("--label-smoothing", type=number(float, 0, 1, open_high=True), default=0.0,
+                   help="training targets moved this far towards 0.5 (0 = off)")
     p.add_argument("--patience", type=COUNT, default=0,
                    help="stop after this many epochs of the low-learning-rate tail (below 10%% of the peak) in which "
                         "neither validation AUC nor loss improved; 0: train every epoch")
     p.add_argument("--keep", choices=["last", "best", "swa"], default="last",  # train.keep_weights
                    help="which weights a run keeps: last (the final epoch's, where OneCycle has annealed), best (the "
-                        "epoch with the best validation AUC) or swa (the mean of the last --swa-epochs epochs' weights, "
-                        "BatchNorm statistics recomputed)")
-    p.add_argument("--swa-epochs", type=POSITIVE_INT, default=5, help="with --keep swa: how many final epochs are averaged")
+                        "epoch with the best validation AUC) or swa (the mean of the last --swa-epochs epochs' "
+                        "weights, BatchNorm statistics recomputed)")
+    p.add_argument("--swa-epochs", type=POSITIVE_INT, default=5,
+                   help="with --keep swa: how many final epochs are averaged")
     p.add_argument("--ensemble", type=POSITIVE_INT, default=1,
                    help="train this many models one after the other on the same split, each from its own seed, and "
                         "score the mean of their logits")
     p.add_argument("--tta", action="store_true",
-                   help="test-time augmentation: score the mean logit over fixed zoom and aspect views (threshold, test, "
-                        "external sets, evaluate and predict alike); off by default: no gain over 5 seeds (docs/generalisation.md)")
-    p.add_argument("--image-size", type=number(int, 16, MAX_IMAGE_SIZE), default=128, help="model input side in pixels (images are stored 10%% larger and edge-cropped)")
+                   help="test-time augmentation: score the mean logit over fixed zoom and aspect views (threshold, "
+                        "test, external sets, evaluate and predict alike); off by default: no gain over 5 seeds "
+                        "(docs/generalisation.md)")
+    p.add_argument("--image-size", type=number(int, 16, MAX_IMAGE_SIZE), default=128,
+                   help="model input side in pixels (images are stored 10%% larger and edge-cropped)")
     p.add_argument("--arch", choices=ARCHITECTURES, default="cnn",
                    help="network: cnn, the custom CNN (160 k parameters, 78 M multiply-adds at 128 px); resnet18, "
                         "torchvision's ResNet-18 from scratch with a one-channel stem (11 M, 566 M), the baseline "
@@ -133,21 +140,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--widths", type=POSITIVE_INT, nargs=3, default=[24, 48, 96],
                    help="channels of the custom CNN's three blocks (--arch cnn only)")
     p.add_argument("--split", choices=["patient", "random", "official"], default="patient",
-                   help="patient: 70/15/15 grouped by child; random: image-level (leaky, for comparison); official: the archive's test/ folder")
+                   help="patient: 70/15/15 grouped by child; random: image-level (leaky, for comparison); official: "
+                        "the archive's test/ folder")
     p.add_argument("--threshold", type=threshold_policy, default="sens=0.95",
-                   help="decision threshold policy, applied to validation: sens=X (the strictest threshold reaching sensitivity X), youden, or a number")
-    p.add_argument("--seed", type=SEED, default=0, help="seed for the split, initialisation, shuffling and augmentation")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training steps (about 30 s to compile; on a CPU it needs a C++ compiler; docs/performance.md)")
-    p.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (slower), and --precision auto without timing (fp32 on a CPU), so that a rerun computes alike")
-    p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes for the one-time decode; None uses every core")
+                   help="decision threshold policy, applied to validation: sens=X (the strictest threshold reaching "
+                        "sensitivity X), youden, or a number")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help="seed for the split, initialisation, shuffling and augmentation")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training steps (about 30 s to compile; on a CPU it needs a C++ compiler; "
+                        "docs/performance.md)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU algorithms (slower), and --precision auto without timing (fp32 on a CPU), "
+                        "so that a rerun computes alike")
+    p.add_argument("--workers", type=POSITIVE_INT, default=None,
+                   help="processes for the one-time decode; None uses every core")
     p.add_argument("--resume", metavar="RUN", default=None, help="continue the interrupted run in folder RUN")
-    p.add_argument("--demo", action="store_true", help="generate synthetic phantoms into the run folder and use them as data")
-    p.add_argument("--demo-patients", type=POSITIVE_INT, default=60, help="phantom patients per class for --demo (3 images each)")
+    p.add_argument("--demo", action="store_true",
+                   help="generate synthetic phantoms into the run folder and use them as data")
+    p.add_argument("--demo-patients", type=POSITIVE_INT, default=60,
+                   help="phantom patients per class for --demo (3 images each)")
     p.add_argument("--task", choices=["pneumonia", "cause"], default="pneumonia",
                    help="pneumonia: normal vs pneumonia (one logit); cause: normal, bacterial or viral (three classes, "
-                        "the cause read from Kaggle file names), whose P(bacterial)+P(viral) also gives the pneumonia metrics")
+                        "the cause read from Kaggle file names), whose P(bacterial)+P(viral) also gives the pneumonia "
+                        "metrics")
     p.add_argument("--external", metavar="DIR", action="append", default=[],
-                   help="labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) scored after the test split at the validation threshold; repeatable")
+                   help="labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) scored after the test split at the validation "
+                        "threshold; repeatable")
     add_augment_flags(p)
     add_shared_flags(p, cache=True)
     return p
@@ -156,21 +175,32 @@ def build_parser() -> argparse.ArgumentParser:
 def add_augment_flags(p: argparse.ArgumentParser) -> None:
     """Training augmentation against acquisition shift (Augment); the defaults are the measured best."""
     d = Augment()
-    g = p.add_argument_group("augmentation", "drawn per training image, uniformly in +-range; see docs/generalisation.md")
+    g = p.add_argument_group("augmentation",
+                             "drawn per training image, uniformly in +-range; see docs/generalisation.md")
     g.add_argument("--augment", choices=["full", "none"], default="full",
-                   help="full: the settings below; none: the original project's rotation and crop only (ignores the settings below)")
+                   help="full: the settings below; none: the original project's rotation and crop only (ignores the "
+                        "settings below)")
     g.add_argument("--rotation", type=number(float, 0, 180), default=d.rotation, help="rotation range in degrees")
-    g.add_argument("--zoom", type=number(float, 0), default=d.zoom, help="per-axis scale jitter: each axis scaled by [1/(1+z), 1+z], so size and aspect ratio change")
-    g.add_argument("--translate", type=number(float, 0, 0.5), default=d.translate, help="extra shift as a fraction of the side, beyond the random crop position")
+    g.add_argument("--zoom", type=number(float, 0), default=d.zoom,
+                   help="per-axis scale jitter: each axis scaled by [1/(1+z), 1+z], so size and aspect ratio change")
+    g.add_argument("--translate", type=number(float, 0, 0.5), default=d.translate,
+                   help="extra shift as a fraction of the side, beyond the random crop position")
     demo_note = "; None: {} on real data, 0 with --demo (phantoms have no exposure shift)"
-    g.add_argument("--gamma", type=number(float, 0), default=None, help="log-gamma range: x ** exp(+-g), black and white stay fixed" + demo_note.format(d.gamma))
-    g.add_argument("--contrast", type=number(float, 0, 1, open_high=True), default=None, help="contrast range around each image's mean: x (1 +- c)" + demo_note.format(d.contrast))
-    g.add_argument("--brightness", type=number(float, 0, 1), default=None, help="brightness range in [0, 1] grey units" + demo_note.format(d.brightness))
-    g.add_argument("--noise", type=number(float, 0), default=d.noise, help="std of added Gaussian noise in [0, 1] grey units")
-    g.add_argument("--sharpness", type=number(float, 0, 1), default=d.sharpness, help="blur/sharpen range: x + u (3x3 box blur - x), u in +-s")
-    g.add_argument("--padding", choices=PADDING, default=d.padding, help="fill outside the stored image (zeros paints black frames)")
+    g.add_argument("--gamma", type=number(float, 0), default=None,
+                   help="log-gamma range: x ** exp(+-g), black and white stay fixed" + demo_note.format(d.gamma))
+    g.add_argument("--contrast", type=number(float, 0, 1, open_high=True), default=None,
+                   help="contrast range around each image's mean: x (1 +- c)" + demo_note.format(d.contrast))
+    g.add_argument("--brightness", type=number(float, 0, 1), default=None,
+                   help="brightness range in [0, 1] grey units" + demo_note.format(d.brightness))
+    g.add_argument("--noise", type=number(float, 0), default=d.noise,
+                   help="std of added Gaussian noise in [0, 1] grey units")
+    g.add_argument("--sharpness", type=number(float, 0, 1), default=d.sharpness,
+                   help="blur/sharpen range: x + u (3x3 box blur - x), u in +-s")
+    g.add_argument("--padding", choices=PADDING, default=d.padding,
+                   help="fill outside the stored image (zeros paints black frames)")
     g.add_argument("--intensity", choices=INTENSITY, default="dataset",
-                   help="dataset: normalise by the training split's mean/std; image: standardise each image by its own (train and scoring alike)")
+                   help="dataset: normalise by the training split's mean/std; image: standardise each image by its own "
+                        "(train and scoring alike)")
 
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
@@ -180,7 +210,8 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
                            "or on the test rows of a run's split.csv, at the checkpoint's threshold.")
     p.add_argument("--checkpoint", required=True, help="best.pt of a finished run")
     p.add_argument("--data", required=True, help="labelled folder, or a run's split.csv (its test rows are scored)")
-    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/evaluate-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: <checkpoint folder>/evaluate-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the bootstrap and the randomisation test")
     add_shared_flags(p, cache=True)
     return p
@@ -193,11 +224,14 @@ def build_predict_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--checkpoint", default=None, help="best.pt of a finished run (required)")
     p.add_argument("--out", default=None, help="output folder (default runs/predict-<YYYYmmdd-HHMMSS>)")
-    p.add_argument("--cam", action="store_true", help="also write a Grad-CAM overlay per image (always for a single image)")
+    p.add_argument("--cam", action="store_true",
+                   help="also write a Grad-CAM overlay per image (always for a single image)")
     p.add_argument("--strict", action="store_true",
-                   help="leave images flagged as unlike the training films unscored, with the reason in the error column")
+                   help="leave images flagged as unlike the training films unscored, with the reason in the error "
+                        "column")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per forward pass")
-    p.add_argument("--workers", type=POSITIVE_INT, default=None, help="processes for decoding; None uses every core (one per 8 files at most)")
+    p.add_argument("--workers", type=POSITIVE_INT, default=None,
+                   help="processes for decoding; None uses every core (one per 8 files at most)")
     add_shared_flags(p, cache=False)
     return p
 
@@ -218,7 +252,8 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
                    help="re-estimate the BatchNorm statistics on the site's images first (AdaBN): the labelled "
                         "folder's, labels unused, plus any unlabelled folders named here")
     p.add_argument("--out", default=None,
-                   help="output folder for the calibrated best.pt (default: <checkpoint folder>/calibrate-<YYYYmmdd-HHMMSS>)")
+                   help="output folder for the calibrated best.pt (default: <checkpoint "
+                        "folder>/calibrate-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the bootstrap behind the expected rates")
     add_shared_flags(p, cache=True, cam=False)
     return p
@@ -239,7 +274,8 @@ def build_export_parser() -> argparse.ArgumentParser:
 def add_shared_flags(p: argparse.ArgumentParser, cache: bool, cam: bool = True) -> None:
     """Flags the commands share: the device, the Grad-CAM target (where maps are drawn), the decode cache and
     progress bars."""
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run: auto picks cuda, then mps, then the cpu")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="where to run: auto picks cuda, then mps, then the cpu")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="arithmetic of the forward and backward passes: auto times the model in fp32 and in bf16 "
                         "autocast at start-up on a CPU and keeps bf16 only when it is over 10%% faster (bf16 on a "
@@ -248,7 +284,8 @@ def add_shared_flags(p: argparse.ArgumentParser, cache: bool, cam: bool = True) 
                         "threshold was chosen at, so that its figures reproduce; weights stay fp32 either way")
     if cam:
         p.add_argument("--cam-target", choices=CAM_TARGETS, default="pneumonia",
-                       help="class whose evidence Grad-CAM shows; bacterial and viral (each against the other) need a --task cause model")
+                       help="class whose evidence Grad-CAM shows; bacterial and viral (each against the other) need a "
+                            "--task cause model")
     if cache:
         p.add_argument("--cache-dir", default=default_cache_dir(), help="where decoded images are kept between runs")
         p.add_argument("--no-cache", action="store_true", help="decode every image afresh and keep nothing")
@@ -320,7 +357,7 @@ class Settings:
     arch: str
     widths: tuple[int, int, int]
     split: str
-    threshold: str
+    threshold: str  # the policy (sens=X, youden or a probability); the threshold it gives is the Scorer's number
     seed: int
     compile: bool
     deterministic: bool

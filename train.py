@@ -130,13 +130,14 @@ class StopFlag:
 
 def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: int,
                    momentum: tuple[float, float] = (0.85, 0.95), weight_decay: float = 5e-4, warmup: float = 0.2):
-    """SGD with Nesterov momentum and a OneCycle schedule: a warm-up over `warmup` of the steps, then a long cosine anneal.
+    """SGD with Nesterov momentum and a OneCycle schedule: a warm-up over `warmup` of the steps, then a cosine anneal.
 
     OneCycle also cycles the momentum against the learning rate: momentum[1] at both ends, momentum[0] at the peak.
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum[1], nesterov=True,
                                 weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs,
+                                                    steps_per_epoch=steps_per_epoch,
                                                     pct_start=warmup, base_momentum=momentum[0],
                                                     max_momentum=momentum[1])
     return optimizer, scheduler
@@ -219,7 +220,8 @@ def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainS
 
 
 def validate(model, images, labels, prep, loss_fn: Callable, device,
-             ranks: distributed.Context = distributed.Context(), autocast: torch.dtype | None = None) -> tuple[float, float]:
+             ranks: distributed.Context = distributed.Context(), autocast: torch.dtype | None = None) -> tuple[float,
+                                                                                                               float]:
     """Validation loss and AUC (macro one-vs-rest for three classes), on the CPU whatever device the model is on.
 
     Under torchrun each rank scores every world-th image and the logits are gathered: every rank then
@@ -321,7 +323,8 @@ def _parts(model, train_set, prep, cfg: TrainConfig, generator: torch.Generator)
                       f"for BatchNorm's statistics; a larger global batch keeps them steady", stacklevel=3)
     if ranks.active:  # per-rank BatchNorm statistics; see docs/scale-out.md for why not SyncBatchNorm
         stepped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    return Parts(torch.compile(stepped) if cfg.compile_model else stepped, optimizer, scheduler,  # compiled for steps only
+    stepped = torch.compile(stepped) if cfg.compile_model else stepped  # compiled for the steps only
+    return Parts(stepped, optimizer, scheduler,
                  make_loss(cfg, train_set[1], device, cfg.label_smoothing),
                  make_loss(cfg, train_set[1], torch.device("cpu"), 0.0), prep, device, generator,
                  torch.amp.GradScaler(device.type, enabled=cfg.autocast == torch.float16), ranks=ranks,
@@ -409,9 +412,12 @@ def keep_weights(model, train_set, val_set, parts: Parts, state: TrainState, cfg
         kept = list(range(state.epoch - len(state.tail) + 1, state.epoch + 1))
     for h in state.history:
         h["kept"] = "yes" if h["epoch"] in kept else ""
-    stopped = (f"failed: {state.failure}" if state.failure else
-               f"stopped early: no improvement in {cfg.patience} epochs of the low-learning-rate tail"
-               if state.stopped_early else f"completed all {cfg.epochs} epochs")
+    if state.failure:
+        stopped = f"failed: {state.failure}"
+    elif state.stopped_early:
+        stopped = f"stopped early: no improvement in {cfg.patience} epochs of the low-learning-rate tail"
+    else:
+        stopped = f"completed all {cfg.epochs} epochs"
     state.history[-1]["stopped"] = stopped
     what = {"last": f"the last epoch's weights (epoch {kept[-1]})",
             "best": f"the weights of the epoch with the best validation AUC (epoch {kept[-1]})",
@@ -447,13 +453,15 @@ def end_epoch(model, val_set, parts: Parts, state: TrainState, loss: float, star
     state.step = 0
     state.history.append({"member": cfg.member, "epoch": state.epoch, "loss": round(loss, 6),
                           "val_loss": round(val_loss, 6), "val_auc": round(val_auc, 6),
-                          "lr": round(parts.scheduler.get_last_lr()[0], 8), "seconds": round(time.perf_counter() - start, 2)})
+                          "lr": round(parts.scheduler.get_last_lr()[0], 8),
+                          "seconds": round(time.perf_counter() - start, 2)})
     # AUC first; on a tie (it saturates at 1.0 on easy data) the lower validation loss wins
     if (val_auc, -val_loss) > (state.best_auc, -state.best_val_loss):
         state.best_auc, state.best_val_loss, state.best_epoch = val_auc, val_loss, state.epoch
         state.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if cfg.keep == "swa":
-        state.tail = [*state.tail, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}][-cfg.swa_epochs:]
+        state.tail = [*state.tail, {k: v.detach().cpu().clone() for k,
+                                    v in model.state_dict().items()}][-cfg.swa_epochs:]
     # learning is done when neither the AUC nor the loss has improved for `patience` epochs of the low-rate
     # tail; before it, the rate is still high and an epoch's figures say more about the rate than the model
     improved = state.best_epoch == state.epoch or val_loss < state.min_val_loss

@@ -142,7 +142,8 @@ class Preprocess:
     def from_state(cls, state: dict) -> "Preprocess":
         """Rebuild from `state()`; checkpoints of format 1 stored only `max_rotation`."""
         state = dict(state)
-        augment = Augment(**state.pop("augment")) if "augment" in state else Augment.plain(state.pop("max_rotation", 15.0))
+        augment = Augment(**state.pop("augment")) if "augment" in state else Augment.plain(state.pop("max_rotation",
+                                                                                                     15.0))
         grey_range = state.pop("grey_range", None)  # absent before project 1.2
         return cls(**state, augment=augment, grey_range=tuple(grey_range) if grey_range else None)
 

@@ -171,7 +171,8 @@ def bench_predict(folders: list[Path], tmp: Path) -> dict:
         predictor = infer.Predictor([model], prep, device, batch_size=64)
         before = best_of(lambda: predictor.predict(torch.from_numpy(predictor.decode(files, old_workers, show=False)[0])
                                                    .unsqueeze(1)), 3)
-        after = best_of(lambda: predictor.predict(torch.from_numpy(predictor.decode(files, show=False)[0]).unsqueeze(1)), 3)
+        after = best_of(lambda: predictor.predict(torch.from_numpy(predictor.decode(files,
+                                                                                    show=False)[0]).unsqueeze(1)), 3)
         result[label] = (len(files) / before, len(files) / after)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         command = best_of(lambda: main.main(["predict", *map(str, folders), "--checkpoint", str(tmp / "bench.pt"),
@@ -181,15 +182,19 @@ def bench_predict(folders: list[Path], tmp: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"), help="real data folder")
-    parser.add_argument("--replicate", type=int, default=16, help="copies of the 120 full-resolution files for the epoch test")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+                        help="real data folder")
+    parser.add_argument("--replicate", type=int, default=16,
+                        help="copies of the 120 full-resolution files for the epoch test")
     args = parser.parse_args()
     fullres = Path(args.shared) / "chest_xray_fullres_train"
     if not fullres.is_dir():
         sys.exit(f"real data not found at {fullres}; pass --shared")
     paths = sorted(str(p) for p in fullres.rglob("*.jpeg"))
-    print(f"data: {len(paths)} full-resolution Kaggle train JPEGs in {fullres} (replicated x{args.replicate} for epochs)")
+    print(f"data: {len(paths)} full-resolution Kaggle train JPEGs in {fullres} (replicated x{args.replicate} for "
+          "epochs)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -214,7 +219,8 @@ def main() -> None:
          f"ceiling vs L: {decode['naive_gray'] / decode['minimal']:.2f}x"),
         (f"2. epoch of {n} full-res images (s)", f"ImageFolder+RGB {base_s:.1f}", f"ours cached {ours['seconds']:.1f}",
          f"{base_s / ours['seconds']:.1f}x faster"),
-        ("   ours incl. one-time decode (s)", "", f"{cold_decode + ours['seconds']:.1f}", f"{base_s / (cold_decode + ours['seconds']):.1f}x faster"),
+        ("   ours incl. one-time decode (s)", "", f"{cold_decode + ours['seconds']:.1f}",
+         f"{base_s / (cold_decode + ours['seconds']):.1f}x faster"),
         ("3. data-pipeline share of step time", "", f"{100 * ours['data_share']:.1f}%", "target <= 10%"),
         ("4. start-up, 2nd run vs 1st (s)", f"1st {startup['first']:.2f}", f"2nd {startup['second']:.3f}",
          f"{100 * startup['ratio']:.1f}% of 1st"),
@@ -222,7 +228,8 @@ def main() -> None:
            f"{pred[n][1] / pred[n][0]:.2f}x") for n in ("60", "120")],
         ("   whole `main.py predict`, 120 (img/s)", "", f"{pred['command']:.1f}", "checkpoint, CSV included"),
         ("6. training step, memory layout (ms)", f"contiguous {1000 * layout['contiguous']:.0f}",
-         f"channels_last {1000 * layout['channels_last']:.0f}", f"{layout['contiguous'] / layout['channels_last']:.2f}x"),
+         f"channels_last {1000 * layout['channels_last']:.0f}",
+         f"{layout['contiguous'] / layout['channels_last']:.2f}x"),
     ]
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows))

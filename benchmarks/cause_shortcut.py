@@ -40,7 +40,7 @@ def masked(images: torch.Tensor, size: int, keep: str) -> torch.Tensor:
 
 def bacterial_vs_viral_auc(scorer: evaluate.Scorer, images: torch.Tensor, causes: np.ndarray) -> float:
     """AUC of P(b) / (P(b) + P(v)) for bacterial among the pneumonia images."""
-    _, classes = scorer.predict(images)
+    _, classes = scorer.predictor.predict(images)
     pneumonia = causes > 0
     return float(roc_auc_score(causes[pneumonia] == 1, evaluate.bacterial_share(classes[pneumonia])))
 
@@ -51,7 +51,8 @@ def main(run: str, externals: list[str]) -> None:
     prep = predictor.prep
     scorer = evaluate.Scorer(predictor, ckpt["threshold"])
     cache = ImageCache(default_cache_dir(), cache_size(prep.image_size))
-    sets = {"test split": data.find_labelled(str(Path(run) / "split.csv")), **{Path(e).name: data.find_labelled(e) for e in externals}}
+    sets = {"test split": data.find_labelled(str(Path(run) / "split.csv")),
+            **{Path(e).name: data.find_labelled(e) for e in externals}}
     print(f"bacterial vs viral AUC, {FRAME:.0%} frame; model {run}")
     print(f"{'set':28s} {'whole':>8s} {'centre only':>12s} {'frame only':>11s}")
     for name, found in sets.items():

@@ -60,8 +60,8 @@ def compare(ckpt: dict, folder: Path, batch: np.ndarray) -> str:
     live = [i for i in range(len(batch)) if ours["heatmap"][i].std() > 0]
     r = [np.corrcoef(ours["heatmap"][i].ravel(), theirs["heatmap"][i].ravel())[0, 1] for i in live]
     dd = np.abs(ours["distance"] - theirs["distance"]).max() if ours["distance"] is not None else float("nan")
-    return (f"{len(batch)} images | max |dp| {dp:.2e} | calls differing {calls} | heatmap r min {min(r) if r else float('nan'):.6f} "
-            f"({len(live)} non-zero maps) | max |d distance| {dd:.2e}")
+    return (f"{len(batch)} images | max |dp| {dp:.2e} | calls differing {calls} | heatmap r min "
+            f"{min(r) if r else float('nan'):.6f} ({len(live)} non-zero maps) | max |d distance| {dd:.2e}")
 
 
 def main() -> None:

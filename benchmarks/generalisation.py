@@ -81,7 +81,8 @@ POLICIES = ("sens=0.95", "0.5")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=str(SHARED / "chest_xray_224sq"), help="training archive")
     p.add_argument("--external", default=str(SHARED / "official_test_a_224sq"), help="external labelled folder")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generalisation"), help="where the runs go")
@@ -90,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs at once (1 on a 2-core CPU; more on a GPU box)")
     p.add_argument("--device", default="auto", help="passed to main.py")
     p.add_argument("--summarise-only", action="store_true", help="train nothing; summarise the runs already in --out")
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags added to every run, before the configuration's own (so a configuration overrides them)")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="flags added to every run, before the configuration's own (so a configuration overrides them)")
     return p.parse_args(argv)
 
 
@@ -122,7 +124,8 @@ def run_one(args, name: str, flags: list[str], seed: int, threads: int) -> Path:
         return out
     if out.exists():  # an interrupted earlier attempt: start it afresh
         shutil.rmtree(out)
-    cmd = [sys.executable, str(code_of(args, name) / "main.py"), "--data", args.data, "--external", args.external, "--out", str(out),
+    cmd = [sys.executable, str(code_of(args, name) / "main.py"), "--data", args.data, "--external", args.external,
+           "--out", str(out),
            "--seed", str(seed), "--device", args.device, "--quiet", *args.extra, *flags]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
@@ -151,12 +154,14 @@ def run_figures(run: Path) -> dict | None:
         return None
     m = runs.read_metrics(run / "metrics.json")  # runs made before the "sets" block read alike
     test = m["sets"]["test split"]
-    fig = {"wall": float((run / "wall_seconds.txt").read_text()) if (run / "wall_seconds.txt").exists() else float("nan"),
+    wall = run / "wall_seconds.txt"
+    fig = {"wall": float(wall.read_text()) if wall.exists() else float("nan"),
            **training_figures(run)}
     fig["test border"] = test["gradcam"]["border"]["border_mass_share"]
     fig["test rand"] = test["gradcam"]["randomisation"]["fully_randomised_median_spearman"]
     ext_csv = next((run / "external").glob("*/predictions.csv"), None) if (run / "external").exists() else None
-    sets = {"val": read_predictions(run / "predictions_val.csv")[:2], "test": read_predictions(run / "predictions.csv")[:2],
+    sets = {"val": read_predictions(run / "predictions_val.csv")[:2],
+            "test": read_predictions(run / "predictions.csv")[:2],
             **({"ext": read_predictions(ext_csv)[:2]} if ext_csv else {})}
     own = json.loads((run / "config.json").read_text())["threshold"]
     for policy in ("", *POLICIES):
@@ -254,9 +259,11 @@ def summarise(results: dict[str, list[dict]], out: Path) -> None:
                      f"{statistics.median(f['train s'] for f in figs):.0f}", mean_sd([f["epochs"] for f in figs])])
         if name == "default":
             for policy in POLICIES:
-                rows.append([f"  threshold: {policy}", len(figs), *[mean_sd([f.get(f"{policy}|{c}", float('nan')) for f in figs])
+                rows.append([f"  threshold: {policy}", len(figs), *[mean_sd([f.get(f"{policy}|{c}",
+                                                                                   float('nan')) for f in figs])
                                                                     for c in cols], "", "", ""])
-    header = ["configuration", "seeds", *[c.replace("ext", "half-A").replace("test b", "CAM b").replace("test rand", "CAM rand rho")
+    header = ["configuration", "seeds", *[c.replace("ext", "half-A").replace("test b", "CAM b").replace("test rand",
+                                                                                                        "CAM rand rho")
                                           for c in cols], "wall s (median)", "training s (median)", "epochs"]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:

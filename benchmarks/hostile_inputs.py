@@ -7,7 +7,6 @@ script prints the before and the after table. Synthetic files only; nothing is w
 """
 import argparse
 import csv
-import json
 import os
 import re
 import signal
@@ -18,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
@@ -118,7 +116,8 @@ def case_formula_names(ctx) -> str:
         picture(folder / name, i)
     # relative names, as a user in that folder types them: the path cell then starts with the name
     r = run(ctx.main, ["predict", "--checkpoint", ctx.ckpt, "--out", ctx.work / "out-formula", "--", *names], folder)
-    return f"exit {r['rc']}; live formula cells in predictions.csv: {live_formulas(ctx.work / 'out-formula/predictions.csv')}"
+    live = live_formulas(ctx.work / "out-formula/predictions.csv")
+    return f"exit {r['rc']}; live formula cells in predictions.csv: {live}"
 
 
 def case_formula_patient(ctx) -> str:
@@ -137,7 +136,8 @@ def case_non_utf8_predict(ctx) -> str:
     folder = ctx.work / "latin1"
     picture(Path(os.fsdecode(os.fsencode(str(folder)) + b"/caf\xe9.png")), 1)
     r = run(ctx.main, ["predict", folder, "--checkpoint", ctx.ckpt, "--out", ctx.work / "out-latin1"], ctx.work)
-    return f"exit {r['rc']}; predictions.csv written: {(ctx.work / 'out-latin1/predictions.csv').exists()}; {r['last'][:80]}"
+    written = (ctx.work / "out-latin1/predictions.csv").exists()
+    return f"exit {r['rc']}; predictions.csv written: {written}; {r['last'][:80]}"
 
 
 def case_non_utf8_train(ctx) -> str:
@@ -148,8 +148,7 @@ def case_non_utf8_train(ctx) -> str:
     first = sorted((data / "images" / "NORMAL").glob("*.png"))[0]
     os.rename(first, os.fsdecode(os.fsencode(str(first.parent)) + b"/caf\xe9.png"))
     r = run(ctx.main, ["--data", data, "--out", out, *TINY[3:], "--no-cache"], ctx.work)
-    state = "metrics.json" if (out / "metrics.json").exists() else "last.pt" if (out / "last.pt").exists() else \
-        "no last.pt"
+    state = next((name for name in ("metrics.json", "last.pt") if (out / name).exists()), "no last.pt")
     return f"exit {r['rc']}; {state}; {r['last'][:80]}"
 
 
@@ -160,7 +159,8 @@ def case_mathtext_external(ctx) -> str:
             picture(ext / label / f"$\\foo{k}$.png", seed * 10 + k)
     out = ctx.work / "run-math"
     r = run(ctx.main, [*TINY, "--out", out, "--external", ext], ctx.work)
-    return f"exit {r['rc']}; metrics.json {(out / 'metrics.json').exists()}, report.html {(out / 'report.html').exists()}"
+    done = {name: (out / name).exists() for name in ("metrics.json", "report.html")}
+    return f"exit {r['rc']}; metrics.json {done['metrics.json']}, report.html {done['report.html']}"
 
 
 def case_dicom_bomb(ctx) -> str:
@@ -234,11 +234,19 @@ def odd_value(flags: list):
     def case(ctx) -> str:
         out = ctx.work / ("run-odd" + "".join(c for c in "".join(flags) if c.isalnum()))
         r = run(ctx.main, [*TINY, "--out", out, *flags], ctx.work)
-        state = "INCOMPLETE, no last.pt" if (out / "INCOMPLETE").exists() and not (out / "last.pt").exists() else \
-            "complete" if (out / "metrics.json").exists() else "resumable" if (out / "last.pt").exists() else \
-            "nothing written" if not out.exists() else "folder left"
-        return f"exit {r['rc']}; {state}; {r['last'][:90]}"
+        return f"exit {r['rc']}; {run_state(out)}; {r['last'][:90]}"
     return case
+
+
+def run_state(out: Path) -> str:
+    """What a training run left in `out`."""
+    if (out / "INCOMPLETE").exists() and not (out / "last.pt").exists():
+        return "INCOMPLETE, no last.pt"
+    if (out / "metrics.json").exists():
+        return "complete"
+    if (out / "last.pt").exists():
+        return "resumable"
+    return "nothing written" if not out.exists() else "folder left"
 
 
 def case_foreign_csv(ctx) -> str:

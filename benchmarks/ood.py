@@ -46,10 +46,11 @@ PHOTOS = [SAMPLES / "grace_hopper.jpg", SK_IMAGES / "china.jpg", SK_IMAGES / "fl
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", help="training run folder (best.pt, split.csv)")
     p.add_argument("--films", default=str(SHARED / "official_test_a_224sq"), help="real films: false alarms, and "
-                                                                                   "the source of the transformed ones")
+                                                                                  "the source of the transformed ones")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ood"), help="results folder")
     p.add_argument("--per-kind", type=int, default=12, help="transformed films per kind")
     return p.parse_args(argv)
@@ -58,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def crops(image: Image.Image, n: int = 4) -> list[Image.Image]:
     """The picture and a few crops of it: more inputs of the same kind."""
     w, h = image.size
-    boxes = [(0, 0, w // 2, h // 2), (w // 2, h // 2, w, h), (w // 4, h // 4, 3 * w // 4, 3 * h // 4), (0, h // 3, w, h)]
+    boxes = [(0, 0, w // 2, h // 2), (w // 2, h // 2, w, h), (w // 4, h // 4, 3 * w // 4, 3 * h // 4), (0, h // 3, w,
+                                                                                                        h)]
     return [image] + [image.crop(b) for b in boxes[:n]]
 
 
@@ -105,7 +107,8 @@ def generated(rng: np.random.Generator) -> dict[str, list[Image.Image]]:
         page = Image.new("L", (850, 1100), 255 if k % 2 == 0 else 235)
         draw = ImageDraw.Draw(page)
         for line in range(60):
-            words = " ".join("".join(chr(97 + int(c)) for c in rng.integers(0, 26, rng.integers(2, 9))) for _ in range(12))
+            words = " ".join("".join(chr(97 + int(c)) for c in rng.integers(0, 26, rng.integers(2, 9)))
+                             for _ in range(12))
             draw.text((40, 20 + 17 * line), words, fill=0 if k < 4 else 60, font=font)
         text.append(page)
     yy, xx = np.mgrid[0:400, 0:400]
@@ -206,7 +209,8 @@ def main(argv=None) -> int:
         command(["predict", *every, "--checkpoint", str(checkpoint), "--out", str(out / "wrong")])
     for name, source in (("films", args.films), ("pooled", str(run / "split.csv"))):
         if not (out / name / "predictions.csv").exists():
-            command(["evaluate", "--checkpoint", str(checkpoint), "--data", source, "--out", str(out / name), "--quiet"])
+            command(["evaluate", "--checkpoint", str(checkpoint), "--data", source, "--out", str(out / name),
+                     "--quiet"])
     wrong = {r["path"]: r for r in read_rows(out / "wrong" / "predictions.csv")}
     real = read_rows(out / "films" / "predictions.csv")
     real_scores = [float(r["ood_score"]) for r in real]
@@ -228,8 +232,8 @@ def main(argv=None) -> int:
               f"{len(rows)} = {len(alarms) / len(rows):.1%}" + "".join(f"\n    {Path(r['path']).name}: {r['warnings']}"
                                                                       for r in alarms[:10]))
     work, checks = cost(checkpoint, films[:200])
-    print(f"cost per image (this CPU, {len(films[:200])} real films): predict's decode and scoring {1000 * work:.2f} ms, "
-          f"the checks {1000 * checks:.2f} ms = {checks / work:.1%}")
+    print(f"cost per image (this CPU, {len(films[:200])} real films): predict's decode and scoring {1000 * work:.2f} "
+          f"ms, the checks {1000 * checks:.2f} ms = {checks / work:.1%}")
     return 0
 
 

@@ -101,8 +101,8 @@ def main(argv=None) -> int:
         for k, s in steps.items():
             results[k].append(timed(s, args.steps))
     fp32, bf16 = (statistics.median(results[k]) * 1000 for k in ("fp32", "bf16"))
-    print(f"1. training step, batch 32 at 128 px: fp32 {fp32:.1f} ms, bf16 {bf16:.1f} ms: bf16/fp32 = {bf16 / fp32:.2f}x "
-          f"(an epoch of 114 steps: {fp32 * 114 / 1000:.1f} s against {bf16 * 114 / 1000:.1f} s)")
+    print(f"1. training step, batch 32 at 128 px: fp32 {fp32:.1f} ms, bf16 {bf16:.1f} ms: bf16/fp32 = "
+          f"{bf16 / fp32:.2f}x (an epoch of 114 steps: {fp32 * 114 / 1000:.1f} s against {bf16 * 114 / 1000:.1f} s)")
     if args.epoch_rounds:
         # random pixels stand in for films: the arithmetic of an epoch does not depend on what the pixels show
         images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3636, 1, 141, 141), np.uint8))
@@ -117,14 +117,16 @@ def main(argv=None) -> int:
               f"bf16/fp32 = {bf16_e / fp32_e:.2f}x")
     start = time.perf_counter()
     choice = precision.resolve("auto", torch.device("cpu"), PneumoniaCNN, 128, 32)
-    print(f"2. --precision auto chose {choice.name} after a probe of {time.perf_counter() - start:.1f} s: {choice.reason}")
+    print(f"2. --precision auto chose {choice.name} after a probe of {time.perf_counter() - start:.1f} s: "
+          f"{choice.reason}")
     compiled = stepper(None, compiled=True)
     start = time.perf_counter()
     compiled()
     compile_s = time.perf_counter() - start
     eager, fast = timed(steps["fp32"], args.steps), timed(compiled, args.steps)
     saved = (eager - fast) * 25 * 114
-    print(f"3. torch.compile: {compile_s:.1f} s to compile, then {fast * 1000:.1f} ms a step against {eager * 1000:.1f} ms "
+    print(f"3. torch.compile: {compile_s:.1f} s to compile, then {fast * 1000:.1f} ms a step against "
+          f"{eager * 1000:.1f} ms "
           f"eager: over a default run's 2,850 steps it {'saves' if saved > compile_s else 'costs'} "
           f"{abs(saved - compile_s):.0f} s")
     folder = SHARED / "chest_xray_fullres_train"
@@ -141,7 +143,8 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             predictor.predict(torch.from_numpy(images).unsqueeze(1))
             score = time.perf_counter() - start
-            print(f"4. predict, {len(files)} full-resolution files, {name_}: decoding {decode:.2f} s, scoring {score:.2f} s "
+            print(f"4. predict, {len(files)} full-resolution files, {name_}: decoding {decode:.2f} s, scoring "
+                  f"{score:.2f} s "
                   f"({len(files) / (decode + score):.0f} images/s; scoring is {score / (decode + score):.0%} of it)")
     else:
         print(f"4. skipped: {folder} not present")

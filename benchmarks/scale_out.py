@@ -126,7 +126,7 @@ class Sampler(threading.Thread):
 
 
 def run_sampled(cmd: list[str], log: Path, marker: str = "model:", env: dict | None = None) -> dict:
-    """Run `cmd`, sampling its memory; returns wall seconds, exit code, the time `marker` was printed and the sampler."""
+    """Run `cmd`, sampling its memory; returns wall seconds, exit code, the time `marker` was printed, the sampler."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})  # lines as they are printed
@@ -171,7 +171,8 @@ def memory(args) -> None:
         got = run_sampled([*launcher, "main.py", *common, "--out", str(run_dir)], out / f"{run_dir.name}.log")
         assert got["rc"] == 0, (out / f"{run_dir.name}.log").read_text()[-3000:]
         results[name] = (got, runs.read_metrics(run_dir / "metrics.json"))
-    print(f"default real run, {os.cpu_count()} CPU cores, warm decode cache ({train_dir.name}, external {external.name})")
+    print(f"default real run, {os.cpu_count()} CPU cores, warm decode cache ({train_dir.name}, external "
+          f"{external.name})")
     for name, (got, metrics) in results.items():
         t, a = (metrics["sets"][name]["rates"] for name in ("test split", external.name))
         print(f"  {name}: {got['wall']:.0f} s wall; test AUC {t['auc']:.4f} accuracy {t['accuracy']:.4f} "
@@ -179,9 +180,11 @@ def memory(args) -> None:
               f"specificity {a['specificity']:.4f}")
         print(_roles_text(got["sampler"].peaks()))
     one, two = (results[k][0]["sampler"].peaks() for k in ("1 process", "2 processes"))
-    print(f"  2 processes / 1 process: wall {results['2 processes'][0]['wall'] / results['1 process'][0]['wall']:.2f}x; "
+    print("  2 processes / 1 process: wall "
+          f"{results['2 processes'][0]['wall'] / results['1 process'][0]['wall']:.2f}x; "
           f"peak PSS of the ranks {two['ranks']['Pss'] / one['ranks']['Pss']:.2f}x, of the whole job "
-          f"{two['job']['Pss'] / one['job']['Pss']:.2f}x; peak RSS of the ranks {two['ranks']['Rss'] / one['ranks']['Rss']:.2f}x")
+          f"{two['job']['Pss'] / one['job']['Pss']:.2f}x; peak RSS of the ranks "
+          f"{two['ranks']['Rss'] / one['ranks']['Rss']:.2f}x")
 
 
 # ---------------------------------------------------------------- simulate: a 100,000-image archive
@@ -249,9 +252,11 @@ def simulate(args) -> None:
           f"{'' if wrote else ', reused'}), {os.cpu_count()} CPU cores")
     print(f"  discovery     {t1 - t0:7.1f} s  {n / (t1 - t0):9,.0f} files/s")
     print(f"  hashing       {t2 - t1:7.1f} s  {n / (t2 - t1):9,.0f} files/s  (content hashes, for de-duplication)")
-    print(f"  first decode  {t3 - t2:7.1f} s  {n / (t3 - t2):9,.0f} images/s  ({sum(e is not None for e in errors)} failed)")
+    print(f"  first decode  {t3 - t2:7.1f} s  {n / (t3 - t2):9,.0f} images/s  ({sum(e is not None for e in errors)} "
+          "failed)")
     print(f"  warm load     {t4 - t3:7.1f} s  {n / (t4 - t3):9,.0f} images/s  (every row's CRC checked, then mapped)")
-    print(f"  cache on disk {on_disk / MB:7.0f} MB  (decoded dataset {decoded_bytes / MB:,.0f} MB: {n:,} x {size} x {size} uint8)")
+    print(f"  cache on disk {on_disk / MB:7.0f} MB  (decoded dataset {decoded_bytes / MB:,.0f} MB: {n:,} x {size} x "
+          f"{size} uint8)")
     run_dir = out / "simulate_run"
     shutil.rmtree(run_dir, ignore_errors=True)
     got = run_sampled([sys.executable, "main.py", "--data", str(root), "--epochs", "1", "--image-size",
@@ -262,8 +267,8 @@ def simulate(args) -> None:
     epoch_end = got["marked"] + float(np.genfromtxt(run_dir / "history.csv", delimiter=",", names=True)["seconds"])
     epoch = got["sampler"].peaks(got["marked"], epoch_end)
     whole = got["sampler"].peaks()
-    print(f"  main.py --epochs 1: {got['wall']:.0f} s wall ({timing['seconds_since_data_loaded']:.0f} s after data load; "
-          f"the epoch {epoch_end - got['marked']:.0f} s)")
+    print(f"  main.py --epochs 1: {got['wall']:.0f} s wall ({timing['seconds_since_data_loaded']:.0f} s after data "
+          f"load; the epoch {epoch_end - got['marked']:.0f} s)")
     print("  during the epoch:\n" + _roles_text(epoch))
     print("  the whole run (discovery to report):\n" + _roles_text(whole))
     peak = epoch["per_role"]["rank 0"]["Rss"]
@@ -272,7 +277,8 @@ def simulate(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     m = sub.add_parser("memory", help="1 against 2 processes on the real data")
     m.add_argument("--shared", default=os.environ.get("PNEUMONIA_SHARED_DATA", str(ROOT.parent / "shared" / "data")))

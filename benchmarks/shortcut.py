@@ -38,7 +38,8 @@ def wilson(k: int, n: int) -> str:
     if n == 0:
         return "-"
     p, z = k / n, 1.96
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return f"{p:.3f} [{centre - half:.3f}, {centre + half:.3f}] ({k}/{n})"
 
 

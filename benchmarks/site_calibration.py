@@ -41,7 +41,8 @@ MODELS = {"default": 1, "ensemble 3": 3}  # name -> first members of the ensembl
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--runs", default=str(ROOT / "benchmarks" / "results" / "generalisation"),
                    help="generalisation.py's --out: its ensemble runs, one seedN/ per seed")
     p.add_argument("--site", default=str(SHARED / "official_test_a_224sq"), help="the site's labelled folder")
@@ -119,7 +120,9 @@ def label_shift(args, source: Path, seed: int) -> dict:
 
 def mean_sd(values) -> str:
     values = [v for v in values if v == v]
-    return f"{statistics.mean(values):.3f}±{statistics.stdev(values) if len(values) > 1 else 0.0:.3f}" if values else "-"
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.3f}±{statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
 def main(argv=None) -> int:
@@ -140,17 +143,21 @@ def main(argv=None) -> int:
                 e = m["expected"]
                 print(f"seed {seed} {name:10s} adapt-bn {adapt!s:5s}: before spec {m['before']['specificity']:.3f} "
                       f"sens {m['before']['sensitivity']:.3f} | expected sens {e['sensitivity']:.3f} "
-                      f"[{e['ci95']['sensitivity'][0]:.3f}, {e['ci95']['sensitivity'][1]:.3f}] spec {e['specificity']:.3f} "
+                      f"[{e['ci95']['sensitivity'][0]:.3f}, {e['ci95']['sensitivity'][1]:.3f}] spec "
+                      f"{e['specificity']:.3f} "
                       f"[{e['ci95']['specificity'][0]:.3f}, {e['ci95']['specificity'][1]:.3f}] acc {e['accuracy']:.3f}",
                       flush=True)
         shifts.append(label_shift(args, out / f"seed{seed}-1.pt", seed))
     print("\nmean ± sd over seeds; 'before': the model as trained, at its validation threshold, on the whole site;"
           " 'expected': out-of-bag bootstrap after calibration")
     for (name, adapt), ms in rows.items():
-        print(f"{name:10s} adapt-bn {adapt!s:5s} n={len(ms)}: before sens {mean_sd([m['before']['sensitivity'] for m in ms])} "
+        print(f"{name:10s} adapt-bn {adapt!s:5s} n={len(ms)}: before sens "
+              f"{mean_sd([m['before']['sensitivity'] for m in ms])} "
               f"spec {mean_sd([m['before']['specificity'] for m in ms])} | expected sens "
-              f"{mean_sd([m['expected']['sensitivity'] for m in ms])} spec {mean_sd([m['expected']['specificity'] for m in ms])}"
-              f" acc {mean_sd([m['expected']['accuracy'] for m in ms])} | site AUC after {mean_sd([m['after']['auc'] for m in ms])}")
+              f"{mean_sd([m['expected']['sensitivity'] for m in ms])} spec "
+              f"{mean_sd([m['expected']['specificity'] for m in ms])}"
+              f" acc {mean_sd([m['expected']['accuracy'] for m in ms])} | site AUC after "
+              f"{mean_sd([m['after']['auc'] for m in ms])}")
     print("\nlabel shift (default models; the rest of the site, at the validation threshold)")
     for name in ("no adaptation", *(f"{sub}, {how}" for sub in ("20% pneumonia", "site's own mix")
                                      for how in ("early layers (shipped)", "every layer"))):

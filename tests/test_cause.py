@@ -16,7 +16,8 @@ from conftest import stray_figures, write_image
 
 def test_cause_comes_from_the_file_name_and_unknown_causes_are_left_out(tiny_archive):
     assert [data.cause_of(n, label) for n, label in [("IM-0001-0001.jpeg", 0), ("person3_bacteria_9.jpeg", 1),
-                                                     ("person4_virus_10.jpeg", 1), ("person5_7.jpeg", 1)]] == [0, 1, 2, -1]
+                                                     ("person4_virus_10.jpeg", 1), ("person5_7.jpeg", 1)]] == [0, 1, 2,
+                                                                                                               -1]
     odd = write_image(tiny_archive / "chest_xray" / "train" / "PNEUMONIA" / "person99_xray_1.jpeg", seed=999)
     ds = data.load_dataset(str(tiny_archive), 32, "patient", 0, None, workers=1, progress=False, task="cause")
     assert (str(odd), "cause unknown: a PNEUMONIA file name with neither _bacteria_ nor _virus_") in ds.found.skipped

@@ -92,7 +92,8 @@ def test_official_split_tests_on_archive_test_folder(tmp_path):
     for i, (label, name) in enumerate(kaggle_names(20)):
         write_image(root / "chest_xray" / "train" / label / name, seed=i)
     for i, (label, name) in enumerate(kaggle_names(3)):
-        write_image(root / "chest_xray" / "test" / label / name.replace("person", "person9").replace("IM-", "IM-9"), seed=1000 + i)
+        write_image(root / "chest_xray" / "test" / label / name.replace("person", "person9").replace("IM-", "IM-9"),
+                    seed=1000 + i)
     ds = data.load_dataset(str(root), 32, "official", 0, None, workers=1, progress=False)
     assert all(("/test/" in p) == (s == "test") for p, s in zip(ds.paths, ds.split))
     assert data.audit(ds)["patients_in_several_splits"] == 0
@@ -117,7 +118,8 @@ def test_training_augmentation_rotates_within_range_and_eval_is_centre_crop():
     assert max(abs(a) for a in angles) > 8.0  # it does rotate
     ev = prep.eval(bar)
     assert ev.shape == (64, 1, size, size) and torch.equal(ev, bar[..., 3:63, 3:63].float() / 255)
-    still = transforms.Preprocess(size, 0.0, 1.0, transforms.Augment.plain(0)).train(bar, torch.Generator().manual_seed(0))
+    plain = transforms.Preprocess(size, 0.0, 1.0, transforms.Augment.plain(0))
+    still = plain.train(bar, torch.Generator().manual_seed(0))
     assert abs(_orientation(still[0, 0].numpy())) < 0.5
 
 
@@ -130,7 +132,8 @@ def _old_transform(batch, size, mean, std, max_rotation, generator):
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = torch.nn.functional.affine_grid(theta, [n, 1, size, size], align_corners=False)
-    x = torch.nn.functional.grid_sample(batch.float() / 255.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = torch.nn.functional.grid_sample(batch.float() / 255.0, grid, mode="bilinear", padding_mode="zeros",
+                                        align_corners=False)
     return (x - mean) / std
 
 
@@ -154,7 +157,8 @@ def test_gamma_keeps_black_and_white_and_bends_the_greys():
     batch = row.repeat(32, 1, 5, 1)  # 32 images of 5x5, same grey ramp in every row
     prep = transforms.Preprocess(5, mean=0.0, std=1.0, augment=_only(gamma=0.5))
     out = prep.train(batch, torch.Generator().manual_seed(0))[:, 0, 2]  # the middle row of each image
-    assert torch.allclose(out[:, 0], torch.zeros(32), atol=1e-6) and torch.allclose(out[:, 4], torch.ones(32), atol=1e-6)
+    assert torch.allclose(out[:, 0], torch.zeros(32), atol=1e-6) and torch.allclose(out[:, 4], torch.ones(32),
+                                                                                    atol=1e-6)
     mid = out[:, 2]
     assert mid.min() < 128 / 255 - 0.05 and mid.max() > 128 / 255 + 0.05  # both darker and brighter greys
     assert bool(((out[:, 1:] - out[:, :-1]) > 0).all())  # monotone: the order of grey levels is kept
@@ -174,7 +178,8 @@ def test_zoom_jitter_changes_the_aspect_ratio_and_border_padding_paints_no_black
     ratios = [_aspect(o[0].numpy()) for o in prep.train(batch, torch.Generator().manual_seed(0))]
     assert min(ratios) < 0.9 and max(ratios) > 1.1  # wider and taller squares
     assert all(0.8 / 1.25 - 0.1 < r < 1.25 / 0.8 + 0.1 for r in ratios)
-    plain = [_aspect(o[0].numpy()) for o in transforms.Preprocess(side, 0.0, 1.0, _only()).train(batch, torch.Generator())]
+    plain = [_aspect(o[0].numpy()) for o in transforms.Preprocess(side, 0.0, 1.0, _only()).train(batch,
+                                                                                                 torch.Generator())]
     assert all(abs(r - 1) < 0.06 for r in plain)
     grey = torch.full((16, 1, side, side), 200, dtype=torch.uint8)
     for padding, black in (("border", False), ("zeros", True)):
@@ -286,7 +291,8 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_fast_decode_matches_full_decode_on_real_full_resolution_images():
     folder = shared("chest_xray_fullres_train")
     paths = sorted(str(p) for p in folder.rglob("*.jpeg"))[::6]
-    diffs = [np.abs(images.decode_image(p, 176).astype(int) - images.decode_naive(p, 176).astype(int)).mean() for p in paths]
+    diffs = [np.abs(images.decode_image(p, 176).astype(int) - images.decode_naive(p, 176).astype(int)).mean()
+             for p in paths]
     assert len(paths) >= 15 and max(diffs) < 2.0, max(diffs)
 
 

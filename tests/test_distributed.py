@@ -26,7 +26,8 @@ from model import PneumoniaCNN
 from transforms import Preprocess
 
 LEARNS = ["--demo", "--demo-patients", "30", "--image-size", "96", "--epochs", "10", "--quiet"]  # long enough to learn
-SMALL = ["--demo", "--demo-patients", "24", "--image-size", "64", "--widths", "8", "16", "32", "--quiet"]  # quick epochs
+SMALL = ["--demo", "--demo-patients", "24", "--image-size", "64", "--widths", "8", "16", "32",
+         "--quiet"]  # quick epochs
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
@@ -56,7 +57,8 @@ def two_runs(tmp_path_factory):
 def test_two_processes_write_one_run_folder_and_match_one_process(two_runs):
     base, out = two_runs
     assert sorted(p.name for p in base.iterdir()) == ["one", "two"]  # no stray runs/ folder from rank 1
-    assert [p.relative_to(base) for p in base.rglob("metrics.json")] == [Path("one/metrics.json"), Path("two/metrics.json")]
+    assert [p.relative_to(base) for p in base.rglob("metrics.json")] == [Path("one/metrics.json"),
+                                                                         Path("two/metrics.json")]
     assert out.count("Test split (threshold chosen on validation") == 1  # printed by rank 0 only
     one, two = (json.loads((base / n / "metrics.json").read_text()) for n in ("one", "two"))
     # both AUCs saturate on phantoms, so compare the models image by image: the 2-process model must rank and
@@ -77,7 +79,8 @@ def test_two_process_checkpoint_loads_in_one_process_and_in_predict(two_runs, tm
     ckpt = runs.read_checkpoint(base / "two" / "best.pt")
     assert set(ckpt["members"][0]) == set(PneumoniaCNN().state_dict())  # no DistributedDataParallel prefix
     image = sorted((base / "two" / "demo_data").rglob("*.png"))[0]
-    assert main.main(["predict", str(image), "--checkpoint", str(base / "two" / "best.pt"), "--out", str(tmp_path / "p")]) == 0
+    assert main.main(["predict", str(image), "--checkpoint", str(base / "two" / "best.pt"), "--out",
+                      str(tmp_path / "p")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
     assert len(rows) == 1 and 0.0 <= float(rows[0]["probability"]) <= 1.0
 
@@ -100,7 +103,8 @@ def test_sigterm_on_one_rank_stops_both_and_the_run_resumes_with_two_or_one_proc
     run = tmp_path / "cut"
     proc = torchrun(SMALL + ["--epochs", "40", "--patience", "0", "--out", str(run)], cwd=tmp_path)
     deadline = time.time() + 120
-    while time.time() < deadline and len((run / "history.csv").read_text().splitlines() if (run / "history.csv").exists() else []) < 3:
+    history = run / "history.csv"
+    while time.time() < deadline and len(history.read_text().splitlines() if history.exists() else []) < 3:
         time.sleep(0.05)
     workers = _child(proc.pid)
     assert set(workers) == {"0", "1"}
@@ -124,7 +128,8 @@ def test_sigterm_on_one_rank_stops_both_and_the_run_resumes_with_two_or_one_proc
 
 
 def test_an_ensemble_trains_under_torchrun_member_after_member(tmp_path):
-    rc, out = finished(torchrun(SMALL + ["--epochs", "2", "--ensemble", "2", "--out", str(tmp_path / "ens")], cwd=tmp_path))
+    rc, out = finished(torchrun(SMALL + ["--epochs", "2", "--ensemble", "2", "--out", str(tmp_path / "ens")],
+                                cwd=tmp_path))
     assert rc == 0, out[-3000:]
     ckpt = runs.read_checkpoint(tmp_path / "ens" / "best.pt")
     assert len(ckpt["members"]) == 2 and [m["seed"] for m in ckpt["training"]] == [0, 1000]
@@ -161,7 +166,8 @@ def _fit_worker(rank: int, world: int, port: int, out: str) -> None:
     log: list = []
     torch.manual_seed(0)
     model = PneumoniaCNN((4, 8, 8))
-    cfg = train.TrainConfig(epochs=2, batch_size=BATCH, lr=0.01, pos_weight=0.6, patience=0, progress=False, ranks=ranks)
+    cfg = train.TrainConfig(epochs=2, batch_size=BATCH, lr=0.01, pos_weight=0.6, patience=0, progress=False,
+                            ranks=ranks)
     val = cache.TensorRows(cache.ImageRows(images[N_TRAIN:]))
     state = train.fit(model, (Recording(images[:N_TRAIN], log), labels[:N_TRAIN]), (val, labels[N_TRAIN:]),
                       Preprocess(16), cfg, Path(out), None)

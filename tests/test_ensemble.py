@@ -36,7 +36,8 @@ def test_ensemble_probability_is_the_sigmoid_of_the_members_mean_logit():
     prob, classes = infer.Predictor(members, transforms.Preprocess(16), torch.device("cpu")).predict(images)
     expected = 1 / (1 + np.exp(-np.array([0.5, 2.0])))  # mean logits 0.5 and 2.0
     assert classes is None and prob == pytest.approx(expected, abs=1e-6)
-    assert prob[0] != pytest.approx((1 / (1 + np.exp(-2)) + 1 / (1 + np.exp(1))) / 2, abs=1e-3)  # not the mean probability
+    assert prob[0] != pytest.approx((1 / (1 + np.exp(-2)) + 1 / (1 + np.exp(1))) / 2,
+                                    abs=1e-3)  # not the mean probability
     three = [Fixed([[1.0, 2.0, 0.0]]), Fixed([[3.0, 0.0, 0.0]])]  # mean logits (2, 1, 0)
     prob, classes = infer.Predictor(three, transforms.Preprocess(16), torch.device("cpu")).predict(images[:1])
     e = np.exp([2.0, 1.0, 0.0])
@@ -63,11 +64,13 @@ def test_averaged_weights_with_recomputed_batchnorm_equal_a_hand_computation():
     states = [nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.BatchNorm2d(2)).state_dict() for _ in range(3)]
     averaged = train.average_weights(states)
     weight = (states[0]["0.weight"] + states[1]["0.weight"] + states[2]["0.weight"]) / 3
-    assert torch.allclose(averaged["0.weight"], weight) and averaged["1.num_batches_tracked"] == states[-1]["1.num_batches_tracked"]
+    assert torch.allclose(averaged["0.weight"],
+                          weight) and averaged["1.num_batches_tracked"] == states[-1]["1.num_batches_tracked"]
     net = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.BatchNorm2d(2))
     net.load_state_dict(averaged)
     images = (torch.rand(10, 1, 12, 12) * 255).to(torch.uint8)
-    prep = transforms.Preprocess(8, 0.5, 0.25, transforms.Augment(rotation=0, zoom=0, gamma=0, contrast=0, brightness=0))
+    prep = transforms.Preprocess(8, 0.5, 0.25, transforms.Augment(rotation=0, zoom=0, gamma=0, contrast=0,
+                                                                  brightness=0))
     train.recompute_batchnorm(net, images, prep, torch.Generator().manual_seed(3), 4, torch.device("cpu"))
     # by hand: the same batches (4, 4, 2 images, in the generator's order), each batch's mean and unbiased
     # variance of the convolution's output per channel, averaged over the batches
@@ -138,7 +141,8 @@ def test_an_ensemble_of_one_is_the_single_model_and_its_members_lead_larger_ense
     assert history[2]["stopped"] == "completed all 3 epochs" and history[2]["kept"] == "yes"
     card, page = (pair / "two" / "MODEL_CARD.md").read_text(), (pair / "two" / "report.html").read_text()
     for text in (card, page):
-        assert "an ensemble of 2 models" in text and "the last epoch&#x27;s weights (epoch 3)" in text.replace("'", "&#x27;")
+        assert "an ensemble of 2 models" in text
+        assert "the last epoch&#x27;s weights (epoch 3)" in text.replace("'", "&#x27;")
 
 
 def test_evaluate_and_predict_read_ensemble_and_format_1_checkpoints(pair, tmp_path, monkeypatch, capsys):
@@ -153,7 +157,8 @@ def test_evaluate_and_predict_read_ensemble_and_format_1_checkpoints(pair, tmp_p
     old.update(format=1, model=ckpt["members"][0])  # what project 1.2 wrote
     torch.save(old, tmp_path / "old.pt")
     probs = {}
-    for name, path in (("one", pair / "one" / "best.pt"), ("old", tmp_path / "old.pt"), ("two", pair / "two" / "best.pt")):
+    for name, path in (("one", pair / "one" / "best.pt"), ("old", tmp_path / "old.pt"), ("two",
+                                                                                         pair / "two" / "best.pt")):
         # a checkpoint that records no precision is timed like any new one: fp32 asked for, to compare the weights
         pinned = ["--precision", "fp32"] if name == "old" else []
         assert main.main(["predict", str(image), "--checkpoint", str(path), "--out", str(tmp_path / f"p{name}"),
@@ -167,7 +172,8 @@ def test_evaluate_and_predict_read_ensemble_and_format_1_checkpoints(pair, tmp_p
     again = json.loads((tmp_path / "etwo" / "metrics.json").read_text())
     own = json.loads((pair / "two" / "metrics.json").read_text())["sets"]["test split"]["rates"]
     assert again["sets"]["test split"]["rates"] == own  # the run's own figures
-    assert main.main(["predict", str(image), "--checkpoint", str(tmp_path / "old.pt"), "--out", str(tmp_path / "q")]) == 0
+    assert main.main(["predict", str(image), "--checkpoint", str(tmp_path / "old.pt"), "--out",
+                      str(tmp_path / "q")]) == 0
     assert "precision: bf16 (auto on this CPU" in capsys.readouterr().out
 
 

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 import evaluate
-import export
 import gradcam
 import images
 import infer
@@ -19,7 +18,7 @@ import main
 import ood
 import runs
 from conftest import ROOT, shared, write_image
-from model import PneumoniaCNN, build
+from model import build
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -97,7 +96,8 @@ def test_an_ensemble_and_a_three_class_model_each_export_as_one_graph(demo_run, 
              "ood": {**base["ood"], "members": []}, "cause_threshold": 0.5}  # after --adapt-bn: no distance
     batch = demo_batch(demo_run, 6)
     for name, ckpt in (("ensemble", ensemble), ("cause", cause)):
-        runs.save_checkpoint(tmp_path / f"{name}.pt", {k: v for k, v in ckpt.items() if k not in ("format", "versions")})
+        runs.save_checkpoint(tmp_path / f"{name}.pt", {k: v for k, v in ckpt.items() if k not in ("format",
+                                                                                                  "versions")})
         assert main.main(["export", "--checkpoint", str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / name)]) == 0
         got = assert_parity(tmp_path / name, runs.read_checkpoint(tmp_path / f"{name}.pt"), batch)
         meta = json.loads((tmp_path / name / "model.json").read_text())

@@ -276,7 +276,8 @@ def test_the_wrong_kind_of_checkpoint_is_refused_in_one_sentence(demo_run, tmp_p
 
 @pytest.mark.parametrize("flags, says", [(["--seed", "-5"], "--seed: expected a whole number in [0, 2147483647]"),
                                          (["--lr", "1e308"], "--lr: expected a number in (0, 10.0]"),
-                                         (["--image-size", "100000"], "--image-size: expected a whole number in [16, 1024]")])
+                                         (["--image-size", "100000"],
+                                          "--image-size: expected a whole number in [16, 1024]")])
 def test_out_of_range_values_are_refused_before_a_folder_is_made(tmp_path, capsys, flags, says):
     with pytest.raises(SystemExit) as exit_:
         main.main(TINY + ["--out", str(tmp_path / "run"), *flags])

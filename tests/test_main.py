@@ -31,10 +31,12 @@ def test_demo_run_writes_every_output_and_learns(demo_run):
     assert len(list((demo_run / "gradcam").glob("TP_*.png"))) >= 1
     assert not (demo_run / "INCOMPLETE").exists()
     m = json.loads((demo_run / "metrics.json").read_text())
-    assert m["schema"] == runs.METRICS_SCHEMA and list(m["sets"]) == ["test split", "other_site"]  # test, then --external
+    assert m["schema"] == runs.METRICS_SCHEMA and list(m["sets"]) == ["test split",
+                                                                      "other_site"]  # test, then --external
     test = m["sets"]["test split"]["rates"]
     assert m["synthetic"] is True
-    assert set(test) >= {"accuracy", "auc", "sensitivity", "specificity", "ppv", "npv", "threshold", "tp", "tn", "fp", "fn"}
+    assert set(test) >= {"accuracy", "auc", "sensitivity", "specificity", "ppv", "npv", "threshold", "tp", "tn", "fp",
+                         "fn"}
     assert test["auc"] >= 0.95
     for k, (lo, hi) in test["ci95"].items():
         assert lo <= test[k] <= hi, k
@@ -105,7 +107,8 @@ def test_unusable_input_gives_one_clear_sentence(tmp_path, capsys, argv, message
         write_image(tmp_path / "few" / "PNEUMONIA" / f"person{i}_virus_1.png", 20 + i)
     fill = {"existing": existing, "a_file": a_file, "one_class": tmp_path / "one", "few": tmp_path / "few"}
     argv = [a.format(**fill) for a in argv]
-    full = argv + (["--out", str(tmp_path / "run")] if "--out" not in argv else []) + ["--cache-dir", str(tmp_path / "c")]
+    full = argv + (["--out", str(tmp_path / "run")] if "--out" not in argv else []) + ["--cache-dir",
+                                                                                       str(tmp_path / "c")]
     assert main.main(full) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") <= 8
@@ -124,7 +127,8 @@ def test_evaluate_on_the_runs_own_test_split_reproduces_metrics(demo_run, tmp_pa
     assert (out / "report.html").is_file() and (out / "roc.png").is_file()
 
 
-PREDICTION_COLUMNS = ["path", "patient", "label", "probability", "predicted", "warnings", "error", "flagged", "ood_score"]
+PREDICTION_COLUMNS = ["path", "patient", "label", "probability", "predicted", "warnings", "error", "flagged",
+                      "ood_score"]
 
 
 def _predictions(path) -> list[dict]:
@@ -146,7 +150,8 @@ def test_external_block_equals_evaluate_on_the_same_folder(demo_run, tmp_path):
                       "--out", str(tmp_path / "ev"), "--quiet", "--no-cache"]) == 0
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert again["sets"][name]["rates"] == block["rates"] and again["sets"][name]["ood"] == block["ood"]
-    assert _predictions(tmp_path / "ev" / "predictions.csv") == _predictions(demo_run / "external" / name / "predictions.csv")
+    own = _predictions(demo_run / block["folder"] / "predictions.csv")
+    assert _predictions(tmp_path / "ev" / "predictions.csv") == own
     assert (demo_run / "roc_all.png").is_file() and (demo_run / "external" / name / "gradcam_grid.png").is_file()
     page = (demo_run / "report.html").read_text()
     assert "Test split and external sets" in page and f"External: {name}" in page
@@ -185,7 +190,8 @@ def test_evaluate_external_folder_and_checkpoint_errors(demo_run, tmp_path, caps
 
 def test_predict_single_image_folder_and_bad_files(demo_run, tmp_path, capsys):
     image = next((demo_run / "demo_data" / "images" / "PNEUMONIA").glob("*.png"))
-    assert main.main(["predict", str(image), "--checkpoint", str(demo_run / "best.pt"), "--out", str(tmp_path / "one")]) == 0
+    assert main.main(["predict", str(image), "--checkpoint", str(demo_run / "best.pt"), "--out",
+                      str(tmp_path / "one")]) == 0
     out = capsys.readouterr().out
     assert "probability of pneumonia" in out and "PNEUMONIA" in out and "overlay" in out
     assert len(list((tmp_path / "one").glob("*_cam.png"))) == 1
@@ -196,7 +202,8 @@ def test_predict_single_image_folder_and_bad_files(demo_run, tmp_path, capsys):
     (folder / "notes.jpeg").write_text("not an image")
     (folder / "Thumbs.db").write_bytes(b"\0" * 64)  # OS metadata: skipped by the same rule as in training
     (folder / "labels.txt").write_text("x")
-    assert main.main(["predict", str(folder), "--checkpoint", str(demo_run / "best.pt"), "--out", str(tmp_path / "many"), "--cam"]) == 0
+    assert main.main(["predict", str(folder), "--checkpoint", str(demo_run / "best.pt"), "--out",
+                      str(tmp_path / "many"), "--cam"]) == 0
     rows = _predictions(tmp_path / "many" / "predictions.csv")  # the schema of training's and evaluate's CSVs
     assert len(rows) == 6
     why = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
@@ -205,7 +212,8 @@ def test_predict_single_image_folder_and_bad_files(demo_run, tmp_path, capsys):
     bad = [r for r in rows if r["path"].endswith("notes.jpeg")][0]
     assert bad["probability"] == "" and "unreadable image" in bad["error"]
     assert all(r["label"] == "" for r in rows)  # predict knows no truth: the column stays empty, never the model's call
-    assert all(r["predicted"] in ("NORMAL", "PNEUMONIA") and r["patient"].startswith("IM-") for r in rows if not r["error"])
+    assert all(r["predicted"] in ("NORMAL",
+                                  "PNEUMONIA") and r["patient"].startswith("IM-") for r in rows if not r["error"])
     assert all(r["predicted"] == r["patient"] == "" for r in rows if r["error"])
     assert "skipped" in capsys.readouterr().err and len(list((tmp_path / "many").glob("*_cam.png"))) == 3
 
@@ -217,13 +225,13 @@ def test_predict_without_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 def test_predict_matches_training_preprocessing_on_real_files(demo_run, tmp_path):
     folder = shared("chest_xray_fullres_train") / "NORMAL"
-    assert main.main(["predict", str(folder), "--checkpoint", str(demo_run / "best.pt"), "--out", str(tmp_path / "p")]) == 0
+    assert main.main(["predict", str(folder), "--checkpoint", str(demo_run / "best.pt"), "--out",
+                      str(tmp_path / "p")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
     assert len(rows) == 60 and all(r["error"] == "" for r in rows)
     # the training path: decode as for training (cache format), then the scoring used on test splits
     import cache
     import images
-    import infer
     import torch
     (model,), prep = infer.load_models(runs.load_checkpoint(demo_run / "best.pt"), torch.device("cpu"))
     files = [r["path"] for r in rows]
@@ -238,7 +246,8 @@ def test_checkpoint_of_another_model_config_is_refused(demo_run, tmp_path, capsy
     ckpt["model_config"]["widths"] = [8, 8, 8]  # weights no longer fit the model it describes
     runs.save_checkpoint(tmp_path / "other.pt", ckpt)
     image = next((demo_run / "demo_data" / "images" / "NORMAL").glob("*.png"))
-    assert main.main(["predict", str(image), "--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "p")]) == 2
+    assert main.main(["predict", str(image), "--checkpoint", str(tmp_path / "other.pt"), "--out",
+                      str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "does not fit this model" in err and "Traceback" not in err
     torch.save({**ckpt, "format": 0}, tmp_path / "old.pt")
@@ -292,7 +301,8 @@ def test_model_card_figures_all_come_from_metrics_json(demo_run):
         assert f"{metrics['images']} images of {metrics['patients']} patients" in section
         assert f"Brier score {metrics['brier']:.3f}" in section
     assert not stray_figures(card, m)
-    assert f"{m['sets']['test split']['rates']['threshold']:.4f}" in card and m["validation"]["threshold_policy"] in card
+    threshold = m["sets"]["test split"]["rates"]["threshold"]
+    assert f"{threshold:.4f}" in card and m["validation"]["threshold_policy"] in card
     for split, a in m["data"]["splits"].items():
         assert f"| {split} | {a['images']} | {a['patients']} | {a['normal']} | {a['pneumonia']} |" in card
     assert "SYNTHETIC" in card and "python main.py --demo" in card and "not intended" in card.lower()
@@ -304,7 +314,8 @@ def test_optimiser_constants_are_settings_that_reach_sgd_and_onecycle_and_surviv
     import train
     from model import PneumoniaCNN
     from transforms import Preprocess
-    s = Settings.parse(["--momentum", "0.8", "0.9", "--weight-decay", "0.001", "--warmup", "0.5", "--epochs", "2", "--batch-size", "4",
+    s = Settings.parse(["--momentum", "0.8", "0.9", "--weight-decay", "0.001", "--warmup", "0.5", "--epochs", "2",
+                        "--batch-size", "4",
                         "--quiet"])
     cfg = train.TrainConfig.of(s, 0, torch.device("cpu"), Context(), None)
     g = torch.Generator().manual_seed(0)
@@ -352,6 +363,7 @@ def test_help_and_every_refusal_answer_before_torch_is_imported(argv):
             "run_name='__main__')\nexcept SystemExit as e:\n    status = e.code\nprint('torch loaded:', 'torch' in "
             "sys.modules, 'status:', status)")
     done = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.stdout.splitlines()[-1] == f"torch loaded: False status: {0 if argv[-1] == '--help' else 2}", done.stderr
+    status = 0 if argv[-1] == "--help" else 2
+    assert done.stdout.splitlines()[-1] == f"torch loaded: False status: {status}", done.stderr
     if argv[-1] != "--help":
         assert done.stderr.count("\n") == 1 and "error:" in done.stderr  # one sentence

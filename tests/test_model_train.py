@@ -43,7 +43,8 @@ def test_one_epoch_lowers_the_loss():
     before = loss_fn(model.eval()(prep.eval(images)), labels).item()
     optimizer, scheduler = train.make_optimizer(model, 0.05, 3, 8)
     state = train.TrainState()
-    parts = train.Parts(model, optimizer, scheduler, loss_fn, loss_fn, prep, torch.device("cpu"), torch.Generator().manual_seed(0))
+    parts = train.Parts(model, optimizer, scheduler, loss_fn, loss_fn, prep, torch.device("cpu"),
+                        torch.Generator().manual_seed(0))
     for _ in range(3):
         train.train_one_epoch(parts, images, labels, 8, state)
         state.step = 0
@@ -57,7 +58,8 @@ def test_non_finite_loss_names_epoch_and_step():
     optimizer, scheduler = train.make_optimizer(model, 0.05, 1, 2)
     loss_fn = lambda logits, y: logits.sum() * float("nan")  # noqa: E731
     with pytest.raises(train.NonFiniteLoss, match=r"epoch 1, step 1"):
-        parts = train.Parts(model, optimizer, scheduler, loss_fn, loss_fn, transforms.Preprocess(36), torch.device("cpu"),
+        parts = train.Parts(model, optimizer, scheduler, loss_fn, loss_fn, transforms.Preprocess(36),
+                            torch.device("cpu"),
                             torch.Generator())
         train.train_one_epoch(parts, images, labels, 8, train.TrainState())
 
@@ -133,6 +135,7 @@ def test_a_cpu_that_emulates_bf16_is_told_by_a_small_batch_and_scores_a_bf16_che
     import precision
     cpu, make = torch.device("cpu"), lambda: PneumoniaCNN((4, 4, 4), stem=4)  # noqa: E731
     timed = []
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})  # an AMD EPYC Zen 3: no bf16 instructions
 
     def probe(make_model, image_size, batch_size, train=True, steps=precision.PROBE_STEPS):
         timed.append(batch_size)  # emulated bf16: 10x slower at every batch size (as on an AMD EPYC Zen 3)
@@ -151,6 +154,15 @@ def test_a_cpu_that_emulates_bf16_is_told_by_a_small_batch_and_scores_a_bf16_che
                         {"fp32": 100.0, "bf16": 150.0 if batch == precision.SCREEN_BATCH else 80.0})
     timed.clear()
     assert precision.resolve("auto", cpu, make, 128, 32).name == "bf16" and timed == [precision.SCREEN_BATCH, 32]
+    # a CPU whose flags name bf16 instructions skips the screen: a slow sample on a loaded machine cannot make it
+    # look emulated (it once turned a bf16 checkpoint's scoring to fp32 mid-suite)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(precision, "probe", lambda m, size, batch, *a, **k: timed.append(batch) or
+                        {"fp32": 10.0, "bf16": 100.0})
+    timed.clear()
+    scoring = precision.resolve("auto", cpu, make, 128, 64, train=False, scored_at="bf16")
+    assert scoring.name == "bf16" and timed == []
+    assert precision.resolve("auto", cpu, make, 128, 32).name == "fp32" and timed == [32]  # the full probe decides
 
 
 def test_the_precision_probe_times_both_and_leaves_the_random_state_alone():
@@ -193,7 +205,8 @@ def _epochs(monkeypatch, cfg, losses, aucs, lr_at_end):
     sched = Schedule()
     monkeypatch.setattr(train, "validate", lambda *a: next(scores))
     state = train.TrainState()
-    parts = train.Parts(model, None, sched, None, None, transforms.Preprocess(16), torch.device("cpu"), torch.Generator())
+    parts = train.Parts(model, None, sched, None, None, transforms.Preprocess(16), torch.device("cpu"),
+                        torch.Generator())
     for _ in losses:
         sched.lr = next(rates)
         train.end_epoch(model, val, parts, state, 0.5, 0.0, cfg)
@@ -211,7 +224,8 @@ def test_early_stopping_counts_only_the_low_rate_tail_and_waits_for_auc_and_loss
     state = _epochs(monkeypatch, cfg, worse, aucs, low)
     assert state.stopped_early and state.epoch == 3  # tail epochs 2 and 3 without improvement
     assert not _epochs(monkeypatch, cfg, [0.5, 0.4, 0.3, 0.2, 0.1, 0.05], aucs, low).stopped_early  # the loss improves
-    assert not _epochs(monkeypatch, train.TrainConfig(epochs=6, batch_size=8, lr=0.05, pos_weight=0.6, patience=0), worse, aucs, low).stopped_early
+    assert not _epochs(monkeypatch, train.TrainConfig(epochs=6, batch_size=8, lr=0.05, pos_weight=0.6, patience=0),
+                       worse, aucs, low).stopped_early
     assert state.best_epoch == 1
 
 
@@ -255,3 +269,15 @@ def test_imports_run_one_way():
     for name, forbidden in NEVER_LOADS.items():
         assert not loads(name) & forbidden, f"importing {name}.py loads {sorted(loads(name) & forbidden)}"
     assert loads("model") == set()  # the network imports nothing of ours
+
+
+def test_no_conditional_expression_nests_another():
+    """House style: a nested `a if x else b if y else c` becomes an if statement (ruff has no rule for it)."""
+    import ast
+    from conftest import ROOT
+    nested = []
+    for path in (p for folder in ("", "benchmarks/", "examples/", "tests/") for p in ROOT.glob(f"{folder}*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.IfExp) and any(isinstance(n, ast.IfExp) for n in ast.walk(node) if n is not node):
+                nested.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not nested, nested

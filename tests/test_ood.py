@@ -55,7 +55,7 @@ def real(tmp_path_factory):
     found = data.find_labelled(str(folder))
     rng = np.random.default_rng(0)
     order = rng.permutation(len(found.paths))
-    train, val, held = order[:400], order[400:500], order[500:520]
+    held = order[500:520]  # after the 400 training and 100 validation films
     size = 77  # cache_size(70)
     store = cache.ImageCache(str(tmp_path_factory.mktemp("cache")), size)
     images, _ = cache.load_images([found.paths[i] for i in order[:520]], size, store, show=False)
@@ -63,12 +63,14 @@ def real(tmp_path_factory):
     predictor = infer.Predictor([PneumoniaCNN((8, 16, 16), stem=8).eval()], transforms.Preprocess(70, 0.5, 0.25),
                                 torch.device("cpu"))
     labels = np.array(found.labels)[order[:520]]
-    detector = ood.fit(predictor, TensorRows(ImageRows(images[:400])), labels[:400], TensorRows(ImageRows(images[400:500])))
+    detector = ood.fit(predictor, TensorRows(ImageRows(images[:400])), labels[:400],
+                       TensorRows(ImageRows(images[400:500])))
     return predictor, detector, images[500:520], [found.paths[i] for i in held]
 
 
 def _flags(predictor, detector, images, paths):
-    _, features = predictor.logits_and_features(torch.from_numpy(np.array(images)).unsqueeze(1))  # a copy: mapped rows are read-only
+    copied = torch.from_numpy(np.array(images)).unsqueeze(1)  # a copy: mapped rows are read-only
+    _, features = predictor.logits_and_features(copied)
     return ood.inspect(paths, images, features, predictor.prep, detector)
 
 
@@ -122,7 +124,8 @@ def test_a_checkpoint_without_a_detector_loads_and_says_the_check_is_unavailable
     del ckpt["ood"]
     runs.save_checkpoint(tmp_path / "old.pt", {k: v for k, v in ckpt.items() if k not in ("format", "versions")})
     film = sorted((demo_run / "demo_data" / "images" / "NORMAL").glob("*.png"))[0]
-    assert main.main(["predict", str(film), str(PHOTO), "--checkpoint", str(tmp_path / "old.pt"), "--out", str(tmp_path / "p")]) == 0
+    assert main.main(["predict", str(film), str(PHOTO), "--checkpoint", str(tmp_path / "old.pt"), "--out",
+                      str(tmp_path / "p")]) == 0
     assert "no out-of-distribution detector" in capsys.readouterr().err
     rows = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
     assert all(r["ood_score"] == "" for r in rows) and rows[1]["flagged"] == "yes"  # the colour check needs no model
