@@ -19,6 +19,7 @@ class Network(nn.Module):
 
     outputs: int
     config: dict  # build(config) makes this network again; "arch" names it
+    title: str  # what it is, in a few words, for the model card
     # AdaBN re-estimates only the early blocks' statistics: acquisition (exposure, contrast, framing) shows there,
     # while the deeper blocks' statistics also carry the sample's class mix (benchmarks/site_calibration.py)
     adaptable: tuple[str, ...] = ("stem", "block1")
@@ -62,6 +63,8 @@ class PneumoniaCNN(Network):
     and is `cam_layer`, so Grad-CAM maps keep a usable resolution.
     """
 
+    title = "the custom CNN (a strided stem and three convolutional blocks)"
+
     def __init__(self, widths: tuple[int, int, int] = (24, 48, 96), stem: int = 16, dropout: float = 0.2,
                  in_channels: int = 1, outputs: int = 1):
         super().__init__()
@@ -89,6 +92,8 @@ class ResNet18(Network):
     The baseline most papers and MedMNIST report. Its last stage runs at 1/32 of the input (4x4 for 128 px),
     so its Grad-CAM maps are coarse. About 7x the default's compute per image.
     """
+
+    title = "torchvision's ResNet-18 with a one-channel stem, no pretrained weights"
 
     def __init__(self, dropout: float = 0.0, in_channels: int = 1, outputs: int = 1):
         super().__init__()

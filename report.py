@@ -12,6 +12,7 @@ from pathlib import Path
 
 from evaluate import BOOTSTRAP_RESAMPLES, METRICS
 from labels import CAUSES
+from model import ARCHITECTURES
 from names import code, printable
 from runs import write_text
 
@@ -485,6 +486,7 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
     behind YAML front matter that model hubs and registries read."""
     val, prov = metrics["validation"], metrics["provenance"]
     test = primary(metrics)[1]
+    arch = config.get("arch", "cnn")  # a run from before --arch trained the custom CNN
     lines = [*front_matter(config, metrics), f"# Model card: pediatric pneumonia CNN, run {code(out_dir.name)}", ""]
     if banner:
         lines += [f"> **{banner}**", ""]
@@ -509,6 +511,8 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
         f"follow a rule fixed before training, and the threshold was chosen on the validation split only; the test "
         f"split was scored once, at the end.",
         "", "## Training",
+        f"Network: {ARCHITECTURES[arch].title} (`--arch {arch}`), trained from scratch on grayscale "
+        f"{config['image_size']} px input.", "",
         training_text(metrics["training"], val), "", training_table(metrics["training"]).markdown(),
         "", "## Threshold",
         f"{test['rates']['threshold']:.4f} on the pneumonia probability, chosen on validation by the policy "

@@ -306,6 +306,7 @@ def test_model_card_figures_all_come_from_metrics_json(demo_run):
     for split, a in m["data"]["splits"].items():
         assert f"| {split} | {a['images']} | {a['patients']} | {a['normal']} | {a['pneumonia']} |" in card
     assert "SYNTHETIC" in card and "python main.py --demo" in card and "not intended" in card.lower()
+    assert "Network: the custom CNN" in card and "`--arch cnn`" in card
     assert 'href="MODEL_CARD.md"' in (demo_run / "report.html").read_text()
 
 
