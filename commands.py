@@ -26,10 +26,11 @@ import ood
 import precision
 import report
 import runs
+import shortcut
 import train
 from cache import ImageCache
 from images import cache_size
-from labels import CLASSES
+from labels import CLASSES, SERIES_PATTERN
 from names import say
 from settings import Settings, UsageError
 from transforms import Preprocess, fit_normalisation
@@ -236,8 +237,11 @@ def build_scorer(s: Settings, kept: list[dict], prep: Preprocess, device: torch.
                                 autocast=choice.dtype)
     scorer = evaluate.Scorer(predictor, threshold=float("nan"), cam_target=s.cam_target, seed=s.seed)
     train_images, _, train_idx = ds.subset("train")
-    scorer.detector = ood.fit(scorer.predictor, train_images, ds.labels[train_idx].astype(int), ds.subset("val")[0],
-                              s.seed)
+    train_labels = ds.labels[train_idx].astype(int)
+    scorer.detector = ood.fit(scorer.predictor, train_images, train_labels, ds.subset("val")[0], s.seed)
+    # the layout probe sees the training split only, as the model does: validation and test never reach it
+    scorer.probe = shortcut.fit_probe(train_images, train_labels, [ds.patients[i] for i in train_idx])
+    scorer.groups = s.groups
     return scorer
 
 
@@ -306,6 +310,7 @@ def choose_threshold_and_save(s: Settings, run_dir: Path, members: list[dict], d
                    members=[m["weights"] for m in members], prep=scorer.predictor.prep,
                    thresholds={"threshold": scorer.threshold, "cause_threshold": scorer.cause_threshold},
                    policy=s.threshold, tta=s.tta, training=[m["summary"] for m in members], ood=scorer.detector.state(),
+                   probe=scorer.probe.state(),
                    config=s.config(), precision=precision_name)
     return val_auc
 
@@ -332,7 +337,8 @@ def load_scorer(args) -> evaluate.Scorer:
                          f"'{args.checkpoint}' tells pneumonia from normal only")
     return evaluate.Scorer(predictor, threshold=ckpt["threshold"], cam_target=args.cam_target,
                            seed=getattr(args, "seed", 0), cause_threshold=ckpt.get("cause_threshold", 0.5),
-                           detector=load_detector(ckpt))
+                           detector=load_detector(ckpt), groups=getattr(args, "groups", SERIES_PATTERN),
+                           probe=shortcut.Probe.from_state(ckpt["probe"]) if ckpt.get("probe") else None)
 
 
 def load_detector(ckpt: dict) -> ood.Detector | None:

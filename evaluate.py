@@ -20,9 +20,10 @@ from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, Roc
 import data
 import gradcam
 import ood
+import shortcut
 from cache import ImageCache, TensorRows
 from infer import Predictor, probabilities
-from labels import CAUSES, CLASS_COLUMNS, CLASSES
+from labels import CAUSES, CLASS_COLUMNS, CLASSES, SERIES_PATTERN
 import runs
 from runs import write_csv
 
@@ -198,6 +199,8 @@ class Scorer:
     seed: int = 0  # of the bootstrap and the randomisation test
     cause_threshold: float = 0.5  # three-class models: on bacterial_share, chosen on validation
     detector: ood.Detector | None = None
+    probe: shortcut.Probe | None = None  # the layout probe, fitted on the training split (None: an older checkpoint)
+    groups: str = SERIES_PATTERN  # --groups: the file-name rule of the shortcut audit's rates per group
 
     def assess(self, images, show: bool = False) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor | None]:
         """predict, plus every member's penultimate features, which the detector reads (one forward pass)."""
@@ -331,13 +334,31 @@ def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note
     draw_all(y_true, y_prob, metrics, out, note)
     draw_flagged(rows, images, scorer.predictor.prep, out / "ood_flagged.png", note)
     result = {"rates": metrics, "gradcam": gradcam.explain(scorer, images, y_true, y_prob, out, note, masks, show),
-              "ood": {**flag_summary(rows), "detector": scorer.detector is not None}}
+              "ood": {**flag_summary(rows), "detector": scorer.detector is not None},
+              "shortcut": audit_shortcut(scorer, images, y_true, y_prob, [ds.paths[i] for i in idx], out, note)}
     causes = ds.causes[idx]
     if classes is not None and has_both_causes(causes):
         result["cause"] = score_cause(causes, classes, patients, scorer.cause_threshold, seed=scorer.seed)
         draw_cause(causes, classes, result["cause"], out, note)
         result["cause_gradcam"] = gradcam.explain_causes(scorer, images, causes, classes, out, note)
     return result, y_true, y_prob
+
+
+def audit_shortcut(scorer: Scorer, images, y_true: np.ndarray, y_prob: np.ndarray, paths: list[str], out: Path,
+                   note: str = "") -> dict:
+    """The set's shortcut block (shortcut.audit), and the Grad-CAM maps of the healthy children the model calls
+    pneumonia and the layout probe does too (gradcam_shortcut.png), when there are any."""
+    layout = scorer.probe.score(images) if scorer.probe is not None else None
+    block = shortcut.audit(y_true, y_prob, scorer.threshold, layout, shortcut.groups_of(paths, scorer.groups))
+    if layout is not None:
+        picks = np.flatnonzero((y_true == 0) & (y_prob >= scorer.threshold) & (layout >= 0.5))
+        picks = picks[np.argsort(-y_prob[picks])][:8]  # the most confident first
+        block["gradcam_false_positives"] = [Path(paths[i]).name for i in picks]
+        if len(picks):
+            gradcam.save_picked(scorer, images[torch.as_tensor(picks)], [
+                f"{Path(paths[i]).name[:24]} p={y_prob[i]:.2f} probe={layout[i]:.2f}" for i in picks],
+                out / "gradcam_shortcut.png", "false positives the layout probe also calls pneumonia" + note)
+    return block
 
 
 def score_externals(scorer: Scorer, folders: list[str], cache: ImageCache, out_root: Path,

@@ -267,6 +267,12 @@ def save_grid(images, cams, titles, path, columns: int = 4, suptitle: str = "") 
     _save(fig, path, suptitle)
 
 
+def save_picked(scorer, images: torch.Tensor, titles: list[str], path: Path, suptitle: str = "") -> None:
+    """The Grad-CAM overlays of a few chosen uint8 films (N x 1 x S x S), one grid."""
+    _, maps, shown = _maps(scorer, images)
+    save_grid(shown, maps, titles, path, suptitle=suptitle)
+
+
 def save_randomisation_figure(images, examples, stages, medians, path) -> None:
     """Rows of images, columns from the trained maps to the fully randomised ones."""
     n = min(4, len(images))

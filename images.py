@@ -63,7 +63,9 @@ def header(path: str) -> dict:
             "body_part": str(ds.get("BodyPartExamined", "") or "").upper(),
             "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
             "width": int(ds.get("Columns", 0) or 0), "height": int(ds.get("Rows", 0) or 0),
-            "age": str(ds.get("PatientAge", "") or "").strip()}
+            "age": str(ds.get("PatientAge", "") or "").strip(), "sex": str(ds.get("PatientSex", "") or "").strip(),
+            "manufacturer": str(ds.get("Manufacturer", "") or "").strip(),
+            "station": str(ds.get("StationName", "") or "").strip()}
 
 
 def age_in_years(text: str) -> float | None:

@@ -7,3 +7,5 @@ CAUSES = ("NORMAL", "BACTERIAL", "VIRAL")  # --task cause: class = index; -1 whe
 CLASS_COLUMNS = tuple(f"p_{c.lower()}" for c in CAUSES)  # a cause model's extra predictions.csv columns
 # what Grad-CAM can explain: each is a log-odds with an opposite (gradcam.target_score); the last two need --task cause
 CAM_TARGETS = ("pneumonia", "normal", "bacterial", "viral")
+# --groups' default: the Kaggle file names' series, which follow acquisition periods (docs/generalisation.md)
+SERIES_PATTERN = r"^(NORMAL2-IM|IM|person)"

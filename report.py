@@ -214,6 +214,50 @@ def cause_section(metrics: dict, out_dir: Path) -> str:
             f"lies, the viral map the reverse.</p>" + _img(out_dir / "gradcam_cause_pairs.png", wide=True))
 
 
+def _rate(w: dict) -> str:
+    """A Wilson rate of shortcut.wilson as 'rate [lo, hi] (k/n)'; '-' where there was nothing to count."""
+    if w["rate"] is None:
+        return "-"
+    return f"{w['rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}] ({w['k']}/{w['n']})"
+
+
+def _value(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def shortcut_text(block: dict) -> str:
+    """The layout probe's figures for one set, in two sentences (or why there are none)."""
+    if not block["probe"]:
+        return ("This checkpoint has no layout probe (it was made before the shortcut audit): only the rates per "
+                "group are given.")
+    return (f"A probe that sees only a 12x12 thumbnail of each film (its framing, collimation and markers, not the "
+            f"lungs' texture), fitted on the training split, scores this set with AUC {_value(block['probe_auc'])}. "
+            f"The model's and the probe's scores agree with Spearman {_value(block['spearman_negatives'])} among "
+            f"the normals and {_value(block['spearman_positives'])} among the pneumonias. The model's specificity "
+            f"among the normals the probe calls pneumonia: {_rate(block['specificity_probe_positive'])}; among the "
+            f"rest: {_rate(block['specificity_probe_negative'])}.")
+
+
+def groups_table(block: dict) -> Table:
+    """The model's specificity and sensitivity per group, under every grouping of the set."""
+    return Table(["grouping", "group", "specificity [95% CI] (of normals)", "sensitivity [95% CI] (of pneumonias)"],
+                 [[grouping, group, _rate(r["specificity"]), _rate(r["sensitivity"])]
+                  for grouping, groups in block["groups"].items() for group, r in groups.items()])
+
+
+def shortcut_section(metrics: dict, out_dir: Path) -> str:
+    """The shortcut audit of every scored set: the probe's figures, the rates per group, the panel of the false
+    positives the probe also calls pneumonia."""
+    parts = ["<h2>Shortcut audit: does the model follow the film's layout?</h2>"]
+    for name, block in metrics["sets"].items():
+        audit = block.get("shortcut")
+        if audit:
+            parts.append(f"<h3>{html.escape(name)}</h3><p>{html.escape(shortcut_text(audit))}</p>"
+                         + groups_table(audit).html() + _img(out_dir / block["folder"] / "gradcam_shortcut.png",
+                                                            wide=True))
+    return "".join(parts)
+
+
 def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner: str = "") -> Path:
     """Assemble report.html from metrics.json-style figures and the PNGs in `out_dir`."""
     name, first = primary(metrics)
@@ -243,6 +287,8 @@ def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner:
                     + "".join(("" if n == name else f"<h3>External: {html.escape(n)}</h3>")
                               + flagged_section(block["ood"], out_dir / block["folder"] / "ood_flagged.png")
                               for n, block in metrics["sets"].items() if "ood" in block))
+    if with_part(metrics, "shortcut"):
+        body.append(shortcut_section(metrics, out_dir))
     if "data" in metrics:
         body.append("<h2>Data audit</h2>" + audit_table(metrics["data"]))
     body.append("<h2>Grad-CAM</h2>" + gradcam_section(first["gradcam"]))
@@ -374,6 +420,14 @@ def terminal_summary(metrics: dict, out: Path, banner: str = "") -> str:
             reasons = f" ({', '.join(f'{k}: {n}' for k, n in f['by_reason'].items())})" if f["flagged"] else ""
             lines.append(f"Input checks ({set_name}): {f['flagged']} of {f['images']} images flagged as unlike the "
                          f"training films{reasons}")
+    for set_name, audit in with_part(metrics, "shortcut").items():
+        if audit["probe"]:
+            lines.append(f"Shortcut audit ({set_name}): layout probe AUC {_value(audit['probe_auc'])}; Spearman with "
+                         f"the model among normals {_value(audit['spearman_negatives'])}; specificity among normals "
+                         f"the probe calls pneumonia {_rate(audit['specificity_probe_positive'])}, among the rest "
+                         f"{_rate(audit['specificity_probe_negative'])}")
+        else:
+            lines.append(f"Shortcut audit ({set_name}): this checkpoint has no layout probe; rates per group only")
     lines.append("Grad-CAM: randomised-model median Spearman "
                  f"{g['randomisation']['fully_randomised_median_spearman']:.3f}, "
                  f"border mass {g['border']['border_mass_share']:.3f} (area {g['border']['border_area_share']:.2f})"
@@ -535,6 +589,10 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
     cause_text = ([f"Bacterial-vs-viral maps (`--cam-target bacterial|viral`): share of mass in the same frame "
                    f"{cause_maps['bacterial']['border_mass_share']:.3f} (bacterial) and "
                    f"{cause_maps['viral']['border_mass_share']:.3f} (viral)."] if cause_maps else [])
+    for name, block in metrics["sets"].items():
+        if block.get("shortcut"):
+            lines += ["", f"## Shortcut audit on {'the test split' if name == 'test split' else code(name)}",
+                      shortcut_text(block["shortcut"]), "", groups_table(block["shortcut"]).markdown()]
     lines += ["", "## Inputs unlike the training films", ood_sentence(metrics),
               "", "## Grad-CAM checks", *_md_gradcam(test["gradcam"]), *cause_text,
               "", "## Known limitations", *_md_limitations(metrics),

@@ -32,6 +32,7 @@ from transforms import Preprocess
 # the top ("test", "gradcam", "ood", "cause", "cause_gradcam") and each external set's spread over "external_*" dicts
 METRICS_SCHEMA = 2
 SET_PARTS = {"test": "rates", "gradcam": "gradcam", "ood": "ood", "cause": "cause", "cause_gradcam": "cause_gradcam"}
+# what a set's block may hold besides these: "shortcut" (the layout probe and the rates per group), since schema 2
 CHECKPOINT_FORMAT = 2  # 2: best.pt holds a list of members (an ensemble of one or more); 1: one "model"
 READABLE_FORMATS = (1, 2)
 PROJECT_VERSION = "1.3.0"
@@ -346,15 +347,17 @@ def read_checkpoint(path: str | Path | None, kind: str = "model") -> dict:
 
 
 def save_best(path: Path, *, model_config: dict, members: list[dict], prep: Preprocess, thresholds: dict,
-              policy: str, tta: bool, training: list[dict], ood: dict, config: dict, precision: str) -> None:
+              policy: str, tta: bool, training: list[dict], ood: dict, probe: dict, config: dict,
+              precision: str) -> None:
     """best.pt: what scoring new data needs (every member's weights, the model config, preprocessing, thresholds,
     whether to average test-time views, the out-of-distribution detector, the precision the thresholds were chosen
-    at) and how the members were trained, with the run's config.
+    at), the shortcut audit's layout probe, and how the members were trained, with the run's config.
 
     `thresholds` holds "threshold" (on P(pneumonia)) and, for three-class models, "cause_threshold".
     """
     save_checkpoint(path, {"members": members, "model_config": model_config, "preprocess": prep.state(), **thresholds,
-                           "threshold_policy": policy, "tta": tta, "training": training, "ood": ood, "config": config,
+                           "threshold_policy": policy, "tta": tta, "training": training, "ood": ood, "probe": probe,
+                           "config": config,
                            "precision": precision})
 
 

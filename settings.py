@@ -9,13 +9,14 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from augment import INTENSITY, PADDING, Augment
 from errors import UserError
-from labels import CAM_TARGETS
+from labels import CAM_TARGETS, SERIES_PATTERN
 
 
 DESCRIPTION = "Pneumonia detector for pediatric chest X-rays: train, evaluate and explain a custom CNN."
@@ -80,6 +81,17 @@ def threshold_policy(text: str) -> str:
         pass
     raise argparse.ArgumentTypeError("expected youden, sens=X with X in (0, 1], or a probability in [0, 1], got "
                                      f"{text!r}")
+
+
+def group_pattern(text: str) -> str:
+    """--groups: a regular expression with at least one group, matched at the start of each file name."""
+    try:
+        compiled = re.compile(text)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"not a regular expression ({err}): {text!r}") from None
+    if compiled.groups < 1:
+        raise argparse.ArgumentTypeError(f"needs a (group) whose match names the film's group: {text!r}")
+    return text
 
 
 POSITIVE_INT, COUNT = number(int, 1), number(int, 0)
@@ -167,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external", metavar="DIR", action="append", default=[],
                    help="labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) scored after the test split at the validation "
                         "threshold; repeatable")
+    add_groups_flag(p)
     add_augment_flags(p)
     add_shared_flags(p, cache=True)
     return p
@@ -203,6 +216,15 @@ def add_augment_flags(p: argparse.ArgumentParser) -> None:
                         "(train and scoring alike)")
 
 
+def add_groups_flag(p: argparse.ArgumentParser) -> None:
+    """The shortcut audit's grouping rule for file names (DICOM files are also grouped by their headers)."""
+    p.add_argument("--groups", metavar="REGEX", type=group_pattern, default=SERIES_PATTERN,
+                   help="the shortcut audit's rates per group: this regular expression's first group, matched at the "
+                        "start of each file name, names a film's group (the default: the Kaggle series, which follow "
+                        "acquisition periods); DICOM files are also grouped by manufacturer, station, view, sex and "
+                        "age band (docs/generalisation.md)")
+
+
 def build_evaluate_parser() -> argparse.ArgumentParser:
     """`main.py evaluate`: score a checkpoint on labelled data."""
     p = Parser(prog="main.py evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -213,6 +235,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output folder (default: <checkpoint folder>/evaluate-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the bootstrap and the randomisation test")
+    add_groups_flag(p)
     add_shared_flags(p, cache=True)
     return p
 
@@ -381,6 +404,7 @@ class Settings:
     device: str
     precision: str
     cam_target: str
+    groups: str
     cache_dir: str
     no_cache: bool
     quiet: bool
@@ -407,8 +431,9 @@ class Settings:
     def from_dict(cls, values: dict, given: frozenset = frozenset()) -> "Settings":
         """Settings from parsed or saved values (lists become tuples, unknown keys of older runs are dropped)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"given"}
-        values = {"arch": "cnn", **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}}
-        return cls(**values, given=given)  # a run from before --arch existed trained the custom CNN
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+        values = {"arch": "cnn", "groups": SERIES_PATTERN, **saved}
+        return cls(**values, given=given)  # a run from before --arch (--groups) trained the CNN (grouped by series)
 
     def config(self) -> dict:
         """What config.json holds: every setting that defines the run."""

@@ -1,0 +1,109 @@
+"""The shortcut audit: a layout probe fitted on the training split only, its figures by hand, the groups."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import main
+import runs
+import shortcut
+from labels import SERIES_PATTERN
+from test_dicom import write_dicom
+
+
+def test_the_probe_is_fitted_on_the_training_split_only(tmp_path, monkeypatch):
+    seen = {}
+    fit = shortcut.fit_probe
+
+    def recording(images, labels, patients):
+        seen.update(patients=list(patients), images=len(images))
+        seen["probe"] = fit(images, labels, patients)
+        return seen["probe"]
+
+    monkeypatch.setattr(shortcut, "fit_probe", recording)
+    out = tmp_path / "run"
+    assert main.main(["--demo", "--out", str(out), "--epochs", "1", "--demo-patients", "12", "--image-size", "48",
+                      "--quiet", "--precision", "fp32"]) == 0
+    split = list(csv.DictReader(open(out / "split.csv")))
+    by_split = {name: {r["patient"] for r in split if r["split"] == name} for name in ("train", "val", "test")}
+    assert set(seen["patients"]) == by_split["train"]
+    assert not set(seen["patients"]) & (by_split["val"] | by_split["test"])
+    assert seen["images"] == sum(r["split"] == "train" for r in split)
+    stored = runs.read_checkpoint(out / "best.pt")["probe"]
+    assert torch.equal(stored["coef"], torch.from_numpy(seen["probe"].coef)) and stored["side"] == shortcut.SIDE
+    block = json.loads((out / "metrics.json").read_text())["sets"]["test split"]["shortcut"]
+    assert block["probe"] and 0 <= block["probe_auc"] <= 1 and set(block["groups"]) == {"series"}
+
+
+def test_the_audit_matches_a_hand_computation():
+    y = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    model = np.array([0.9, 0.8, 0.2, 0.1, 0.7, 0.9, 0.6, 0.3])  # called pneumonia at 0.5: 0, 1, 4, 5, 6
+    layout = np.array([0.9, 0.6, 0.7, 0.2, 0.1, 0.8, 0.4, 0.9])  # the probe calls pneumonia: 0, 1, 2, 5, 7
+    groups = {"series": ["IM", "IM", "NORMAL2-IM", "NORMAL2-IM", "NORMAL2-IM", "person", "person", "other"]}
+    a = shortcut.audit(y, model, 0.5, layout, groups)
+    # probe AUC: 15 (normal, pneumonia) pairs; the pneumonia ranks higher in 10, one tie (0.9, 0.9) counts half
+    assert a["probe_auc"] == pytest.approx(10.5 / 15)
+    # Spearman among normals: model ranks (5, 4, 2, 1, 3) against probe ranks (5, 3, 4, 2, 1)
+    assert a["spearman_negatives"] == pytest.approx(1 - 6 * (0 + 1 + 4 + 1 + 4) / (5 * 24))
+    # normals the probe calls pneumonia: 0, 1, 2, of which the model calls 2 normal -> 1 of 3; the rest: 3, 4 -> 1 of 2
+    assert (a["specificity_probe_positive"]["k"], a["specificity_probe_positive"]["n"]) == (1, 3)
+    assert (a["specificity_probe_negative"]["k"], a["specificity_probe_negative"]["n"]) == (1, 2)
+    lo, hi = a["specificity_probe_positive"]["ci95"]
+    assert lo < 1 / 3 < hi and a["specificity_probe_positive"]["rate"] == pytest.approx(1 / 3)
+    series = a["groups"]["series"]
+    assert series["IM"]["specificity"]["k"] == 0 and series["IM"]["specificity"]["n"] == 2
+    assert (series["NORMAL2-IM"]["specificity"]["k"], series["NORMAL2-IM"]["specificity"]["n"]) == (2, 3)
+    assert (series["person"]["sensitivity"]["k"], series["person"]["sensitivity"]["n"]) == (2, 2)
+    assert series["other"]["sensitivity"]["k"] == 0 and series["other"]["specificity"]["n"] == 0
+    without = shortcut.audit(y, model, 0.5, None, groups)
+    assert without == {"probe": False, "groups": a["groups"]}
+
+
+def test_wilson_intervals_match_the_formula():
+    w = shortcut.wilson(8, 10)
+    assert w["rate"] == 0.8 and w["ci95"] == pytest.approx([0.4902, 0.9433], abs=1e-4)  # Wilson 1927, z = 1.96
+    assert shortcut.wilson(0, 0)["rate"] is None
+
+
+def test_groups_come_from_the_file_name_pattern_and_from_dicom_headers(tmp_path):
+    pixels = (np.arange(64 * 64) % 251).reshape(64, 64).astype(np.uint8)
+    dicom = write_dicom(tmp_path / "scan1.dcm", pixels, Manufacturer="ACME", StationName="ROOM2", PatientSex="F",
+                        PatientAge="004Y")
+    bare = write_dicom(tmp_path / "scan2.dcm", pixels)  # no manufacturer, station, sex or age
+    paths = ["/a/NORMAL2-IM-0007-0001.jpeg", "/a/IM-0001-0001.jpeg", "/a/person10_virus_35.jpeg", "/a/other.png",
+             str(dicom), str(bare)]
+    groups = shortcut.groups_of(paths, SERIES_PATTERN)
+    assert groups["series"] == ["NORMAL2-IM", "IM", "person", "other", "other", "other"]
+    assert groups["manufacturer"] == ["not DICOM"] * 4 + ["ACME", "unknown"]
+    assert groups["station"][4:] == ["ROOM2", "unknown"] and groups["view"][4:] == ["PA", "PA"]
+    assert groups["sex"][4:] == ["F", "unknown"] and groups["age"][4:] == ["1-5", "unknown"]
+    assert set(shortcut.groups_of(paths[:4], r"^(\w+?)\d")) == {"series"}  # no DICOM: no header groupings
+    assert shortcut.groups_of(paths[:2], r"^([A-Z]+)")["series"] == ["NORMAL", "IM"]
+
+
+def test_a_groups_pattern_without_a_group_is_refused_in_one_sentence(capsys):
+    evaluate = ["evaluate", "--checkpoint", "x", "--data", "y"]
+    for argv, message in ((["--groups", "IM-.*"], "argument --groups: needs a (group)"),
+                          ([*evaluate, "--groups", "("], "not a regular expression")):
+        with pytest.raises(SystemExit) as stop:
+            main.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_checkpoint_without_a_probe_still_scores_and_says_so(demo_run, tmp_path, capsys):
+    ckpt = runs.load_checkpoint(demo_run / "best.pt")
+    assert "probe" in ckpt
+    del ckpt["probe"]  # as every best.pt made before the shortcut audit
+    runs.save_checkpoint(tmp_path / "old.pt", ckpt)
+    assert main.main(["evaluate", "--checkpoint", str(tmp_path / "old.pt"), "--data", str(demo_run / "split.csv"),
+                      "--out", str(tmp_path / "ev"), "--quiet", "--no-cache", "--groups", r"^(person\d+)"]) == 0
+    block = json.loads((tmp_path / "ev" / "metrics.json").read_text())["sets"]["test split"]
+    assert block["shortcut"]["probe"] is False and "probe_auc" not in block["shortcut"]
+    assert all(g.startswith("person") or g == "other" for g in block["shortcut"]["groups"]["series"])
+    assert "this checkpoint has no layout probe" in capsys.readouterr().out
+    assert "has no layout probe" in (tmp_path / "ev" / "report.html").read_text()
+    own = json.loads((demo_run / "metrics.json").read_text())["sets"]["test split"]
+    assert block["rates"] == own["rates"]  # everything else scores as before
