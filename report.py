@@ -238,10 +238,11 @@ def shortcut_text(block: dict) -> str:
             f"rest: {_rate(block['specificity_probe_negative'])}.")
 
 
-def groups_table(block: dict) -> Table:
-    """The model's specificity and sensitivity per group, under every grouping of the set."""
+def groups_table(block: dict, name=printable) -> Table:
+    """The model's specificity and sensitivity per group, under every grouping of the set. A group is named by a
+    file name or a DICOM header, so it is data: `name` shows it (a code span in Markdown)."""
     return Table(["grouping", "group", "specificity [95% CI] (of normals)", "sensitivity [95% CI] (of pneumonias)"],
-                 [[grouping, group, _rate(r["specificity"]), _rate(r["sensitivity"])]
+                 [[grouping, name(group), _rate(r["specificity"]), _rate(r["sensitivity"])]
                   for grouping, groups in block["groups"].items() for group, r in groups.items()])
 
 
@@ -592,7 +593,7 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
     for name, block in metrics["sets"].items():
         if block.get("shortcut"):
             lines += ["", f"## Shortcut audit on {'the test split' if name == 'test split' else code(name)}",
-                      shortcut_text(block["shortcut"]), "", groups_table(block["shortcut"]).markdown()]
+                      shortcut_text(block["shortcut"]), "", groups_table(block["shortcut"], code).markdown()]
     lines += ["", "## Inputs unlike the training films", ood_sentence(metrics),
               "", "## Grad-CAM checks", *_md_gradcam(test["gradcam"]), *cause_text,
               "", "## Known limitations", *_md_limitations(metrics),

@@ -86,6 +86,8 @@ def test_the_model_card_keeps_a_hostile_folder_name_inside_its_code_spans(demo_r
     config.update(data=evil, demo=False)
     metrics["sets"][evil] = {**metrics["sets"]["test split"], "kind": "external"}
     metrics["provenance"]["command"] = f"python main.py --data '{evil}'"
+    groups = metrics["sets"]["test split"]["shortcut"]["groups"]
+    groups["manufacturer"] = {"<img src=x onerror=alert(2)>": next(iter(groups["series"].values()))}  # data too
     card = report.write_model_card(tmp_path, config, metrics).read_text()
     assert "<img" in card and "<img" not in outside_code_spans(card)
 
