@@ -22,7 +22,6 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
 
 from images import DICOM_SUFFIXES, age_in_years, header
-from labels import SERIES_PATTERN  # noqa: F401 (--groups' default, named here for the reader)
 
 SIDE = 12  # thumbnail side: the layout survives, a pneumonia's texture does not
 # DICOM header fields that make groups, and what the audit calls them
