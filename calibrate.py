@@ -112,8 +112,8 @@ def site_thresholds(predictor: Predictor, ds: data.Dataset, policy: str) -> tupl
     cause = None
     if classes is not None and evaluate.has_both_causes(ds.causes):
         pneumonia = ds.causes > 0
-        cause = evaluate.choose_threshold(ds.causes[pneumonia] == 1, evaluate.bacterial_share(classes[pneumonia]),
-                                          "youden")
+        share = evaluate.bacterial_share(classes[pneumonia])
+        cause = evaluate.choose_threshold(ds.causes[pneumonia] == 1, share, "youden")
     return threshold, cause, prob
 
 

@@ -210,8 +210,7 @@ def training_record(s: Settings, members: list[dict], scorer: evaluate.Scorer, f
     return {"ood_detector": {"threshold": scorer.detector.threshold,
                              "validation_false_alarms": scorer.detector.validation_false_alarms},
             "training": {"keep": s.keep, "patience": s.patience, "ensemble": len(scorer.predictor.members),
-                         "tta": s.tta,
-                         "members": [m["summary"] for m in members]},
+                         "tta": s.tta, "members": [m["summary"] for m in members]},
             "training_failure": failure}
 
 

@@ -20,11 +20,11 @@ from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, Roc
 import data
 import gradcam
 import ood
+import runs
 import shortcut
 from cache import ImageCache, TensorRows
 from infer import Predictor, probabilities
 from labels import CAUSES, CLASS_COLUMNS, CLASSES, SERIES_PATTERN
-import runs
 from runs import write_csv
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -321,8 +321,8 @@ def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note
     """Predict, score with intervals, draw, explain and list per image the images `idx` of `ds`.
 
     Returns (the set's block of metrics.json, y_true, y_prob); writes predictions.csv and the plots into `out`.
-    The block holds "rates" (the binary figures and intervals), "gradcam", "ood" and, for a cause model, "cause"
-    and "cause_gradcam": every figure of one set in one place.
+    The block holds "rates" (the binary figures and intervals), "gradcam", "ood", "shortcut" and, for a cause
+    model, "cause" and "cause_gradcam": every figure of one set in one place.
     """
     images = TensorRows(ds.images.take(idx))  # read batch by batch: a large test split is never held whole
     y_prob, classes, features = scorer.assess(images, show)
@@ -380,7 +380,7 @@ def score_externals(scorer: Scorer, folders: list[str], cache: ImageCache, out_r
 def collect_sets(test: tuple[dict, np.ndarray, np.ndarray], externals: dict, roc_path: Path) -> dict:
     """metrics.json's "sets": the test split's block, then one per external folder (each with the folder its files
     are in), and one ROC plot of every set."""
-    sets = {"test split": {"kind": "test", "folder": ".", **test[0]}}
+    sets = {"test split": {"kind": "test", "folder": ".", **test[0]}}  # first: the renderers' primary set
     sets.update({name: {"kind": "external", "folder": f"external/{name}", **r[0]} for name, r in externals.items()})
     if externals:
         curves = {"test split": test[1:], **{name: r[1:] for name, r in externals.items()}}

@@ -109,11 +109,11 @@ def training_text(training: dict, validation: dict) -> str:
     """How the scored model is made of its members, in one sentence."""
     n = len(training["members"])
     how = f"an ensemble of {n} models, scored by the mean of their logits" if n > 1 else "one model"
-    return (f"The scored model is {how}" + (", each averaged over test-time zoom and aspect views" if training["tta"]
-                                           else "") + f"; its validation AUC is {validation['auc']:.3f}. Weights kept "
-                                                      f"by the rule `--keep {training['keep']}`; early stopping " + (
-                f"after {training['patience']} epochs of the low-learning-rate tail without improvement."
-                if training["patience"] else "off (every epoch is trained)."))
+    views = ", each averaged over test-time zoom and aspect views" if training["tta"] else ""
+    stopping = (f"after {training['patience']} epochs of the low-learning-rate tail without improvement."
+                if training["patience"] else "off (every epoch is trained).")
+    return (f"The scored model is {how}{views}; its validation AUC is {validation['auc']:.3f}. Weights kept by the "
+            f"rule `--keep {training['keep']}`; early stopping {stopping}")
 
 
 def split_table(audit: dict) -> Table:
@@ -147,23 +147,21 @@ def gradcam_section(g: dict) -> str:
     if rnd:
         cls = "ok" if rnd["passed"] else "bad"
         parts.append('<p>Randomisation test (Adebayo et al. 2018): median Spearman correlation between trained and '
-                     'fully '
-                     f'randomised maps <span class="{cls}">{rnd["fully_randomised_median_spearman"]:.3f}</span> over '
-                     f'{rnd["images"]} test images (low is good: the maps depend on the learned weights).</p>')
+                     f'fully randomised maps <span class="{cls}">{rnd["fully_randomised_median_spearman"]:.3f}</span> '
+                     f'over {rnd["images"]} test images (low is good: the maps depend on the learned weights).</p>')
         if not rnd["passed"]:
-            parts.append('<p class="warn">The maps barely change when the weights are randomised: do not trust '
-                         'them.</p>')
+            parts.append('<p class="warn">The maps barely change when the weights are randomised: '
+                         'do not trust them.</p>')
     border = g.get("border")
     if border:
         parts.append(f"<p>CAM mass in the outer {border.get('frame', 0.1):.0%} frame (where markers and text sit): "
-                     f"{border['border_mass_share']:.3f} "
-                     f"of the total, against {border['border_area_share']:.2f} of the area.</p>")
+                     f"{border['border_mass_share']:.3f} of the total, against {border['border_area_share']:.2f} of "
+                     f"the area.</p>")
     loc = g.get("localisation")
     if loc:
-        parts.append(f"<p>Phantom lesions: pointing game {loc['pointing_game']:.3f} on {loc['images']} correctly "
-                     "classified "
-                     f"pneumonia phantoms; CAM mass inside lesions {loc['mass_in_lesions']:.3f} against their area "
-                     f"{loc['lesion_area']:.3f} (ratio {loc['mass_ratio']:.1f}x).</p>")
+        parts.append(f"<p>Phantom lesions: pointing game {loc['pointing_game']:.3f} on {loc['images']} "
+                     f"correctly classified pneumonia phantoms; CAM mass inside lesions {loc['mass_in_lesions']:.3f} "
+                     f"against their area {loc['lesion_area']:.3f} (ratio {loc['mass_ratio']:.1f}x).</p>")
     return "".join(parts)
 
 
@@ -214,14 +212,14 @@ def cause_section(metrics: dict, out_dir: Path) -> str:
             f"lies, the viral map the reverse.</p>" + _img(out_dir / "gradcam_cause_pairs.png", wide=True))
 
 
-def _rate(w: dict) -> str:
+def rate_text(w: dict) -> str:
     """A Wilson rate of shortcut.wilson as 'rate [lo, hi] (k/n)'; '-' where there was nothing to count."""
     if w["rate"] is None:
         return "-"
     return f"{w['rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}] ({w['k']}/{w['n']})"
 
 
-def _value(x: float | None) -> str:
+def value_text(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
@@ -230,19 +228,20 @@ def shortcut_text(block: dict) -> str:
     if not block["probe"]:
         return ("This checkpoint has no layout probe (it was made before the shortcut audit): only the rates per "
                 "group are given.")
+    auc, normals, pneumonias = (value_text(block[k]) for k in ("probe_auc", "spearman_negatives",
+                                                               "spearman_positives"))
+    flagged, rest = rate_text(block["specificity_probe_positive"]), rate_text(block["specificity_probe_negative"])
     return (f"A probe that sees only a 12x12 thumbnail of each film (its framing, collimation and markers, not the "
-            f"lungs' texture), fitted on the training split, scores this set with AUC {_value(block['probe_auc'])}. "
-            f"The model's and the probe's scores agree with Spearman {_value(block['spearman_negatives'])} among "
-            f"the normals and {_value(block['spearman_positives'])} among the pneumonias. The model's specificity "
-            f"among the normals the probe calls pneumonia: {_rate(block['specificity_probe_positive'])}; among the "
-            f"rest: {_rate(block['specificity_probe_negative'])}.")
+            f"lungs' texture), fitted on the training split, scores this set with AUC {auc}. The model's and the "
+            f"probe's scores agree with Spearman {normals} among the normals and {pneumonias} among the pneumonias. "
+            f"The model's specificity among the normals the probe calls pneumonia: {flagged}; among the rest: {rest}.")
 
 
 def groups_table(block: dict, name=printable) -> Table:
     """The model's specificity and sensitivity per group, under every grouping of the set. A group is named by a
     file name or a DICOM header, so it is data: `name` shows it (a code span in Markdown)."""
     return Table(["grouping", "group", "specificity [95% CI] (of normals)", "sensitivity [95% CI] (of pneumonias)"],
-                 [[grouping, name(group), _rate(r["specificity"]), _rate(r["sensitivity"])]
+                 [[grouping, name(group), rate_text(r["specificity"]), rate_text(r["sensitivity"])]
                   for grouping, groups in block["groups"].items() for group, r in groups.items()])
 
 
@@ -423,10 +422,10 @@ def terminal_summary(metrics: dict, out: Path, banner: str = "") -> str:
                          f"training films{reasons}")
     for set_name, audit in with_part(metrics, "shortcut").items():
         if audit["probe"]:
-            lines.append(f"Shortcut audit ({set_name}): layout probe AUC {_value(audit['probe_auc'])}; Spearman with "
-                         f"the model among normals {_value(audit['spearman_negatives'])}; specificity among normals "
-                         f"the probe calls pneumonia {_rate(audit['specificity_probe_positive'])}, among the rest "
-                         f"{_rate(audit['specificity_probe_negative'])}")
+            flagged, rest = (rate_text(audit[k]) for k in ("specificity_probe_positive", "specificity_probe_negative"))
+            lines.append(f"Shortcut audit ({set_name}): layout probe AUC {value_text(audit['probe_auc'])}; "
+                         f"Spearman with the model among normals {value_text(audit['spearman_negatives'])}; "
+                         f"specificity among normals the probe calls pneumonia {flagged}, among the rest {rest}")
         else:
             lines.append(f"Shortcut audit ({set_name}): this checkpoint has no layout probe; rates per group only")
     lines.append("Grad-CAM: randomised-model median Spearman "
@@ -551,8 +550,8 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
         "normal" + (" (and ranks bacterial against viral pneumonia)" if config.get("task") == "cause" else "") +
         ", and shows with Grad-CAM where the evidence lies. It is for studying methods, not for patients.",
         "", "## Not intended for",
-        "- diagnosis, triage or any clinical decision; it is not a medical device and has not been clinically "
-        "validated;",
+        "- diagnosis, triage or any clinical decision; it is not a medical device and has not been "
+        "clinically validated;",
         "- adults, lateral or other views, other body parts, CT or ultrasound (`predict` flags such inputs);",
         "- deciding on antibiotics: even a `--task cause` model only ranks bacterial against viral, with labels "
         "taken from file names;",

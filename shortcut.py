@@ -31,7 +31,10 @@ AGE_BANDS = ((0, 1, "under 1"), (1, 6, "1-5"), (6, 18, "6-17"), (18, 200, "18 or
 
 def thumbnails(images, chunk: int = 2048) -> np.ndarray:
     """N x SIDE*SIDE: each uint8 film (N x S x S or N x 1 x S x S, any indexable rows) averaged down to
-    SIDE x SIDE and standardised by its own mean and sd; read a chunk at a time."""
+    SIDE x SIDE and standardised by its own mean and sd; read a chunk at a time.
+
+    Not ood.thumbnails: that one crops the film to a multiple of its side first (11 of 71 pixels at 12), which
+    cuts off the right and bottom edges, the framing this probe is about."""
     parts = [np.zeros((0, SIDE * SIDE))]
     for start in range(0, len(images), chunk):
         batch = np.asarray(images[start:start + chunk])

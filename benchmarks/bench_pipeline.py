@@ -193,8 +193,8 @@ def main() -> None:
     if not fullres.is_dir():
         sys.exit(f"real data not found at {fullres}; pass --shared")
     paths = sorted(str(p) for p in fullres.rglob("*.jpeg"))
-    print(f"data: {len(paths)} full-resolution Kaggle train JPEGs in {fullres} (replicated x{args.replicate} for "
-          "epochs)")
+    print(f"data: {len(paths)} full-resolution Kaggle train JPEGs in {fullres} "
+          f"(replicated x{args.replicate} for epochs)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

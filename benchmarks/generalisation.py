@@ -259,12 +259,10 @@ def summarise(results: dict[str, list[dict]], out: Path) -> None:
                      f"{statistics.median(f['train s'] for f in figs):.0f}", mean_sd([f["epochs"] for f in figs])])
         if name == "default":
             for policy in POLICIES:
-                rows.append([f"  threshold: {policy}", len(figs), *[mean_sd([f.get(f"{policy}|{c}",
-                                                                                   float('nan')) for f in figs])
-                                                                    for c in cols], "", "", ""])
-    header = ["configuration", "seeds", *[c.replace("ext", "half-A").replace("test b", "CAM b").replace("test rand",
-                                                                                                        "CAM rand rho")
-                                          for c in cols], "wall s (median)", "training s (median)", "epochs"]
+                scores = [mean_sd([f.get(f"{policy}|{c}", float("nan")) for f in figs]) for c in cols]
+                rows.append([f"  threshold: {policy}", len(figs), *scores, "", "", ""])
+    names = [c.replace("ext", "half-A").replace("test b", "CAM b").replace("test rand", "CAM rand rho") for c in cols]
+    header = ["configuration", "seeds", *names, "wall s (median)", "training s (median)", "epochs"]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths))))

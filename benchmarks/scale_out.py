@@ -252,8 +252,8 @@ def simulate(args) -> None:
           f"{'' if wrote else ', reused'}), {os.cpu_count()} CPU cores")
     print(f"  discovery     {t1 - t0:7.1f} s  {n / (t1 - t0):9,.0f} files/s")
     print(f"  hashing       {t2 - t1:7.1f} s  {n / (t2 - t1):9,.0f} files/s  (content hashes, for de-duplication)")
-    print(f"  first decode  {t3 - t2:7.1f} s  {n / (t3 - t2):9,.0f} images/s  ({sum(e is not None for e in errors)} "
-          "failed)")
+    failed = sum(e is not None for e in errors)
+    print(f"  first decode  {t3 - t2:7.1f} s  {n / (t3 - t2):9,.0f} images/s  ({failed} failed)")
     print(f"  warm load     {t4 - t3:7.1f} s  {n / (t4 - t3):9,.0f} images/s  (every row's CRC checked, then mapped)")
     print(f"  cache on disk {on_disk / MB:7.0f} MB  (decoded dataset {decoded_bytes / MB:,.0f} MB: {n:,} x {size} x "
           f"{size} uint8)")

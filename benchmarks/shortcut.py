@@ -1,46 +1,30 @@
 """The layout shortcut audit of a finished run: a probe that cannot see lung texture, and who pays for it.
 
-Usage: `python benchmarks/shortcut.py RUN_DIR [--side 12] [--groups REGEX]`
-A logistic regression on side x side thumbnails of each film (standardised per image) is fitted on the run's
-training split only (split.csv); it sees the framing, collimation and markers, not the texture of the lungs.
-Per scored set (validation, the test split, every --external set) it prints the probe's AUC, the Spearman
-correlation of the model's and the probe's scores among the negatives and among the positives, the model's
-specificity among the normals the probe calls pneumonia and among the rest, and the model's rates per file-name
-series (REGEX's first group; for Kaggle names NORMAL2-IM, IM, person), each with a Wilson 95% interval.
+Usage: `python benchmarks/shortcut.py RUN_DIR [--groups REGEX]`
+For runs made before the audit was part of every run (newer runs carry it in metrics.json, sets[name].shortcut).
+The probe of shortcut.py is fitted on the run's training split only (split.csv), on thumbnails decoded straight
+from the files; per scored set (validation, the test split, every --external set) it prints the probe's AUC, the
+Spearman correlation of the model's and the probe's scores among the negatives and among the positives, the
+model's specificity among the normals the probe calls pneumonia and among the rest, and the model's rates per
+group (REGEX's first group; for Kaggle names NORMAL2-IM, IM, person), each with a Wilson 95% interval.
 """
 import argparse
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import spearmanr
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import GroupKFold, cross_val_predict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import runs  # noqa: E402
+import shortcut  # noqa: E402
 from images import decode_image  # noqa: E402
-from labels import CLASSES  # noqa: E402
-
-SERIES = r"^(NORMAL2-IM|IM|person)"
-
-
-def thumbnails(paths: list[str], side: int) -> np.ndarray:
-    """Each film as a side x side thumbnail, standardised by its own mean and sd, flattened."""
-    x = np.stack([decode_image(p, side).astype(np.float64).ravel() for p in paths])
-    return (x - x.mean(1, keepdims=True)) / np.maximum(x.std(1, keepdims=True), 1e-6)
+from labels import CLASSES, SERIES_PATTERN  # noqa: E402
+from report import rate_text, value_text  # noqa: E402
 
 
-def wilson(k: int, n: int) -> str:
-    """k of n with its Wilson 95% interval."""
-    if n == 0:
-        return "-"
-    p, z = k / n, 1.96
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return f"{p:.3f} [{centre - half:.3f}, {centre + half:.3f}] ({k}/{n})"
+def films(paths: list[str]) -> np.ndarray:
+    """Each film decoded straight to SIDE x SIDE (the probe's thumbnail size)."""
+    return np.stack([decode_image(p, shortcut.SIDE) for p in paths])
 
 
 def scored_sets(run: Path) -> dict[str, Path]:
@@ -50,46 +34,36 @@ def scored_sets(run: Path) -> dict[str, Path]:
     return {k: v for k, v in sets.items() if v.exists()}
 
 
-def audit_set(name: str, rows: list[dict], probe: LogisticRegression, threshold: float, side: int,
-              groups: str) -> None:
+def audit_set(name: str, rows: list[dict], probe: shortcut.Probe, threshold: float, groups: str) -> None:
     rows = [r for r in rows if r["probability"] and r["label"]]
+    paths = [r["path"] for r in rows]
     y = np.array([CLASSES.index(r["label"]) for r in rows])
     model = np.array([float(r["probability"]) for r in rows])
-    layout = probe.predict_proba(thumbnails([r["path"] for r in rows], side))[:, 1]
-    rho = [spearmanr(model[y == c], layout[y == c])[0] for c in (0, 1)]
-    print(f"\n{name}: {len(rows)} films; probe AUC {roc_auc_score(y, layout):.3f}; model AUC "
-          f"{roc_auc_score(y, model):.3f}; Spearman(model, probe) among negatives {rho[0]:.3f}, positives {rho[1]:.3f}")
-    normal, called = y == 0, model >= threshold
-    for label, mask in (("probe calls pneumonia", layout >= 0.5), ("probe calls normal", layout < 0.5)):
-        among = normal & mask
-        print(f"  specificity among normals the {label}: {wilson(int((~called & among).sum()), int(among.sum()))}")
-    series = np.array([(re.match(groups, Path(r["path"]).name) or [None, "other"])[1] for r in rows])
-    for group in sorted(set(series)):
-        g = series == group
-        neg, pos = g & normal, g & ~normal
-        print(f"  series {group}: specificity {wilson(int((~called & neg).sum()), int(neg.sum()))}; "
-              f"sensitivity {wilson(int((called & pos).sum()), int(pos.sum()))}")
+    a = shortcut.audit(y, model, threshold, probe.score(films(paths)), shortcut.groups_of(paths, groups))
+    print(f"\n{name}: {len(rows)} films; probe AUC {value_text(a['probe_auc'])}; Spearman(model, probe) among "
+          f"negatives {value_text(a['spearman_negatives'])}, positives {value_text(a['spearman_positives'])}")
+    print(f"  specificity among normals the probe calls pneumonia: {rate_text(a['specificity_probe_positive'])}")
+    print(f"  specificity among normals the probe calls normal: {rate_text(a['specificity_probe_negative'])}")
+    for grouping, table in a["groups"].items():
+        for group, r in table.items():
+            print(f"  {grouping} {group}: specificity {rate_text(r['specificity'])}; "
+                  f"sensitivity {rate_text(r['sensitivity'])}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run")
-    parser.add_argument("--side", type=int, default=12, help="thumbnail side in pixels")
-    parser.add_argument("--groups", default=SERIES, help="file-name pattern whose first group names a film's series")
+    parser.add_argument("--groups", default=SERIES_PATTERN, help="file-name pattern whose first group names a group")
     args = parser.parse_args()
     run = Path(args.run)
-    split = runs.read_csv(run / "split.csv")
-    train = [r for r in split if r["split"] == "train"]
-    x, y = thumbnails([r["path"] for r in train], args.side), np.array([CLASSES.index(r["label"]) for r in train])
-    patients = [r["patient"] for r in train]
-    probe = LogisticRegression(C=1.0, max_iter=5000)
-    cross = cross_val_predict(probe, x, y, cv=GroupKFold(5), groups=patients, method="predict_proba")[:, 1]
-    probe.fit(x, y)  # the training split only: validation and test never reach it
-    print(f"{run}: probe on {args.side}x{args.side} thumbnails, fitted on {len(train)} training films; "
-          f"5-fold cross-validated AUC by patient on the training split {roc_auc_score(y, cross):.3f}")
+    train = [r for r in runs.read_csv(run / "split.csv") if r["split"] == "train"]
+    labels = np.array([CLASSES.index(r["label"]) for r in train])
+    probe = shortcut.fit_probe(films([r["path"] for r in train]), labels, [r["patient"] for r in train])
+    print(f"{run}: probe on {shortcut.SIDE}x{shortcut.SIDE} thumbnails, fitted on {len(train)} training films; "
+          f"5-fold cross-validated AUC by patient on the training split {probe.train_cv_auc:.3f}")
     threshold = float(runs.read_checkpoint(run / "best.pt")["threshold"])
     for name, path in scored_sets(run).items():
-        audit_set(name, runs.read_csv(path), probe, threshold, args.side, args.groups)
+        audit_set(name, runs.read_csv(path), probe, threshold, args.groups)
 
 
 if __name__ == "__main__":
