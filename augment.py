@@ -26,9 +26,15 @@ class Augment:
     noise: float = 0.0  # std of added Gaussian noise, in [0, 1] grey units
     padding: str = "border"
     sharpness: float = 0.0  # x + u (3x3 box blur of x - x): u > 0 blurs, u < 0 sharpens
+    # collimation: the field of view scaled as a whole by [1/(1+framing), 1+framing], log-uniform, on top of zoom,
+    # so that lungs filling the frame (a tight field) and shoulders, arms and abdomen in view (a wide one) both
+    # occur in each class
+    framing: float = 0.0
+    erase_corners: float = 0.0  # probability that one corner's square (10-25% of the side), where markers sit, is
+    # filled with the image's mean grey
 
     @classmethod
     def plain(cls, rotation: float = 15.0) -> "Augment":
         """The original project's transform: rotation and crop position only, zero padding."""
         return cls(rotation=rotation, zoom=0.0, translate=0.0, gamma=0.0, contrast=0.0, brightness=0.0, noise=0.0,
-                   padding="zeros", sharpness=0.0)
+                   padding="zeros", sharpness=0.0, framing=0.0, erase_corners=0.0)

@@ -173,8 +173,10 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
     started = time.perf_counter()
     on_device = [(train.to_device(images, device), labels.to(device))
                  for images, labels, _ in (ds.subset("train", s.task), ds.subset("val", s.task))]
+    probe = layout_probe(ds)
+    debias = debias_for(s, probe, ds, device)
     try:
-        members = train_members(s, ranks, device, prep, on_device, run_dir, resume, choice.dtype)
+        members = train_members(s, ranks, device, prep, on_device, run_dir, resume, choice.dtype, debias)
     except train.Interrupted as err:
         if ranks.main:
             say(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}"
@@ -190,7 +192,7 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
     if not kept:
         runs.mark_unresumable(run_dir, f"training {failure} before any weights were kept")
         return 1
-    scorer = build_scorer(s, kept, prep, device, choice, ds)
+    scorer = build_scorer(s, kept, prep, device, choice, ds, probe)
     val_auc = choose_threshold_and_save(s, run_dir, kept, ds, scorer, choice.name)
     history = [h for m in members for h in m["history"]]
     evaluate.plot_history(history, run_dir / "training_curves.png")
@@ -228,24 +230,39 @@ def training_failure(s: Settings, members: list[dict], kept: bool) -> str | None
     return failure
 
 
+def layout_probe(ds: data.Dataset) -> shortcut.Probe:
+    """The shortcut audit's layout probe, fitted on the training split only, as the model is: validation and test
+    never reach it. Fitted before training, for --debias; refitted alike on --resume (it is deterministic)."""
+    train_images, _, train_idx = ds.subset("train")
+    return shortcut.fit_probe(train_images, ds.labels[train_idx].astype(int), [ds.patients[i] for i in train_idx])
+
+
+def debias_for(s: Settings, probe: shortcut.Probe, ds: data.Dataset, device: torch.device) -> train.Debias:
+    """--debias's per-image loss terms, in the training split's order (ds.subset's, as the training tensors)."""
+    offsets, weights = shortcut.debias_terms(s.debias, probe, ds.labels[ds.subset("train")[2]].astype(int),
+                                             3 if s.task == "cause" else 1)
+    return train.Debias(*(None if t is None else torch.as_tensor(t, dtype=torch.float32, device=device)
+                          for t in (offsets, weights)))
+
+
 def build_scorer(s: Settings, kept: list[dict], prep: Preprocess, device: torch.device, choice: precision.Choice,
-                 ds: data.Dataset) -> evaluate.Scorer:
+                 ds: data.Dataset, probe: shortcut.Probe) -> evaluate.Scorer:
     """The kept members as one predictor, with the out-of-distribution detector fitted on the training split (its
-    threshold on validation); the decision threshold is chosen next."""
+    threshold on validation) and the layout probe; the decision threshold is chosen next."""
     predictor = infer.Predictor([network(s, device, m["weights"]) for m in kept], prep, device, tta=s.tta,
                                 autocast=choice.dtype)
     scorer = evaluate.Scorer(predictor, threshold=float("nan"), cam_target=s.cam_target, seed=s.seed)
     train_images, _, train_idx = ds.subset("train")
     train_labels = ds.labels[train_idx].astype(int)
     scorer.detector = ood.fit(scorer.predictor, train_images, train_labels, ds.subset("val")[0], s.seed)
-    # the layout probe sees the training split only, as the model does: validation and test never reach it
-    scorer.probe = shortcut.fit_probe(train_images, train_labels, [ds.patients[i] for i in train_idx])
+    scorer.probe = probe
     scorer.groups = s.groups
     return scorer
 
 
 def train_members(s: Settings, ranks: distributed.Context, device: torch.device, prep: Preprocess, sets: list,
-                  run_dir: Path, resume: dict | None, autocast: torch.dtype | None = None) -> list[dict]:
+                  run_dir: Path, resume: dict | None, autocast: torch.dtype | None = None,
+                  debias: train.Debias | None = None) -> list[dict]:
     """Train the members one after the other (one for a single model), each from its own seed; returns each
     member's kept weights, summary and history. A resumed run reads its finished members and continues the
     member its last.pt holds. Training stops at a member that fails; what it kept is still returned."""
@@ -264,7 +281,7 @@ def train_members(s: Settings, ranks: distributed.Context, device: torch.device,
             else None
         earlier = [h for m in done for h in m["history"]]
         cfg = train.TrainConfig.of(s, member, device, ranks, autocast)
-        state = train.fit(net, *sets, prep, cfg, run_dir, state_resume, earlier)
+        state = train.fit(net, *sets, prep, cfg, run_dir, state_resume, earlier, debias)
         done.append({"weights": state.kept_model, "summary": state.summary, "history": state.history})
         if state.kept_model is None or state.failure:
             break

@@ -22,6 +22,9 @@ from labels import CAM_TARGETS, SERIES_PATTERN
 DESCRIPTION = "Pneumonia detector for pediatric chest X-rays: train, evaluate and explain a custom CNN."
 # model.ARCHITECTURES' names, written here so that parsing loads no torch (tests/test_model_train.py checks they agree)
 ARCHITECTURES = ("cnn", "resnet18")
+# shortcut.debias_terms' kinds and JTT's weight, here so that parsing loads no torch (tests/test_shortcut.py checks)
+DEBIAS = ("none", "poe", "reweight")
+JTT_UPWEIGHT = 6.0  # JTT's (Liu et al. 2021) weight on the films the bias model gets wrong, before the mean is 1
 SUB_COMMANDS = ("evaluate", "predict", "calibrate", "export")
 
 
@@ -179,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external", metavar="DIR", action="append", default=[],
                    help="labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) scored after the test split at the validation "
                         "threshold; repeatable")
+    p.add_argument("--debias", choices=DEBIAS, default="none",
+                   help="train against the layout probe (the shortcut audit's, fitted on the training split first) as "
+                        "a known bias: poe, a product of experts (the loss sees the network's logit plus the frozen "
+                        "probe's; the network is scored alone); reweight, JTT (the films the probe gets wrong weigh "
+                        f"{JTT_UPWEIGHT:g}x); none (docs/generalisation.md)")
     add_groups_flag(p)
     add_augment_flags(p)
     add_shared_flags(p, cache=True)
@@ -209,6 +217,12 @@ def add_augment_flags(p: argparse.ArgumentParser) -> None:
                    help="std of added Gaussian noise in [0, 1] grey units")
     g.add_argument("--sharpness", type=number(float, 0, 1), default=d.sharpness,
                    help="blur/sharpen range: x + u (3x3 box blur - x), u in +-s")
+    g.add_argument("--framing", type=number(float, 0), default=d.framing,
+                   help="collimation: the whole field of view scaled by [1/(1+f), 1+f] on top of --zoom, tight fields "
+                        "and wide ones alike in both classes (docs/generalisation.md, the shortcut audit)")
+    g.add_argument("--erase-corners", type=number(float, 0, 1), default=d.erase_corners,
+                   help="probability that one corner's square (10-25%% of the side), where side markers sit, is filled "
+                        "with the image's mean grey")
     g.add_argument("--padding", choices=PADDING, default=d.padding,
                    help="fill outside the stored image (zeros paints black frames)")
     g.add_argument("--intensity", choices=INTENSITY, default="dataset",
@@ -390,6 +404,7 @@ class Settings:
     demo_patients: int
     task: str
     external: tuple[str, ...]
+    debias: str
     augment: str
     rotation: float
     zoom: float
@@ -399,6 +414,8 @@ class Settings:
     brightness: float
     noise: float
     sharpness: float
+    framing: float
+    erase_corners: float
     padding: str
     intensity: str
     device: str
@@ -432,8 +449,10 @@ class Settings:
         """Settings from parsed or saved values (lists become tuples, unknown keys of older runs are dropped)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"given"}
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
-        values = {"arch": "cnn", "groups": SERIES_PATTERN, **saved}
-        return cls(**values, given=given)  # a run from before --arch (--groups) trained the CNN (grouped by series)
+        # a run from before --arch (--groups, --debias, --framing) trained the CNN (grouped by series) without them
+        values = {"arch": "cnn", "groups": SERIES_PATTERN, "debias": "none", "framing": 0.0, "erase_corners": 0.0,
+                  **saved}
+        return cls(**values, given=given)
 
     def config(self) -> dict:
         """What config.json holds: every setting that defines the run."""

@@ -10,7 +10,7 @@ what the model's specificity is among the healthy children the probe calls pneum
 """
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
 
 from images import DICOM_SUFFIXES, age_in_years, header
+from settings import JTT_UPWEIGHT
 
 SIDE = 12  # thumbnail side: the layout survives, a pneumonia's texture does not
 # DICOM header fields that make groups, and what the audit calls them
@@ -51,6 +52,9 @@ class Probe:
     coef: np.ndarray  # SIDE*SIDE weights
     intercept: float
     train_cv_auc: float  # 5-fold cross-validated AUC on the training split, folds by patient
+    # P(pneumonia) of each training film from the folds that did not see its patient (not saved): the bias
+    # that --debias trains against, as the probe would judge a film it has not fitted
+    out_of_fold: np.ndarray | None = field(default=None, repr=False)
 
     def score(self, images) -> np.ndarray:
         """P(pneumonia) by layout alone, per uint8 film."""
@@ -76,7 +80,31 @@ def fit_probe(images, labels: np.ndarray, patients: list[str]) -> Probe:
         warnings.simplefilter("ignore")
         cross = cross_val_predict(head, x, y, cv=GroupKFold(folds), groups=patients, method="predict_proba")[:, 1]
     head.fit(x, y)
-    return Probe(head.coef_[0].astype(np.float64), float(head.intercept_[0]), float(roc_auc_score(y, cross)))
+    return Probe(head.coef_[0].astype(np.float64), float(head.intercept_[0]), float(roc_auc_score(y, cross)), cross)
+
+
+BIAS_CLIP = 1e-3  # the bias expert's probabilities kept in [clip, 1 - clip]: a logit of at most 6.9
+
+
+def debias_terms(kind: str, probe: Probe, labels: np.ndarray, classes: int = 1) -> tuple[np.ndarray | None,
+                                                                                          np.ndarray | None]:
+    """(logit offsets, loss weights) per training film that train a network against the layout probe as a known
+    bias, from the probe's out-of-fold scores; `labels` are the films' pneumonia labels (0/1).
+
+    poe, a product of experts (Clark et al. 2019; He et al. 2019): the training loss sees the network's logit plus
+    the frozen probe's, so the network is pushed only where layout alone is wrong or unsure; it is scored alone.
+    With three classes (--task cause) the probe's log-odds are added to both pneumonia classes. reweight, JTT:
+    the films whose class the probe gets wrong at 0.5 weigh JTT_UPWEIGHT times the others in the loss.
+    """
+    if kind == "none":
+        return None, None
+    p = np.clip(probe.out_of_fold, BIAS_CLIP, 1 - BIAS_CLIP)
+    if kind == "poe":
+        logit = np.log(p / (1 - p))
+        return (logit if classes == 1 else logit[:, None] * np.array([0.0, 1.0, 1.0])), None
+    wrong = (p >= 0.5) != (np.asarray(labels) == 1)
+    weights = np.where(wrong, JTT_UPWEIGHT, 1.0)
+    return None, weights / weights.mean()
 
 
 def wilson(k: int, n: int) -> dict:

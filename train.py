@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -151,6 +152,22 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None):
 
 
 @dataclass
+class Debias:
+    """Per-training-image terms that train against a known bias (shortcut.debias_terms), in the training order."""
+
+    offsets: torch.Tensor | None = None  # added to the network's logits in the training loss only
+    weights: torch.Tensor | None = None  # each image's weight in the training loss (mean 1)
+
+    def logits(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The logits the training loss sees for the images `idx`."""
+        return logits if self.offsets is None else logits + self.offsets[idx].to(logits.device, logits.dtype)
+
+    def weight(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The loss weights of the images `idx`, or None: unweighted."""
+        return None if self.weights is None else self.weights[idx]
+
+
+@dataclass
 class Parts:
     """What a training step touches: the network, its optimiser, schedule, loss, and the batch pipeline."""
 
@@ -165,6 +182,7 @@ class Parts:
     scaler: torch.amp.GradScaler | None = None  # loss scaling for fp16 autocast
     autocast: torch.dtype | None = None  # bf16 or fp16 autocast for the steps; None: fp32
     ranks: distributed.Context = field(default_factory=distributed.Context)
+    debias: Debias = field(default_factory=Debias)
 
 
 def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainState, stop: StopFlag | None = None,
@@ -193,7 +211,9 @@ def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainS
         x = x.contiguous(memory_format=memory_format(device))
         y = labels[idx].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = p.loss_fn(p.model(x).float(), y)
+            logits = p.debias.logits(p.model(x).float(), idx)
+            weight = p.debias.weight(idx)
+            loss = p.loss_fn(logits, y) if weight is None else p.loss_fn(logits, y, weight.to(device))
         # before the backward pass, so that every rank sees a non-finite loss on any rank and none steps on it
         loss_sum, seen, signalled = distributed.all_sum(
             [loss.item() * len(idx), len(idx), float(stop is not None and bool(stop.raised))], p.ranks, device)
@@ -242,11 +262,27 @@ def validate(model, images, labels, prep, loss_fn: Callable, device,
 
 
 def smoothed_bce(pos_weight: float, smoothing: float, device):
-    """BCEWithLogitsLoss(pos_weight), with targets moved `smoothing` towards 0.5 when it is above 0."""
-    bce = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
-    if not smoothing:
-        return bce
-    return lambda logits, y: bce(logits, y * (1 - smoothing) + 0.5 * smoothing)
+    """BCEWithLogitsLoss(pos_weight), with targets moved `smoothing` towards 0.5 when it is above 0; an optional
+    third argument weighs each image (the mean of weight x loss)."""
+    pos = torch.tensor(pos_weight, device=device)
+
+    def loss(logits, y, weight=None):
+        target = y * (1 - smoothing) + 0.5 * smoothing if smoothing else y
+        return F.binary_cross_entropy_with_logits(logits, target, weight=weight, pos_weight=pos)
+    return loss
+
+
+def weighted_cross_entropy(class_weight: torch.Tensor, smoothing: float):
+    """CrossEntropyLoss(weight=class_weight, label_smoothing); an optional third argument weighs each image, the
+    mean taken over the images' combined weights as the class-weighted mean is."""
+    plain = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=smoothing)
+
+    def loss(logits, y, weight=None):
+        if weight is None:
+            return plain(logits, y)
+        each = F.cross_entropy(logits, y, weight=class_weight, label_smoothing=smoothing, reduction="none")
+        return (each * weight).sum() / (class_weight[y] * weight).sum()
+    return loss
 
 
 def class_weights(labels: torch.Tensor, classes: int = 3) -> torch.Tensor:
@@ -258,7 +294,7 @@ def class_weights(labels: torch.Tensor, classes: int = 3) -> torch.Tensor:
 def make_loss(cfg: "TrainConfig", train_labels: torch.Tensor, device, smoothing: float) -> Callable:
     """The task's loss: BCE with pos_weight for 'pneumonia', class-weighted cross-entropy for 'cause'."""
     if cfg.task == "cause":
-        return nn.CrossEntropyLoss(weight=class_weights(train_labels).to(device), label_smoothing=smoothing)
+        return weighted_cross_entropy(class_weights(train_labels).to(device), smoothing)
     return smoothed_bce(cfg.pos_weight, smoothing, device)
 
 
@@ -312,7 +348,7 @@ class TrainConfig:
         return cls(**{name: getattr(settings, name) for name in same}, **own)
 
 
-def _parts(model, train_set, prep, cfg: TrainConfig, generator: torch.Generator) -> Parts:
+def _parts(model, train_set, prep, cfg: TrainConfig, generator: torch.Generator, debias: Debias | None = None) -> Parts:
     """The optimiser, schedule, losses and (under torchrun) DistributedDataParallel wrapper for one fit."""
     device, ranks = cfg.device, cfg.ranks
     steps = math.ceil(len(train_set[0]) / cfg.batch_size)
@@ -328,21 +364,22 @@ def _parts(model, train_set, prep, cfg: TrainConfig, generator: torch.Generator)
                  make_loss(cfg, train_set[1], device, cfg.label_smoothing),
                  make_loss(cfg, train_set[1], torch.device("cpu"), 0.0), prep, device, generator,
                  torch.amp.GradScaler(device.type, enabled=cfg.autocast == torch.float16), ranks=ranks,
-                 autocast=cfg.autocast)
+                 autocast=cfg.autocast, debias=debias or Debias())
 
 
 def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume: dict | None = None,
-        earlier: tuple = ()) -> TrainState:
+        earlier: tuple = (), debias: Debias | None = None) -> TrainState:
     """Train one model (one ensemble member), then keep its weights by `cfg.keep`; resumable from `resume` (a last.pt).
 
     `train_set` and `val_set` are (uint8 images, float labels) on `cfg.device`. Writes history.csv (the rows
     `earlier` of finished members first) and last.pt after every epoch, and last.pt again when interrupted.
+    `debias` (per training image, in `train_set`'s order) changes the training loss only, never validation.
     A non-finite loss ends training with `state.failure` set; the best weights so far are kept. Under torchrun
     (`cfg.ranks`) the steps run through DistributedDataParallel, every rank keeps the same TrainState, and
     only rank 0 writes.
     """
     generator, ranks = torch.Generator().manual_seed(cfg.seed), cfg.ranks  # as set_seed(seed)
-    parts = _parts(model, train_set, prep, cfg, generator)
+    parts = _parts(model, train_set, prep, cfg, generator, debias)
     saved = {"model": model, "optimizer": parts.optimizer, "scheduler": parts.scheduler, "scaler": parts.scaler}
     state = TrainState(**runs.restore_last(resume, saved, generator, ranks.rank, cfg.device)) if resume is not None \
         else TrainState(cfg.member)

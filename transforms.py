@@ -23,6 +23,22 @@ def _uniform(shape, generator: torch.Generator, bound: float) -> torch.Tensor:
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
+def erase_corners(x: torch.Tensor, draw: "_Draws", probability: float) -> torch.Tensor:
+    """With `probability` per image, one corner's square (side 10-25% of the image's) filled with the image's mean:
+    the side markers ("R", "L", a hospital's letters) that a model could read instead of the lungs."""
+    side = x.shape[-1]
+    chosen = (draw.uniform(draw.n, 0.5) + 0.5) < probability
+    corner = ((draw.uniform(draw.n, 0.5) + 0.5) * 4).long().clamp(max=3)  # 0 top left, 1 top right, 2, 3 bottom
+    size = ((draw.uniform(draw.n, 0.075) + 0.175) * side).round()
+    pos = torch.arange(side, dtype=torch.float32)
+    # distance from the chosen corner along each axis: inside the square where both are below its side
+    dx = torch.where((corner % 2 == 1)[:, None], side - 1 - pos, pos)
+    dy = torch.where((corner >= 2)[:, None], side - 1 - pos, pos)
+    inside = (dy[:, :, None] < size[:, None, None]) & (dx[:, None, :] < size[:, None, None]) & chosen[:, None, None]
+    inside = inside[:, None].to(x.device)
+    return torch.where(inside, x.mean((1, 2, 3), keepdim=True).expand_as(x), x)
+
+
 class _Draws:
     """Random draws for a batch of n images, of which only the rows `keep` (None: all) are used."""
 
@@ -104,6 +120,8 @@ class Preprocess:
         # crop position plus extra translation; written as (u * pixels) / side to match the original rounding
         shift = draw.uniform((n, 2), 1.0) * (side - self.image_size + 2 * a.translate * side) / side
         zoom = torch.exp(draw.uniform((n, 2), math.log1p(a.zoom))) if a.zoom else torch.ones(len(batch), 2)
+        if a.framing:  # drawn after the settings above, so that a run without it draws as before
+            zoom = zoom * torch.exp(draw.uniform(n, math.log1p(a.framing)))[:, None]
         scale = self.image_size / side  # the output grid covers image_size / zoom of the side pixels
         cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
         zx, zy = zoom[:, 0], zoom[:, 1]
@@ -111,7 +129,8 @@ class Preprocess:
                              torch.stack([sin / zx, cos / zy, shift[:, 1]], 1)], 1).to(batch.device)
         grid = F.affine_grid(theta, [len(batch), 1, self.image_size, self.image_size], align_corners=False)
         x = F.grid_sample(batch.float() / 255.0, grid, mode="bilinear", padding_mode=a.padding, align_corners=False)
-        return self.normalise(self._intensity(x, draw))
+        x = self._intensity(x, draw)
+        return self.normalise(erase_corners(x, draw, a.erase_corners) if a.erase_corners else x)
 
     def _intensity(self, x: torch.Tensor, draw: "_Draws") -> torch.Tensor:
         """Gamma, contrast, brightness, sharpness and noise per image, on [0, 1] images; the result stays in [0, 1]."""

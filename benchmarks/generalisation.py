@@ -39,7 +39,8 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import infer  # noqa: E402
 import runs  # noqa: E402
-from images import cache_size  # noqa: E402
+import shortcut  # noqa: E402
+from images import cache_size, decode_image  # noqa: E402
 from settings import default_cache_dir  # noqa: E402
 
 SHARED = Path(os.environ.get("PNEUMONIA_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -68,6 +69,10 @@ CONFIGS = {
     "+ label smoothing 0.1": ["--label-smoothing", "0.1"],
     "15 epochs": ["--epochs", "15"],
     "160 px": ["--image-size", "160"],
+    # the shortcut audit's mitigations (docs/generalisation.md, "The shortcut audit")
+    "debias poe": ["--debias", "poe"],
+    "debias reweight": ["--debias", "reweight"],
+    "framing 0.5, erase corners 0.5": ["--framing", "0.5", "--erase-corners", "0.5"],
     # torchvision's ResNet-18 from scratch: about 7x the custom CNN's compute at 128 px, so smaller and shorter on a CPU
     "resnet18 96 px 12 epochs": ["--arch", "resnet18", "--image-size", "96", "--epochs", "12"],
 }
@@ -163,10 +168,40 @@ def run_figures(run: Path) -> dict | None:
     sets = {"val": read_predictions(run / "predictions_val.csv")[:2],
             "test": read_predictions(run / "predictions.csv")[:2],
             **({"ext": read_predictions(ext_csv)[:2]} if ext_csv else {})}
+    if ext_csv:
+        fig.update(layout_figures(run, ext_csv))
     own = json.loads((run / "config.json").read_text())["threshold"]
     for policy in ("", *POLICIES):
         fig.update(scored(sets, policy or own, f"{policy}|" if policy else ""))
     return fig
+
+
+THUMBNAILS: dict[str, np.ndarray] = {}  # path -> the film decoded straight to the probe's side, across runs
+
+
+def thumbnails(paths: list[str]) -> np.ndarray:
+    """Films decoded straight to shortcut.SIDE x SIDE, each file once per sweep."""
+    for p in paths:
+        if p not in THUMBNAILS:
+            THUMBNAILS[p] = decode_image(p, shortcut.SIDE)
+    return np.stack([THUMBNAILS[p] for p in paths])
+
+
+def layout_figures(run: Path, ext_csv: Path) -> dict:
+    """The layout probe of benchmarks/shortcut.py, fitted on the run's training split (alike for runs made before
+    the audit was in every run), on the external set: its AUC, and the Spearman correlation of the model's and the
+    probe's scores among the normals. Kept beside the run (layout.json)."""
+    record = run / "layout.json"
+    if not record.exists():
+        train = [r for r in runs.read_csv(run / "split.csv") if r["split"] == "train"]
+        probe = shortcut.fit_probe(thumbnails([r["path"] for r in train]),
+                                   np.array([r["label"] == "PNEUMONIA" for r in train], int),
+                                   [r["patient"] for r in train])
+        y, p, _ = read_predictions(ext_csv)
+        paths = [r["path"] for r in runs.read_csv(ext_csv)]
+        a = shortcut.audit(y, p, 0.5, probe.score(thumbnails(paths)), {})
+        runs.write_json(record, {"ext probe auc": a["probe_auc"], "ext probe rho": a["spearman_negatives"]})
+    return json.loads(record.read_text())
 
 
 def scored(sets: dict[str, tuple[np.ndarray, np.ndarray]], policy: str, prefix: str = "") -> dict:
@@ -248,7 +283,8 @@ def mean_sd(values) -> str:
 
 def summarise(results: dict[str, list[dict]], out: Path) -> None:
     """Print the table (mean ± sd over seeds) and write summary.csv and runs.csv."""
-    cols = [f"{s} {k}" for s in ("test", "ext") for k in KEYS] + ["test border", "test rand", "end lr share"]
+    cols = [f"{s} {k}" for s in ("test", "ext") for k in KEYS] + ["ext probe rho", "ext probe auc", "test border",
+                                                                    "test rand", "end lr share"]
     rows = []
     for name, figs in results.items():
         figs = [f for f in figs if f]
@@ -261,7 +297,8 @@ def summarise(results: dict[str, list[dict]], out: Path) -> None:
             for policy in POLICIES:
                 scores = [mean_sd([f.get(f"{policy}|{c}", float("nan")) for f in figs]) for c in cols]
                 rows.append([f"  threshold: {policy}", len(figs), *scores, "", "", ""])
-    names = [c.replace("ext", "half-A").replace("test b", "CAM b").replace("test rand", "CAM rand rho") for c in cols]
+    names = [c.replace("ext probe rho", "half-A probe rho normals").replace("ext", "half-A")
+             .replace("test b", "CAM b").replace("test rand", "CAM rand rho") for c in cols]
     header = ["configuration", "seeds", *names, "wall s (median)", "training s (median)", "epochs"]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
