@@ -5,7 +5,7 @@ Usage: `Augment(rotation=10)`; transforms.Preprocess draws and applies them.
 from dataclasses import dataclass
 
 PADDING = ("border", "reflection", "zeros")
-INTENSITY = ("dataset", "image")
+INTENSITY = ("dataset", "image", "equalise")
 
 
 @dataclass(kw_only=True)  # by name only: a field inserted later cannot shift the others

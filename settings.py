@@ -226,8 +226,8 @@ def add_augment_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--padding", choices=PADDING, default=d.padding,
                    help="fill outside the stored image (zeros paints black frames)")
     g.add_argument("--intensity", choices=INTENSITY, default="dataset",
-                   help="dataset: normalise by the training split's mean/std; image: standardise each image by its own "
-                        "(train and scoring alike)")
+                   help="dataset: normalise by the training split's mean/std; image: standardise each image by its "
+                        "own; equalise: equalise each image's histogram (train and scoring alike)")
 
 
 def add_groups_flag(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
 
 from images import DICOM_SUFFIXES, age_in_years, header
-from settings import JTT_UPWEIGHT
+from settings import DEBIAS, JTT_UPWEIGHT
 
 SIDE = 12  # thumbnail side: the layout survives, a pneumonia's texture does not
 # DICOM header fields that make groups, and what the audit calls them
@@ -96,6 +96,8 @@ def debias_terms(kind: str, probe: Probe, labels: np.ndarray, classes: int = 1) 
     With three classes (--task cause) the probe's log-odds are added to both pneumonia classes. reweight, JTT:
     the films whose class the probe gets wrong at 0.5 weigh JTT_UPWEIGHT times the others in the loss.
     """
+    if kind not in DEBIAS:
+        raise ValueError(f"unknown debias '{kind}': choose from {', '.join(DEBIAS)}")
     if kind == "none":
         return None, None
     p = np.clip(probe.out_of_fold, BIAS_CLIP, 1 - BIAS_CLIP)

@@ -23,6 +23,17 @@ def _uniform(shape, generator: torch.Generator, bound: float) -> torch.Tensor:
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
+def equalise(x: torch.Tensor, levels: int = 256) -> torch.Tensor:
+    """Histogram equalisation of each [0, 1] image of an N x 1 x H x W batch: every pixel becomes the share of its
+    image's pixels at or below its grey level (of `levels`). A monotone change of exposure or contrast leaves the
+    result as it was. Written with scatter-add, cumulative sum and gather, so that it exports to ONNX."""
+    q = (x.clamp(0, 1) * (levels - 1)).round().long().flatten(1)
+    counts = torch.zeros(x.shape[0], levels, dtype=x.dtype, device=x.device).scatter_add_(1, q, torch.ones_like(
+        q, dtype=x.dtype))
+    cdf = counts.cumsum(1) / q.shape[1]
+    return cdf.gather(1, q).view_as(x)
+
+
 def erase_corners(x: torch.Tensor, draw: "_Draws", probability: float) -> torch.Tensor:
     """With `probability` per image, one corner's square (side 10-25% of the image's) filled with the image's mean:
     the side markers ("R", "L", a hospital's letters) that a model could read instead of the lungs."""
@@ -80,10 +91,13 @@ class Preprocess:
         return centre_crop(batch, self.image_size).float() / 255.0
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardise [0, 1] images by the dataset statistics or by each image's own."""
+        """Standardise [0, 1] images by the dataset statistics or by each image's own, or equalise each image's
+        histogram (then every image is near uniform on [0, 1], whose mean and sd are 1/2 and 1/sqrt(12))."""
         if self.intensity == "image":
             mean = x.mean((1, 2, 3), keepdim=True)
             return (x - mean) / x.std((1, 2, 3), keepdim=True).clamp_min(1e-3)
+        if self.intensity == "equalise":
+            return (equalise(x) - 0.5) * math.sqrt(12)
         return (x - self.mean) / self.std
 
     def eval(self, batch: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,7 @@ CONFIGS = {
     "debias poe": ["--debias", "poe"],
     "debias reweight": ["--debias", "reweight"],
     "framing 0.5, erase corners 0.5": ["--framing", "0.5", "--erase-corners", "0.5"],
+    "histogram equalisation": ["--intensity", "equalise"],
     # torchvision's ResNet-18 from scratch: about 7x the custom CNN's compute at 128 px, so smaller and shorter on a CPU
     "resnet18 96 px 12 epochs": ["--arch", "resnet18", "--image-size", "96", "--epochs", "12"],
 }

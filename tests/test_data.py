@@ -188,6 +188,37 @@ def test_zoom_jitter_changes_the_aspect_ratio_and_border_padding_paints_no_black
         assert bool((out < 0.1).any()) == black, padding
 
 
+def test_framing_scales_the_whole_field_of_view_and_keeps_the_aspect_ratio():
+    side = 80
+    batch = torch.zeros(64, 1, side, side, dtype=torch.uint8)
+    batch[:, :, 30:50, 30:50] = 255  # a centred square of side 20
+    out = transforms.Preprocess(side, 0.0, 1.0, _only(framing=0.5)).train(batch, torch.Generator().manual_seed(0))
+    widths = [(o[0, 40] > 0.5).sum().item() for o in out]
+    assert min(widths) < 20 / 1.3 and max(widths) > 20 * 1.3  # tighter and wider fields of view
+    assert all(20 / 1.5 - 2 <= w <= 20 * 1.5 + 2 for w in widths)
+    assert all(abs(_aspect(o[0].numpy()) - 1) < 0.1 for o in out)  # as a whole: no aspect change
+
+
+def test_erase_corners_fills_one_corner_square_with_the_image_mean_and_leaves_the_rest():
+    side = 40
+    batch = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (32, 1, side, side), np.uint8))
+    plain = transforms.Preprocess(side, 0.0, 1.0, _only()).train(batch, torch.Generator())
+    out = transforms.Preprocess(side, 0.0, 1.0, _only(erase_corners=1.0)).train(batch, torch.Generator().manual_seed(0))
+    corners_seen = set()
+    for before, after in zip(plain[:, 0], out[:, 0]):
+        changed = (before != after).nonzero()
+        rows, cols = changed[:, 0], changed[:, 1]
+        top, left = bool(rows.min() == 0), bool(cols.min() == 0)
+        corners_seen.add((top, left))
+        assert (rows.max() == side - 1) != top and (cols.max() == side - 1) != left  # touches one corner only
+        square = after[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert torch.allclose(square, torch.full_like(square, before.mean().item()), atol=1e-6)
+        assert 0.1 * side - 1 <= len(square) <= 0.25 * side + 1
+    assert len(corners_seen) == 4
+    never = transforms.Preprocess(side, 0.0, 1.0, _only(erase_corners=0.0)).train(batch, torch.Generator())
+    assert torch.equal(never, plain)
+
+
 def test_contrast_brightness_and_noise_stay_in_range_and_vary_per_image():
     batch = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (32, 1, 24, 24), dtype=np.uint8))
     out = transforms.Preprocess(24, 0.0, 1.0, _only(contrast=0.3, brightness=0.1, noise=0.05)).train(
@@ -205,6 +236,19 @@ def test_per_image_standardisation_is_used_in_training_and_scoring_alike():
         assert torch.allclose(x.std((1, 2, 3)), torch.ones(4), atol=1e-4)
     darker = prep.eval((batch.float() * 0.5).to(torch.uint8))
     assert torch.allclose(darker, prep.eval(batch), atol=0.05)  # a global exposure change is undone
+
+
+def test_histogram_equalisation_undoes_exposure_and_is_used_in_training_and_scoring_alike():
+    batch = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (4, 1, 20, 20), dtype=np.uint8))
+    prep = transforms.Preprocess(16, mean=0.9, std=9.0, augment=_only(), intensity="equalise")
+    for x in (prep.eval(batch), prep.train(batch, torch.Generator())):
+        assert torch.allclose(x.mean((1, 2, 3)), torch.zeros(4), atol=0.05)  # near uniform: the dataset's
+        assert torch.allclose(x.std((1, 2, 3)), torch.ones(4), atol=0.05)  # statistics are not used
+    darker = ((batch.float() / 255) ** 2 * 255).round().to(torch.uint8)  # a monotone change of exposure
+    assert (prep.eval(darker) - prep.eval(batch)).abs().mean() < 0.1 * (prep.eval(batch) - prep.eval(batch.flip(0))
+                                                                       ).abs().mean()
+    ramp = torch.arange(16, dtype=torch.float32).repeat(1, 1, 16, 1) / 15  # 16 grey levels, 16 pixels each
+    assert torch.allclose(transforms.equalise(ramp)[0, 0, 0], torch.arange(1, 17) / 16)
 
 
 def test_preprocess_state_round_trips_and_reads_format_1_checkpoints():

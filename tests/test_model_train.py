@@ -185,11 +185,46 @@ def test_predict_restores_mode_and_is_batch_size_independent():
 def test_label_smoothing_moves_targets_towards_one_half():
     logits, y = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 1.0])
     plain = train.smoothed_bce(0.6, 0.0, torch.device("cpu"))
-    assert isinstance(plain, torch.nn.BCEWithLogitsLoss)
+    module = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))
+    assert torch.equal(plain(logits, y), module(logits, y))
     smooth = train.smoothed_bce(0.6, 0.1, torch.device("cpu"))
     expected = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))(logits, torch.tensor([0.95, 0.05, 0.95]))
     assert smooth(logits, y).item() == pytest.approx(expected.item())
     assert smooth(logits, y).item() != pytest.approx(plain(logits, y).item())
+
+
+def test_per_image_loss_weights_are_a_weighted_mean_and_ones_change_nothing():
+    logits, y, w = torch.tensor([2.0, -1.0, 0.5, 0.1]), torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([3.0, 1, 1, 1])
+    bce = train.smoothed_bce(0.6, 0.0, torch.device("cpu"))
+    each = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6), reduction="none")(logits, y)
+    assert bce(logits, y, w).item() == pytest.approx((each * w).mean().item())
+    assert bce(logits, y, torch.ones(4)).item() == pytest.approx(bce(logits, y).item())
+    three, causes = torch.tensor([[2.0, 0.1, -1], [0, 1, 0], [0.3, 0.2, 0.9], [1, 1, 1]]), torch.tensor([0, 1, 2, 1])
+    cw = torch.tensor([0.5, 1.0, 2.0])
+    ce = train.weighted_cross_entropy(cw, 0.0)
+    assert ce(three, causes, torch.ones(4)).item() == pytest.approx(ce(three, causes).item())
+    per = torch.nn.functional.cross_entropy(three, causes, reduction="none")
+    assert ce(three, causes, w).item() == pytest.approx(((per * cw[causes] * w).sum() / (cw[causes] * w).sum()).item())
+
+
+def test_product_of_experts_offsets_reach_the_training_loss_only():
+    images, labels = _toy_set(32)
+    loss_fn = train.smoothed_bce(0.6, 0.0, torch.device("cpu"))
+
+    def first_epoch_loss(debias):
+        train.set_seed(0)
+        model = PneumoniaCNN((8, 8, 8), stem=4)
+        optimizer, scheduler = train.make_optimizer(model, 0.05, 1, 4)
+        parts = train.Parts(model, optimizer, scheduler, loss_fn, loss_fn, transforms.Preprocess(36),
+                            torch.device("cpu"), torch.Generator().manual_seed(0), debias=debias)
+        return train.train_one_epoch(parts, images, labels, 8, train.TrainState())
+
+    plain = first_epoch_loss(train.Debias())
+    # a bias expert that already knows every label: the product's loss is near zero, the network has nothing to learn
+    knowing = first_epoch_loss(train.Debias(offsets=(labels * 2 - 1) * 30))
+    assert plain > 0.1 and knowing < 1e-6
+    weighted = first_epoch_loss(train.Debias(weights=torch.where(labels == 1, 2.0, 0.0)))  # the normals weigh 0
+    assert weighted != pytest.approx(plain)
 
 
 def _epochs(monkeypatch, cfg, losses, aucs, lr_at_end):

@@ -9,7 +9,9 @@ import torch
 import main
 import runs
 import shortcut
+import train
 from labels import SERIES_PATTERN
+from settings import DEBIAS, JTT_UPWEIGHT
 from test_dicom import write_dicom
 
 
@@ -107,3 +109,42 @@ def test_a_checkpoint_without_a_probe_still_scores_and_says_so(demo_run, tmp_pat
     assert "has no layout probe" in (tmp_path / "ev" / "report.html").read_text()
     own = json.loads((demo_run / "metrics.json").read_text())["sets"]["test split"]
     assert block["rates"] == own["rates"]  # everything else scores as before
+
+
+def test_debias_terms_follow_the_out_of_fold_probe():
+    probe = shortcut.Probe(np.zeros(shortcut.SIDE ** 2), 0.0, 0.9, out_of_fold=np.array([0.9, 0.2, 0.6, 0.0001, 0.5]))
+    labels = np.array([1, 1, 0, 0, 1])  # the probe is wrong on films 1 and 2 (at 0.5; 0.5 counts as pneumonia)
+    assert shortcut.debias_terms("none", probe, labels) == (None, None)
+    offsets, weights = shortcut.debias_terms("poe", probe, labels)
+    assert weights is None and offsets[0] == pytest.approx(np.log(9)) and offsets[4] == 0
+    assert offsets[3] == pytest.approx(np.log(shortcut.BIAS_CLIP / (1 - shortcut.BIAS_CLIP)))  # clipped
+    three, _ = shortcut.debias_terms("poe", probe, labels, classes=3)
+    assert three.shape == (5, 3) and np.allclose(three[:, 0], 0) and np.allclose(three[:, 1], offsets)
+    assert np.allclose(three[:, 2], offsets)
+    offsets, weights = shortcut.debias_terms("reweight", probe, labels)
+    assert offsets is None and weights.mean() == pytest.approx(1.0)
+    assert np.allclose(weights / weights[0], [1, JTT_UPWEIGHT, JTT_UPWEIGHT, 1, 1])
+    with pytest.raises(ValueError, match="unknown debias"):
+        shortcut.debias_terms("groupdro", probe, labels)
+    assert set(DEBIAS) == {"none", "poe", "reweight"}
+
+
+def test_a_debiased_run_trains_against_the_probe_fitted_before_it_and_records_the_choice(tmp_path, monkeypatch):
+    seen = {}
+    fit = train.fit
+
+    def recording(*args, **kwargs):
+        seen["debias"] = args[-1] if len(args) > 8 else kwargs.get("debias")
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(train, "fit", recording)
+    out = tmp_path / "run"
+    assert main.main(["--demo", "--out", str(out), "--epochs", "1", "--demo-patients", "12", "--image-size", "48",
+                      "--quiet", "--precision", "fp32", "--debias", "poe", "--framing", "0.3"]) == 0
+    split = list(csv.DictReader(open(out / "split.csv")))
+    offsets = seen["debias"].offsets
+    assert offsets is not None and len(offsets) == sum(r["split"] == "train" for r in split)
+    assert seen["debias"].weights is None
+    config = json.loads((out / "config.json").read_text())
+    assert config["debias"] == "poe" and config["framing"] == 0.3
+    assert runs.read_checkpoint(out / "best.pt")["probe"]["side"] == shortcut.SIDE
