@@ -240,7 +240,7 @@ def layout_probe(ds: data.Dataset) -> shortcut.Probe:
 def debias_for(s: Settings, probe: shortcut.Probe, ds: data.Dataset, device: torch.device) -> train.Debias:
     """--debias's per-image loss terms, in the training split's order (ds.subset's, as the training tensors)."""
     offsets, weights = shortcut.debias_terms(s.debias, probe, ds.labels[ds.subset("train")[2]].astype(int),
-                                             3 if s.task == "cause" else 1)
+                                             3 if s.task == "cause" else 1, s.poe_scale)
     return train.Debias(*(None if t is None else torch.as_tensor(t, dtype=torch.float32, device=device)
                           for t in (offsets, weights)))
 

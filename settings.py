@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a known bias: poe, a product of experts (the loss sees the network's logit plus the frozen "
                         "probe's; the network is scored alone); reweight, JTT (the films the probe gets wrong weigh "
                         f"{JTT_UPWEIGHT:g}x); none (docs/generalisation.md)")
+    p.add_argument("--poe-scale", type=number(float, 0, open_low=True), default=1.0,
+                   help="with --debias poe: the probe's logit is multiplied by this before it is added (below 1, a "
+                        "tempered bias expert: the network keeps more of what layout also predicts)")
     add_groups_flag(p)
     add_augment_flags(p)
     add_shared_flags(p, cache=True)
@@ -405,6 +408,7 @@ class Settings:
     task: str
     external: tuple[str, ...]
     debias: str
+    poe_scale: float
     augment: str
     rotation: float
     zoom: float
@@ -450,8 +454,8 @@ class Settings:
         names = {f.name for f in dataclasses.fields(cls)} - {"given"}
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
         # a run from before --arch (--groups, --debias, --framing) trained the CNN (grouped by series) without them
-        values = {"arch": "cnn", "groups": SERIES_PATTERN, "debias": "none", "framing": 0.0, "erase_corners": 0.0,
-                  **saved}
+        values = {"arch": "cnn", "groups": SERIES_PATTERN, "debias": "none", "poe_scale": 1.0, "framing": 0.0,
+                  "erase_corners": 0.0, **saved}
         return cls(**values, given=given)
 
     def config(self) -> dict:

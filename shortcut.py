@@ -86,13 +86,14 @@ def fit_probe(images, labels: np.ndarray, patients: list[str]) -> Probe:
 BIAS_CLIP = 1e-3  # the bias expert's probabilities kept in [clip, 1 - clip]: a logit of at most 6.9
 
 
-def debias_terms(kind: str, probe: Probe, labels: np.ndarray, classes: int = 1) -> tuple[np.ndarray | None,
-                                                                                          np.ndarray | None]:
+def debias_terms(kind: str, probe: Probe, labels: np.ndarray, classes: int = 1,
+                 scale: float = 1.0) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(logit offsets, loss weights) per training film that train a network against the layout probe as a known
     bias, from the probe's out-of-fold scores; `labels` are the films' pneumonia labels (0/1).
 
     poe, a product of experts (Clark et al. 2019; He et al. 2019): the training loss sees the network's logit plus
-    the frozen probe's, so the network is pushed only where layout alone is wrong or unsure; it is scored alone.
+    the frozen probe's (times `scale`), so the network is pushed only where layout alone is wrong or unsure; it is
+    scored alone.
     With three classes (--task cause) the probe's log-odds are added to both pneumonia classes. reweight, JTT:
     the films whose class the probe gets wrong at 0.5 weigh JTT_UPWEIGHT times the others in the loss.
     """
@@ -102,7 +103,7 @@ def debias_terms(kind: str, probe: Probe, labels: np.ndarray, classes: int = 1) 
         return None, None
     p = np.clip(probe.out_of_fold, BIAS_CLIP, 1 - BIAS_CLIP)
     if kind == "poe":
-        logit = np.log(p / (1 - p))
+        logit = scale * np.log(p / (1 - p))
         return (logit if classes == 1 else logit[:, None] * np.array([0.0, 1.0, 1.0])), None
     wrong = (p >= 0.5) != (np.asarray(labels) == 1)
     weights = np.where(wrong, JTT_UPWEIGHT, 1.0)

@@ -118,6 +118,8 @@ def test_debias_terms_follow_the_out_of_fold_probe():
     offsets, weights = shortcut.debias_terms("poe", probe, labels)
     assert weights is None and offsets[0] == pytest.approx(np.log(9)) and offsets[4] == 0
     assert offsets[3] == pytest.approx(np.log(shortcut.BIAS_CLIP / (1 - shortcut.BIAS_CLIP)))  # clipped
+    tempered, _ = shortcut.debias_terms("poe", probe, labels, scale=0.3)
+    assert np.allclose(tempered, 0.3 * offsets)
     three, _ = shortcut.debias_terms("poe", probe, labels, classes=3)
     assert three.shape == (5, 3) and np.allclose(three[:, 0], 0) and np.allclose(three[:, 1], offsets)
     assert np.allclose(three[:, 2], offsets)
