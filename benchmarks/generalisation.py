@@ -73,6 +73,8 @@ CONFIGS = {
     "debias poe": ["--debias", "poe"],
     "debias reweight": ["--debias", "reweight"],
     "debias poe, scale 0.3": ["--debias", "poe", "--poe-scale", "0.3"],
+    "debias poe, scale 0.1": ["--debias", "poe", "--poe-scale", "0.1"],
+    "erase corners 0.5": ["--erase-corners", "0.5"],
     "framing 0.5, erase corners 0.5": ["--framing", "0.5", "--erase-corners", "0.5"],
     "histogram equalisation": ["--intensity", "equalise"],
     # torchvision's ResNet-18 from scratch: about 7x the custom CNN's compute at 128 px, so smaller and shorter on a CPU
