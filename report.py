@@ -116,6 +116,19 @@ def training_text(training: dict, validation: dict) -> str:
             f"rule `--keep {training['keep']}`; early stopping {stopping}")
 
 
+def debias_text(config: dict) -> str:
+    """How the training loss worked against the layout probe (--debias), in one sentence; empty when it did not."""
+    kind = config.get("debias", "none")
+    if kind == "poe":
+        return (f"Trained as a product of experts with the layout probe (`--debias poe`, `--poe-scale "
+                f"{config.get('poe_scale', 1.0):g}`): the training loss saw the network's logit plus the probe's; "
+                f"every probability here is the network's alone.")
+    if kind == "reweight":
+        return ("Trained with the films the layout probe gets wrong upweighted in the loss (`--debias reweight`, "
+                "JTT).")
+    return ""
+
+
 def split_table(audit: dict) -> Table:
     """Images, patients, classes and prevalence per split."""
     return Table(["split", "images", "patients", "NORMAL", "PNEUMONIA", "pneumonia share"],
@@ -566,7 +579,7 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
         f"split was scored once, at the end.",
         "", "## Training",
         f"Network: {ARCHITECTURES[arch].title} (`--arch {arch}`), trained from scratch on grayscale "
-        f"{config['image_size']} px input.", "",
+        f"{config['image_size']} px input. {debias_text(config)}".rstrip(), "",
         training_text(metrics["training"], val), "", training_table(metrics["training"]).markdown(),
         "", "## Threshold",
         f"{test['rates']['threshold']:.4f} on the pneumonia probability, chosen on validation by the policy "

@@ -150,3 +150,4 @@ def test_a_debiased_run_trains_against_the_probe_fitted_before_it_and_records_th
     config = json.loads((out / "config.json").read_text())
     assert config["debias"] == "poe" and config["framing"] == 0.3
     assert runs.read_checkpoint(out / "best.pt")["probe"]["side"] == shortcut.SIDE
+    assert "product of experts with the layout probe" in (out / "MODEL_CARD.md").read_text()
