@@ -30,6 +30,10 @@ class Augment:
     # so that lungs filling the frame (a tight field) and shoulders, arms and abdomen in view (a wide one) both
     # occur in each class
     framing: float = 0.0
+    # the same, pulled against the training folder's confound: normals' fields tightened by [1, 1+counter_framing]
+    # (lungs filling the frame, as its early-period pneumonias are collimated), pneumonias' widened by
+    # [1/(1+counter_framing), 1], log-uniform; needs the labels, so training only
+    counter_framing: float = 0.0
     erase_corners: float = 0.0  # probability that one corner's square (10-25% of the side), where markers sit, is
     # filled with the image's mean grey
 
@@ -37,4 +41,4 @@ class Augment:
     def plain(cls, rotation: float = 15.0) -> "Augment":
         """The original project's transform: rotation and crop position only, zero padding."""
         return cls(rotation=rotation, zoom=0.0, translate=0.0, gamma=0.0, contrast=0.0, brightness=0.0, noise=0.0,
-                   padding="zeros", sharpness=0.0, framing=0.0, erase_corners=0.0)
+                   padding="zeros", sharpness=0.0, framing=0.0, counter_framing=0.0, erase_corners=0.0)

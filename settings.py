@@ -223,6 +223,9 @@ def add_augment_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--framing", type=number(float, 0), default=d.framing,
                    help="collimation: the whole field of view scaled by [1/(1+f), 1+f] on top of --zoom, tight fields "
                         "and wide ones alike in both classes (docs/generalisation.md, the shortcut audit)")
+    g.add_argument("--counter-framing", type=number(float, 0), default=d.counter_framing,
+                   help="collimation against the label: normals' fields tightened by [1, 1+f], pneumonias' widened by "
+                        "[1/(1+f), 1], so that a tight field stops meaning pneumonia (docs/generalisation.md)")
     g.add_argument("--erase-corners", type=number(float, 0, 1), default=d.erase_corners,
                    help="probability that one corner's square (10-25%% of the side), where side markers sit, is filled "
                         "with the image's mean grey")
@@ -419,6 +422,7 @@ class Settings:
     noise: float
     sharpness: float
     framing: float
+    counter_framing: float
     erase_corners: float
     padding: str
     intensity: str
@@ -455,7 +459,7 @@ class Settings:
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
         # a run from before --arch (--groups, --debias, --framing) trained the CNN (grouped by series) without them
         values = {"arch": "cnn", "groups": SERIES_PATTERN, "debias": "none", "poe_scale": 1.0, "framing": 0.0,
-                  "erase_corners": 0.0, **saved}
+                  "counter_framing": 0.0, "erase_corners": 0.0, **saved}
         return cls(**values, given=given)
 
     def config(self) -> dict:

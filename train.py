@@ -207,9 +207,9 @@ def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainS
     scaler = p.scaler or torch.amp.GradScaler(device.type, enabled=False)
     for k in range(state.step, len(order)):
         idx, keep = p.ranks.share(order[k])
-        x = p.prep.train(images[idx].to(device, non_blocking=True), generator, len(order[k]), keep)
-        x = x.contiguous(memory_format=memory_format(device))
         y = labels[idx].to(device, non_blocking=True)
+        x = p.prep.train(images[idx].to(device, non_blocking=True), generator, len(order[k]), keep, labels[idx])
+        x = x.contiguous(memory_format=memory_format(device))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = p.debias.logits(p.model(x).float(), idx)
             weight = p.debias.weight(idx)
@@ -440,7 +440,7 @@ def keep_weights(model, train_set, val_set, parts: Parts, state: TrainState, cfg
         state.kept_auc, kept = state.history[-1]["val_auc"], [state.epoch]
     else:
         model.load_state_dict(average_weights(state.tail))
-        recompute_batchnorm(model, train_set[0], parts.prep, torch.Generator().manual_seed(cfg.seed + 1),
+        recompute_batchnorm(model, *train_set, parts.prep, torch.Generator().manual_seed(cfg.seed + 1),
                             cfg.batch_size, cfg.device)
         distributed.sync_buffers(model, parts.ranks)
         state.kept_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -471,12 +471,12 @@ def average_weights(states: list[dict]) -> dict:
             for k, v in states[-1].items()}
 
 
-def recompute_batchnorm(model: nn.Module, images, prep: Preprocess, generator: torch.Generator, batch_size: int,
-                        device: torch.device) -> None:
+def recompute_batchnorm(model: nn.Module, images, labels, prep: Preprocess, generator: torch.Generator,
+                        batch_size: int, device: torch.device) -> None:
     """Re-estimate every BatchNorm layer's running statistics for the model's current weights, over one pass of
     the training images augmented as in training: what the statistics of a normally trained model describe."""
     with torch.no_grad():
-        reestimate_batchnorm(model, (prep.train(images[idx].to(device), generator).contiguous(
+        reestimate_batchnorm(model, (prep.train(images[idx].to(device), generator, labels=labels[idx]).contiguous(
             memory_format=memory_format(device)) for idx in batches(len(images), batch_size, generator)))
 
 

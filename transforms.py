@@ -119,14 +119,15 @@ class Preprocess:
         return self.normalise(x)
 
     def train(self, batch: torch.Tensor, generator: torch.Generator, of: int | None = None,
-              keep: torch.Tensor | None = None) -> torch.Tensor:
+              keep: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Augment (geometry, then intensity) and normalise a uint8 batch.
 
         Draws only what the settings use, in a fixed order, so `Augment.plain()` reproduces the
         original rotation-and-crop transform draw for draw. Under torchrun `batch` is one rank's share
         of a global batch of `of` images, at positions `keep`: every rank draws for the whole global
         batch and uses its share, so the generators stay equal on every rank, the shuffled order with
-        them, and each image is augmented as a single process would have augmented it.
+        them, and each image is augmented as a single process would have augmented it. `labels` (of `batch`; 0 is
+        NORMAL) steer `counter_framing`, which needs them.
         """
         a, n, side = self.augment, of or batch.shape[0], batch.shape[-1]
         draw = _Draws(generator, n, keep)
@@ -136,6 +137,11 @@ class Preprocess:
         zoom = torch.exp(draw.uniform((n, 2), math.log1p(a.zoom))) if a.zoom else torch.ones(len(batch), 2)
         if a.framing:  # drawn after the settings above, so that a run without it draws as before
             zoom = zoom * torch.exp(draw.uniform(n, math.log1p(a.framing)))[:, None]
+        if a.counter_framing:  # zoom > 1 magnifies: a tighter field
+            if labels is None:
+                raise ValueError("counter_framing needs the labels of the batch")
+            pull = draw.uniform(n, math.log1p(a.counter_framing)).abs()
+            zoom = zoom * torch.exp(torch.where(labels.cpu() == 0, pull, -pull))[:, None]
         scale = self.image_size / side  # the output grid covers image_size / zoom of the side pixels
         cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
         zx, zy = zoom[:, 0], zoom[:, 1]
