@@ -71,15 +71,20 @@ class Probe:
         return cls(state["coef"].numpy(), state["intercept"], state["train_cv_auc"])
 
 
-def fit_probe(images, labels: np.ndarray, patients: list[str]) -> Probe:
-    """The probe, fitted on the training split's films (and nothing else), with its cross-validated AUC there."""
-    x, y = thumbnails(images), np.asarray(labels).astype(int)
-    head = LogisticRegression(C=1.0, max_iter=5000)
+def out_of_fold(x: np.ndarray, y: np.ndarray, patients: list[str]) -> np.ndarray:
+    """The probe head's pneumonia probability of each row of `x`, from the folds (by patient) that left it out."""
     folds = min(5, len(set(patients)))
     with warnings.catch_warnings():  # a tiny demo split may leave a fold with one class
         warnings.simplefilter("ignore")
-        cross = cross_val_predict(head, x, y, cv=GroupKFold(folds), groups=patients, method="predict_proba")[:, 1]
-    head.fit(x, y)
+        return cross_val_predict(LogisticRegression(C=1.0, max_iter=5000), x, y, cv=GroupKFold(folds),
+                                 groups=patients, method="predict_proba")[:, 1]
+
+
+def fit_probe(images, labels: np.ndarray, patients: list[str]) -> Probe:
+    """The probe, fitted on the training split's films (and nothing else), with its cross-validated AUC there."""
+    x, y = thumbnails(images), np.asarray(labels).astype(int)
+    cross = out_of_fold(x, y, patients)
+    head = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
     return Probe(head.coef_[0].astype(np.float64), float(head.intercept_[0]), float(roc_auc_score(y, cross)), cross)
 
 

@@ -151,11 +151,11 @@ def run_one(args, name: str, flags: list[str], seed: int, threads: int) -> Path:
 
 
 def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Labels (1: PNEUMONIA), probabilities and patients of a predictions.csv."""
+    """Labels (1: PNEUMONIA), probabilities and file paths of a predictions.csv."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     return (np.array([r["label"] == "PNEUMONIA" for r in rows], int), np.array([float(r["probability"]) for r in rows]),
-            [r["patient"] for r in rows])
+            [r["path"] for r in rows])
 
 
 def run_figures(run: Path) -> dict | None:
@@ -203,8 +203,7 @@ def layout_figures(run: Path, ext_csv: Path) -> dict:
         probe = shortcut.fit_probe(thumbnails([r["path"] for r in train]),
                                    np.array([r["label"] == "PNEUMONIA" for r in train], int),
                                    [r["patient"] for r in train])
-        y, p, _ = read_predictions(ext_csv)
-        paths = [r["path"] for r in runs.read_csv(ext_csv)]
+        y, p, paths = read_predictions(ext_csv)
         a = shortcut.audit(y, p, 0.5, probe.score(thumbnails(paths)), {})
         runs.write_json(record, {"ext probe auc": a["probe_auc"], "ext probe rho": a["spearman_negatives"]})
     return json.loads(record.read_text())
