@@ -30,9 +30,9 @@ class Augment:
     # so that lungs filling the frame (a tight field) and shoulders, arms and abdomen in view (a wide one) both
     # occur in each class
     framing: float = 0.0
-    # the same, pulled against the training folder's confound: normals' fields tightened by [1, 1+counter_framing]
-    # (lungs filling the frame, as its early-period pneumonias are collimated), pneumonias' widened by
-    # [1/(1+counter_framing), 1], log-uniform; needs the labels, so training only
+    # against the training folder's confound: normals' fields only tightened, by [1, 1+counter_framing], log-uniform,
+    # so that lungs filling the frame (as its early-period pneumonias are collimated) occur in normals too. Widening
+    # the pneumonias as well was worse: the padding it pulls in marked them. Needs the labels, so training only
     counter_framing: float = 0.0
     erase_corners: float = 0.0  # probability that one corner's square (10-25% of the side), where markers sit, is
     # filled with the image's mean grey

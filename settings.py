@@ -224,8 +224,8 @@ def add_augment_flags(p: argparse.ArgumentParser) -> None:
                    help="collimation: the whole field of view scaled by [1/(1+f), 1+f] on top of --zoom, tight fields "
                         "and wide ones alike in both classes (docs/generalisation.md, the shortcut audit)")
     g.add_argument("--counter-framing", type=number(float, 0), default=d.counter_framing,
-                   help="collimation against the label: normals' fields tightened by [1, 1+f], pneumonias' widened by "
-                        "[1/(1+f), 1], so that a tight field stops meaning pneumonia (docs/generalisation.md)")
+                   help="collimation against the label: normals' fields tightened by [1, 1+f], so that a tight field "
+                        "stops meaning pneumonia (docs/generalisation.md)")
     g.add_argument("--erase-corners", type=number(float, 0, 1), default=d.erase_corners,
                    help="probability that one corner's square (10-25%% of the side), where side markers sit, is filled "
                         "with the image's mean grey")

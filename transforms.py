@@ -141,7 +141,7 @@ class Preprocess:
             if labels is None:
                 raise ValueError("counter_framing needs the labels of the batch")
             pull = draw.uniform(n, math.log1p(a.counter_framing)).abs()
-            zoom = zoom * torch.exp(torch.where(labels.cpu() == 0, pull, -pull))[:, None]
+            zoom = zoom * torch.exp(torch.where(labels.cpu() == 0, pull, 0.0))[:, None]
         scale = self.image_size / side  # the output grid covers image_size / zoom of the side pixels
         cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
         zx, zy = zoom[:, 0], zoom[:, 1]

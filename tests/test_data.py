@@ -199,7 +199,7 @@ def test_framing_scales_the_whole_field_of_view_and_keeps_the_aspect_ratio():
     assert all(abs(_aspect(o[0].numpy()) - 1) < 0.1 for o in out)  # as a whole: no aspect change
 
 
-def test_counter_framing_tightens_normals_and_widens_pneumonias():
+def test_counter_framing_tightens_normals_only():
     side = 80
     batch = torch.zeros(64, 1, side, side, dtype=torch.uint8)
     batch[:, :, 30:50, 30:50] = 255  # a centred square of side 20
@@ -208,8 +208,8 @@ def test_counter_framing_tightens_normals_and_widens_pneumonias():
     widths = torch.tensor([(o[0, 40] > 0.5).sum().item() for o in prep.train(batch, torch.Generator().manual_seed(0),
                                                                              labels=labels)])
     normals, pneumonias = widths[labels == 0], widths[labels == 1]
-    assert normals.min() >= 19 and pneumonias.max() <= 21  # magnified (a tighter field) against shrunk (a wider one)
-    assert normals.max() > 20 * 1.3 and pneumonias.min() < 20 / 1.3 and normals.max() <= 20 * 1.5 + 2
+    assert normals.min() >= 19 and normals.max() > 20 * 1.3 and normals.max() <= 20 * 1.5 + 2  # magnified: tighter
+    assert pneumonias.min() >= 19 and pneumonias.max() <= 21  # as they were
     with pytest.raises(ValueError, match="labels"):
         prep.train(batch, torch.Generator())
 
