@@ -74,6 +74,7 @@ CONFIGS = {
     "debias reweight": ["--debias", "reweight"],
     "debias poe, scale 0.3": ["--debias", "poe", "--poe-scale", "0.3"],
     "debias poe, scale 0.1": ["--debias", "poe", "--poe-scale", "0.1"],
+    "debias poe, scale 0.2": ["--debias", "poe", "--poe-scale", "0.2"],
     "erase corners 0.5": ["--erase-corners", "0.5"],
     "framing 0.5, erase corners 0.5": ["--framing", "0.5", "--erase-corners", "0.5"],
     "histogram equalisation": ["--intensity", "equalise"],
