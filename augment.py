@@ -34,6 +34,9 @@ class Augment:
     # so that lungs filling the frame (as its early-period pneumonias are collimated) occur in normals too. Widening
     # the pneumonias as well was worse: the padding it pulls in marked them. Needs the labels, so training only
     counter_framing: float = 0.0
+    # normals' fields cut at the bottom only: the height magnified by [1, 1+cut_bottom], log-uniform, the top edge
+    # kept, so less of the abdomen shows, as in the training folder's pneumonias (docs/generalisation.md). Training only
+    cut_bottom: float = 0.0
     erase_corners: float = 0.0  # probability that one corner's square (10-25% of the side), where markers sit, is
     # filled with the image's mean grey
 
@@ -41,4 +44,5 @@ class Augment:
     def plain(cls, rotation: float = 15.0) -> "Augment":
         """The original project's transform: rotation and crop position only, zero padding."""
         return cls(rotation=rotation, zoom=0.0, translate=0.0, gamma=0.0, contrast=0.0, brightness=0.0, noise=0.0,
-                   padding="zeros", sharpness=0.0, framing=0.0, counter_framing=0.0, erase_corners=0.0)
+                   padding="zeros", sharpness=0.0, framing=0.0, counter_framing=0.0, cut_bottom=0.0,
+                   erase_corners=0.0)

@@ -226,6 +226,9 @@ def add_augment_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--counter-framing", type=number(float, 0), default=d.counter_framing,
                    help="collimation against the label: normals' fields tightened by [1, 1+f], so that a tight field "
                         "stops meaning pneumonia (docs/generalisation.md)")
+    g.add_argument("--cut-bottom", type=number(float, 0), default=d.cut_bottom,
+                   help="normals' fields cut at the bottom: their height magnified by [1, 1+f] with the top edge kept, "
+                        "so less abdomen shows, as in the training pneumonias (docs/generalisation.md)")
     g.add_argument("--erase-corners", type=number(float, 0, 1), default=d.erase_corners,
                    help="probability that one corner's square (10-25%% of the side), where side markers sit, is filled "
                         "with the image's mean grey")
@@ -423,6 +426,7 @@ class Settings:
     sharpness: float
     framing: float
     counter_framing: float
+    cut_bottom: float
     erase_corners: float
     padding: str
     intensity: str
@@ -459,7 +463,7 @@ class Settings:
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
         # a run from before --arch (--groups, --debias, --framing) trained the CNN (grouped by series) without them
         values = {"arch": "cnn", "groups": SERIES_PATTERN, "debias": "none", "poe_scale": 1.0, "framing": 0.0,
-                  "counter_framing": 0.0, "erase_corners": 0.0, **saved}
+                  "counter_framing": 0.0, "cut_bottom": 0.0, "erase_corners": 0.0, **saved}
         return cls(**values, given=given)
 
     def config(self) -> dict:

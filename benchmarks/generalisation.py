@@ -79,6 +79,7 @@ CONFIGS = {
     "framing 0.5, erase corners 0.5": ["--framing", "0.5", "--erase-corners", "0.5"],
     "histogram equalisation": ["--intensity", "equalise"],
     "counter framing 0.4": ["--counter-framing", "0.4"],
+    "cut bottom 0.3": ["--cut-bottom", "0.3"],
     "debias poe 0.1, erase corners 0.5": ["--debias", "poe", "--poe-scale", "0.1", "--erase-corners", "0.5"],
     # torchvision's ResNet-18 from scratch: about 7x the custom CNN's compute at 128 px, so smaller and shorter on a CPU
     "resnet18 96 px 12 epochs": ["--arch", "resnet18", "--image-size", "96", "--epochs", "12"],

@@ -214,6 +214,25 @@ def test_counter_framing_tightens_normals_only():
         prep.train(batch, torch.Generator())
 
 
+def test_cut_bottom_keeps_the_top_of_normals_and_magnifies_their_height_only():
+    side = 80
+    batch = torch.zeros(64, 1, side, side, dtype=torch.uint8)
+    batch[:, :, 10:12, 20:60] = 255  # a bar near the top
+    batch[:, :, 20:40, 30:50] = 255  # a square of side 20 below it
+    labels = torch.arange(64) % 2
+    out = transforms.Preprocess(side, 0.0, 1.0, _only(cut_bottom=0.5)).train(batch, torch.Generator().manual_seed(0),
+                                                                            labels=labels)
+    column = out[:, 0, :, 40] > 0.5
+    tops = column.float().argmax(1)  # the bar's first row
+    heights = column[:, 19:].sum(1)  # the square's (the bar ends above row 19)
+    widths = (out[:, 0, 19:] > 0.5).sum(2).max(1).values  # the square's widest row
+    normals = labels == 0
+    assert widths.min() >= 19 and widths.max() <= 21  # the width stays
+    assert heights[normals].max() > 20 * 1.3 and heights.max() <= 20 * 1.5 + 2 and heights[~normals].max() <= 21
+    # anchored at the top edge: a row r from it lands at r times the magnification
+    assert (tops - 10 * heights / 20).abs().max() <= 1.5
+
+
 def test_erase_corners_fills_one_corner_square_with_the_image_mean_and_leaves_the_rest():
     side = 40
     batch = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (32, 1, side, side), np.uint8))

@@ -143,12 +143,13 @@ def test_a_debiased_run_trains_against_the_probe_fitted_before_it_and_records_th
     out = tmp_path / "run"
     assert main.main(["--demo", "--out", str(out), "--epochs", "1", "--demo-patients", "12", "--image-size", "48",
                       "--quiet", "--precision", "fp32", "--debias", "poe", "--framing", "0.3",
-                      "--counter-framing", "0.2"]) == 0  # counter framing needs the labels in the training loop
+                      "--counter-framing", "0.2", "--cut-bottom", "0.2"]) == 0  # both need the labels in training
     split = list(csv.DictReader(open(out / "split.csv")))
     offsets = seen["debias"].offsets
     assert offsets is not None and len(offsets) == sum(r["split"] == "train" for r in split)
     assert seen["debias"].weights is None
     config = json.loads((out / "config.json").read_text())
-    assert config["debias"] == "poe" and config["framing"] == 0.3 and config["counter_framing"] == 0.2
+    assert config["debias"] == "poe" and config["framing"] == 0.3
+    assert config["counter_framing"] == config["cut_bottom"] == 0.2
     assert runs.read_checkpoint(out / "best.pt")["probe"]["side"] == shortcut.SIDE
     assert "product of experts with the layout probe" in (out / "MODEL_CARD.md").read_text()
