@@ -127,7 +127,7 @@ class Preprocess:
         of a global batch of `of` images, at positions `keep`: every rank draws for the whole global
         batch and uses its share, so the generators stay equal on every rank, the shuffled order with
         them, and each image is augmented as a single process would have augmented it. `labels` (of `batch`; 0 is
-        NORMAL) steer `counter_framing`, which needs them.
+        NORMAL) steer `counter_framing` and `cut_bottom`, which need them.
         """
         a, n, side = self.augment, of or batch.shape[0], batch.shape[-1]
         draw = _Draws(generator, n, keep)
@@ -143,7 +143,7 @@ class Preprocess:
             pull = draw.uniform(n, math.log1p(a.counter_framing)).abs()
             zoom = zoom * torch.exp(torch.where(labels.cpu() == 0, pull, 0.0))[:, None]
         scale = self.image_size / side  # the output grid covers image_size / zoom of the side pixels
-        if a.cut_bottom:  # the height magnified, and the field moved up by what it lost, so its top stays
+        if a.cut_bottom:  # the height magnified, the field moved up by what it lost: its top stays (before rotation)
             cut = torch.exp(torch.where(labels.cpu() == 0, draw.uniform(n, math.log1p(a.cut_bottom)).abs(), 0.0))
             shift = shift - torch.stack([torch.zeros(len(cut)), scale / zoom[:, 1] * (1 - 1 / cut)], 1)
             zoom = zoom * torch.stack([torch.ones(len(cut)), cut], 1)
