@@ -137,14 +137,19 @@ class Preprocess:
         zoom = torch.exp(draw.uniform((n, 2), math.log1p(a.zoom))) if a.zoom else torch.ones(len(batch), 2)
         if a.framing:  # drawn after the settings above, so that a run without it draws as before
             zoom = zoom * torch.exp(draw.uniform(n, math.log1p(a.framing)))[:, None]
-        if (a.counter_framing or a.cut_bottom) and labels is None:
-            raise ValueError("counter_framing and cut_bottom need the labels of the batch")
+        if a.counter_framing or a.cut_bottom:
+            if labels is None:
+                raise ValueError("counter_framing and cut_bottom need the labels of the batch")
+            normal = labels.cpu() == 0
+
+        def normals_magnified(bound: float) -> torch.Tensor:  # a factor in [1, 1+bound] for normals, 1 for the rest
+            return torch.exp(torch.where(normal, draw.uniform(n, math.log1p(bound)).abs(), 0.0))
+
         if a.counter_framing:  # zoom > 1 magnifies: a tighter field
-            pull = draw.uniform(n, math.log1p(a.counter_framing)).abs()
-            zoom = zoom * torch.exp(torch.where(labels.cpu() == 0, pull, 0.0))[:, None]
+            zoom = zoom * normals_magnified(a.counter_framing)[:, None]
         scale = self.image_size / side  # the output grid covers image_size / zoom of the side pixels
         if a.cut_bottom:  # the height magnified, the field moved up by what it lost: its top stays (before rotation)
-            cut = torch.exp(torch.where(labels.cpu() == 0, draw.uniform(n, math.log1p(a.cut_bottom)).abs(), 0.0))
+            cut = normals_magnified(a.cut_bottom)
             shift = shift - torch.stack([torch.zeros(len(cut)), scale / zoom[:, 1] * (1 - 1 / cut)], 1)
             zoom = zoom * torch.stack([torch.ones(len(cut)), cut], 1)
         cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
