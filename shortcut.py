@@ -72,7 +72,8 @@ class Probe:
 
 
 def out_of_fold(x: np.ndarray, y: np.ndarray, patients: list[str]) -> np.ndarray:
-    """The probe head's pneumonia probability of each row of `x`, from the folds (by patient) that left it out."""
+    """The probe head's probability of class 1 (pneumonia) for each row of `x`, from the folds (by patient) that
+    left it out."""
     folds = min(5, len(set(patients)))
     with warnings.catch_warnings():  # a tiny demo split may leave a fold with one class
         warnings.simplefilter("ignore")

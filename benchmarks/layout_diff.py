@@ -12,30 +12,27 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import shortcut  # noqa: E402
-from data import list_files  # noqa: E402
+from data import list_files, patient_id  # noqa: E402
 from images import decode_image  # noqa: E402
 
 
-def films(folder: Path, every: int) -> np.ndarray:
-    """Every `every`-th film of `folder` (sorted), decoded straight to the probe's side."""
+def films(folder: Path, every: int) -> tuple[np.ndarray, list[str]]:
+    """Every `every`-th film of `folder` (sorted), decoded straight to the probe's side, and its patient."""
     paths = sorted(list_files([str(folder)])[0])[::every]
     if not paths:
         sys.exit(f"{folder}: no images")
-    return np.stack([decode_image(p, shortcut.SIDE) for p in paths])
+    return np.stack([decode_image(p, shortcut.SIDE) for p in paths]), [patient_id(p) for p in paths]
 
 
-def separability(a: np.ndarray, b: np.ndarray) -> float:
-    """Cross-validated AUC of the probe's model telling rows of `a` from rows of `b`."""
-    x, y = np.concatenate([a, b]), np.r_[np.ones(len(a)), np.zeros(len(b))]
-    p = cross_val_predict(LogisticRegression(max_iter=5000), x, y, cv=StratifiedKFold(5, shuffle=True, random_state=0),
-                          method="predict_proba")[:, 1]
-    return float(roc_auc_score(y, p))
+def separability(a: np.ndarray, b: np.ndarray, patients: list[str]) -> float:
+    """Cross-validated AUC (folds by patient, as the probe's own) of the probe's model telling rows of `a` from
+    rows of `b`; `patients` for the rows of both, in that order."""
+    x, y = np.concatenate([a, b]), np.r_[np.ones(len(a), int), np.zeros(len(b), int)]
+    return float(roc_auc_score(y, shortcut.out_of_fold(x, y, patients)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,11 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if len(args.folders) not in (2, 3):
         p.error("give two or three folders")
-    sets = [films(f, 1 if i == 0 else args.every) for i, f in enumerate(args.folders)]
-    a, b = sets[0], sets[1]
+    loaded = [films(f, 1 if i == 0 else args.every) for i, f in enumerate(args.folders)]
+    sets = [s for s, _ in loaded]
+    a, b, patients = sets[0], sets[1], loaded[0][1] + loaded[1][1]
     print(f"A {len(a)} films, B {len(b)} films: probe-model AUC A vs B "
-          f"{separability(shortcut.thumbnails(a), shortcut.thumbnails(b)):.3f} (standardised), "
-          f"{separability(a.reshape(len(a), -1) / 255.0, b.reshape(len(b), -1) / 255.0):.3f} (raw grey)")
+          f"{separability(shortcut.thumbnails(a), shortcut.thumbnails(b), patients):.3f} (standardised), "
+          f"{separability(a.reshape(len(a), -1) / 255.0, b.reshape(len(b), -1) / 255.0, patients):.3f} (raw grey)")
     np.set_printoptions(precision=1, suppress=True, linewidth=150)
     base = shortcut.thumbnails(b).mean(0)
     maps = [shortcut.thumbnails(s).mean(0) - base for s in sets[::2]]
