@@ -37,6 +37,10 @@ class Augment:
     # normals' fields cut at the bottom only: the height magnified by [1, 1+cut_bottom], log-uniform, the top edge
     # kept, so less of the abdomen shows, as in the training folder's pneumonias (docs/generalisation.md). Training only
     cut_bottom: float = 0.0
+    # aspect ratio alone, the area kept: width x sqrt(r), height / sqrt(r), r in [1/(1+aspect), 1+aspect], log-uniform.
+    # The training folder's pneumonia films are wider than its normals (median width/height 1.50 against 1.21,
+    # benchmarks/aspect.py), and squashing every film to a square turns that into the chest's proportions
+    aspect: float = 0.0
     erase_corners: float = 0.0  # probability that one corner's square (10-25% of the side), where markers sit, is
     # filled with the image's mean grey
 
@@ -45,4 +49,4 @@ class Augment:
         """The original project's transform: rotation and crop position only, zero padding."""
         return cls(rotation=rotation, zoom=0.0, translate=0.0, gamma=0.0, contrast=0.0, brightness=0.0, noise=0.0,
                    padding="zeros", sharpness=0.0, framing=0.0, counter_framing=0.0, cut_bottom=0.0,
-                   erase_corners=0.0)
+                   aspect=0.0, erase_corners=0.0)

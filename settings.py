@@ -229,6 +229,11 @@ def add_augment_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cut-bottom", type=number(float, 0), default=d.cut_bottom,
                    help="normals' fields cut at the bottom: their height magnified by [1, 1+f] with the top edge kept, "
                         "so less abdomen shows, as in the training pneumonias (docs/generalisation.md)")
+    g.add_argument("--aspect", type=number(float, 0), default=d.aspect,
+                   help="aspect-ratio jitter with the area kept: width x sqrt(r) and height / sqrt(r), r in "
+                        "[1/(1+a), 1+a], both classes alike; the training folder's pneumonia films are wider than "
+                        "its normals, and the square resize turns that into the chest's proportions "
+                        "(docs/generalisation.md)")
     g.add_argument("--erase-corners", type=number(float, 0, 1), default=d.erase_corners,
                    help="probability that one corner's square (10-25%% of the side), where side markers sit, is filled "
                         "with the image's mean grey")
@@ -427,6 +432,7 @@ class Settings:
     framing: float
     counter_framing: float
     cut_bottom: float
+    aspect: float
     erase_corners: float
     padding: str
     intensity: str
@@ -463,7 +469,8 @@ class Settings:
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
         # a run from before --arch (--groups, --debias, --framing) trained the CNN (grouped by series) without them
         values = {"arch": "cnn", "groups": SERIES_PATTERN, "debias": "none", "poe_scale": 1.0, "framing": 0.0,
-                  "counter_framing": 0.0, "cut_bottom": 0.0, "erase_corners": 0.0, **saved}
+                  "counter_framing": 0.0, "cut_bottom": 0.0, "aspect": 0.0, "erase_corners": 0.0,
+                  **saved}
         return cls(**values, given=given)
 
     def config(self) -> dict:

@@ -147,6 +147,9 @@ class Preprocess:
 
         if a.counter_framing:  # zoom > 1 magnifies: a tighter field
             zoom = zoom * normals_magnified(a.counter_framing)[:, None]
+        if a.aspect:  # drawn only when set, so that a run without it draws as before
+            half = torch.exp(draw.uniform(n, math.log1p(a.aspect)) / 2)
+            zoom = zoom * torch.stack([half, 1 / half], 1)
         scale = self.image_size / side  # the output grid covers image_size / zoom of the side pixels
         if a.cut_bottom:  # the height magnified, the field moved up by what it lost: its top stays (before rotation)
             cut = normals_magnified(a.cut_bottom)

@@ -199,6 +199,18 @@ def test_framing_scales_the_whole_field_of_view_and_keeps_the_aspect_ratio():
     assert all(abs(_aspect(o[0].numpy()) - 1) < 0.1 for o in out)  # as a whole: no aspect change
 
 
+def test_aspect_jitter_changes_the_aspect_ratio_and_keeps_the_area():
+    side = 80
+    batch = torch.zeros(64, 1, side, side, dtype=torch.uint8)
+    batch[:, :, 30:50, 30:50] = 255  # a centred square of side 20: aspect 1, area 400
+    out = transforms.Preprocess(side, 0.0, 1.0, _only(aspect=0.5)).train(batch, torch.Generator().manual_seed(0))
+    ratios = [_aspect(o[0].numpy()) for o in out]
+    areas = [(o[0] > 0.5).sum().item() for o in out]
+    assert min(ratios) < 1 / 1.3 and max(ratios) > 1.3  # both narrower and wider
+    assert all(1 / 1.5 - 0.1 < r < 1.5 + 0.1 for r in ratios)
+    assert all(abs(a - 400) < 400 * 0.12 for a in areas)  # the area stays: no zoom in or out
+
+
 def test_counter_framing_tightens_normals_only():
     side = 80
     batch = torch.zeros(64, 1, side, side, dtype=torch.uint8)
