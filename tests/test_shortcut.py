@@ -1,10 +1,12 @@
 """The shortcut audit: a layout probe fitted on the training split only, its figures by hand, the groups."""
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import main
 import runs
@@ -153,3 +155,20 @@ def test_a_debiased_run_trains_against_the_probe_fitted_before_it_and_records_th
     assert config["counter_framing"] == config["cut_bottom"] == 0.2
     assert runs.read_checkpoint(out / "best.pt")["probe"]["side"] == shortcut.SIDE
     assert "product of experts with the layout probe" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_the_aspect_benchmark_reads_each_films_width_and_height_from_its_header(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import aspect
+    for cls, sizes in (("NORMAL", [(120, 100), (110, 100), (130, 100)]), ("PNEUMONIA", [(150, 100), (140, 100)])):
+        (tmp_path / cls).mkdir()
+        for i, size in enumerate(sizes):
+            prefix = "IM" if cls == "NORMAL" else "person"
+            Image.new("L", size, 90).save(tmp_path / cls / f"{prefix}-{i:04d}-0001.png")
+    r, series = aspect.ratios(tmp_path / "PNEUMONIA")
+    assert sorted(r.tolist()) == [1.4, 1.5] and series == ["person", "person"]
+    monkeypatch.setattr("sys.argv", ["aspect.py", str(tmp_path)])
+    aspect.main()
+    printed = capsys.readouterr().out
+    assert "NORMAL" in printed and "median 1.200" in printed and "median 1.450" in printed
+    assert "AUC of width/height alone as a pneumonia score: 1.000" in printed  # every pneumonia is wider
