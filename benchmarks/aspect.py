@@ -21,11 +21,23 @@ from labels import CLASSES, SERIES_PATTERN  # noqa: E402
 from shortcut import groups_of  # noqa: E402
 
 
+def size(path: str) -> tuple[int, int]:
+    """(width, height) from the header; (0, 0) where it cannot be read or gives no size."""
+    try:
+        facts = describe(path)
+    except Exception:  # a damaged file: left out of the figures, and counted
+        return 0, 0
+    return facts["width"], facts["height"]
+
+
 def ratios(folder: Path) -> tuple[np.ndarray, list[str]]:
-    """Width / height of every film below `folder` (read from headers), and each film's series."""
+    """Width / height of every film below `folder` with a size in its header, and each film's series."""
     paths = sorted(list_files([str(folder)])[0])
-    sizes = [describe(p) for p in paths]
-    return np.array([s["width"] / s["height"] for s in sizes]), groups_of(paths, SERIES_PATTERN)["series"]
+    sizes = {p: size(p) for p in paths}
+    kept = [p for p in paths if min(sizes[p]) > 0]
+    if len(kept) < len(paths):
+        print(f"  {folder}: {len(paths) - len(kept)} files without a readable size left out")
+    return (np.array([sizes[p][0] / sizes[p][1] for p in kept]), groups_of(kept, SERIES_PATTERN)["series"])
 
 
 def line(name: str, r: np.ndarray) -> str:

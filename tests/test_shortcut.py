@@ -165,8 +165,10 @@ def test_the_aspect_benchmark_reads_each_films_width_and_height_from_its_header(
         for i, size in enumerate(sizes):
             prefix = "IM" if cls == "NORMAL" else "person"
             Image.new("L", size, 90).save(tmp_path / cls / f"{prefix}-{i:04d}-0001.png")
+    (tmp_path / "PNEUMONIA" / "person-9999-0001.png").write_bytes(b"not an image")  # left out, and counted
     r, series = aspect.ratios(tmp_path / "PNEUMONIA")
     assert sorted(r.tolist()) == [1.4, 1.5] and series == ["person", "person"]
+    assert "1 files without a readable size left out" in capsys.readouterr().out
     monkeypatch.setattr("sys.argv", ["aspect.py", str(tmp_path)])
     aspect.main()
     printed = capsys.readouterr().out
