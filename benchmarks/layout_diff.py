@@ -44,13 +44,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give two or three folders")
     loaded = [films(f, 1 if i == 0 else args.every) for i, f in enumerate(args.folders)]
     sets = [s for s, _ in loaded]
+    small = [shortcut.thumbnails(s) for s in sets]  # standardised, as the probe sees them
     a, b, patients = sets[0], sets[1], loaded[0][1] + loaded[1][1]
     print(f"A {len(a)} films, B {len(b)} films: probe-model AUC A vs B "
-          f"{separability(shortcut.thumbnails(a), shortcut.thumbnails(b), patients):.3f} (standardised), "
+          f"{separability(small[0], small[1], patients):.3f} (standardised), "
           f"{separability(a.reshape(len(a), -1) / 255.0, b.reshape(len(b), -1) / 255.0, patients):.3f} (raw grey)")
     np.set_printoptions(precision=1, suppress=True, linewidth=150)
-    base = shortcut.thumbnails(b).mean(0)
-    maps = [shortcut.thumbnails(s).mean(0) - base for s in sets[::2]]
+    maps = [t.mean(0) - small[1].mean(0) for t in small[::2]]
     print("mean standardised thumbnail, A minus B (rows top to bottom):\n", maps[0].reshape(shortcut.SIDE, -1))
     if len(maps) == 2:
         print("C minus B:\n", maps[1].reshape(shortcut.SIDE, -1))
