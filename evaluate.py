@@ -349,7 +349,8 @@ def audit_shortcut(scorer: Scorer, images, y_true: np.ndarray, y_prob: np.ndarra
     """The set's shortcut block (shortcut.audit), and the Grad-CAM maps of the healthy children the model calls
     pneumonia and the layout probe does too (gradcam_shortcut.png), when there are any."""
     layout = scorer.probe.score(images) if scorer.probe is not None else None
-    block = shortcut.audit(y_true, y_prob, scorer.threshold, layout, shortcut.groups_of(paths, scorer.groups))
+    block = shortcut.audit(y_true, y_prob, scorer.threshold, layout, shortcut.groups_of(paths, scorer.groups),
+                           shortcut.aspect_ratios(paths))
     if layout is not None:
         picks = np.flatnonzero((y_true == 0) & (y_prob >= scorer.threshold) & (layout >= 0.5))
         picks = picks[np.argsort(-y_prob[picks])][:8]  # the most confident first

@@ -236,18 +236,41 @@ def value_text(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def aspect_text(block: dict | None) -> str:
+    """What the films' aspect ratios say about one set, in a sentence or two ('' for a set audited before them)."""
+    if block is None:
+        return ""
+    if block["same_for_all"]:
+        return ("Every film here has the same aspect ratio (a re-encode squashed them to a square, for example), so "
+                "these files cannot show whether it differs by class.")
+    return (f"The films' aspect ratio (width / height, from their headers) alone scores this set with AUC "
+            f"{value_text(block['auc'])}: median {value_text(block['median_normal'])} among the normals and "
+            f"{value_text(block['median_pneumonia'])} among the pneumonias. Every film is resized to a square, so a "
+            f"difference here becomes one in the chest's proportions.")
+
+
+def aspect_line(block: dict | None) -> str:
+    """The aspect ratios' figure for the one-line summary ('' for a set audited before them)."""
+    if block is None:
+        return ""
+    return ("; aspect ratio the same for every film" if block["same_for_all"]
+            else f"; aspect ratio alone AUC {value_text(block['auc'])}")
+
+
 def shortcut_text(block: dict) -> str:
-    """The layout probe's figures for one set, in two sentences (or why there are none)."""
+    """The layout probe's and the aspect ratios' figures for one set, in a few sentences (or why there are none)."""
+    aspect = aspect_text(block.get("aspect"))
     if not block["probe"]:
-        return ("This checkpoint has no layout probe (it was made before the shortcut audit): only the rates per "
-                "group are given.")
+        return " ".join(filter(None, ["This checkpoint has no layout probe (it was made before the shortcut audit): "
+                                      "only the rates per group are given.", aspect]))
     auc, normals, pneumonias = (value_text(block[k]) for k in ("probe_auc", "spearman_negatives",
                                                                "spearman_positives"))
     flagged, rest = rate_text(block["specificity_probe_positive"]), rate_text(block["specificity_probe_negative"])
     return (f"A probe that sees only a 12x12 thumbnail of each film (its framing, collimation and markers, not the "
             f"lungs' texture), fitted on the training split, scores this set with AUC {auc}. The model's and the "
             f"probe's scores agree with Spearman {normals} among the normals and {pneumonias} among the pneumonias. "
-            f"The model's specificity among the normals the probe calls pneumonia: {flagged}; among the rest: {rest}.")
+            f"The model's specificity among the normals the probe calls pneumonia: {flagged}; among the rest: {rest}."
+            + (f" {aspect}" if aspect else ""))
 
 
 def groups_table(block: dict, name=printable) -> Table:
@@ -438,9 +461,11 @@ def terminal_summary(metrics: dict, out: Path, banner: str = "") -> str:
             flagged, rest = (rate_text(audit[k]) for k in ("specificity_probe_positive", "specificity_probe_negative"))
             lines.append(f"Shortcut audit ({set_name}): layout probe AUC {value_text(audit['probe_auc'])}; "
                          f"Spearman with the model among normals {value_text(audit['spearman_negatives'])}; "
-                         f"specificity among normals the probe calls pneumonia {flagged}, among the rest {rest}")
+                         f"specificity among normals the probe calls pneumonia {flagged}, among the rest {rest}"
+                         f"{aspect_line(audit.get('aspect'))}")
         else:
-            lines.append(f"Shortcut audit ({set_name}): this checkpoint has no layout probe; rates per group only")
+            lines.append(f"Shortcut audit ({set_name}): this checkpoint has no layout probe; rates per group only"
+                         f"{aspect_line(audit.get('aspect'))}")
     lines.append("Grad-CAM: randomised-model median Spearman "
                  f"{g['randomisation']['fully_randomised_median_spearman']:.3f}, "
                  f"border mass {g['border']['border_mass_share']:.3f} (area {g['border']['border_area_share']:.2f})"

@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
 
-from images import DICOM_SUFFIXES, age_in_years, header
+from images import DICOM_SUFFIXES, age_in_years, describe, header
 from settings import DEBIAS, JTT_UPWEIGHT
 
 SIDE = 12  # thumbnail side: the layout survives, a pneumonia's texture does not
@@ -161,6 +161,33 @@ def group_rates(y_true: np.ndarray, called: np.ndarray, groups: dict[str, list[s
     return table
 
 
+def aspect_ratios(paths: list[str]) -> np.ndarray:
+    """Width / height of each file's image, from its header alone; NaN where the header gives no size."""
+    def ratio(path: str) -> float:
+        try:
+            facts = describe(path)
+            return facts["width"] / facts["height"]
+        except Exception:  # a file that decoded once but whose header reads no size now: left out, not a crash
+            return float("nan")
+    return np.array([ratio(p) for p in paths], dtype=float)
+
+
+def aspect_audit(y_true: np.ndarray, ratios: np.ndarray) -> dict:
+    """Whether the films' aspect ratio alone tells the classes apart: its AUC as a pneumonia score, and the median
+    per class. Every film is resized to a square before the network sees it, so an aspect ratio that differs by
+    class becomes a difference in the chest's proportions, a cue beside the lungs. `auc` is None where it cannot
+    be told: one class only, or every film of the same aspect ratio (a re-encode squashed them, for example)."""
+    known = np.isfinite(ratios)
+    r, y = ratios[known], y_true[known]
+    block = {"films": int(known.sum()),
+             "median_normal": float(np.median(r[y == 0])) if (y == 0).any() else None,
+             "median_pneumonia": float(np.median(r[y != 0])) if (y != 0).any() else None}
+    varies = len(r) > 0 and np.ptp(r) > 1e-3
+    block["auc"] = float(roc_auc_score(y != 0, r)) if varies and len(set(y != 0)) == 2 else None
+    block["same_for_all"] = not varies
+    return block
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     """Rank correlation, or None for fewer than 3 films or a constant score."""
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
@@ -168,13 +195,17 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(spearmanr(a, b)[0])
 
 
-def audit(y_true, y_prob, threshold: float, layout: np.ndarray | None, groups: dict[str, list[str]]) -> dict:
+def audit(y_true, y_prob, threshold: float, layout: np.ndarray | None, groups: dict[str, list[str]],
+          ratios: np.ndarray | None = None) -> dict:
     """One scored set's shortcut block: the probe's AUC, how the model's scores follow it among the normals and
     among the pneumonias, the model's specificity among the normals the probe calls pneumonia and among the
-    rest, and the rates per group. `layout` is the probe's score per film (None: the checkpoint has no probe)."""
+    rest, the rates per group, and what the films' aspect ratios (`ratios`, width / height per film) say.
+    `layout` is the probe's score per film (None: the checkpoint has no probe)."""
     y_true, y_prob = np.asarray(y_true).astype(int), np.asarray(y_prob)
     called = y_prob >= threshold
     block = {"groups": group_rates(y_true, called, groups)}
+    if ratios is not None:
+        block["aspect"] = aspect_audit(y_true, np.asarray(ratios, dtype=float))
     if layout is None:
         return {"probe": False, **block}
     normal, flagged = y_true == 0, layout >= 0.5

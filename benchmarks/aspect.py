@@ -16,28 +16,18 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import list_files  # noqa: E402
-from images import describe  # noqa: E402
 from labels import CLASSES, SERIES_PATTERN  # noqa: E402
-from shortcut import groups_of  # noqa: E402
-
-
-def size(path: str) -> tuple[int, int]:
-    """(width, height) from the header; (0, 0) where it cannot be read or gives no size."""
-    try:
-        facts = describe(path)
-    except Exception:  # a damaged file: left out of the figures, and counted
-        return 0, 0
-    return facts["width"], facts["height"]
+from shortcut import aspect_ratios, groups_of  # noqa: E402
 
 
 def ratios(folder: Path) -> tuple[np.ndarray, list[str]]:
     """Width / height of every film below `folder` with a size in its header, and each film's series."""
     paths = sorted(list_files([str(folder)])[0])
-    sizes = {p: size(p) for p in paths}
-    kept = [p for p in paths if min(sizes[p]) > 0]
-    if len(kept) < len(paths):
-        print(f"  {folder}: {len(paths) - len(kept)} files without a readable size left out")
-    return (np.array([sizes[p][0] / sizes[p][1] for p in kept]), groups_of(kept, SERIES_PATTERN)["series"])
+    r = aspect_ratios(paths)
+    known = np.isfinite(r)
+    if not known.all():
+        print(f"  {folder}: {int((~known).sum())} files without a readable size left out")
+    return r[known], groups_of([p for p, k in zip(paths, known) if k], SERIES_PATTERN)["series"]
 
 
 def line(name: str, r: np.ndarray) -> str:

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import main
+import report
 import runs
 import shortcut
 import train
@@ -39,6 +40,7 @@ def test_the_probe_is_fitted_on_the_training_split_only(tmp_path, monkeypatch):
     assert torch.equal(stored["coef"], torch.from_numpy(seen["probe"].coef)) and stored["side"] == shortcut.SIDE
     block = json.loads((out / "metrics.json").read_text())["sets"]["test split"]["shortcut"]
     assert block["probe"] and 0 <= block["probe_auc"] <= 1 and set(block["groups"]) == {"series"}
+    assert block["aspect"]["films"] == sum(r["split"] == "test" for r in split)  # every test film's header read
 
 
 def test_the_audit_matches_a_hand_computation():
@@ -63,6 +65,29 @@ def test_the_audit_matches_a_hand_computation():
     assert series["other"]["sensitivity"]["k"] == 0 and series["other"]["specificity"]["n"] == 0
     without = shortcut.audit(y, model, 0.5, None, groups)
     assert without == {"probe": False, "groups": a["groups"]}
+
+
+def test_the_aspect_audit_matches_a_hand_computation_and_says_when_it_cannot_tell(tmp_path):
+    sizes = [(120, 100), (110, 100), (130, 100), (150, 100), (140, 100)]  # width x height
+    paths = []
+    for i, size in enumerate(sizes):
+        Image.new("L", size, 90).save(tmp_path / f"f{i}.png")
+        paths.append(str(tmp_path / f"f{i}.png"))
+    (tmp_path / "bad.png").write_bytes(b"not an image")  # no readable size: left out of the figures
+    dicom = write_dicom(tmp_path / "scan.dcm", np.zeros((50, 100), np.uint8))  # 100 columns, 50 rows
+    ratios = shortcut.aspect_ratios([*paths, str(tmp_path / "bad.png"), str(dicom)])
+    assert ratios[:5].tolist() == [1.2, 1.1, 1.3, 1.5, 1.4] and np.isnan(ratios[5]) and ratios[6] == 2.0
+    y = np.array([0, 0, 0, 1, 1, 0, 1])
+    a = shortcut.aspect_audit(y, ratios)
+    # the known films: normals 1.2, 1.1, 1.3 against pneumonias 1.5, 1.4, 2.0, every pneumonia wider
+    assert a == {"films": 6, "median_normal": 1.2, "median_pneumonia": 1.5, "auc": 1.0, "same_for_all": False}
+    assert shortcut.aspect_audit(np.array([0, 1, 1, 0]), np.array([1.4, 1.2, 1.3, 1.1]))["auc"] == pytest.approx(0.5)
+    squashed = shortcut.aspect_audit(np.array([0, 1, 1]), np.ones(3))  # every film re-encoded to a square
+    assert squashed["auc"] is None and squashed["same_for_all"]
+    assert "cannot show whether it differs by class" in report.aspect_text(squashed)
+    assert "AUC 1.000: median 1.200 among the normals and 1.500" in report.aspect_text(a)
+    block = shortcut.audit(y, np.full(7, 0.5), 0.5, None, {"series": ["x"] * 7}, ratios)
+    assert block["aspect"] == a and report.aspect_text(a) in report.shortcut_text(block)
 
 
 def test_wilson_intervals_match_the_formula():
