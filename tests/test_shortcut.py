@@ -199,3 +199,34 @@ def test_the_aspect_benchmark_reads_each_films_width_and_height_from_its_header(
     printed = capsys.readouterr().out
     assert "NORMAL" in printed and "median 1.200" in printed and "median 1.450" in printed
     assert "AUC of width/height alone as a pneumonia score: 1.000" in printed  # every pneumonia is wider
+
+
+def test_the_operating_point_benchmark_sets_the_validation_threshold_beside_the_hindsight_one(tmp_path, capsys,
+                                                                                            monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import operating_point
+    run = tmp_path / "run"
+    (run / "external" / "site").mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"validation": {"threshold": 0.5}}))
+    # 4 normals, 4 pneumonias; at 0.5: pneumonias 0.9, 0.8, 0.6 called (3 of 4), normals 0.7, 0.55 called (2 of 4)
+    scores = [("NORMAL", 0.1), ("NORMAL", 0.7), ("NORMAL", 0.55), ("NORMAL", 0.3),
+              ("PNEUMONIA", 0.9), ("PNEUMONIA", 0.8), ("PNEUMONIA", 0.6), ("PNEUMONIA", 0.2), ("PNEUMONIA", "")]
+    with open(run / "external" / "site" / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "probability"])
+        w.writerows([(f"f{i}.png", label, p) for i, (label, p) in enumerate(scores)])  # the unscored row is left out
+    y, p = operating_point.read_predictions(run / "external" / "site" / "predictions.csv")
+    assert len(y) == 8
+    # sensitivity >= 0.75 keeps 3 of 4: threshold 0.6, so normals 0.1, 0.55, 0.3 are below it -> 3 of 4
+    assert operating_point.hindsight_specificity(y, p, 0.75) == 0.75
+    assert operating_point.hindsight_specificity(y, p, 1.0) == 0.25  # keeping 0.2 calls every normal but 0.1
+    assert operating_point.run_line(run, "site", 0.75) == (0.5, 0.75, 0.5, 0.75)
+    argv = ["operating_point.py", str(run), str(run), "--set", "site", "--sensitivity", "0.75"]
+    monkeypatch.setattr("sys.argv", argv)
+    operating_point.main()
+    printed = capsys.readouterr().out
+    assert "specificity 0.500; best specificity at sensitivity >= 0.75 in hindsight 0.750" in printed
+    assert "mean over 2 runs: specificity at the validation threshold 0.500±0.000, in hindsight 0.750" in printed
+    monkeypatch.setattr("sys.argv", ["operating_point.py", str(run), "--set", "missing"])
+    with pytest.raises(SystemExit, match="cannot read its threshold or the predictions of 'missing'"):
+        operating_point.main()
