@@ -238,11 +238,16 @@ def layout_probe(ds: data.Dataset) -> shortcut.Probe:
 
 
 def debias_for(s: Settings, probe: shortcut.Probe, ds: data.Dataset, device: torch.device) -> train.Debias:
-    """--debias's per-image loss terms, in the training split's order (ds.subset's, as the training tensors)."""
+    """--debias's loss terms: per image, in the training split's order (ds.subset's, as the training tensors), or
+    for decorrelate the probe itself, which judges each augmented batch."""
     offsets, weights = shortcut.debias_terms(s.debias, probe, ds.labels[ds.subset("train")[2]].astype(int),
                                              3 if s.task == "cause" else 1, s.poe_scale)
-    return train.Debias(*(None if t is None else torch.as_tensor(t, dtype=torch.float32, device=device)
-                          for t in (offsets, weights)))
+    terms = train.Debias(*(None if t is None else torch.as_tensor(t, dtype=torch.float32, device=device)
+                           for t in (offsets, weights)))
+    if s.debias == "decorrelate":
+        terms.probe = (torch.as_tensor(probe.coef, dtype=torch.float32, device=device), float(probe.intercept))
+        terms.decorrelation = s.decorrelate_weight
+    return terms
 
 
 def build_scorer(s: Settings, kept: list[dict], prep: Preprocess, device: torch.device, choice: precision.Choice,

@@ -126,6 +126,10 @@ def debias_text(config: dict) -> str:
     if kind == "reweight":
         return ("Trained with the films the layout probe gets wrong upweighted in the loss (`--debias reweight`, "
                 "JTT).")
+    if kind == "decorrelate":
+        return (f"Trained with a penalty on the correlation, within each class, between the network's score and the "
+                f"layout probe's (`--debias decorrelate`, `--decorrelate-weight "
+                f"{config.get('decorrelate_weight', 0.1):g}`).")
     return ""
 
 

@@ -23,7 +23,7 @@ DESCRIPTION = "Pneumonia detector for pediatric chest X-rays: train, evaluate an
 # model.ARCHITECTURES' names, written here so that parsing loads no torch (tests/test_model_train.py checks they agree)
 ARCHITECTURES = ("cnn", "resnet18")
 # shortcut.debias_terms' kinds and JTT's weight, here so that parsing loads no torch (tests/test_shortcut.py checks)
-DEBIAS = ("none", "poe", "reweight")
+DEBIAS = ("none", "poe", "reweight", "decorrelate")
 JTT_UPWEIGHT = 6.0  # JTT's (Liu et al. 2021) weight on the films the bias model gets wrong, before the mean is 1
 SUB_COMMANDS = ("evaluate", "predict", "calibrate", "export")
 
@@ -186,10 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train against the layout probe (the shortcut audit's, fitted on the training split first) as "
                         "a known bias: poe, a product of experts (the loss sees the network's logit plus the frozen "
                         "probe's; the network is scored alone); reweight, JTT (the films the probe gets wrong weigh "
-                        f"{JTT_UPWEIGHT:g}x); none (docs/generalisation.md)")
+                        f"{JTT_UPWEIGHT:g}x); decorrelate (a penalty on the correlation, within each class of a "
+                        "batch, between the network's score and the probe's score of the augmented input); none "
+                        "(docs/generalisation.md)")
     p.add_argument("--poe-scale", type=number(float, 0, open_low=True), default=1.0,
                    help="with --debias poe: the probe's logit is multiplied by this before it is added (below 1, a "
                         "tempered bias expert: the network keeps more of what layout also predicts)")
+    p.add_argument("--decorrelate-weight", type=number(float, 0, open_low=True), default=0.1,
+                   help="with --debias decorrelate: the penalty's weight beside the loss (the penalty is the sum over "
+                        "the classes of the squared correlation, at most 1 each; docs/generalisation.md gives the "
+                        "doses tried)")
     add_groups_flag(p)
     add_augment_flags(p)
     add_shared_flags(p, cache=True)
@@ -420,6 +426,7 @@ class Settings:
     external: tuple[str, ...]
     debias: str
     poe_scale: float
+    decorrelate_weight: float
     augment: str
     rotation: float
     zoom: float
@@ -468,7 +475,8 @@ class Settings:
         names = {f.name for f in dataclasses.fields(cls)} - {"given"}
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
         # a run from before --arch (--groups, --debias, --framing) trained the CNN (grouped by series) without them
-        values = {"arch": "cnn", "groups": SERIES_PATTERN, "debias": "none", "poe_scale": 1.0, "framing": 0.0,
+        values = {"arch": "cnn", "groups": SERIES_PATTERN, "debias": "none", "poe_scale": 1.0,
+                  "decorrelate_weight": 0.1, "framing": 0.0,
                   "counter_framing": 0.0, "cut_bottom": 0.0, "aspect": 0.0, "erase_corners": 0.0,
                   **saved}
         return cls(**values, given=given)

@@ -89,6 +89,30 @@ def fit_probe(images, labels: np.ndarray, patients: list[str]) -> Probe:
     return Probe(head.coef_[0].astype(np.float64), float(head.intercept_[0]), float(roc_auc_score(y, cross)), cross)
 
 
+def layout_logits(batch: torch.Tensor, coef: torch.Tensor, intercept: float) -> torch.Tensor:
+    """The probe's logit for each image of a float batch (N x 1 x H x W) as `Probe.score` judges a stored film:
+    averaged down to SIDE x SIDE and standardised by its own mean and sd, so the network's normalisation does not
+    change it. For --debias decorrelate, on the augmented batch the network sees; no gradient flows through it."""
+    with torch.no_grad():
+        small = F.adaptive_avg_pool2d(batch.float(), SIDE).flatten(1)
+        small = (small - small.mean(1, keepdim=True)) / small.std(1, unbiased=False, keepdim=True).clamp_min(1e-6)
+        return small @ coef.to(small) + intercept
+
+
+def within_class_correlation(score: torch.Tensor, layout: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The sum, over the classes with at least 3 images in the batch, of the squared Pearson correlation between
+    the network's `score` and the probe's `layout` among that class's images. Zero when, inside every class, the
+    network's score does not follow the film's layout; the classes themselves may still differ in both (the
+    conditional independence of Veitch et al. 2021 for a label that causes the image)."""
+    penalty = score.new_zeros(())
+    for c in labels.unique():
+        among = labels == c
+        if int(among.sum()) >= 3:
+            s, z = score[among] - score[among].mean(), layout[among] - layout[among].mean()
+            penalty = penalty + ((s * z).sum() / (s.norm() * z.norm() + 1e-6)) ** 2
+    return penalty
+
+
 BIAS_CLIP = 1e-3  # the bias expert's probabilities kept in [clip, 1 - clip]: a logit of at most 6.9
 
 
@@ -102,10 +126,11 @@ def debias_terms(kind: str, probe: Probe, labels: np.ndarray, classes: int = 1,
     scored alone.
     With three classes (--task cause) the probe's log-odds are added to both pneumonia classes. reweight, JTT:
     the films whose class the probe gets wrong at 0.5 weigh JTT_UPWEIGHT times the others in the loss.
+    decorrelate needs neither: its penalty is computed per batch (within_class_correlation).
     """
     if kind not in DEBIAS:
         raise ValueError(f"unknown debias '{kind}': choose from {', '.join(DEBIAS)}")
-    if kind == "none":
+    if kind in ("none", "decorrelate"):
         return None, None
     p = np.clip(probe.out_of_fold, BIAS_CLIP, 1 - BIAS_CLIP)
     if kind == "poe":

@@ -24,6 +24,7 @@ from torch import nn
 import distributed
 import progress
 import runs
+import shortcut
 from cache import TensorRows
 from infer import Predictor, reestimate_batchnorm
 from model import memory_format
@@ -157,6 +158,8 @@ class Debias:
 
     offsets: torch.Tensor | None = None  # added to the network's logits in the training loss only
     weights: torch.Tensor | None = None  # each image's weight in the training loss (mean 1)
+    probe: tuple[torch.Tensor, float] | None = None  # the layout probe's (coef, intercept), for the penalty
+    decorrelation: float = 0.0  # the weight of shortcut.within_class_correlation in the training loss
 
     def logits(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The logits the training loss sees for the images `idx`."""
@@ -165,6 +168,16 @@ class Debias:
     def weight(self, idx: torch.Tensor) -> torch.Tensor | None:
         """The loss weights of the images `idx`, or None: unweighted."""
         return None if self.weights is None else self.weights[idx]
+
+    def penalty(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """The weighted within-class correlation of the network's pneumonia log-odds with the probe's on the
+        augmented batch `x` (labels `y`), or None without it."""
+        if not self.decorrelation:
+            return None
+        # three classes (--task cause): log((P(b) + P(v)) / P(n)), the log-odds a one-logit network gives
+        score = logits if logits.ndim == 1 else torch.logsumexp(logits[:, 1:], 1) - logits[:, 0]
+        layout = shortcut.layout_logits(x, *self.probe)
+        return self.decorrelation * shortcut.within_class_correlation(score, layout, y)
 
 
 @dataclass
@@ -211,9 +224,13 @@ def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainS
         x = p.prep.train(images[idx].to(device, non_blocking=True), generator, len(order[k]), keep, labels[idx])
         x = x.contiguous(memory_format=memory_format(device))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = p.debias.logits(p.model(x).float(), idx)
+            raw = p.model(x).float()
+            logits = p.debias.logits(raw, idx)
             weight = p.debias.weight(idx)
             loss = p.loss_fn(logits, y) if weight is None else p.loss_fn(logits, y, weight.to(device))
+            penalty = p.debias.penalty(raw, x, y)
+            if penalty is not None:
+                loss = loss + penalty
         # before the backward pass, so that every rank sees a non-finite loss on any rank and none steps on it
         loss_sum, seen, signalled = distributed.all_sum(
             [loss.item() * len(idx), len(idx), float(stop is not None and bool(stop.raised))], p.ranks, device)

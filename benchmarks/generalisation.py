@@ -79,6 +79,8 @@ CONFIGS = {
     "debias poe, scale 0.3": ["--debias", "poe", "--poe-scale", "0.3"],
     "debias poe, scale 0.1": ["--debias", "poe", "--poe-scale", "0.1"],
     "debias poe, scale 0.2": ["--debias", "poe", "--poe-scale", "0.2"],
+    "debias decorrelate 0.1": ["--debias", "decorrelate"],
+    "debias decorrelate 0.3": ["--debias", "decorrelate", "--decorrelate-weight", "0.3"],
     "erase corners 0.5": ["--erase-corners", "0.5"],
     "framing 0.5, erase corners 0.5": ["--framing", "0.5", "--erase-corners", "0.5"],
     "histogram equalisation": ["--intensity", "equalise"],

@@ -155,7 +155,59 @@ def test_debias_terms_follow_the_out_of_fold_probe():
     assert np.allclose(weights / weights[0], [1, JTT_UPWEIGHT, JTT_UPWEIGHT, 1, 1])
     with pytest.raises(ValueError, match="unknown debias"):
         shortcut.debias_terms("groupdro", probe, labels)
-    assert set(DEBIAS) == {"none", "poe", "reweight"}
+    assert shortcut.debias_terms("decorrelate", probe, labels) == (None, None)  # a penalty per batch instead
+    assert set(DEBIAS) == {"none", "poe", "reweight", "decorrelate"}
+
+
+def test_the_decorrelation_penalty_matches_a_hand_computation_and_judges_the_input_as_the_probe_does():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2])  # class 2 has two images: too few for a correlation
+    score = torch.tensor([1.0, 2, 3, 4, 1, 2, 3, 5, -5])
+    layout = torch.tensor([2.0, 4, 6, 8, 3, 2, 1, 0, 1])  # class 0: correlation +1; class 1: -1
+    assert float(shortcut.within_class_correlation(score, layout, labels)) == pytest.approx(2.0, abs=1e-5)
+    crossed = torch.tensor([1.0, -1, 1, -1]), torch.tensor([1.0, 1, -1, -1]), torch.zeros(4)
+    assert float(shortcut.within_class_correlation(*crossed)) == pytest.approx(0.0, abs=1e-6)  # uncorrelated
+    # the probe's logit of a float batch is its logit of the stored films, whatever the network's normalisation
+    rng = np.random.default_rng(0)
+    films = rng.integers(0, 256, (6, 40, 40), dtype=np.uint8)
+    probe = shortcut.Probe(rng.normal(size=shortcut.SIDE ** 2), 0.3, 0.9)
+    batch = (torch.from_numpy(films).float()[:, None] - 120) / 57
+    got = torch.sigmoid(shortcut.layout_logits(batch, torch.from_numpy(probe.coef).float(), probe.intercept))
+    assert np.allclose(got.numpy(), probe.score(films), atol=1e-4)
+    # in the loss: a one-logit network's score is its logit; a three-class one's, its pneumonia log-odds
+    terms = train.Debias(probe=(torch.from_numpy(probe.coef).float(), probe.intercept), decorrelation=0.5)
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    logits = torch.randn(6, requires_grad=True)
+    z = shortcut.layout_logits(batch, *terms.probe)
+    penalty = terms.penalty(logits, batch, y)
+    expected = 0.5 * float(shortcut.within_class_correlation(logits.detach(), z, y))
+    assert float(penalty.detach()) == pytest.approx(expected)
+    penalty.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    three = torch.randn(6, 3)
+    odds = torch.logsumexp(three[:, 1:], 1) - three[:, 0]
+    assert float(terms.penalty(three, batch, y)) == pytest.approx(
+        0.5 * float(shortcut.within_class_correlation(odds, z, y)), abs=1e-6)
+    assert train.Debias().penalty(logits, batch, y) is None
+
+
+def test_a_decorrelated_run_puts_the_penalty_in_the_training_loss_and_records_the_choice(tmp_path, monkeypatch):
+    calls = []
+    penalty = shortcut.within_class_correlation
+
+    def recording(score, layout, labels):
+        calls.append((score.requires_grad, len(score), len(layout)))
+        return penalty(score, layout, labels)
+
+    monkeypatch.setattr(shortcut, "within_class_correlation", recording)
+    out = tmp_path / "run"
+    assert main.main(["--demo", "--out", str(out), "--epochs", "1", "--demo-patients", "12", "--image-size", "48",
+                      "--quiet", "--precision", "fp32", "--debias", "decorrelate", "--decorrelate-weight", "0.5"]) == 0
+    train_films = sum(r["split"] == "train" for r in runs.read_csv(out / "split.csv"))
+    assert len(calls) == -(-train_films // 32)  # once per training step of the one epoch (batch 32)
+    assert all(grad and n == m for grad, n, m in calls)
+    config = json.loads((out / "config.json").read_text())
+    assert config["debias"] == "decorrelate" and config["decorrelate_weight"] == 0.5
+    assert "`--debias decorrelate`, `--decorrelate-weight 0.5`" in (out / "MODEL_CARD.md").read_text()
 
 
 def test_a_debiased_run_trains_against_the_probe_fitted_before_it_and_records_the_choice(tmp_path, monkeypatch):
