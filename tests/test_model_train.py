@@ -267,7 +267,7 @@ def test_early_stopping_counts_only_the_low_rate_tail_and_waits_for_auc_and_loss
 # each module may import only modules of a lower rank: data flows one way, from main down to model
 RANKS = {"errors": 0, "augment": 0, "labels": 0, "names": 0, "progress": 0, "distributed": 0, "model": 0,
          "transforms": 1, "precision": 1, "runs": 2, "images": 3, "settings": 3, "cache": 4, "demo": 4, "data": 5,
-         "infer": 5, "train": 6, "gradcam": 6, "ood": 6, "shortcut": 6, "evaluate": 7, "report": 8, "calibrate": 8,
+         "infer": 5, "train": 6, "gradcam": 6, "ood": 6, "shortcut": 5, "evaluate": 7, "report": 8, "calibrate": 8,
          "export": 8, "commands": 9, "main": 10}
 # and, whatever the ranks allow: scoring and explaining never load fitting; parsing flags loads neither
 NEVER_LOADS = {"infer": {"train"}, "gradcam": {"train"}, "evaluate": {"train"}, "report": {"train"},
