@@ -9,6 +9,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import signal
@@ -67,8 +68,20 @@ def atomic_write(path: Path, write) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    """Pretty JSON, written atomically."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, allow_nan=True).encode()))
+    """Pretty, strict JSON, written atomically: a figure that could not be computed (NaN) is null, since most
+    readers (jq, JavaScript, pandas' strict mode) refuse the NaN token Python writes by default."""
+    atomic_write(path, lambda f: f.write(json.dumps(finite(obj), indent=2, allow_nan=False).encode()))
+
+
+def finite(value):
+    """`value` with every NaN or infinite float, at any depth, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def write_text(path: Path, text: str) -> None:

@@ -287,7 +287,7 @@ def derived_predictions(args, run: Path, members: int, tta: bool) -> dict[str, n
 
 
 def mean_sd(values) -> str:
-    values = [v for v in values if v == v]
+    values = [v for v in values if v is not None and v == v]  # null in metrics.json, NaN here: not computed
     if not values:
         return "-"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0

@@ -125,3 +125,15 @@ def test_an_old_metrics_json_is_read_into_one_block_per_set_and_renders(tmp_path
     page = report.write_report(tmp_path, "old run", {}, m).read_text()
     assert "External: site" in page and "0.700" in page
     assert "Input checks (site): 2 of 19" in report.terminal_summary(m, tmp_path)
+
+
+def refuse(token):
+    raise ValueError(f"{token} is not JSON")
+
+
+def test_metrics_json_is_strict_json_with_null_where_a_figure_could_not_be_computed(tmp_path):
+    runs.write_json(tmp_path / "m.json", {"auc": float("nan"), "border": {"share": np.float64("nan"), "k": 3},
+                                          "ci95": (0.5, float("inf")), "rows": [[-float("inf"), 0.25]], "ok": 0.9})
+    saved = json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse)
+    assert saved == {"auc": None, "border": {"share": None, "k": 3}, "ci95": [0.5, None], "rows": [[None, 0.25]],
+                     "ok": 0.9}

@@ -30,7 +30,8 @@ def test_demo_run_writes_every_output_and_learns(demo_run):
         assert (demo_run / name).is_file(), name
     assert len(list((demo_run / "gradcam").glob("TP_*.png"))) >= 1
     assert not (demo_run / "INCOMPLETE").exists()
-    m = json.loads((demo_run / "metrics.json").read_text())
+    m = json.loads((demo_run / "metrics.json").read_text(),
+                   parse_constant=lambda token: pytest.fail(f"{token} in metrics.json: not strict JSON"))
     assert m["schema"] == runs.METRICS_SCHEMA and list(m["sets"]) == ["test split",
                                                                       "other_site"]  # test, then --external
     test = m["sets"]["test split"]["rates"]
