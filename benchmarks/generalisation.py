@@ -81,6 +81,7 @@ CONFIGS = {
     "debias poe, scale 0.2": ["--debias", "poe", "--poe-scale", "0.2"],
     "debias decorrelate 0.1": ["--debias", "decorrelate"],
     "debias decorrelate 0.3": ["--debias", "decorrelate", "--decorrelate-weight", "0.3"],
+    "zoom 0.4, debias decorrelate 0.1": ["--zoom", "0.4", "--debias", "decorrelate"],
     "erase corners 0.5": ["--erase-corners", "0.5"],
     "framing 0.5, erase corners 0.5": ["--framing", "0.5", "--erase-corners", "0.5"],
     "histogram equalisation": ["--intensity", "equalise"],
