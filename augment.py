@@ -43,10 +43,14 @@ class Augment:
     aspect: float = 0.0
     erase_corners: float = 0.0  # probability that one corner's square (10-25% of the side), where markers sit, is
     # filled with the image's mean grey
+    # probability that a film's coarse layout (its 12x12 average, the scale of the shortcut audit's probe, smoothly
+    # upsampled) is replaced by another film's of the batch, drawn whatever the labels: at that scale the layout
+    # then says nothing of the label, while the film's own finer detail, where a pneumonia's texture is, stays
+    layout_swap: float = 0.0
 
     @classmethod
     def plain(cls, rotation: float = 15.0) -> "Augment":
         """The original project's transform: rotation and crop position only, zero padding."""
         return cls(rotation=rotation, zoom=0.0, translate=0.0, gamma=0.0, contrast=0.0, brightness=0.0, noise=0.0,
                    padding="zeros", sharpness=0.0, framing=0.0, counter_framing=0.0, cut_bottom=0.0,
-                   aspect=0.0, erase_corners=0.0)
+                   aspect=0.0, erase_corners=0.0, layout_swap=0.0)

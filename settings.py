@@ -243,6 +243,10 @@ def add_augment_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--erase-corners", type=number(float, 0, 1), default=d.erase_corners,
                    help="probability that one corner's square (10-25%% of the side), where side markers sit, is filled "
                         "with the image's mean grey")
+    g.add_argument("--layout-swap", type=number(float, 0, 1), default=d.layout_swap,
+                   help="probability that a film's coarse layout (its 12x12 average, the shortcut probe's scale) is "
+                        "replaced by another training film's, whatever their labels, so that layout at that scale "
+                        "stops telling the class (docs/generalisation.md)")
     g.add_argument("--padding", choices=PADDING, default=d.padding,
                    help="fill outside the stored image (zeros paints black frames)")
     g.add_argument("--intensity", choices=INTENSITY, default="dataset",
@@ -441,6 +445,7 @@ class Settings:
     cut_bottom: float
     aspect: float
     erase_corners: float
+    layout_swap: float
     padding: str
     intensity: str
     device: str
@@ -478,6 +483,7 @@ class Settings:
         values = {"arch": "cnn", "groups": SERIES_PATTERN, "debias": "none", "poe_scale": 1.0,
                   "decorrelate_weight": 0.1, "framing": 0.0,
                   "counter_framing": 0.0, "cut_bottom": 0.0, "aspect": 0.0, "erase_corners": 0.0,
+                  "layout_swap": 0.0,
                   **saved}
         return cls(**values, given=given)
 

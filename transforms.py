@@ -50,6 +50,21 @@ def erase_corners(x: torch.Tensor, draw: "_Draws", probability: float) -> torch.
     return torch.where(inside, x.mean((1, 2, 3), keepdim=True).expand_as(x), x)
 
 
+def swap_layout(x: torch.Tensor, draw: "_Draws", probability: float, side: int = 12) -> torch.Tensor:
+    """With `probability` per image, the image's coarse layout (its side x side average, bilinearly upsampled)
+    replaced by that of another image of the same batch: x - low(x) + low(partner), kept in [0, 1].
+
+    The partners form one random cycle through the images of this process's batch, chosen from draws made for the
+    whole global batch, so that the generators stay equal on every rank; labels play no part in it."""
+    chosen = ((draw.uniform(draw.n, 0.5) + 0.5) < probability).view(-1, 1, 1, 1).to(x.device)
+    order = draw.uniform(draw.n, 0.5).argsort()
+    partner = torch.empty_like(order)
+    partner[order] = order.roll(1)
+    low = F.interpolate(F.adaptive_avg_pool2d(x, side), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    swapped = (x - low + low[partner.to(x.device)]).clamp(0, 1)
+    return torch.where(chosen, swapped, x)
+
+
 class _Draws:
     """Random draws for a batch of n images, of which only the rows `keep` (None: all) are used."""
 
@@ -162,6 +177,8 @@ class Preprocess:
         grid = F.affine_grid(theta, [len(batch), 1, self.image_size, self.image_size], align_corners=False)
         x = F.grid_sample(batch.float() / 255.0, grid, mode="bilinear", padding_mode=a.padding, align_corners=False)
         x = self._intensity(x, draw)
+        if a.layout_swap:  # drawn only when set, so that a run without it draws as before
+            x = swap_layout(x, draw, a.layout_swap)
         return self.normalise(erase_corners(x, draw, a.erase_corners) if a.erase_corners else x)
 
     def _intensity(self, x: torch.Tensor, draw: "_Draws") -> torch.Tensor:

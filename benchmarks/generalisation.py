@@ -85,6 +85,8 @@ CONFIGS = {
     "erase corners 0.5": ["--erase-corners", "0.5"],
     "framing 0.5, erase corners 0.5": ["--framing", "0.5", "--erase-corners", "0.5"],
     "histogram equalisation": ["--intensity", "equalise"],
+    "layout swap 0.5": ["--layout-swap", "0.5"],
+    "layout swap 1.0": ["--layout-swap", "1.0"],
     "counter framing 0.4": ["--counter-framing", "0.4"],
     "cut bottom 0.3": ["--cut-bottom", "0.3"],
     "debias poe 0.1, erase corners 0.5": ["--debias", "poe", "--poe-scale", "0.1", "--erase-corners", "0.5"],

@@ -265,6 +265,30 @@ def test_erase_corners_fills_one_corner_square_with_the_image_mean_and_leaves_th
     assert torch.equal(never, plain)
 
 
+def test_layout_swap_moves_each_films_coarse_layout_to_another_film_and_keeps_its_fine_detail():
+    side, n = 48, 8
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    checker = ((rows + cols) % 2 * 2 - 1).float()  # a 1-pixel checkerboard: detail far finer than the 12x12 layout
+    top = torch.linspace(0.3, 0.65, n)  # each film's layout: the grey of its top third (the rest is 0.5)
+    detail = torch.linspace(0.02, 0.09, n)  # each film's fine detail: the checkerboard's amplitude
+    films = 0.5 + detail[:, None, None] * checker + torch.where(rows < side // 3, top[:, None, None] - 0.5, 0.0)
+    batch = (films * 255).round().to(torch.uint8)[:, None]
+    out = transforms.Preprocess(side, 0.0, 1.0, _only(layout_swap=1.0)).train(batch, torch.Generator().manual_seed(0))
+    upper = out[:, 0, :side // 4]  # rows well inside the top third
+    got_top, got_detail = upper.mean((1, 2)), (upper * checker[:side // 4]).mean((1, 2))
+    assert torch.allclose(got_detail, detail, atol=0.005)  # every film keeps its own detail
+    partner = (got_top[:, None] - top[None]).abs().argmin(1)  # whose layout each film now has
+    assert torch.allclose(got_top, top[partner], atol=0.01)
+    assert sorted(partner.tolist()) == list(range(n)) and (partner != torch.arange(n)).all()  # each to another film
+    plain = transforms.Preprocess(side, 0.0, 1.0, _only()).train(batch, torch.Generator())
+    never = transforms.Preprocess(side, 0.0, 1.0, _only(layout_swap=0.0)).train(batch, torch.Generator())
+    assert torch.equal(never, plain) and torch.allclose(plain[:, 0], batch[:, 0].float() / 255)
+    half = transforms.Preprocess(side, 0.0, 1.0, _only(layout_swap=0.5)).train(batch.repeat(8, 1, 1, 1),
+                                                                               torch.Generator().manual_seed(1))
+    swapped = (half != plain.repeat(8, 1, 1, 1)).flatten(1).any(1).float().mean()
+    assert 0.25 < swapped < 0.75
+
+
 def test_contrast_brightness_and_noise_stay_in_range_and_vary_per_image():
     batch = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (32, 1, 24, 24), dtype=np.uint8))
     out = transforms.Preprocess(24, 0.0, 1.0, _only(contrast=0.3, brightness=0.1, noise=0.05)).train(
