@@ -50,7 +50,7 @@ def erase_corners(x: torch.Tensor, draw: "_Draws", probability: float) -> torch.
     return torch.where(inside, x.mean((1, 2, 3), keepdim=True).expand_as(x), x)
 
 
-def swap_layout(x: torch.Tensor, draw: "_Draws", probability: float, side: int = 12) -> torch.Tensor:
+def swap_layout(x: torch.Tensor, draw: "_Draws", probability: float, side: int = 12) -> torch.Tensor:  # shortcut.SIDE
     """With `probability` per image, the image's coarse layout (its side x side average, bilinearly upsampled)
     replaced by that of another image of the same batch: x - low(x) + low(partner), kept in [0, 1].
 

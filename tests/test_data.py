@@ -1,4 +1,5 @@
 """Discovery, patient ids, grouped splits, decoding, caching and augmentation."""
+import inspect
 import math
 import json
 import os
@@ -12,6 +13,7 @@ import data
 import cache
 import images
 import runs
+import shortcut
 import transforms
 from conftest import kaggle_names, shared, write_image
 
@@ -287,6 +289,8 @@ def test_layout_swap_moves_each_films_coarse_layout_to_another_film_and_keeps_it
                                                                                torch.Generator().manual_seed(1))
     swapped = (half != plain.repeat(8, 1, 1, 1)).flatten(1).any(1).float().mean()
     assert 0.25 < swapped < 0.75
+    # the swap's scale is the shortcut probe's, as the flag's help says
+    assert inspect.signature(transforms.swap_layout).parameters["side"].default == shortcut.SIDE
 
 
 def test_contrast_brightness_and_noise_stay_in_range_and_vary_per_image():
