@@ -5,6 +5,9 @@ Usage: `Augment(rotation=10)`; transforms.Preprocess draws and applies them.
 from dataclasses import dataclass
 
 PADDING = ("border", "reflection", "zeros")
+# the side of a film's thumbnail at which its layout (framing, collimation, markers) survives and a pneumonia's
+# texture does not: the shortcut audit's probe sees films at this side, and --layout-swap swaps layouts at it
+LAYOUT_SIDE = 12
 INTENSITY = ("dataset", "image", "equalise")
 
 
@@ -43,9 +46,9 @@ class Augment:
     aspect: float = 0.0
     erase_corners: float = 0.0  # probability that one corner's square (10-25% of the side), where markers sit, is
     # filled with the image's mean grey
-    # probability that a film's coarse layout (its 12x12 average, the scale of the shortcut audit's probe, smoothly
-    # upsampled) is replaced by another film's of the batch, drawn whatever the labels: at that scale the layout
-    # then says nothing of the label, while the film's own finer detail, where a pneumonia's texture is, stays
+    # probability that a film's coarse layout (its LAYOUT_SIDE x LAYOUT_SIDE average, smoothly upsampled) is replaced
+    # by another film's of the batch, drawn whatever the labels: at that scale the layout then says nothing of the
+    # label, while the film's own finer detail, where a pneumonia's texture is, stays
     layout_swap: float = 0.0
 
     @classmethod

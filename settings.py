@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from augment import INTENSITY, PADDING, Augment
+from augment import INTENSITY, LAYOUT_SIDE, PADDING, Augment
 from errors import UserError
 from labels import CAM_TARGETS, SERIES_PATTERN
 
@@ -244,9 +244,9 @@ def add_augment_flags(p: argparse.ArgumentParser) -> None:
                    help="probability that one corner's square (10-25%% of the side), where side markers sit, is filled "
                         "with the image's mean grey")
     g.add_argument("--layout-swap", type=number(float, 0, 1), default=d.layout_swap,
-                   help="probability that a film's coarse layout (its 12x12 average, the shortcut probe's scale) is "
-                        "replaced by another training film's, whatever their labels, so that layout at that scale "
-                        "stops telling the class (docs/generalisation.md)")
+                   help=f"probability that a film's coarse layout (its {LAYOUT_SIDE}x{LAYOUT_SIDE} average, the "
+                        "shortcut probe's scale) is replaced by another training film's, whatever their labels, so "
+                        "that layout at that scale stops telling the class (docs/generalisation.md)")
     g.add_argument("--padding", choices=PADDING, default=d.padding,
                    help="fill outside the stored image (zeros paints black frames)")
     g.add_argument("--intensity", choices=INTENSITY, default="dataset",

@@ -21,10 +21,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
 
+from augment import LAYOUT_SIDE as SIDE  # thumbnail side: the layout survives, a pneumonia's texture does not
 from images import DICOM_SUFFIXES, age_in_years, describe, header
 from settings import DEBIAS, JTT_UPWEIGHT
 
-SIDE = 12  # thumbnail side: the layout survives, a pneumonia's texture does not
 # DICOM header fields that make groups, and what the audit calls them
 HEADER_GROUPS = {"manufacturer": "manufacturer", "station": "station", "view": "view", "sex": "sex"}
 AGE_BANDS = ((0, 1, "under 1"), (1, 6, "1-5"), (6, 18, "6-17"), (18, 200, "18 or older"))

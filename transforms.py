@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from augment import INTENSITY, PADDING, Augment  # noqa: F401 (Augment is part of this module's interface)
+from augment import INTENSITY, LAYOUT_SIDE, PADDING, Augment  # noqa: F401 (Augment is part of this module's interface)
 
 def centre_crop(images, size: int):
     """The centre size x size of the last two axes (numpy or torch): edges, markers and text cut off."""
@@ -38,8 +38,8 @@ def erase_corners(x: torch.Tensor, draw: "_Draws", probability: float) -> torch.
     """With `probability` per image, one corner's square (side 10-25% of the image's) filled with the image's mean:
     the side markers ("R", "L", a hospital's letters) that a model could read instead of the lungs."""
     side = x.shape[-1]
-    chosen = (draw.uniform(draw.n, 0.5) + 0.5) < probability
-    corner = ((draw.uniform(draw.n, 0.5) + 0.5) * 4).long().clamp(max=3)  # 0 top left, 1 top right, 2, 3 bottom
+    chosen = draw.unit() < probability
+    corner = (draw.unit() * 4).long().clamp(max=3)  # 0 top left, 1 top right, 2, 3 bottom
     size = ((draw.uniform(draw.n, 0.075) + 0.175) * side).round()
     pos = torch.arange(side, dtype=torch.float32)
     # distance from the chosen corner along each axis: inside the square where both are below its side
@@ -50,13 +50,13 @@ def erase_corners(x: torch.Tensor, draw: "_Draws", probability: float) -> torch.
     return torch.where(inside, x.mean((1, 2, 3), keepdim=True).expand_as(x), x)
 
 
-def swap_layout(x: torch.Tensor, draw: "_Draws", probability: float, side: int = 12) -> torch.Tensor:  # shortcut.SIDE
+def swap_layout(x: torch.Tensor, draw: "_Draws", probability: float, side: int = LAYOUT_SIDE) -> torch.Tensor:
     """With `probability` per image, the image's coarse layout (its side x side average, bilinearly upsampled)
     replaced by that of another image of the same batch: x - low(x) + low(partner), kept in [0, 1].
 
     The partners form one random cycle through the images of this process's batch, chosen from draws made for the
     whole global batch, so that the generators stay equal on every rank; labels play no part in it."""
-    chosen = ((draw.uniform(draw.n, 0.5) + 0.5) < probability).view(-1, 1, 1, 1).to(x.device)
+    chosen = (draw.unit() < probability).view(-1, 1, 1, 1).to(x.device)
     order = draw.uniform(draw.n, 0.5).argsort()
     partner = torch.empty_like(order)
     partner[order] = order.roll(1)
@@ -76,6 +76,10 @@ class _Draws:
 
     def uniform(self, shape, bound: float) -> torch.Tensor:
         return self._kept(_uniform(shape, self.generator, bound))
+
+    def unit(self) -> torch.Tensor:
+        """One draw in [0, 1] per image."""
+        return self.uniform(self.n, 0.5) + 0.5
 
     def normal(self, shape) -> torch.Tensor:
         return self._kept(torch.randn(shape, generator=self.generator))
