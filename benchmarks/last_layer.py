@@ -16,10 +16,11 @@ Two weightings, fixed before any external set was scored with them:
   effect of the groups from that of refitting a head without augmentation.
 
 The threshold is then chosen on the validation split with the new head (`sens=0.95`, the product's policy), and
-the test split and `--set` (an --external folder of the run) are scored at it. Printed per run and as mean +- sd
-over runs, beside the run's own head rescored the same way (fp32, so it can differ from the run's bf16 figures by
-a film). "probe rho": the Spearman correlation, among the set's normals, of the model's and the probe's scores
-(the probe fitted on the run's whole training split). A diagnostic: the product does not refit heads.
+the test split and `--set` (an --external folder of the run) are scored at it. Printed per run, with the set's
+false positives by name, and as mean +- sd over runs, beside the run's own head rescored the same way (fp32, so it
+can differ from the run's bf16 figures by a film). "probe rho": the Spearman correlation, among the set's normals,
+of the model's and the probe's scores (the probe fitted on the run's whole training split). A diagnostic: the
+product does not refit heads.
 """
 import argparse
 import sys
@@ -98,9 +99,11 @@ def score_run(run: Path, set_name: str) -> dict[str, dict]:
                  for name in ("val", "test", "set")}
         threshold = choose_threshold(labels["val"], probs["val"], POLICY)
         normal = labels["set"] == 0
+        false = normal & (probs["set"] >= threshold)
         out[head] = {"threshold": threshold, "test": rates(labels["test"], probs["test"], threshold),
                      "set": rates(labels["set"], probs["set"], threshold),
-                     "rho": float(spearmanr(probs["set"][normal], layout[normal])[0])}
+                     "rho": float(spearmanr(probs["set"][normal], layout[normal])[0]),
+                     "false_positives": [Path(r["path"]).stem for r, f in zip(sets["set"], false) if f]}
     return out
 
 
@@ -130,6 +133,7 @@ def main() -> None:
             print(f"  {head:17s} threshold {h['threshold']:.3f}; test AUC {h['test']['auc']:.3f} spec "
                   f"{h['test']['spec']:.3f}; {args.set} AUC {h['set']['auc']:.3f} sens {h['set']['sens']:.3f} "
                   f"spec {h['set']['spec']:.3f} probe rho {h['rho']:.3f}", flush=True)
+            print(f"    {args.set}'s false positives: {' '.join(h['false_positives'])}")
     print(f"\nover {len(rows)} runs ('set' is {args.set}):")
     for head in HEADS:
         print(line(head, rows))

@@ -282,3 +282,20 @@ def test_the_operating_point_benchmark_sets_the_validation_threshold_beside_the_
     monkeypatch.setattr("sys.argv", ["operating_point.py", str(run), "--set", "missing"])
     with pytest.raises(SystemExit, match="cannot read its threshold or the predictions of 'missing'"):
         operating_point.main()
+
+
+def test_the_last_layer_benchmark_balances_the_groups_and_rescores_the_runs_own_head_as_the_run_did(demo_run,
+                                                                                                    monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import last_layer
+    labels, groups = np.array([0, 0, 0, 0, 0, 0, 1, 1]), np.array([0, 0, 0, 0, 0, 1, 2, 3])
+    weights = last_layer.group_weights(labels, groups)
+    assert np.allclose([weights[groups == g].sum() for g in range(4)], 2.0)  # 8 films, 4 groups: 2 each
+    assert np.isclose(weights.mean(), 1.0) and weights[5] == 5 * weights[0]  # one film weighs as much as five
+    scored = last_layer.score_run(demo_run, "other_site")
+    assert sum(scored["groups"].values()) == sum(r["split"] == "train" for r in runs.read_csv(demo_run / "split.csv"))
+    # the run's own head, rescored in fp32 (the demo run trained in fp32), picks the run's own validation threshold
+    stored = runs.read_checkpoint(demo_run / "best.pt")["threshold"]
+    assert abs(scored["own head"]["threshold"] - stored) < 1e-4
+    for head in last_layer.HEADS:
+        assert 0.0 <= scored[head]["set"]["spec"] <= 1.0 and -1.0 <= scored[head]["rho"] <= 1.0
