@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import runs  # noqa: E402
 import shortcut  # noqa: E402
 from evaluate import choose_threshold  # noqa: E402
-from infer import load_predictor  # noqa: E402
+from infer import load_predictor, probabilities  # noqa: E402
 from labels import CLASSES  # noqa: E402
 
 POLICY = "sens=0.95"
@@ -75,7 +75,7 @@ def score_run(run: Path, set_name: str) -> dict[str, dict]:
                 if r["label"] and r["probability"]]
     sets = {name: [r for r in split if r["split"] == name] for name in ("train", "val", "test")}
     sets["set"] = external
-    images, features, labels = {}, {}, {}
+    images, features, labels, own = {}, {}, {}, {}
     for name, rows in sets.items():
         images[name], errors, _ = predictor.decode([r["path"] for r in rows], show=False)
         if any(errors):
@@ -83,8 +83,7 @@ def score_run(run: Path, set_name: str) -> dict[str, dict]:
         logits, feats = predictor.logits_and_features(torch.from_numpy(images[name][:, None]))
         features[name] = feats[0].numpy().astype(np.float64)
         labels[name] = np.array([CLASSES.index(r["label"]) for r in rows])
-        if name != "train":
-            features[name + " own"] = torch.sigmoid(logits).numpy()
+        own[name] = probabilities(logits)[0]  # P(pneumonia) from the run's own head
     train_patients = [r["patient"] for r in sets["train"]]
     probe = shortcut.fit_probe(images["train"], labels["train"], train_patients)
     layout = probe.score(images["set"])
@@ -95,7 +94,7 @@ def score_run(run: Path, set_name: str) -> dict[str, dict]:
     counts = {int(g): int((groups == g).sum()) for g in np.unique(groups)}
     out = {"groups": counts}
     for head in HEADS:
-        probs = {name: features[name + " own"] if head == "own head" else scorers[head](features[name])
+        probs = {name: own[name] if head == "own head" else scorers[head](features[name])
                  for name in ("val", "test", "set")}
         threshold = choose_threshold(labels["val"], probs["val"], POLICY)
         normal = labels["set"] == 0
