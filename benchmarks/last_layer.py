@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import runs  # noqa: E402
 import shortcut  # noqa: E402
-from evaluate import choose_threshold  # noqa: E402
+from evaluate import binary_metrics, choose_threshold  # noqa: E402
+from generalisation import mean_sd  # noqa: E402
 from infer import load_predictor, probabilities  # noqa: E402
 from labels import CLASSES  # noqa: E402
 
@@ -44,14 +44,10 @@ POLICY = "sens=0.95"
 HEADS = ("own head", "balanced classes", "balanced groups")
 
 
-def group_weights(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
+def group_weights(groups: np.ndarray) -> np.ndarray:
     """Per film, a weight that gives every group present the same total weight; the weights average 1."""
-    weights = np.zeros(len(labels))
-    present = np.unique(groups)
-    for g in present:
-        among = groups == g
-        weights[among] = len(labels) / (len(present) * among.sum())
-    return weights
+    present, index, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    return len(groups) / (len(present) * counts[index])
 
 
 def refit(features: np.ndarray, labels: np.ndarray, weights: np.ndarray):
@@ -62,8 +58,9 @@ def refit(features: np.ndarray, labels: np.ndarray, weights: np.ndarray):
 
 
 def rates(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
-    called = p >= threshold
-    return {"auc": roc_auc_score(y, p), "sens": called[y == 1].mean(), "spec": (~called[y == 0]).mean()}
+    """AUC, sensitivity and specificity at `threshold`, under the short names this benchmark prints."""
+    m = binary_metrics(y, p, threshold)
+    return {"auc": m["auc"], "sens": m["sensitivity"], "spec": m["specificity"]}
 
 
 def score_run(run: Path, set_name: str) -> dict[str, dict]:
@@ -88,9 +85,8 @@ def score_run(run: Path, set_name: str) -> dict[str, dict]:
     probe = shortcut.fit_probe(images["train"], labels["train"], train_patients)
     layout = probe.score(images["set"])
     groups = labels["train"] * 2 + (probe.out_of_fold >= 0.5)
-    scorers = {"balanced classes": refit(features["train"], labels["train"], group_weights(labels["train"],
-                                                                                           labels["train"])),
-               "balanced groups": refit(features["train"], labels["train"], group_weights(labels["train"], groups))}
+    scorers = {"balanced classes": refit(features["train"], labels["train"], group_weights(labels["train"])),
+               "balanced groups": refit(features["train"], labels["train"], group_weights(groups))}
     counts = {int(g): int((groups == g).sum()) for g in np.unique(groups)}
     out = {"groups": counts}
     for head in HEADS:
@@ -111,10 +107,7 @@ def line(head: str, rows: list[dict]) -> str:
     for part in ("test", "set"):
         for k in ("auc", "sens", "spec"):
             cols[f"{part} {k}"] = [r[head][part][k] for r in rows]
-
-    def text(v):
-        return f"{np.mean(v):.3f}±{np.std(v, ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
-    return f"{head:17s} " + "  ".join(f"{k} {text(v)}" for k, v in cols.items())
+    return f"{head:17s} " + "  ".join(f"{k} {mean_sd(v)}" for k, v in cols.items())
 
 
 def main() -> None:

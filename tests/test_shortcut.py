@@ -288,8 +288,8 @@ def test_the_last_layer_benchmark_balances_the_groups_and_rescores_the_runs_own_
                                                                                                     monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import last_layer
-    labels, groups = np.array([0, 0, 0, 0, 0, 0, 1, 1]), np.array([0, 0, 0, 0, 0, 1, 2, 3])
-    weights = last_layer.group_weights(labels, groups)
+    groups = np.array([0, 0, 0, 0, 0, 1, 2, 3])  # 8 films in 4 groups of 5, 1, 1 and 1
+    weights = last_layer.group_weights(groups)
     assert np.allclose([weights[groups == g].sum() for g in range(4)], 2.0)  # 8 films, 4 groups: 2 each
     assert np.isclose(weights.mean(), 1.0) and weights[5] == 5 * weights[0]  # one film weighs as much as five
     scored = last_layer.score_run(demo_run, "other_site")
