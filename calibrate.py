@@ -152,3 +152,171 @@ def fit_site(args, ckpt: dict, ds: data.Dataset, load: Callable[[], Predictor], 
                                "adapt_bn_images": int(len(adapt_images)) if args.adapt_bn is not None else 0,
                                "policy": policy, "warning": warning, "shortfall": shortfall(policy, expected)}}
     return Site(metrics=metrics, predictor=predictor, threshold=threshold, cause_threshold=cause_threshold, prob=prob)
+
+
+# ---------------------------------------------------------------- without labels: the site's score distribution
+LOGIT_LIMIT = 9.0  # |logit| beyond this (P under 1.2e-4 or over 0.99988) is treated as censored: its exact value
+# is rounding (predictions.csv keeps 6 decimals) and says nothing the threshold needs
+MIN_FILMS = 50  # fewer films than this do not identify a two-class mixture
+MIN_PER_CLASS = 15  # nor do fewer than this many films estimated in the rarer class
+SITE_RESAMPLES = 200
+GRID = np.linspace(-40.0, 40.0, 8001)  # validation logits' space, where the class densities are tabulated
+
+
+def site_logits(prob) -> np.ndarray:
+    """P(pneumonia) as a logit within +-LOGIT_LIMIT: the scale both distribution models work on."""
+    p = np.clip(np.asarray(prob, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return np.clip(np.log(p) - np.log1p(-p), -LOGIT_LIMIT, LOGIT_LIMIT)
+
+
+def upper_quantile(values, share: float) -> float:
+    """The highest v with at least `share` of `values` >= v: where a sensitivity of `share` is kept."""
+    ordered = np.sort(np.asarray(values))[::-1]
+    return float(ordered[max(int(np.ceil(share * len(ordered))) - 1, 0)])
+
+
+@dataclass
+class Fit:
+    """A two-class model of a site's logits: the pneumonia share, and the parameters of the class densities."""
+
+    prevalence: float
+    params: tuple
+
+
+class ValidationShapes:
+    """The site's logits as the validation split's, class by class, moved by one affine map z = a v + b that the
+    site's films choose, mixed at the site's own prevalence (three parameters: prevalence, a, b).
+
+    Why this model: a new site's films move the whole score scale (exposure, framing and processing act on
+    every film), while the shape of each class's scores is the model's own, and the validation split measured it
+    on hundreds of films of each class. Fitting the shapes' offset, not the shapes themselves, keeps the rarer
+    class's few films from deciding where it lies. The threshold is the validation one carried through the map, so
+    the target sensitivity is the validation's by construction."""
+
+    name = "validation shapes"
+
+    def __init__(self, val_logits, val_labels, target: float):
+        val_logits, val_labels = np.asarray(val_logits, np.float64), np.asarray(val_labels).astype(int)
+        self.classes = [val_logits[val_labels == k] for k in (0, 1)]
+        self.target = target
+        self.anchor = upper_quantile(self.classes[1], target)  # the validation threshold on the logit
+        self.log_density, self.survival = [], []
+        for v in self.classes:
+            bandwidth = max(1.06 * v.std() * len(v) ** -0.2, 0.05)  # Silverman's rule
+            density = np.exp(-0.5 * ((GRID[:, None] - v[None, :]) / bandwidth) ** 2).sum(1)
+            density /= density.sum() * (GRID[1] - GRID[0])
+            self.log_density.append(np.log(density + 1e-300))
+            self.survival.append(1 - np.cumsum(density) * (GRID[1] - GRID[0]))
+
+    def _class_likelihoods(self, z: np.ndarray, a: float, b: float) -> np.ndarray:
+        """2 x N likelihood of each film under each class; a censored film gets its tail's probability."""
+        v = (z - b) / a
+        top, bottom = (LOGIT_LIMIT - b) / a, (-LOGIT_LIMIT - b) / a
+        out = np.empty((2, len(z)))
+        for k in (0, 1):
+            out[k] = np.exp(np.interp(v, GRID, self.log_density[k], left=-700, right=-700)) / a
+            out[k, z >= LOGIT_LIMIT] = np.interp(top, GRID, self.survival[k], left=1.0, right=0.0)
+            out[k, z <= -LOGIT_LIMIT] = 1 - np.interp(bottom, GRID, self.survival[k], left=1.0, right=0.0)
+        return np.maximum(out, 1e-300)
+
+    def fit(self, z: np.ndarray, start: Fit | None = None) -> Fit:
+        """Maximum likelihood over (prevalence, a, b): EM for the prevalence inside a search over the map."""
+        from scipy.optimize import minimize
+
+        def prevalence(lik, pi=0.5):
+            ratio = lik[1] / lik[0]
+            for _ in range(200):  # EM for the mixing weight alone: each step's ratio is fixed
+                new = float(np.clip(np.mean(pi * ratio / (pi * ratio + 1 - pi)), 1e-4, 1 - 1e-4))
+                if abs(new - pi) < 1e-6:
+                    break
+                pi = new
+            return new
+
+        def loss(x):
+            a, b = np.exp(x[0]), x[1]
+            lik = self._class_likelihoods(z, a, b)
+            pi = prevalence(lik)
+            return -np.log(pi * lik[1] + (1 - pi) * lik[0]).sum()
+
+        starts = [np.array([np.log(start.params[0]), start.params[1]])] if start else \
+            [np.array([0.0, b]) for b in (-2.0, 0.0, 2.0)]
+        best = min((minimize(loss, x0, method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-4})
+                    for x0 in starts), key=lambda r: r.fun)
+        a, b = float(np.exp(best.x[0])), float(best.x[1])
+        return Fit(prevalence(self._class_likelihoods(z, a, b)), (a, b))
+
+    def threshold(self, fit: Fit) -> float:
+        a, b = fit.params
+        return a * self.anchor + b
+
+    def rates(self, fit: Fit, t: float) -> tuple[float, float]:
+        """Sensitivity and specificity the fitted model implies at the logit threshold `t`."""
+        a, b = fit.params
+        return float(np.mean(a * self.classes[1] + b >= t)), float(np.mean(a * self.classes[0] + b < t))
+
+
+class GaussianMixture:
+    """The site's logits as two Gaussians (five parameters), the higher one pneumonia; the threshold keeps the
+    target share of the higher component above it. The plain recipe: no knowledge of the model's own shapes."""
+
+    name = "two Gaussians"
+
+    def __init__(self, target: float):
+        self.target = target
+
+    def fit(self, z: np.ndarray, start: Fit | None = None) -> Fit:
+        from sklearn.mixture import GaussianMixture as Mixture
+        m = Mixture(2, random_state=0, reg_covar=1e-3).fit(z[:, None])
+        order = np.argsort(m.means_[:, 0])
+        mu, sd = m.means_[order, 0], np.sqrt(m.covariances_[order, 0, 0])
+        return Fit(float(m.weights_[order[1]]), (*mu, *sd))
+
+    def threshold(self, fit: Fit) -> float:
+        from scipy.stats import norm
+        _, mu1, _, sd1 = fit.params
+        return float(mu1 + sd1 * norm.ppf(1 - self.target))
+
+    def rates(self, fit: Fit, t: float) -> tuple[float, float]:
+        from scipy.stats import norm
+        mu0, mu1, sd0, sd1 = fit.params
+        return float(norm.sf(t, mu1, sd1)), float(norm.cdf(t, mu0, sd0))
+
+
+def distribution_refusal(n: int, prevalence: float) -> str | None:
+    """Why a site's scores do not identify two classes (one sentence), or None."""
+    advice = "label a sample of the site's films and run calibrate with --data instead"
+    if n < MIN_FILMS:
+        return f"{n} usable films are too few to tell two classes apart without labels (at least {MIN_FILMS}); {advice}"
+    rare = min(prevalence, 1 - prevalence) * n
+    if rare < MIN_PER_CLASS:
+        which = "pneumonia" if prevalence < 0.5 else "normal"
+        return (f"the films' scores hold about {rare:.0f} {which} films (estimated prevalence {prevalence:.2f}), too "
+                f"few to place a threshold without labels (at least {MIN_PER_CLASS}); {advice}")
+    return None
+
+
+def unlabelled_threshold(z: np.ndarray, model, resamples: int = SITE_RESAMPLES, seed: int = 0) -> dict:
+    """The site's threshold from its films' logits `z` alone under `model`, with what the model expects there.
+
+    The expected sensitivity, specificity and prevalence carry 95% intervals from a bootstrap of the films: each
+    resample is fitted again and its model scores the threshold chosen on all the films. A refusal is a dict with
+    "refused" (one sentence) and the prevalence estimate."""
+    z = np.asarray(z, np.float64)
+    fit = model.fit(z)
+    refused = distribution_refusal(len(z), fit.prevalence)
+    if refused:
+        return {"refused": refused, "prevalence": fit.prevalence, "films": len(z), "model": model.name}
+    t = model.threshold(fit)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        again = model.fit(z[rng.integers(0, len(z), len(z))], start=fit)
+        draws.append([again.prevalence, *model.rates(again, t)])
+    lo, hi = evaluate.interval95(np.array(draws))
+    sens, spec = model.rates(fit, t)
+    names = ("prevalence", "sensitivity", "specificity")
+    return {"model": model.name, "films": len(z), "threshold": float(1 / (1 + np.exp(-t))), "threshold_logit": t,
+            "prevalence": fit.prevalence, "sensitivity": sens, "specificity": spec,
+            "ci95": {k: [float(a), float(b)] for k, a, b in zip(names, lo, hi)}, "resamples": resamples,
+            "method": "bootstrap of the films: each resample refitted, scored at the threshold chosen on all"}
+
