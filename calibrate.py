@@ -5,10 +5,14 @@ Usage: `python main.py calibrate --checkpoint runs/X/best.pt --data SITE_DIR [--
 The expected sensitivity and specificity come from out-of-bag bootstrap: the threshold is chosen on each
 resample of the site's patients and scored on the patients left out, so the intervals carry the
 threshold's own uncertainty as well as the sample's.
+
+Without labels (`--unlabelled DIR ...`) the threshold comes from the distribution of the model's scores on the
+site's films: see ValidationShapes and docs/calibration.md. Only the films' pixels are read there.
 """
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +20,7 @@ import torch
 import data
 import evaluate
 import runs
-from cache import ImageCache, load_images
+from cache import ImageCache, file_hash, load_images
 from infer import Predictor, reestimate_batchnorm
 
 SMALL_SAMPLE = 50  # images per class: below this a promised sensitivity rests on too few pneumonias
@@ -302,7 +306,7 @@ def unlabelled_threshold(z: np.ndarray, model, resamples: int = SITE_RESAMPLES, 
     resample is fitted again and its model scores the threshold chosen on all the films. A refusal is a dict with
     "refused" (one sentence) and the prevalence estimate."""
     z = np.asarray(z, np.float64)
-    fit = model.fit(z)
+    fit = model.fit(z) if len(z) >= MIN_FILMS else Fit(float("nan"), ())
     refused = distribution_refusal(len(z), fit.prevalence)
     if refused:
         return {"refused": refused, "prevalence": fit.prevalence, "films": len(z), "model": model.name}
@@ -320,3 +324,105 @@ def unlabelled_threshold(z: np.ndarray, model, resamples: int = SITE_RESAMPLES, 
             "ci95": {k: [float(a), float(b)] for k, a, b in zip(names, lo, hi)}, "resamples": resamples,
             "method": "bootstrap of the films: each resample refitted, scored at the threshold chosen on all"}
 
+
+
+def short_hashes(hashes) -> list[str]:
+    """The first 16 hex digits (64 bits) of content hashes: enough to recognise a film, at a fraction of the size."""
+    return [h[:16] for h in hashes]
+
+
+def validation_scores(ckpt: dict, checkpoint: str) -> tuple[np.ndarray, np.ndarray]:
+    """The validation split's P(pneumonia) and labels: from best.pt, or, for a checkpoint made before it kept them,
+    from the predictions_val.csv of its run folder."""
+    if ckpt.get("validation"):
+        return np.asarray(ckpt["validation"]["prob"]), np.asarray(ckpt["validation"]["label"])
+    beside = Path(checkpoint).parent / "predictions_val.csv"
+    if beside.exists():
+        rows = [r for r in runs.read_csv(beside) if r["probability"]]
+        return np.array([float(r["probability"]) for r in rows]), np.array([r["label"] == "PNEUMONIA" for r in rows],
+                                                                            int)
+    raise CalibrationError(f"'{checkpoint}' keeps no validation scores (it predates unlabelled calibration and its "
+                           f"run's predictions_val.csv is not beside it): calibrate with a labelled sample (--data)")
+
+
+@dataclass
+class SiteFilms:
+    """A site's unlabelled films as read for calibration: every file with its checks, and the films used."""
+
+    rows: evaluate.Predictions  # every file found, scored at the source threshold, with its flags (predict's rows)
+    images: np.ndarray  # the used films, decoded
+    used: np.ndarray  # indices into rows of the films the threshold is fitted on
+    left_out: dict[str, int]  # reason -> films
+
+
+def site_films(folders: list[str], scorer: evaluate.Scorer, seen: list[str] | None, show: bool = True) -> SiteFilms:
+    """The films below `folders` by predict's rules, their names and folders never read for anything but opening
+    them. Left out and counted: films the model was trained or validated on (by content hash: their scores are
+    the training's, not the site's), a second copy of a film, unreadable files and films flagged as unlike the
+    training films (a threshold is no answer for them)."""
+    files, skipped = data.list_files(folders)
+    known, hashes, kept = set(seen or ()), set(), []
+    left = {"training or validation films": 0, "repeated films": 0, "unreadable": 0, "unlike the training films": 0}
+    for path in files:
+        try:
+            h = file_hash(path)
+        except OSError:
+            kept.append(path)  # the decoder says why it cannot be read
+            continue
+        if h[:16] in known:
+            left["training or validation films"] += 1
+        elif h in hashes:
+            left["repeated films"] += 1
+        else:
+            hashes.add(h)
+            kept.append(path)
+    decoded = scorer.predictor.decode(kept, show=show)
+    images, errors, _ = decoded
+    good = [i for i, e in enumerate(errors) if e is None]
+    scored = scorer.assess(torch.from_numpy(images[good]).unsqueeze(1), show=show) if good else \
+        (np.zeros(0), None, None)
+    rows = evaluate.file_predictions(scorer, kept, decoded, scored, skipped)
+    used = np.array([i for i in good if not rows.flags[i]], dtype=int)
+    left["unreadable"] = len(kept) - len(good)
+    left["unlike the training films"] = len(good) - len(used)
+    return SiteFilms(rows, images[used], used, left)
+
+
+def sensitivity_target(policy: str) -> float:
+    """The sensitivity a `sens=X` policy keeps; without labels no other policy has a meaning on the site."""
+    if not policy.startswith("sens="):
+        raise CalibrationError(f"without labels a threshold can only keep a sensitivity target, not '{policy}': pass "
+                               f"--threshold sens=X, or calibrate with a labelled sample (--data)")
+    return float(policy[5:])
+
+
+def fit_unlabelled(args, ckpt: dict, films: SiteFilms, load: Callable[[], Predictor]) -> Site:
+    """The site-adapted predictor (AdaBN with --adapt-bn, on the films used) and the threshold its scores of the
+    site's films choose, with the figures the distribution model expects; refusals raise CalibrationError."""
+    policy = args.threshold or ckpt.get("threshold_policy", "sens=0.95")
+    val_prob, val_y = validation_scores(ckpt, args.checkpoint)
+    model = ValidationShapes(site_logits(val_prob), val_y, sensitivity_target(policy))
+    predictor = load()
+    prob = films.rows.prob[films.used]
+    adapt_images = films.images[:0]
+    if args.adapt_bn is not None:
+        extra = unlabelled_images(args.adapt_bn, films.images.shape[-1], show=not args.quiet) if args.adapt_bn else \
+            adapt_images
+        adapt_images = np.concatenate([films.images, extra])
+        adapt_batchnorm(predictor, adapt_images)
+        prob = predictor.predict(torch.from_numpy(films.images).unsqueeze(1))[0]
+    found = unlabelled_threshold(site_logits(prob), model, seed=args.seed)
+    if "refused" in found:
+        raise CalibrationError(found["refused"])
+    threshold = found["threshold"]
+    calibration = {
+        "kind": "unlabelled", "source": {"path": str(args.checkpoint), "sha256": runs.file_sha256(args.checkpoint)},
+        "site": {"folders": list(args.unlabelled), "films": len(films.rows.paths), "used": len(films.used),
+                 "left_out": films.left_out},
+        "policy": policy, "adapt_bn": args.adapt_bn is not None, "adapt_bn_images": int(len(adapt_images)),
+        "unlabelled": list(args.adapt_bn or []), "threshold_before": float(ckpt["threshold"]),
+        "called_pneumonia": {"before": float(np.mean(films.rows.prob[films.used] >= ckpt["threshold"])),
+                             "after": float(np.mean(prob >= threshold))},
+        "warning": None, "shortfall": None}
+    return Site(metrics={"calibration": calibration, "expected": found}, predictor=predictor, threshold=threshold,
+                cause_threshold=None, prob=prob)

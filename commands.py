@@ -326,12 +326,13 @@ def write_results(s: Settings, run_dir: Path, metrics: dict) -> None:
 def choose_threshold_and_save(s: Settings, run_dir: Path, members: list[dict], ds: data.Dataset,
                               scorer: evaluate.Scorer, precision_name: str) -> float:
     """Choose the scorer's threshold on validation (predictions_val.csv) and write best.pt; returns validation AUC."""
-    val_auc = evaluate.set_threshold(scorer, ds, s.threshold, run_dir / "predictions_val.csv")
+    val_auc, validation = evaluate.set_threshold(scorer, ds, s.threshold, run_dir / "predictions_val.csv")
+    seen = [h for h, split in zip(ds.hashes, ds.split) if split in ("train", "val")]
     runs.save_best(run_dir / "best.pt", model_config=scorer.predictor.members[0].config,
                    members=[m["weights"] for m in members], prep=scorer.predictor.prep,
                    thresholds={"threshold": scorer.threshold, "cause_threshold": scorer.cause_threshold},
                    policy=s.threshold, tta=s.tta, training=[m["summary"] for m in members], ood=scorer.detector.state(),
-                   probe=scorer.probe.state(),
+                   probe=scorer.probe.state(), validation=validation, seen=calibrate.short_hashes(seen),
                    config=s.config(), precision=precision_name)
     return val_auc
 
@@ -444,6 +445,8 @@ def report_predictions(scorer: evaluate.Scorer, rows: evaluate.Predictions, imag
 def run_calibrate(args) -> int:
     """Choose a site's threshold (after AdaBN with --adapt-bn) on its labelled sample; write a new checkpoint beside
     the source, which is never touched, with the before/after figures and what the site should expect."""
+    if args.unlabelled:
+        return calibrate_unlabelled(args)
     ckpt = runs.read_checkpoint(args.checkpoint)
     device = configure_device(args.device)
     choice = scoring_precision(args.precision, ckpt, device)
@@ -475,6 +478,39 @@ def run_calibrate(args) -> int:
         if metrics["calibration"]["shortfall"]:
             say(f"note: {metrics['calibration']['shortfall']}")
         say(f"wrote {out / 'best.pt'} (score with it as with any best.pt), {out / 'report.html'} and MODEL_CARD.md")
+    return 0
+
+
+def calibrate_unlabelled(args) -> int:
+    """Choose a site's threshold from its unlabelled films' scores (after AdaBN with --adapt-bn); write a new
+    checkpoint beside the source, with what the distribution of the scores lets the site expect."""
+    ckpt = runs.read_checkpoint(args.checkpoint)
+    device = configure_device(args.device)
+    choice = scoring_precision(args.precision, ckpt, device)
+    scorer = evaluate.Scorer(infer.load_predictor(ckpt, device, choice.dtype), ckpt["threshold"],
+                             detector=load_detector(ckpt))
+    films = calibrate.site_films(args.unlabelled, scorer, ckpt.get("seen"), show=not args.quiet)
+    if ckpt.get("seen") is None:
+        say("note: this checkpoint predates the list of its training films: films it was trained on cannot be left "
+            "out", file=sys.stderr)
+    try:
+        site = calibrate.fit_unlabelled(args, ckpt, films, lambda: infer.load_predictor(ckpt, device, choice.dtype))
+    except calibrate.CalibrationError as err:
+        raise UsageError(str(err)) from None
+    out = runs.create(args.out, "calibrate-", Path(args.checkpoint).parent, inputs=list(args.unlabelled))
+    with runs.partial(out, "calibrate"):
+        metrics = site.metrics
+        runs.save_calibrated(out / "best.pt", ckpt, [m.state_dict() for m in site.predictor.members], site.threshold,
+                             ckpt.get("cause_threshold"), metrics, choice.name)
+        rows = films.rows
+        rows.prob[films.used] = site.prob  # after AdaBN, the adapted model's scores
+        evaluate.write_predictions(out / "predictions.csv", rows, site.threshold)
+        runs.write_json(out / "metrics.json", metrics)
+        report.write_calibration_report(out, f"Site calibration of {args.checkpoint} without labels", metrics)
+        report.write_calibrated_card(out, Path(args.checkpoint).parent / "MODEL_CARD.md", metrics)
+        say(report.unlabelled_table(metrics).text())
+        say(f"wrote {out / 'best.pt'} (meant for the site of {', '.join(args.unlabelled)}; score with it as with any "
+            f"best.pt), {out / 'report.html'} and MODEL_CARD.md")
     return 0
 
 

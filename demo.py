@@ -85,6 +85,29 @@ def make_phantoms(out: str | Path, patients_per_class: int = 60, images_per_pati
     return out
 
 
+def make_site(out: str | Path, films: int = 120, pneumonia_share: float = 0.4, gamma: float = 0.95,
+              seed: int = 1) -> Path:
+    """Write an unlabelled 'new site' of phantoms: a shifted generator (every film's grey levels raised to `gamma`,
+    as another exposure would) and flat file names made of each image's own hash, so no name or folder tells a
+    label. Returns the folder; the truth goes to a labels.csv beside it, for tests, never read by the product."""
+    import hashlib
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    truth = []
+    for i in range(films):
+        img, lungs = _anatomy(rng, np.random.default_rng(rng.integers(2**32)))
+        sick = i < round(films * pneumonia_share)
+        if sick:
+            img += 0.45 * _opacities(rng, lungs)
+        pixels = (np.clip(img, 0, 1) ** gamma * 255).astype(np.uint8)
+        name = hashlib.blake2b(pixels.tobytes(), digest_size=8).hexdigest() + ".png"
+        Image.fromarray(pixels).save(out / name)
+        truth.append(f"{name},{CLASSES[int(sick)]}")
+    (out.parent / f"{out.name}_labels.csv").write_text("file,label\n" + "\n".join(truth) + "\n")
+    return out
+
+
 def load_masks(data_root: str | Path, paths: list[str], size: int) -> np.ndarray:
     """Lesion masks matching `paths` at the stored image size (all-false for images without one)."""
     from images import decode_image  # the same resize as the images

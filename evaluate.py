@@ -299,11 +299,12 @@ def flag_summary(p: Predictions) -> dict:
             "examples": [[p.paths[i], "; ".join(p.flags[i])] for i in np.flatnonzero(flagged)[:50]]}
 
 
-def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> float:
+def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> tuple[float, dict]:
     """Choose the scorer's threshold on the validation split by `policy`; its predictions go to `path`.
 
     Kept as predictions_val.csv, so another threshold policy can be checked later without retraining.
-    Returns the scorer's validation AUC.
+    Returns the scorer's validation AUC and the validation scores ({"prob", "label"}), which best.pt keeps for
+    calibrating to a site without labels.
     """
     images, labels, idx = ds.subset("val")
     y_prob, classes, features = scorer.assess(images)
@@ -313,7 +314,8 @@ def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> 
         scorer.cause_threshold = choose_threshold(causes[causes > 0] == 1, bacterial_share(classes[causes > 0]),
                                                   "youden")
     write_predictions(path, labelled_predictions(scorer, ds, idx, y_prob, classes, features), scorer.threshold)
-    return float(roc_auc_score(labels.numpy(), y_prob))
+    scores = {"prob": [float(p) for p in y_prob], "label": [int(v) for v in labels.numpy()]}
+    return float(roc_auc_score(labels.numpy(), y_prob)), scores
 
 
 def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note: str = "",

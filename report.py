@@ -405,10 +405,39 @@ def calibration_text(m: dict) -> list[str]:
             f"intervals carry the threshold's own uncertainty."]
 
 
+def unlabelled_table(m: dict) -> Table:
+    """An unlabelled calibration: the threshold before and after, and what the score distribution lets the site
+    expect, with 95% intervals."""
+    c, e = m["calibration"], m["expected"]
+    rows = [["threshold", f"{c['threshold_before']:.4f}", f"{e['threshold']:.4f}"],
+            ["films called pneumonia", f"{c['called_pneumonia']['before']:.3f}", f"{c['called_pneumonia']['after']:.3f}"]]
+    rows += [[f"expected {k} (95% CI)", "", f"{e[k]:.3f} ({interval(e['ci95'][k])})"]
+             for k in ("prevalence", "sensitivity", "specificity")]
+    return Table(["site's films, no labels", "before: the model as trained", "after: the site's threshold"], rows)
+
+
+def unlabelled_text(m: dict) -> list[str]:
+    """How an unlabelled calibration was made, what it used and left out, and what it is for, as paragraphs."""
+    c, e = m["calibration"], m["expected"]
+    left = ", ".join(f"{n} {why}" for why, n in c["site"]["left_out"].items() if n) or "none"
+    adapt = (f" BatchNorm statistics were first re-estimated on {c['adapt_bn_images']} films (AdaBN)." if c["adapt_bn"]
+             else "")
+    return [f"Calibrated WITHOUT LABELS to the site of {', '.join(code(f) for f in c['site']['folders'])}, and meant "
+            f"for that site only. Source checkpoint {code(c['source']['path'])} (sha256 {c['source']['sha256'][:16]}"
+            f"...), left unchanged. {c['site']['films']} films found, {c['site']['used']} used; left out: {left}.{adapt}",
+            f"The threshold comes from the distribution of the model's scores on those films ({e['model']}: the "
+            f"validation split's scores of each class, moved by one affine map the site's scores choose, mixed at "
+            f"the site's prevalence) and keeps the policy `{c['policy']}`. The expected figures are the model's own "
+            f"estimates, with 95% intervals over {e['resamples']} bootstrap resamples of the films: no label checked "
+            f"them. Score a labelled sample of the site (`evaluate`) before trusting them."]
+
+
 def write_calibration_report(out_dir: Path, title: str, m: dict) -> Path:
     """report.html of a calibration: provenance, the before/after table and the expected rates."""
+    text, table = (unlabelled_text, unlabelled_table) if m["calibration"].get("kind") == "unlabelled" else \
+        (calibration_text, calibration_table)
     body = [f"<h1>{html.escape(title)}</h1>", "<h2>Site calibration</h2>",
-            *(f"<p>{html.escape(t)}</p>" for t in calibration_text(m)), calibration_table(m).html()]
+            *(f"<p>{html.escape(t)}</p>" for t in text(m)), table(m).html()]
     for key in ("warning", "shortfall"):
         if m["calibration"].get(key):
             body.append(f'<p class="warn">{html.escape(m["calibration"][key])}</p>')
@@ -420,12 +449,14 @@ def write_calibrated_card(out_dir: Path, source_card: Path, m: dict) -> Path:
     card = source_card.read_text() if source_card.exists() else "# Model card\n\nThe source run's card was not found.\n"
     if card.startswith("---\n"):  # the source's front matter gives its metrics at its threshold, not this one's
         card = card.split("---\n", 2)[2].lstrip()
-    lines = ["", "## Site calibration", *calibration_text(m), "", calibration_table(m).markdown()]
+    text, table = (unlabelled_text, unlabelled_table) if m["calibration"].get("kind") == "unlabelled" else \
+        (calibration_text, calibration_table)
+    lines = ["", "## Site calibration", *text(m), "", table(m).markdown()]
     for key, label in (("warning", "Warning"), ("shortfall", "Note")):
         if m["calibration"].get(key):
             lines += ["", f"**{label}:** {html.escape(printable(m['calibration'][key]))}"]
     lines += ["", "This section supersedes the threshold above for this checkpoint: it scores at "
-                  f"{m['after']['threshold']:.4f}."]
+                  f"{m['expected']['threshold'] if 'after' not in m else m['after']['threshold']:.4f}."]
     path = out_dir / "MODEL_CARD.md"
     write_text(path, card.rstrip() + "\n" + "\n".join(lines) + "\n")
     return path

@@ -360,17 +360,19 @@ def read_checkpoint(path: str | Path | None, kind: str = "model") -> dict:
 
 
 def save_best(path: Path, *, model_config: dict, members: list[dict], prep: Preprocess, thresholds: dict,
-              policy: str, tta: bool, training: list[dict], ood: dict, probe: dict, config: dict,
-              precision: str) -> None:
+              policy: str, tta: bool, training: list[dict], ood: dict, probe: dict, validation: dict,
+              seen: list[str], config: dict, precision: str) -> None:
     """best.pt: what scoring new data needs (every member's weights, the model config, preprocessing, thresholds,
     whether to average test-time views, the out-of-distribution detector, the precision the thresholds were chosen
     at), the shortcut audit's layout probe, and how the members were trained, with the run's config.
 
-    `thresholds` holds "threshold" (on P(pneumonia)) and, for three-class models, "cause_threshold".
+    `thresholds` holds "threshold" (on P(pneumonia)) and, for three-class models, "cause_threshold". `validation`
+    (the validation split's scores) and `seen` (short content hashes of the training and validation films) are
+    what calibrating to a site without labels needs.
     """
     save_checkpoint(path, {"members": members, "model_config": model_config, "preprocess": prep.state(), **thresholds,
                            "threshold_policy": policy, "tta": tta, "training": training, "ood": ood, "probe": probe,
-                           "config": config,
+                           "validation": validation, "seen": seen, "config": config,
                            "precision": precision})
 
 
@@ -381,9 +383,10 @@ def save_calibrated(path: Path, ckpt: dict, members: list[dict], threshold: floa
     calibrated = {k: v for k, v in ckpt.items() if k not in ("model", "format", "versions")}
     calibrated.update(members=[{k: v.cpu() for k, v in m.items()} for m in members], threshold=threshold,
                       threshold_policy=metrics["calibration"]["policy"], precision=precision,
-                      calibration={**metrics["calibration"], "before": {k: metrics["before"][k] for k in
-                                                                         ("threshold", "sensitivity", "specificity")},
-                                   "expected": metrics["expected"]})
+                      calibration={**metrics["calibration"], "expected": metrics["expected"]})
+    if "before" in metrics:  # a labelled sample measured the source threshold there
+        calibrated["calibration"]["before"] = {k: metrics["before"][k] for k in ("threshold", "sensitivity",
+                                                                                 "specificity")}
     if cause_threshold is not None:
         calibrated["cause_threshold"] = cause_threshold
     if metrics["calibration"]["adapt_bn"] and calibrated.get("ood"):

@@ -305,7 +305,13 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
                            "the site's images first, and write a new checkpoint; the source is never changed. "
                            "See docs/calibration.md.")
     p.add_argument("--checkpoint", required=True, help="best.pt of a finished run (or of an earlier calibration)")
-    p.add_argument("--data", required=True, help="the site's labelled folder: NORMAL/ and PNEUMONIA/ at any depth")
+    site = p.add_mutually_exclusive_group(required=True)
+    site.add_argument("--data", help="the site's labelled folder: NORMAL/ and PNEUMONIA/ at any depth")
+    site.add_argument("--unlabelled", metavar="DIR", nargs="+",
+                      help="the site's unlabelled films (files or folders, predict's rules; names and folders are "
+                           "never read as labels): the threshold comes from the distribution of their scores and "
+                           "keeps the checkpoint's sensitivity target; refused where the scores do not show two "
+                           "classes")
     p.add_argument("--threshold", type=threshold_policy, default=None,
                    help="threshold policy applied to the site sample: sens=X, youden or a number; default: the "
                         "checkpoint's own policy")

@@ -1,0 +1,163 @@
+"""Unlabelled site calibration judged on half A by the rule in docs/calibration.md ("The rule, fixed before half
+A was scored"): the validation threshold against each model of the site's score distribution, cross-fit,
+transductive and under prevalence stress, over the seeds of finished default runs.
+
+Usage: `python benchmarks/site_unlabelled.py RUN [RUN ...]` (e.g. the seedN/ folders of
+`benchmarks/generalisation.py --seeds 5 --only default`). Each run's validation scores come from its
+predictions_val.csv and half A's from its external/*/predictions.csv: the model as trained scored them, so the
+methods see exactly what `calibrate --unlabelled` sees, the scores of the films, and nothing re-runs the network.
+Half A's labels and file names are read here only to split it by child, to draw the stress samples and to score.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import calibrate  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+from generalisation import read_predictions  # noqa: E402  (beside this script)
+
+PREVALENCES = (0.05, 0.10, 0.30, 0.60, 0.90)
+DRAWS, DRAW_SIZE = 20, 100
+TARGET = 0.95  # the default checkpoint's policy, sens=0.95
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="+", help="finished default runs scored with --external half A")
+    p.add_argument("--draws", type=int, default=DRAWS, help="stress draws per prevalence")
+    p.add_argument("--resamples", type=int, default=calibrate.SITE_RESAMPLES, help="bootstrap resamples per fit")
+    return p.parse_args(argv)
+
+
+def models(val_prob, val_y) -> dict:
+    """name -> a fresh distribution model of this run (the product's models, at the default target)."""
+    z = calibrate.site_logits(val_prob)
+    return {"validation shapes": calibrate.ValidationShapes(z, val_y, TARGET),
+            "two Gaussians": calibrate.GaussianMixture(TARGET)}
+
+
+def rates(y, prob, threshold) -> dict:
+    m = evaluate.binary_metrics(y, prob, threshold)
+    return {k: m[k] for k in ("sensitivity", "specificity", "accuracy", "auc")}
+
+
+def cross_fit(model, y, prob, patients, resamples: int) -> tuple[dict, float]:
+    """Each patient-disjoint half's calls at the threshold fitted on the other half's scores; all calls scored."""
+    kids = np.unique(patients)
+    first = np.isin(patients, np.random.default_rng(0).permutation(kids)[:len(kids) // 2])
+    calls, prevalence = np.zeros(len(y), int), []
+    for fit_on in (first, ~first):
+        r = calibrate.unlabelled_threshold(calibrate.site_logits(prob[fit_on]), model, resamples)
+        if "refused" in r:
+            return {"refused": r["refused"]}, float("nan")
+        calls[~fit_on] = prob[~fit_on] >= r["threshold"]
+        prevalence.append(r["prevalence"])
+    m = evaluate.binary_metrics(y, calls.astype(float), 0.5)
+    return {k: m[k] for k in ("sensitivity", "specificity", "accuracy")} | {"auc": rates(y, prob, 0.5)["auc"]}, \
+        float(np.mean(prevalence))
+
+
+def stress(model, y, prob, draws: int, resamples: int, seed: int) -> list[dict]:
+    """Draws of DRAW_SIZE films at each prevalence, each calibrated alone and scored on the whole set."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    out = []
+    for share in PREVALENCES:
+        k = round(DRAW_SIZE * share)
+        for _ in range(draws):
+            picked = np.r_[rng.choice(pos, k, replace=False), rng.choice(neg, DRAW_SIZE - k, replace=False)]
+            r = calibrate.unlabelled_threshold(calibrate.site_logits(prob[picked]), model, resamples)
+            row = {"share": share, "refused": "refused" in r, "prevalence": r["prevalence"]}
+            if not row["refused"]:
+                truth = rates(y, prob, r["threshold"])
+                lo, hi = r["ci95"]["sensitivity"]
+                row |= truth | {"covered": lo <= truth["sensitivity"] <= hi,
+                                "passes": truth["sensitivity"] >= 0.90 and lo <= truth["sensitivity"] <= hi}
+            else:
+                row["passes"] = True
+            out.append(row)
+    return out
+
+
+def one_run(run: Path, args) -> dict:
+    """Every row of the rule for one run: {method: {"transductive": ..., "cross-fit": ..., "stress": [...]}}."""
+    val_y, val_prob, _ = read_predictions(run / "predictions_val.csv")
+    y, prob, paths = read_predictions(next((run / "external").glob("*/predictions.csv")))
+    patients = np.array([data.patient_id(p) for p in paths])
+    own = evaluate.choose_threshold(val_y, val_prob, f"sens={TARGET}")
+    result = {"validation threshold": {"transductive": rates(y, prob, own) | {"prevalence": float("nan")},
+                                       "cross-fit": rates(y, prob, own) | {"prevalence": float("nan")}}}
+    for name, model in models(val_prob, val_y).items():
+        start = time.perf_counter()
+        r = calibrate.unlabelled_threshold(calibrate.site_logits(prob), model, args.resamples)
+        wall = time.perf_counter() - start
+        trans = {"refused": r["refused"]} if "refused" in r else rates(y, prob, r["threshold"])
+        crossed, prevalence = cross_fit(model, y, prob, patients, args.resamples)
+        result[name] = {"transductive": trans | {"prevalence": r["prevalence"], "wall": wall},
+                        "cross-fit": crossed | {"prevalence": prevalence},
+                        "stress": stress(model, y, prob, args.draws, args.resamples, seed=len(result))}
+    result["truth"] = {"prevalence": float(y.mean())}
+    return result
+
+
+def mean_sd(values) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.3f}±{statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+
+def summarise(results: list[dict]) -> None:
+    print(f"\n{len(results)} runs; half A's true prevalence {results[0]['truth']['prevalence']:.3f}")
+    print("| threshold | setting | sensitivity | specificity | accuracy | AUC | prevalence estimate |")
+    print("|---|---|---|---|---|---|---|")
+    for name in results[0]:
+        if name == "truth":
+            continue
+        for setting in ("cross-fit", "transductive"):
+            rows = [r[name][setting] for r in results]
+            refused = sum("refused" in row for row in rows)
+            cells = [mean_sd([row.get(k, float("nan")) for row in rows])
+                     for k in ("sensitivity", "specificity", "accuracy", "auc", "prevalence")]
+            print(f"| {name} | {setting}{f' ({refused} refused)' if refused else ''} | " + " | ".join(cells) + " |")
+    print("\nprevalence stress: draws of 100 films, each scored on all of half A (every seed's draws pooled)")
+    print("| model | pneumonia share | refused | passes | covered | worst sensitivity | worst specificity | "
+          "mean sensitivity | mean specificity |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in results[0]:
+        if "stress" not in results[0][name]:
+            continue
+        for share in PREVALENCES:
+            rows = [row for r in results for row in r[name]["stress"] if row["share"] == share]
+            kept = [row for row in rows if not row["refused"]]
+            worst = min(kept, key=lambda row: row["sensitivity"]) if kept else None
+            print(f"| {name} | {share:.2f} | {sum(r['refused'] for r in rows)}/{len(rows)} | "
+                  f"{sum(r['passes'] for r in rows)}/{len(rows)} | {sum(r['covered'] for r in kept)}/{len(kept)} | "
+                  + (f"{worst['sensitivity']:.3f} | {min(r['specificity'] for r in kept):.3f} | "
+                     f"{statistics.mean(r['sensitivity'] for r in kept):.3f} | "
+                     f"{statistics.mean(r['specificity'] for r in kept):.3f} |" if kept else "- | - | - | - |"))
+    walls = [r[n]["transductive"]["wall"] for r in results for n in r if "stress" in r[n]]
+    print(f"\nfit + bootstrap on all of half A: {statistics.median(walls):.1f} s median")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = []
+    for run in map(Path, args.runs):
+        results.append(one_run(run, args))
+        print(f"{run}: done", flush=True)
+    summarise(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
