@@ -409,8 +409,9 @@ def unlabelled_table(m: dict) -> Table:
     """An unlabelled calibration: the threshold before and after, and what the score distribution lets the site
     expect, with 95% intervals."""
     c, e = m["calibration"], m["expected"]
+    called = c["called_pneumonia"]
     rows = [["threshold", f"{c['threshold_before']:.4f}", f"{e['threshold']:.4f}"],
-            ["films called pneumonia", f"{c['called_pneumonia']['before']:.3f}", f"{c['called_pneumonia']['after']:.3f}"]]
+            ["films called pneumonia", f"{called['before']:.3f}", f"{called['after']:.3f}"]]
     rows += [[f"expected {k} (95% CI)", "", f"{e[k]:.3f} ({interval(e['ci95'][k])})"]
              for k in ("prevalence", "sensitivity", "specificity")]
     return Table(["site's films, no labels", "before: the model as trained", "after: the site's threshold"], rows)
@@ -424,7 +425,8 @@ def unlabelled_text(m: dict) -> list[str]:
              else "")
     return [f"Calibrated WITHOUT LABELS to the site of {', '.join(code(f) for f in c['site']['folders'])}, and meant "
             f"for that site only. Source checkpoint {code(c['source']['path'])} (sha256 {c['source']['sha256'][:16]}"
-            f"...), left unchanged. {c['site']['films']} films found, {c['site']['used']} used; left out: {left}.{adapt}",
+            f"...), left unchanged. {c['site']['films']} films found, {c['site']['used']} used; left out: {left}."
+            f"{adapt}",
             f"The threshold comes from the distribution of the model's scores on those films ({e['model']}: the "
             f"validation split's scores of each class, moved by one affine map the site's scores choose, mixed at "
             f"the site's prevalence) and keeps the policy `{c['policy']}`. The expected figures are the model's own "
@@ -456,7 +458,7 @@ def write_calibrated_card(out_dir: Path, source_card: Path, m: dict) -> Path:
         if m["calibration"].get(key):
             lines += ["", f"**{label}:** {html.escape(printable(m['calibration'][key]))}"]
     lines += ["", "This section supersedes the threshold above for this checkpoint: it scores at "
-                  f"{m['expected']['threshold'] if 'after' not in m else m['after']['threshold']:.4f}."]
+                  f"{(m['after'] if 'after' in m else m['expected'])['threshold']:.4f}."]
     path = out_dir / "MODEL_CARD.md"
     write_text(path, card.rstrip() + "\n" + "\n".join(lines) + "\n")
     return path
