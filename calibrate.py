@@ -305,7 +305,7 @@ def unlabelled_threshold(z: np.ndarray, model, resamples: int = SITE_RESAMPLES, 
     The expected sensitivity, specificity and prevalence carry 95% intervals from a bootstrap of the films: each
     resample is fitted again and its model scores the threshold chosen on all the films. A refusal is a dict with
     "refused" (one sentence) and the prevalence estimate."""
-    z = np.asarray(z, np.float64)
+    z = np.sort(np.asarray(z, np.float64))  # the films' order (their names') must not change a resample
     fit = model.fit(z) if len(z) >= MIN_FILMS else Fit(float("nan"), ())
     refused = distribution_refusal(len(z), fit.prevalence)
     if refused:

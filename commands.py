@@ -32,7 +32,7 @@ from cache import ImageCache
 from images import cache_size
 from labels import CLASSES, SERIES_PATTERN
 from names import say
-from settings import Settings, UsageError
+from settings import Settings, UsageError, parse_command
 from transforms import Preprocess, fit_normalisation
 
 DOWNLOAD_HELP = """No chest X-rays found in '{root}'.
@@ -204,7 +204,22 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
     runs.write_json(run_dir / "timing.json", {"seconds_since_data_loaded": round(time.perf_counter() - started, 1),
                                               "epochs_run": len(history)})
     write_results(s, run_dir, metrics)
+    if s.demo:
+        calibrate_demo_site(s, run_dir)
     return 0
+
+
+def calibrate_demo_site(s: Settings, run_dir: Path) -> None:
+    """--demo's last step: the run calibrated without labels to a phantom site from a shifted generator, with
+    flat hashed names, as a user would calibrate to their own films (into calibrate-unlabelled/)."""
+    site = demo.make_site(run_dir / "demo_site", films=5 * s.demo_patients, seed=s.seed + 1)
+    _, args = parse_command(["calibrate", "--checkpoint", str(run_dir / "best.pt"), "--unlabelled", str(site),
+                             "--out", str(run_dir / "calibrate-unlabelled"), "--no-cache", "--device", s.device,
+                             *(["--quiet"] if s.quiet else [])])
+    try:
+        calibrate_unlabelled(args)
+    except UsageError as err:  # a demo model too weak to show two classes in its scores: said, not a failure
+        say(f"calibration to the demo's unlabelled site refused: {err}")
 
 
 def training_record(s: Settings, members: list[dict], scorer: evaluate.Scorer, failure: str | None) -> dict:

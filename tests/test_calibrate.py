@@ -10,8 +10,10 @@ from torch import nn
 
 import calibrate
 import demo
+import evaluate
 import infer
 import main
+import ood
 import runs
 import transforms
 from model import PneumoniaCNN, build
@@ -165,3 +167,141 @@ def test_a_cause_model_gets_its_site_thresholds_for_both_decisions(tmp_path):
     assert ckpt["model_config"]["outputs"] == 3 and "cause_threshold" in ckpt
     assert ckpt["cause_threshold"] != source["cause_threshold"] or ckpt["threshold"] != source["threshold"]
     assert build(ckpt["model_config"]).load_state_dict(ckpt["members"][0])
+
+
+# ---------------------------------------------------------------- without labels
+def _shapes_sample(a=1.5, b=1.0, share=0.4, n=3000, seed=0):
+    """Validation logits of two Gaussian classes, and a site's: the same classes moved by z = a v + b."""
+    rng = np.random.default_rng(seed)
+    val = np.r_[rng.normal(-2, 1, 2000), rng.normal(2, 1.2, 2000)]
+    val_y = np.r_[np.zeros(2000), np.ones(2000)]
+    k = int(share * n)
+    site = a * np.r_[rng.normal(-2, 1, n - k), rng.normal(2, 1.2, k)] + b
+    return val, val_y, site
+
+
+def test_the_unlabelled_threshold_lands_where_the_formula_says():
+    from scipy.stats import norm
+    val, val_y, site = _shapes_sample()
+    shapes = calibrate.ValidationShapes(val, val_y, 0.95)
+    got = calibrate.unlabelled_threshold(site, shapes, resamples=50)
+    # the validation threshold (95% of validation pneumonias above it) carried through the site's map 1.5 v + 1
+    assert got["threshold_logit"] == pytest.approx(1.5 * calibrate.upper_quantile(val[val_y == 1], 0.95) + 1, abs=0.1)
+    assert got["prevalence"] == pytest.approx(0.4, abs=0.03)
+    lo, hi = got["ci95"]["sensitivity"]
+    assert lo <= 0.95 <= hi and got["ci95"]["prevalence"][0] < 0.4 < got["ci95"]["prevalence"][1]
+    two = calibrate.GaussianMixture(0.95)
+    gauss = calibrate.unlabelled_threshold(site, two, resamples=20)
+    mu0, mu1, sd0, sd1 = two.fit(np.sort(site)).params  # the site's classes: N(-2, 1.5) and N(4, 1.8)
+    assert (mu0, mu1, sd0, sd1) == pytest.approx((-2, 4, 1.5, 1.8), abs=0.15)
+    # two Gaussians: the 5th percentile of the higher one
+    assert gauss["threshold_logit"] == pytest.approx(mu1 + sd1 * norm.ppf(0.05), abs=1e-9)
+    assert got["threshold"] == pytest.approx(1 / (1 + np.exp(-got["threshold_logit"])))
+
+
+def test_scores_that_do_not_show_two_classes_are_refused_in_one_sentence():
+    val, val_y, site = _shapes_sample()
+    shapes = calibrate.ValidationShapes(val, val_y, 0.95)
+    few = calibrate.unlabelled_threshold(site[:30], shapes)
+    healthy = calibrate.unlabelled_threshold(np.sort(site)[:1500], shapes)  # the lowest half: healthy children only
+    assert "too few" in few["refused"] and "at least 50" in few["refused"]
+    assert "prevalence" in healthy["refused"] and healthy["prevalence"] < 0.05
+    for why in (few["refused"], healthy["refused"]):
+        assert "--data" in why and "\n" not in why and ". " not in why  # one sentence, with what to do instead
+    assert "threshold" not in healthy
+    with pytest.raises(calibrate.CalibrationError, match="sens=X"):
+        calibrate.sensitivity_target("youden")
+
+
+@pytest.fixture(scope="module")
+def unlabelled_site(tmp_path_factory):
+    """A shifted phantom site with hashed names (150 films, 40% pneumonia), and its hidden truth beside it."""
+    return demo.make_site(tmp_path_factory.mktemp("unlabelled") / "site", films=150, pneumonia_share=0.4)
+
+
+def _calibrate_unlabelled(demo_run, out, *sites):
+    return main.main(["calibrate", "--checkpoint", str(demo_run / "best.pt"), "--unlabelled", *map(str, sites),
+                      "--out", str(out), "--quiet", "--no-cache"])
+
+
+def test_names_and_folders_never_reach_the_unlabelled_path(demo_run, unlabelled_site, tmp_path):
+    """The same films under names and folders that tell the opposite label give the identical calibration."""
+    truth = dict(r.split(",") for r in (unlabelled_site.parent / "site_labels.csv").read_text().split()[1:])
+    lying = tmp_path / "lying"
+    for i, (name, label) in enumerate(sorted(truth.items())):
+        told = "NORMAL" if label == "PNEUMONIA" else "PNEUMONIA"
+        stem = f"person{i}_bacteria_{i}" if told == "PNEUMONIA" else f"NORMAL2-IM-{i:04d}-0001"
+        (lying / "chest_xray" / "test" / told).mkdir(parents=True, exist_ok=True)
+        shutil.copy(unlabelled_site / name, lying / "chest_xray" / "test" / told / f"{stem}.png")
+    assert _calibrate_unlabelled(demo_run, tmp_path / "a", unlabelled_site) == 0
+    assert _calibrate_unlabelled(demo_run, tmp_path / "b", lying) == 0
+    a, b = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in "ab")
+    assert a["expected"] == b["expected"]  # threshold, prevalence, every interval: the same to the last digit
+    assert {k: v for k, v in a["calibration"].items() if k not in ("site", "source")} == \
+        {k: v for k, v in b["calibration"].items() if k not in ("site", "source")}
+    probs = [sorted(float(r["probability"]) for r in csv.DictReader(open(tmp_path / x / "predictions.csv")))
+             for x in "ab"]
+    assert probs[0] == probs[1]
+
+
+def test_training_copies_repeats_and_unlike_films_are_left_out_and_counted(demo_run, unlabelled_site, tmp_path):
+    from PIL import Image
+    site = tmp_path / "site"
+    shutil.copytree(unlabelled_site, site)
+    train = [r["path"] for r in csv.DictReader(open(demo_run / "split.csv")) if r["split"] in ("train", "val")]
+    for i, path in enumerate(train[:3]):  # films the model learnt from, renamed
+        shutil.copy(path, site / f"renamed{i}.png")
+    shutil.copy(sorted(unlabelled_site.glob("*.png"))[0], site / "again.png")  # a second copy of a site film
+    Image.fromarray(np.full((192, 192), 255, np.uint8)).save(site / "blank.png")  # nothing like a chest film
+    (site / "notes.txt").write_text("not an image")
+    ckpt = runs.load_checkpoint(demo_run / "best.pt")
+    scorer = evaluate.Scorer(infer.load_predictor(ckpt, torch.device("cpu")), ckpt["threshold"],
+                             detector=ood.Detector.from_state(ckpt["ood"]))
+    films = calibrate.site_films([str(site)], scorer, ckpt["seen"], show=False)
+    left = films.left_out
+    assert left["training or validation films"] == 3 and left["repeated films"] == 1 and left["unreadable"] == 0
+    blank = films.rows.paths.index(str(site / "blank.png"))
+    assert films.rows.flags[blank] and blank not in films.used
+    assert len(films.used) + left["unlike the training films"] == 151  # the site's 150 films and the blank
+    assert len(films.images) == len(films.used) and all(not films.rows.flags[i] for i in films.used)
+
+
+def test_an_unlabelled_calibration_scores_through_evaluate_predict_and_export(demo_run, unlabelled_site, tmp_path):
+    before = (demo_run / "best.pt").read_bytes()
+    assert _calibrate_unlabelled(demo_run, tmp_path / "cal", unlabelled_site) == 0
+    assert (demo_run / "best.pt").read_bytes() == before
+    ckpt = runs.load_checkpoint(tmp_path / "cal" / "best.pt")
+    m = json.loads((tmp_path / "cal" / "metrics.json").read_text())
+    c = ckpt["calibration"]
+    assert c["kind"] == "unlabelled" and c["site"]["folders"] == [str(unlabelled_site)] and c["site"]["films"] == 150
+    assert ckpt["threshold"] == m["expected"]["threshold"] != runs.load_checkpoint(demo_run / "best.pt")["threshold"]
+    assert 0 < m["expected"]["prevalence"] < 1 and c["site"]["used"] + sum(c["site"]["left_out"].values()) == 150
+    for page in ("report.html", "MODEL_CARD.md"):
+        text = (tmp_path / "cal" / page).read_text()
+        assert "WITHOUT LABELS" in text and "site_labels" not in text and str(c["site"]["used"]) in text
+    external = demo_run.parent / "other_site" / "images"  # conftest's labelled 'external' phantoms
+    assert main.main(["evaluate", "--checkpoint", str(tmp_path / "cal" / "best.pt"), "--data", str(external),
+                      "--out", str(tmp_path / "ev"), "--quiet", "--no-cache"]) == 0
+    (rates,) = [b["rates"] for b in json.loads((tmp_path / "ev" / "metrics.json").read_text())["sets"].values()]
+    assert rates["threshold"] == ckpt["threshold"]
+    image = sorted(unlabelled_site.glob("*.png"))[0]
+    assert main.main(["predict", str(image), "--checkpoint", str(tmp_path / "cal" / "best.pt"), "--out",
+                      str(tmp_path / "p")]) == 0
+    row = next(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
+    assert row["predicted"] == ("PNEUMONIA" if float(row["probability"]) >= ckpt["threshold"] else "NORMAL")
+    pytest.importorskip("onnxscript")
+    assert main.main(["export", "--checkpoint", str(tmp_path / "cal" / "best.pt"), "--out", str(tmp_path / "x")]) == 0
+    assert json.loads((tmp_path / "x" / "model.json").read_text())["threshold"] == pytest.approx(ckpt["threshold"])
+
+
+def test_a_refused_unlabelled_calibration_says_why_and_writes_nothing(demo_run, tmp_path, capsys):
+    few = demo.make_site(tmp_path / "few", films=20)
+    assert _calibrate_unlabelled(demo_run, tmp_path / "cal", few) == 2
+    err = capsys.readouterr().err
+    assert "too few" in err and "--data" in err and not (tmp_path / "cal").exists()
+
+
+def test_the_demo_ends_calibrated_without_labels_to_a_shifted_site(demo_run):
+    m = json.loads((demo_run / "calibrate-unlabelled" / "metrics.json").read_text())
+    assert m["calibration"]["kind"] == "unlabelled" and m["calibration"]["site"]["films"] == 200
+    assert (demo_run / "calibrate-unlabelled" / "best.pt").exists()
