@@ -30,7 +30,7 @@ import shortcut
 import train
 from cache import ImageCache
 from images import cache_size
-from labels import CLASSES, SERIES_PATTERN
+from labels import SERIES_PATTERN
 from names import say
 from settings import Settings, UsageError, parse_command
 from transforms import Preprocess, fit_normalisation
@@ -375,7 +375,8 @@ def load_scorer(args) -> evaluate.Scorer:
     return evaluate.Scorer(predictor, threshold=ckpt["threshold"], cam_target=args.cam_target,
                            seed=getattr(args, "seed", 0), cause_threshold=ckpt.get("cause_threshold", 0.5),
                            detector=load_detector(ckpt), groups=getattr(args, "groups", SERIES_PATTERN),
-                           probe=shortcut.Probe.from_state(ckpt["probe"]) if ckpt.get("probe") else None)
+                           probe=shortcut.Probe.from_state(ckpt["probe"]) if ckpt.get("probe") else None,
+                           synthetic=bool(ckpt.get("config", {}).get("demo")))
 
 
 def load_detector(ckpt: dict) -> ood.Detector | None:
@@ -413,48 +414,51 @@ def run_predict(args) -> int:
     out = runs.create(args.out, "predict-", inputs=args.paths)
     with runs.partial(out, "predict"):
         scorer.predictor.batch_size = args.batch_size
-        decoded = scorer.predictor.decode(files, args.workers, show=len(files) > 1)
+        show = len(files) > 1 and not args.quiet
+        decoded = scorer.predictor.decode(files, args.workers, show=show)
         images, errors, _ = decoded
         good = [i for i, e in enumerate(errors) if e is None]
-        scored = scorer.assess(torch.from_numpy(images[good]).unsqueeze(1), show=len(good) > 1) if good else \
+        scored = scorer.assess(torch.from_numpy(images[good]).unsqueeze(1), show=show) if good else \
             (np.zeros(0), None, None)
         rows = evaluate.file_predictions(scorer, files, decoded, scored, skipped)
         if args.strict:
             for i in np.flatnonzero(rows.flagged()):
                 rows.prob[i], rows.errors[i] = np.nan, "flagged, not scored (--strict): " + "; ".join(rows.flags[i])
-        evaluate.write_predictions(out / "predictions.csv", rows, scorer.threshold)
+        evaluate.write_predictions(out / "predictions.csv", with_demo_note(rows, good) if scorer.synthetic else rows,
+                                   scorer.threshold)
         report_predictions(scorer, rows, images, good, files, out, args)
     return 0
 
 
+def with_demo_note(rows: evaluate.Predictions, scored: list[int]) -> evaluate.Predictions:
+    """The rows with the demo checkpoint's warning beside every call: a row copied out of the CSV still carries it
+    (the terminal and the page say it once, above the calls)."""
+    note, scored = f"model {report.DEMO_CHECKPOINT}", set(scored)
+    return dataclasses.replace(rows, notes=[n + [note] if i in scored else n for i, n in enumerate(rows.notes)])
+
+
 def report_predictions(scorer: evaluate.Scorer, rows: evaluate.Predictions, images: np.ndarray, good: list[int],
                        files: list[str], out: Path, args) -> None:
-    """predict's terminal lines, flagged thumbnails and report.html, and the Grad-CAM overlays asked for."""
-    for path, notes, flags, error in zip(rows.paths, rows.notes, rows.flags, rows.errors):
-        if error:
-            say(f"skipped {path}: {error}", file=sys.stderr)
-        elif flags or notes:
-            say(f"{'flagged:' if flags else 'warning:'} {path}: {'; '.join(flags + notes)}", file=sys.stderr)
+    """predict's answer on the terminal and in report.html (a card per film), the flagged thumbnails, and the
+    Grad-CAM overlays asked for."""
     if scorer.detector is None:
         say("note: this checkpoint has no out-of-distribution detector (made before project 1.3): only the colour, "
             "header and grey-level checks ran", file=sys.stderr)
     scored = [i for i in good if rows.prob[i] == rows.prob[i]]
-    overlays = []
+    overlays = {}
     if scored and (args.cam or len(files) == 1):
-        overlays = gradcam.save_overlays(scorer, torch.from_numpy(images[scored]).unsqueeze(1), rows.prob[scored],
-                                         [files[i] for i in scored], out)
-    flagged = rows.flagged()
+        overlays = dict(zip(scored, gradcam.save_overlays(scorer, torch.from_numpy(images[scored]).unsqueeze(1),
+                                                          rows.prob[scored], [files[i] for i in scored], out)))
     evaluate.draw_flagged(rows, torch.from_numpy(images[:len(files)]).unsqueeze(1), scorer.predictor.prep,
                           out / "ood_flagged.png")
-    report.write_predict_report(out, f"Pneumonia CNN - predict with {args.checkpoint}", evaluate.flag_summary(rows))
-    if len(files) == 1 and scored:
-        say(f"{files[0]}: probability of pneumonia {rows.prob[0]:.4f} -> "
-            f"{CLASSES[int(rows.prob[0] >= scorer.threshold)]} "
-            f"(threshold {scorer.threshold:.4f}); overlay: {overlays[0]}")
-    else:
-        say(f"{len(scored)} of {len(files)} images scored; {int(flagged.sum())} flagged as unlike the training films; "
-            f"wrote {out / 'predictions.csv'}, {out / 'report.html'}"
-              + (f" and {len(overlays)} overlays" if overlays else ""))
+    banner = report.DEMO_CHECKPOINT if scorer.synthetic else ""
+    readable = set(good)
+    pictures = {i: (report.png_uri(images[i]), overlays.get(i))
+                for i in report.shown_rows(rows, scorer.threshold) if i in readable}
+    report.write_predict_report(out, f"Predictions of {Path(args.checkpoint).parent.name or args.checkpoint}", rows,
+                                scorer.threshold, pictures, banner)
+    say(report.predict_answer(rows, scorer.threshold, out / "predictions.csv", banner))
+    say(f"page: {out / 'report.html'}" + (f"; {len(overlays)} Grad-CAM overlays in {out}" if overlays else ""))
 
 
 def run_calibrate(args) -> int:

@@ -201,6 +201,7 @@ class Scorer:
     detector: ood.Detector | None = None
     probe: shortcut.Probe | None = None  # the layout probe, fitted on the training split (None: an older checkpoint)
     groups: str = SERIES_PATTERN  # --groups: the file-name rule of the shortcut audit's rates per group
+    synthetic: bool = False  # trained with --demo on phantoms: its calls on real films mean nothing
 
     def assess(self, images, show: bool = False) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor | None]:
         """predict, plus every member's penultimate features, which the detector reads (one forward pass)."""

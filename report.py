@@ -6,12 +6,15 @@ images as data URIs: no network, no JavaScript. Kept apart from evaluate.py, whi
 """
 import base64
 import html
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from evaluate import BOOTSTRAP_RESAMPLES, METRICS
-from labels import CAUSES
+from labels import CAUSES, CLASSES
 from model import ARCHITECTURES
 from names import code, printable
 from runs import write_text
@@ -19,10 +22,14 @@ from runs import write_text
 STYLE = """body{font:15px/1.45 system-ui,sans-serif;max-width:1180px;margin:24px auto;padding:0 16px;color:#222}
 h1{font-size:24px}h2{font-size:19px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:30px}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.warn{background:#fff3cd;padding:8px 12px;
+th{background:#f3f3f3}td:first-child,th:first-child,td.l,th.l{text-align:left}.warn{background:#fff3cd;padding:8px 12px;
 border-left:4px solid #e0a800}.ok{color:#17692f}.bad{color:#b00020;font-weight:bold}
 .figs{display:flex;flex-wrap:wrap;gap:12px}.figs img{max-width:560px;width:100%;border:1px solid #eee}
-img.wide{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:10px;overflow-x:auto;font-size:13px}"""
+img.wide{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:10px;overflow-x:auto;font-size:13px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ddd;padding:8px;width:272px;box-sizing:border-box}
+.card .pics{display:flex;gap:4px}.card img{width:128px;height:128px;image-rendering:pixelated}
+.card p{margin:4px 0;overflow-wrap:anywhere}.card .name{font-family:monospace;font-size:13px}.card .why{font-size:13px}
+table{max-width:100%;overflow-x:auto;display:block}"""
 
 
 def write_page(out_dir: Path, title: str, body: list[str]) -> Path:
@@ -45,24 +52,32 @@ def _img(path: Path, wide: bool = False) -> str:
 # ---------------------------------------------------------------- tables: one builder, three renderings
 @dataclass
 class Table:
-    """Rows of text cells under a header, rendered as plain text, HTML or Markdown (first column left-aligned)."""
+    """Rows of text cells under a header, rendered as plain text, HTML or Markdown: the first column and the last
+    `prose` columns (words, not figures) left-aligned, the figures between them right-aligned."""
 
     header: list[str]
     rows: list[list[str]]
+    prose: int = 0
+
+    def _left(self, i: int) -> bool:
+        return i == 0 or i >= len(self.header) - self.prose
 
     def text(self) -> str:
         widths = [max(len(r[i]) for r in [self.header, *self.rows]) for i in range(len(self.header))]
-        return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "\n".join("  ".join(c.ljust(w) if self._left(i) else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(r, widths))).rstrip()
                          for r in [self.header, *self.rows])
 
     def html(self) -> str:
         def cells(row, tag):
-            return "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)
+            return "".join(f"<{tag}{' class=l' if self._left(i) else ''}>{html.escape(c)}</{tag}>"
+                           for i, c in enumerate(row))
         rows = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in self.rows)
         return f"<table><tr>{cells(self.header, 'th')}</tr>{rows}</table>"
 
     def markdown(self) -> str:
-        lines = ["| " + " | ".join(self.header) + " |", "|---|" + "---:|" * (len(self.header) - 1)]
+        lines = ["| " + " | ".join(self.header) + " |",
+                 "|" + "".join("---|" if self._left(i) else "---:|" for i in range(len(self.header)))]
         # a name in a cell may hold a pipe, which would split the cell
         return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in self.rows])
 
@@ -365,12 +380,121 @@ def ood_sentence(metrics: dict) -> str:
             f"and checks on colour, blank images, contrast, entropy and edge density. Flagged here: {counts}.")
 
 
-def write_predict_report(out_dir: Path, title: str, summary: dict) -> Path:
-    """predict's report.html: how many inputs were flagged, and which."""
-    body = [f"<h1>{html.escape(title)}</h1>", "<h2>Inputs unlike the training films</h2>",
-            flagged_section(summary, out_dir / "ood_flagged.png"),
-            "<p>Every file's probability and call are in predictions.csv.</p>"]
+# ---------------------------------------------------------------- predict's answer
+LISTED = 20  # files predict lists one by one on the terminal; beyond this it summarises
+CARDS = 48  # films predict's page shows as cards; beyond this, a bounded gallery
+EACH = 8  # films per kind in a bounded gallery (nearest the threshold, most confident each way, flagged)
+DEMO_CHECKPOINT = "trained on synthetic phantoms: its calls on real films mean nothing"
+
+
+def call_of(prob: float, threshold: float) -> str:
+    return "" if prob != prob else CLASSES[int(prob >= threshold)]
+
+
+def answer_row(p, i: int, threshold: float) -> list[str]:
+    """One file's answer: its name, P(pneumonia), call and what to know about it (flags first, or why not scored)."""
+    said = "; ".join(p.flags[i] + p.notes[i]) or p.errors[i]
+    return [printable(Path(p.paths[i]).name), "" if p.prob[i] != p.prob[i] else f"{p.prob[i]:.3f}",
+            call_of(p.prob[i], threshold), said]
+
+
+def answer_table(p, picks, threshold: float) -> Table:
+    return Table(["file", "P(pneumonia)", "call", "flags, warnings or why not scored"],
+                 [answer_row(p, i, threshold) for i in picks], prose=1)
+
+
+def gallery(p, threshold: float, most: int = EACH) -> dict[str, list[int]]:
+    """The films worth a look among many, each list at most `most` long: nearest the threshold, the most confident
+    pneumonias and normals, and the first flagged."""
+    scored = np.flatnonzero(p.prob == p.prob)
+    by_prob = scored[np.argsort(-p.prob[scored], kind="stable")]
+    near = scored[np.argsort(np.abs(np.log(p.prob[scored] + 1e-12) - np.log(threshold)), kind="stable")]
+    return {"nearest the threshold": list(near[:most]),
+            "most confident pneumonia": [i for i in by_prob[:most] if p.prob[i] >= threshold],
+            "most confident normal": [i for i in by_prob[::-1][:most] if p.prob[i] < threshold],
+            "flagged": list(np.flatnonzero(p.flagged())[:most])}
+
+
+def answer_counts(p, threshold: float) -> str:
+    """How many files got each call, how many were not scored, and the flags by kind."""
+    calls = [call_of(v, threshold) for v in p.prob]
+    counts = ", ".join(f"{calls.count(c)} {c}" for c in CLASSES)
+    missing = calls.count("")
+    kinds: dict[str, int] = {}
+    for reasons in p.flags:
+        for kind in {r.split(":")[0].split(" ")[0] for r in reasons}:
+            kinds[kind] = kinds.get(kind, 0) + 1
+    flags = f"{int(p.flagged().sum())} flagged" + (f" ({', '.join(f'{k}: {n}' for k, n in kinds.items())})"
+                                                   if kinds else "")
+    return (f"{len(p.paths)} files: {counts}" + (f", {missing} not scored" if missing else "")
+            + f"; {flags}; threshold {threshold:.4f}")
+
+
+def predict_answer(p, threshold: float, csv_path: Path, banner: str = "") -> str:
+    """predict's terminal answer: every file's probability and call for a few files; for many, the counts and the
+    files nearest the threshold and most confident, then where the whole list is."""
+    lines = [f"WARNING: this checkpoint was {banner}"] if banner else []
+    lines.append(answer_counts(p, threshold))
+    if len(p.paths) <= LISTED:
+        lines.append(answer_table(p, range(len(p.paths)), threshold).text())
+    else:
+        for kind, picks in gallery(p, threshold, most=5).items():
+            if picks and kind != "flagged":
+                lines += [f"{kind}:", answer_table(p, picks, threshold).text()]
+    lines.append(f"every file's probability and call: {csv_path}")
+    return "\n".join(lines)
+
+
+def png_uri(image: np.ndarray) -> str:
+    """A uint8 grey image as an inline PNG data URI."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def film_card(p, i: int, threshold: float, thumbnail: str, overlay: Path | None) -> str:
+    """One film on predict's page: its picture (and Grad-CAM overlay), probability against the threshold, call
+    and flags in words."""
+    name, prob, call, said = answer_row(p, i, threshold)
+    pictures = f'<img alt="{html.escape(name)}" src="{thumbnail}">' + \
+        (f'<img alt="Grad-CAM of {html.escape(name)}" src="data:image/png;base64,'
+         f'{base64.b64encode(overlay.read_bytes()).decode()}">' if overlay is not None and overlay.exists() else "")
+    verdict = (f'<b class="{"bad" if call == CLASSES[1] else "ok"}">{call}</b>: P(pneumonia) {prob} '
+               f"(threshold {threshold:.3f})") if prob else "not scored"
+    return (f'<div class="card"><div class="pics">{pictures}</div><p class="name">{html.escape(name)}</p>'
+            f"<p>{verdict}</p>" + (f'<p class="why">{html.escape(said)}</p>' if said else "") + "</div>")
+
+
+def write_predict_report(out_dir: Path, title: str, p, threshold: float, pictures: dict[int, tuple[str, Path | None]],
+                         banner: str = "") -> Path:
+    """predict's report.html: the counts, then one card per film (most probable first); for many films a bounded
+    gallery of those worth a look, with what was left out; every row is in predictions.csv. `pictures`: per row
+    shown, its thumbnail's data URI and its Grad-CAM overlay file (None without one)."""
+    def cards(picks) -> str:
+        return '<div class="cards">' + "".join(film_card(p, i, threshold, *pictures.get(i, ("", None)))
+                                               for i in picks) + "</div>"
+
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    if banner:
+        body.append(f'<p class="warn">This checkpoint was {html.escape(banner)}.</p>')
+    body.append(f"<p>{html.escape(answer_counts(p, threshold))}. Every file's row is in predictions.csv.</p>")
+    if len(p.paths) <= CARDS:
+        body.append(cards(sorted(range(len(p.paths)), key=lambda i: -p.prob[i] if p.prob[i] == p.prob[i] else 2.0)))
+    else:
+        shown = gallery(p, threshold)
+        body.append(f"<p>{len(p.paths)} files are too many to show each: below, {EACH} of each kind worth a look; "
+                    f"the other {len(p.paths) - len(set().union(*shown.values()))} are in predictions.csv only.</p>")
+        body += [f"<h2>{html.escape(kind[0].upper() + kind[1:])}</h2>" + cards(picks)
+                 for kind, picks in shown.items() if picks]
     return write_page(out_dir, title, body)
+
+
+def shown_rows(p, threshold: float) -> list[int]:
+    """The rows predict's page shows: every one up to CARDS, else the gallery's."""
+    if len(p.paths) <= CARDS:
+        return list(range(len(p.paths)))
+    return sorted(set().union(*gallery(p, threshold).values()))
 
 
 # ---------------------------------------------------------------- site calibration

@@ -48,8 +48,18 @@ class RunError(UserError):
 
 
 # ---------------------------------------------------------------- files
+def umask_mode() -> int:
+    """The mode a plain new file gets under this process's umask (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename; an OSError names `path`, not the temp file."""
+    """Write through a temp file in the same folder, then rename; an OSError names `path`, not the temp file.
+
+    The file gets the mode any program's new file gets (mkstemp's private 0600 would survive the rename, and no
+    colleague or web server could read the run)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +67,7 @@ def atomic_write(path: Path, write) -> None:
     except OSError as err:
         raise OSError(err.errno, err.strerror, str(path)) from err
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)

@@ -32,6 +32,13 @@ class UsageError(UserError):
     """A problem the user can fix; printed as one sentence, exit status 2."""
 
 
+class Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in its help, unless there is none to show (None: the flag is required or optional)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-sentence errors: the flag, what it accepts, and where to read more; exit status 2.
 
@@ -265,7 +272,7 @@ def add_groups_flag(p: argparse.ArgumentParser) -> None:
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
     """`main.py evaluate`: score a checkpoint on labelled data."""
-    p = Parser(prog="main.py evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(prog="main.py evaluate", formatter_class=Defaults,
                description="Score a trained model on a labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) "
                            "or on the test rows of a run's split.csv, at the checkpoint's threshold.")
     p.add_argument("--checkpoint", required=True, help="best.pt of a finished run")
@@ -280,7 +287,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
 
 def build_predict_parser() -> argparse.ArgumentParser:
     """`main.py predict`: probabilities for unlabelled images."""
-    p = Parser(prog="main.py predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(prog="main.py predict", formatter_class=Defaults,
                description="Pneumonia probability and label for images or folders of images.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--checkpoint", default=None, help="best.pt of a finished run (required)")
@@ -299,7 +306,7 @@ def build_predict_parser() -> argparse.ArgumentParser:
 
 def build_calibrate_parser() -> argparse.ArgumentParser:
     """`main.py calibrate`: a checkpoint fitted to a new site's labelled sample."""
-    p = Parser(prog="main.py calibrate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(prog="main.py calibrate", formatter_class=Defaults,
                description="Fit a trained model to a new site: choose its threshold on the site's own labelled "
                            "sample (DIR/**/{NORMAL,PNEUMONIA}/*), optionally re-estimate its BatchNorm statistics on "
                            "the site's images first, and write a new checkpoint; the source is never changed. "
@@ -328,7 +335,7 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
 
 def build_export_parser() -> argparse.ArgumentParser:
     """`main.py export`: a checkpoint as an ONNX graph and its metadata, for runtimes without PyTorch."""
-    p = Parser(prog="main.py export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(prog="main.py export", formatter_class=Defaults,
                description="Write model.onnx (uint8 images in; probability, logit, heatmap, out-of-distribution "
                            "distance and image checks out) and model.json (threshold, classes, input size, the "
                            "checks' limits) for a finished run's best.pt; examples/onnx_predict.py scores with them "
@@ -356,7 +363,7 @@ def add_shared_flags(p: argparse.ArgumentParser, cache: bool, cam: bool = True) 
     if cache:
         p.add_argument("--cache-dir", default=default_cache_dir(), help="where decoded images are kept between runs")
         p.add_argument("--no-cache", action="store_true", help="decode every image afresh and keep nothing")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 SUB_PARSERS = {"evaluate": build_evaluate_parser, "predict": build_predict_parser,

@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -45,6 +46,22 @@ def test_demo_run_writes_every_output_and_learns(demo_run):
     assert m["validation"]["threshold"] == test["threshold"]
     page = (demo_run / "report.html").read_text()
     assert "SYNTHETIC" in page and "data:image/png;base64," in page and "<script" not in page and "http" not in page
+
+
+def test_outputs_get_the_users_umask_like_any_program(demo_run, tmp_path):
+    """A run a colleague or a web server can read: every file's mode is what the umask gives, PNG or checkpoint."""
+    expected = runs.umask_mode()
+    made = [p for p in demo_run.rglob("*") if p.is_file()]  # the run's outputs, phantoms and calibration included
+    files = [p for p in made if not {"demo_data", "demo_site"} & set(p.parts)]
+    wrong = {p.name: oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != expected}
+    assert files and not wrong
+    old = os.umask(0o027)
+    try:
+        runs.write_json(tmp_path / "a.json", {})
+        runs.save_checkpoint(tmp_path / "a.pt", {})
+        assert {(tmp_path / n).stat().st_mode & 0o777 for n in ("a.json", "a.pt")} == {0o640}
+    finally:
+        os.umask(old)
 
 
 def test_demo_gradcam_points_at_the_phantom_lesions(demo_run):
