@@ -396,7 +396,7 @@ def collect_sets(test: tuple[dict, np.ndarray, np.ndarray], externals: dict, roc
 
 def _save(fig, path) -> None:
     gradcam.printable_text(fig)
-    fig.tight_layout()
+    gradcam.fit_words(fig)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -518,12 +518,12 @@ def draw_flagged(p: Predictions, images, prep, path: Path, note: str = "", most:
     shown = prep.crop(images[picks]).numpy()[:, 0]
     columns = min(4, len(picks))
     rows = -(-len(picks) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(max(2.6 * columns, 5.2), 3.1 * rows), squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, i, image in zip(axes.flat, picks, shown):
         ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"{Path(p.paths[i]).name[:28]}\n{p.flags[i][0][:40]}", fontsize=6)
+        ax.set_title(f"{Path(p.paths[i]).name}\n{p.flags[i][0]}", fontsize=6)  # wrapped to fit, never cut
     fig.suptitle(f"Flagged as unlike the training films ({p.flagged().sum()} of {len(p.paths)}){note}", fontsize=9)
     _save(fig, path)
 

@@ -3,6 +3,7 @@
 Usage: `with GradCAM(model, model.cam_layer) as cam: maps = cam(x)`, or `compute_maps(members, x)`.
 """
 import copy
+import textwrap
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
@@ -235,10 +236,38 @@ def printable_text(fig) -> None:
         text.set_text(printable(text.get_text()))
 
 
+def _rooms(fig) -> list[tuple[matplotlib.text.Text, float]]:
+    """Each title, caption and legend entry of `fig` with the width in pixels it may take: an axes' own width for
+    its title, x label and legend (a neighbour's title sits beside it), nearly the figure's for the figure's title."""
+    rooms = [(text, 0.96 * fig.bbox.width) for text in fig.texts]
+    for ax in fig.axes:
+        width = ax.bbox.width
+        rooms += [(t, width) for t in (ax.title, ax._left_title, ax._right_title, ax.xaxis.label)]
+        if ax.get_legend():
+            rooms += [(t, 0.8 * width) for t in ax.get_legend().get_texts()]
+    return [(t, room) for t, room in rooms if t.get_visible() and t.get_text().strip()]
+
+
+def fit_words(fig) -> None:
+    """Wrap every title, caption and legend entry that would run past its room at word boundaries, then lay the
+    figure out again with room for the taller text: no word is clipped at the canvas edge."""
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    for text, room in _rooms(fig):
+        for _ in range(3):  # the estimate of characters per line is refined with the wrapped text's own width
+            box = text.get_window_extent(renderer)
+            lines = text.get_text().split("\n")
+            if box.width <= room:
+                break
+            chars = max(8, int(max(map(len, lines)) * room / box.width) - 1)
+            text.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
+    fig.tight_layout()
+
+
 def _save(fig, path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     printable_text(fig)
-    fig.tight_layout()
+    fit_words(fig)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
