@@ -259,33 +259,6 @@ class ValidationShapes:
         return float(np.mean(a * self.classes[1] + b >= t)), float(np.mean(a * self.classes[0] + b < t))
 
 
-class GaussianMixture:
-    """The site's logits as two Gaussians (five parameters), the higher one pneumonia; the threshold keeps the
-    target share of the higher component above it. The plain recipe: no knowledge of the model's own shapes."""
-
-    name = "two Gaussians"
-
-    def __init__(self, target: float):
-        self.target = target
-
-    def fit(self, z: np.ndarray, start: Fit | None = None) -> Fit:
-        from sklearn.mixture import GaussianMixture as Mixture
-        m = Mixture(2, random_state=0, reg_covar=1e-3).fit(z[:, None])
-        order = np.argsort(m.means_[:, 0])
-        mu, sd = m.means_[order, 0], np.sqrt(m.covariances_[order, 0, 0])
-        return Fit(float(m.weights_[order[1]]), (*mu, *sd))
-
-    def threshold(self, fit: Fit) -> float:
-        from scipy.stats import norm
-        _, mu1, _, sd1 = fit.params
-        return float(mu1 + sd1 * norm.ppf(1 - self.target))
-
-    def rates(self, fit: Fit, t: float) -> tuple[float, float]:
-        from scipy.stats import norm
-        mu0, mu1, sd0, sd1 = fit.params
-        return float(norm.sf(t, mu1, sd1)), float(norm.cdf(t, mu0, sd0))
-
-
 def distribution_refusal(n: int, prevalence: float) -> str | None:
     """Why a site's scores do not identify two classes (one sentence), or None."""
     advice = "label a sample of the site's films and run calibrate with --data instead"
