@@ -29,7 +29,8 @@ img.wide{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:10p
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ddd;padding:8px;width:272px;box-sizing:border-box}
 .card .pics{display:flex;gap:4px}.card img{width:128px;height:128px;image-rendering:pixelated}
 .card p{margin:4px 0;overflow-wrap:anywhere}.card .name{font-family:monospace;font-size:13px}.card .why{font-size:13px}
-table{max-width:100%;overflow-x:auto;display:block}"""
+table{max-width:100%;overflow-x:auto;display:block}img{max-width:100%;height:auto}
+h1,h2,p,li,summary{overflow-wrap:anywhere}"""
 
 
 def write_page(out_dir: Path, title: str, body: list[str]) -> Path:
