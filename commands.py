@@ -332,7 +332,7 @@ def write_results(s: Settings, run_dir: Path, metrics: dict) -> None:
     runs.write_json(run_dir / "metrics.json", metrics)
     banner = SYNTHETIC if s.demo else ""
     report.write_model_card(run_dir, s.config(), metrics, banner)
-    report.write_report(run_dir, "Pneumonia CNN" + (" - " + banner if banner else "") + f" - run {run_dir.name}",
+    report.write_report(run_dir, "Pneumonia CNN" + (" - synthetic demo" if banner else "") + f" - run {run_dir.name}",
                         s.config(), metrics, banner)
     runs.finish(run_dir)
     say(report.terminal_summary(metrics, run_dir, banner))

@@ -245,15 +245,15 @@ def cause_section(metrics: dict, out_dir: Path) -> str:
             f"lies, the viral map the reverse.</p>" + _img(out_dir / "gradcam_cause_pairs.png", wide=True))
 
 
-def rate_text(w: dict) -> str:
-    """A Wilson rate of shortcut.wilson as 'rate [lo, hi] (k/n)'; '-' where there was nothing to count."""
+def rate_text(w: dict, none: str = "-") -> str:
+    """A Wilson rate of shortcut.wilson as 'rate [lo, hi] (k/n)'; `none` where there was nothing to count."""
     if w["rate"] is None:
-        return "-"
+        return none
     return f"{w['rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}] ({w['k']}/{w['n']})"
 
 
-def value_text(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
+def value_text(x: float | None, none: str = "-") -> str:
+    return none if x is None else f"{x:.3f}"
 
 
 def aspect_text(block: dict | None) -> str:
@@ -283,9 +283,11 @@ def shortcut_text(block: dict) -> str:
     if not block["probe"]:
         return " ".join(filter(None, ["This checkpoint has no layout probe (it was made before the shortcut audit): "
                                       "only the rates per group are given.", aspect]))
-    auc, normals, pneumonias = (value_text(block[k]) for k in ("probe_auc", "spearman_negatives",
-                                                               "spearman_positives"))
-    flagged, rest = rate_text(block["specificity_probe_positive"]), rate_text(block["specificity_probe_negative"])
+    unknown = "no figure (too few films of the class, or one score for all)"
+    auc, normals, pneumonias = (value_text(block[k], unknown) for k in ("probe_auc", "spearman_negatives",
+                                                                        "spearman_positives"))
+    flagged = rate_text(block["specificity_probe_positive"], "no figure, since the probe calls none of them pneumonia")
+    rest = rate_text(block["specificity_probe_negative"], "no figure, since the probe calls all of them pneumonia")
     return (f"A probe that sees only a 12x12 thumbnail of each film (its framing, collimation and markers, not the "
             f"lungs' texture), fitted on the training split, scores this set with AUC {auc}. The model's and the "
             f"probe's scores agree with Spearman {normals} among the normals and {pneumonias} among the pneumonias. "
@@ -351,7 +353,8 @@ def write_report(out_dir: Path, title: str, config: dict, metrics: dict, banner:
     body.append(_img(out_dir / "gradcam_grid.png", wide=True) + _img(out_dir / "gradcam_randomisation.png", wide=True))
     if (out_dir / "MODEL_CARD.md").exists():
         body.append('<p>What this model is for, and where it fails: <a href="MODEL_CARD.md">MODEL_CARD.md</a>.</p>')
-    body.append("<h2>Configuration</h2><pre>" + html.escape(json.dumps(config, indent=2)) + "</pre>")
+    body.append("<h2>Configuration</h2><details><summary>Every setting of this run (config.json)</summary><pre>"
+                + html.escape(json.dumps(config, indent=2)) + "</pre></details>")
     return write_page(out_dir, title, body)
 
 
@@ -676,8 +679,20 @@ def _md_gradcam(g: dict) -> list[str]:
     return [text, "The maps show where the evidence for a score lies; they are not lesion segmentations."]
 
 
+PHANTOM_LIMITATIONS = [
+    "**Phantoms, not patients.** `--demo` trains on shapes this project draws: an ellipse body, two lung fields, "
+    "ribs, a spine and a heart shadow, with patchy blobs inside the lungs for 'pneumonia'. They show that the "
+    "pipeline runs end to end; nothing measured on them says anything about real chest films.",
+    "**Where it looks is known here.** Each phantom lesion's mask is drawn with it, so the pointing game checks the "
+    "Grad-CAM maps against the truth; real films carry no such outlines.",
+    "**Its calls on real films mean nothing.** `predict` and `evaluate` say so for this checkpoint.",
+]
+
+
 def _md_limitations(metrics: dict) -> list[str]:
-    """Known limitations, with this run's own figures for the train-to-test shift."""
+    """Known limitations, with this run's own figures for the train-to-test shift (a demo run's: the phantoms')."""
+    if metrics.get("synthetic"):
+        return ["- " + item for item in PHANTOM_LIMITATIONS]
     items = [
         "**One centre, children only.** Trained on the Kaggle archive, every image is a pediatric (age 1-5) "
         "anterior-posterior film from Guangzhou Women and Children's Medical Center (Kermany et al. 2018). Adults, "
@@ -716,7 +731,9 @@ def front_matter(config: dict, metrics: dict) -> list[str]:
     metrics of every scored set with the set they were measured on."""
     synthetic = bool(config.get("demo"))
     dataset = "synthetic-phantoms" if synthetic else "kermany-pediatric-chest-xray"
-    lines = ["---", "license: cc-by-4.0", "library_name: pytorch", "pipeline_tag: image-classification",
+    # the Kaggle films are CC BY 4.0; phantoms this project generated carry no data licence of their own
+    lines = ["---", *([] if synthetic else ["license: cc-by-4.0"]), "library_name: pytorch",
+             "pipeline_tag: image-classification",
              "tags: [medical-imaging, chest-x-ray, pneumonia, pediatric, grad-cam, research-only"
              + (", synthetic-demo]" if synthetic else "]"),
              f"datasets: [{dataset}]"]

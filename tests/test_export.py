@@ -169,17 +169,20 @@ def test_the_model_card_opens_with_yaml_front_matter_a_hub_can_read(demo_run, tm
     test = metrics["sets"]["test split"]
     metrics["sets"] = {"test split": test, 'site "B": 2\x1b': {**test, "kind": "external"}}  # a name to quote
     for synthetic in (True, False):
-        card = report.write_model_card(tmp_path, {**config, "demo": synthetic}, metrics).read_text()
+        card = report.write_model_card(tmp_path, {**config, "demo": synthetic}, {**metrics, "synthetic": synthetic}
+                                       ).read_text()
         assert card.startswith("---\n")
         meta = yaml.safe_load(card.split("---\n")[1])
-        assert meta["license"] == "cc-by-4.0" and meta["pipeline_tag"] == "image-classification"
+        assert meta.get("license") == (None if synthetic else "cc-by-4.0")  # phantoms carry no CC BY licence
+        assert meta["pipeline_tag"] == "image-classification"
+        assert ("Guangzhou" in card) != synthetic and ("Phantoms, not patients" in card) == synthetic
         assert meta["datasets"] == ["synthetic-phantoms" if synthetic else "kermany-pediatric-chest-xray"]
         assert ("dataset_doi" in meta) != synthetic and meta.get("dataset_doi", "10.17632/rscbjbr9sj.2") == \
             "10.17632/rscbjbr9sj.2"
         results = meta["model-index"][0]["results"]
         auc = {r["dataset"]["name"]: m["value"] for r in results for m in r["metrics"] if m["type"] == "roc_auc"}
         assert auc == {"test split": round(test["rates"]["auc"], 4), 'site "B": 2\\x1b': round(test["rates"]["auc"], 4)}
-    assert (demo_run / "MODEL_CARD.md").read_text().startswith("---\nlicense: cc-by-4.0")  # every run writes it
+    assert (demo_run / "MODEL_CARD.md").read_text().startswith("---\nlibrary_name: pytorch")  # every run writes it
 
 
 def test_the_runtime_decodes_a_windowed_and_a_rescaled_dicom_like_images_py(tmp_path):

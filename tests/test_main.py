@@ -48,6 +48,17 @@ def test_demo_run_writes_every_output_and_learns(demo_run):
     assert "SYNTHETIC" in page and "data:image/png;base64," in page and "<script" not in page and "http" not in page
 
 
+def test_the_demo_page_and_card_say_the_truth_once(demo_run):
+    page = (demo_run / "report.html").read_text()
+    title = page.split("<title>")[1].split("</title>")[0]
+    assert "synthetic demo" in title and len(title) < 60 and page.count("not real X-rays, not a medical result") == 1
+    assert "<details><summary>" in page  # the configuration folded
+    assert ": -" not in page and "among the rest: -" not in page  # a figure that cannot be computed says why
+    card = (demo_run / "MODEL_CARD.md").read_text()
+    assert "Guangzhou" not in card and "Phantoms, not patients" in card and "pointing game" in card
+    assert "license:" not in card.split("---\n")[1]
+
+
 def test_outputs_get_the_users_umask_like_any_program(demo_run, tmp_path):
     """A run a colleague or a web server can read: every file's mode is what the umask gives, PNG or checkpoint."""
     expected = runs.umask_mode()
@@ -211,7 +222,8 @@ def test_predict_single_image_folder_and_bad_files(demo_run, tmp_path, capsys):
     assert main.main(["predict", str(image), "--checkpoint", str(demo_run / "best.pt"), "--out",
                       str(tmp_path / "one")]) == 0
     out = capsys.readouterr().out
-    assert "probability of pneumonia" in out and "PNEUMONIA" in out and "overlay" in out
+    row = next(line for line in out.splitlines() if line.startswith(image.name))
+    assert row.split()[2] == "PNEUMONIA" and 0.5 < float(row.split()[1]) <= 1 and "Grad-CAM overlays" in out
     assert len(list((tmp_path / "one").glob("*_cam.png"))) == 1
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -233,7 +245,35 @@ def test_predict_single_image_folder_and_bad_files(demo_run, tmp_path, capsys):
     assert all(r["predicted"] in ("NORMAL",
                                   "PNEUMONIA") and r["patient"].startswith("IM-") for r in rows if not r["error"])
     assert all(r["predicted"] == r["patient"] == "" for r in rows if r["error"])
-    assert "skipped" in capsys.readouterr().err and len(list((tmp_path / "many").glob("*_cam.png"))) == 3
+    out = capsys.readouterr().out
+    assert "6 files:" in out and "3 not scored" in out and len(list((tmp_path / "many").glob("*_cam.png"))) == 3
+    for name, why in (("notes.jpeg", "unreadable image"), ("Thumbs.db", "hidden or OS metadata")):
+        assert why in next(line for line in out.splitlines() if line.startswith(name))  # the reason beside the file
+    page = (tmp_path / "many" / "report.html").read_text()
+    assert page.count('class="card"') == 6 and page.count("data:image/png;base64,") >= 6  # thumbnail and overlay
+
+
+def test_predict_on_many_files_summarises_and_shows_a_bounded_gallery(demo_run, tmp_path, capsys):
+    import report
+    films = sorted((demo_run / "demo_data" / "images").rglob("*.png"))[::2][:60]
+    assert main.main(["predict", *map(str, films), "--checkpoint", str(demo_run / "best.pt"), "--out",
+                      str(tmp_path / "p"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    rows = _predictions(tmp_path / "p" / "predictions.csv")
+    calls = [r["predicted"] for r in rows]
+    assert f"60 files: {calls.count('NORMAL')} NORMAL, {calls.count('PNEUMONIA')} PNEUMONIA" in out
+    assert "WARNING: this checkpoint was trained on synthetic phantoms" in out  # a demo checkpoint says so
+    listed = [line.split()[0] for line in out.splitlines() if line.endswith((".png", "NORMAL", "PNEUMONIA"))]
+    assert "nearest the threshold:" in out and 0 < len(listed) <= 15 < 60  # the few worth a look, not every file
+    p = np.array([float(r["probability"]) for r in rows])
+    counts = next(line for line in out.splitlines() if line.startswith("60 files:"))
+    threshold = float(counts.split("threshold ")[1])
+    nearest = Path(rows[int(np.argmin(np.abs(np.log(p) - np.log(threshold))))]["path"]).name
+    assert out.split("nearest the threshold:")[1].splitlines()[2].startswith(nearest)
+    page = (tmp_path / "p" / "report.html").read_text()
+    assert "Nearest the threshold" in page and "are in predictions.csv only" in page
+    assert 0 < page.count('class="card"') <= 4 * report.EACH and "synthetic phantoms" in page
+    assert all("synthetic phantoms" in r["warnings"] for r in rows)  # and beside every call in the CSV
 
 
 def test_predict_without_checkpoint_is_a_clear_error(tmp_path, capsys):
