@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate import BOOTSTRAP_RESAMPLES, METRICS
+from evaluate import BOOTSTRAP_RESAMPLES, METRICS, flag_summary
 from labels import CAUSES, CLASSES
 from model import ARCHITECTURES
 from names import code, printable
@@ -27,7 +27,8 @@ border-left:4px solid #e0a800}.ok{color:#17692f}.bad{color:#b00020;font-weight:b
 .figs{display:flex;flex-wrap:wrap;gap:12px}.figs img{max-width:560px;width:100%;border:1px solid #eee}
 img.wide{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:10px;overflow-x:auto;font-size:13px}
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ddd;padding:8px;width:272px;box-sizing:border-box}
-.card .pics{display:flex;gap:4px}.card img{width:128px;height:128px;image-rendering:pixelated}
+.card .pics{display:flex;flex-wrap:wrap;gap:4px}.card img{width:128px;height:128px}
+.card img.cam{width:100%;height:auto}
 .card p{margin:4px 0;overflow-wrap:anywhere}.card .name{font-family:monospace;font-size:13px}.card .why{font-size:13px}
 table{max-width:100%;overflow-x:auto;display:block}img{max-width:100%;height:auto}
 h1,h2,p,li,summary{overflow-wrap:anywhere}"""
@@ -424,10 +425,7 @@ def answer_counts(p, threshold: float) -> str:
     calls = [call_of(v, threshold) for v in p.prob]
     counts = ", ".join(f"{calls.count(c)} {c}" for c in CLASSES)
     missing = calls.count("")
-    kinds: dict[str, int] = {}
-    for reasons in p.flags:
-        for kind in {r.split(":")[0].split(" ")[0] for r in reasons}:
-            kinds[kind] = kinds.get(kind, 0) + 1
+    kinds = flag_summary(p)["by_reason"]
     flags = f"{int(p.flagged().sum())} flagged" + (f" ({', '.join(f'{k}: {n}' for k, n in kinds.items())})"
                                                    if kinds else "")
     return (f"{len(p.paths)} files: {counts}" + (f", {missing} not scored" if missing else "")
@@ -462,7 +460,7 @@ def film_card(p, i: int, threshold: float, thumbnail: str, overlay: Path | None)
     and flags in words."""
     name, prob, call, said = answer_row(p, i, threshold)
     pictures = f'<img alt="{html.escape(name)}" src="{thumbnail}">' + \
-        (f'<img alt="Grad-CAM of {html.escape(name)}" src="data:image/png;base64,'
+        (f'<img class="cam" alt="Grad-CAM of {html.escape(name)}" src="data:image/png;base64,'
          f'{base64.b64encode(overlay.read_bytes()).decode()}">' if overlay is not None and overlay.exists() else "")
     verdict = (f'<b class="{"bad" if call == CLASSES[1] else "ok"}">{call}</b>: P(pneumonia) {prob} '
                f"(threshold {threshold:.3f})") if prob else "not scored"
