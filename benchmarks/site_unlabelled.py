@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import calibrate  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
-from generalisation import read_predictions  # noqa: E402  (beside this script)
+from generalisation import mean_sd, read_predictions  # noqa: E402  (beside this script)
 
 PREVALENCES = (0.05, 0.10, 0.30, 0.60, 0.90)
 DRAWS, DRAW_SIZE = 20, 100
@@ -148,13 +148,6 @@ def one_run(run: Path, args) -> dict:
                         "stress": stress(model, y, prob, args.draws, args.resamples, seed=len(result))}
     result["truth"] = {"prevalence": float(y.mean())}
     return result
-
-
-def mean_sd(values) -> str:
-    values = [v for v in values if v == v]
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):.3f}±{statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
 def summarise(results: list[dict]) -> None:
