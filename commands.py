@@ -398,8 +398,10 @@ def run_evaluate(args) -> int:
         metrics = {"schema": runs.METRICS_SCHEMA, "sets": {name: {"kind": "evaluated", "folder": ".", **block}},
                    "data": data.audit(ds), "evaluated": {"checkpoint": args.checkpoint, "data": args.data}}
         runs.write_json(out / "metrics.json", metrics)
-        report.write_report(out, f"Pneumonia CNN - evaluation of {args.checkpoint} on {args.data}", vars(args), metrics)
-        say(report.terminal_summary(metrics, out))
+        banner = f"WARNING: this checkpoint was {report.DEMO_CHECKPOINT}." if scorer.synthetic else ""
+        report.write_report(out, f"Pneumonia CNN - evaluation of {args.checkpoint} on {args.data}", vars(args), metrics,
+                            banner)
+        say(report.terminal_summary(metrics, out, banner))
     return 0
 
 

@@ -288,6 +288,7 @@ def test_an_unlabelled_calibration_scores_through_evaluate_predict_and_export(de
                       "--out", str(tmp_path / "ev"), "--quiet", "--no-cache"]) == 0
     (rates,) = [b["rates"] for b in json.loads((tmp_path / "ev" / "metrics.json").read_text())["sets"].values()]
     assert rates["threshold"] == ckpt["threshold"]
+    assert "trained on synthetic phantoms" in (tmp_path / "ev" / "report.html").read_text()  # a demo checkpoint
     image = sorted(unlabelled_site.glob("*.png"))[0]
     assert main.main(["predict", str(image), "--checkpoint", str(tmp_path / "cal" / "best.pt"), "--out",
                       str(tmp_path / "p")]) == 0
