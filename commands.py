@@ -530,6 +530,7 @@ def calibrate_unlabelled(args) -> int:
         report.write_calibration_report(out, f"Site calibration of {args.checkpoint} without labels", metrics)
         report.write_calibrated_card(out, Path(args.checkpoint).parent / "MODEL_CARD.md", metrics)
         say(report.unlabelled_table(metrics).text())
+        say(f"note: {report.UNLABELLED_CAVEAT}")
         say(f"wrote {out / 'best.pt'} (meant for the site of {', '.join(args.unlabelled)}; score with it as with any "
             f"best.pt), {out / 'report.html'} and MODEL_CARD.md")
     return 0
