@@ -533,7 +533,8 @@ def calibration_text(m: dict) -> list[str]:
 
 UNLABELLED_CAVEAT = ("the expected rates are the score model's own, checked by no label; on the Kaggle test folder "
                      "its sensitivity came out higher and its specificity lower than it expected "
-                     "(docs/calibration.md): score a labelled sample of the site with `evaluate` before relying on them")
+                     "(docs/calibration.md): score a labelled sample of the site with `evaluate` before relying on "
+                     "them")
 
 
 def unlabelled_table(m: dict) -> Table:
