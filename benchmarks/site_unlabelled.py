@@ -12,6 +12,8 @@ import argparse
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("runs", nargs="+", help="finished default runs scored with --external half A")
     p.add_argument("--draws", type=int, default=DRAWS, help="stress draws per prevalence")
     p.add_argument("--resamples", type=int, default=calibrate.SITE_RESAMPLES, help="bootstrap resamples per fit")
+    p.add_argument("--jobs", type=int, default=2, help="runs scored at once, one process each")
     return p.parse_args(argv)
 
 
@@ -185,10 +188,8 @@ def summarise(results: list[dict]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    results = []
-    for run in map(Path, args.runs):
-        results.append(one_run(run, args))
-        print(f"{run}: done", flush=True)
+    with ProcessPoolExecutor(args.jobs) as pool:  # each run's rows are independent of the others'
+        results = list(pool.map(partial(one_run, args=args), map(Path, args.runs)))
     summarise(results)
     return 0
 
