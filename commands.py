@@ -32,7 +32,7 @@ from cache import ImageCache
 from images import cache_size
 from labels import SERIES_PATTERN
 from names import say
-from settings import Settings, UsageError, parse_command
+from settings import Settings, UsageError, build_calibrate_parser
 from transforms import Preprocess, fit_normalisation
 
 DOWNLOAD_HELP = """No chest X-rays found in '{root}'.
@@ -213,9 +213,9 @@ def calibrate_demo_site(s: Settings, run_dir: Path) -> None:
     """--demo's last step: the run calibrated without labels to a phantom site from a shifted generator, with
     flat hashed names, as a user would calibrate to their own films (into calibrate-unlabelled/)."""
     site = demo.make_site(run_dir / "demo_site", films=5 * s.demo_patients, seed=s.seed + 1)
-    _, args = parse_command(["calibrate", "--checkpoint", str(run_dir / "best.pt"), "--unlabelled", str(site),
-                             "--out", str(run_dir / "calibrate-unlabelled"), "--no-cache", "--device", s.device,
-                             *(["--quiet"] if s.quiet else [])])
+    args = build_calibrate_parser().parse_args([  # not parse_command, which refuses sub-commands under torchrun
+        "--checkpoint", str(run_dir / "best.pt"), "--unlabelled", str(site), "--no-cache", "--device", s.device,
+        "--out", str(run_dir / "calibrate-unlabelled"), *(["--quiet"] if s.quiet else [])])
     try:
         calibrate_unlabelled(args)
     except UsageError as err:  # a demo model too weak to show two classes in its scores: said, not a failure

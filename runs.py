@@ -49,9 +49,16 @@ class RunError(UserError):
 
 # ---------------------------------------------------------------- files
 def umask_mode() -> int:
-    """The mode a plain new file gets under this process's umask (0644 under the usual 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """The mode a plain new file gets under this process's umask (0644 under the usual 022).
+
+    Read from /proc, not by setting the umask and back: that is process-wide, and a thread writing between the two
+    calls would make a world-writable file."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):  # no /proc (macOS): the only portable way left
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 
