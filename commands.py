@@ -30,7 +30,7 @@ import shortcut
 import train
 from cache import ImageCache
 from images import cache_size
-from labels import SERIES_PATTERN
+from labels import DEMO_CHECKPOINT, SERIES_PATTERN
 from names import say
 from settings import Settings, UsageError, build_calibrate_parser
 from transforms import Preprocess, fit_normalisation
@@ -398,7 +398,7 @@ def run_evaluate(args) -> int:
         metrics = {"schema": runs.METRICS_SCHEMA, "sets": {name: {"kind": "evaluated", "folder": ".", **block}},
                    "data": data.audit(ds), "evaluated": {"checkpoint": args.checkpoint, "data": args.data}}
         runs.write_json(out / "metrics.json", metrics)
-        banner = f"WARNING: this checkpoint was {report.DEMO_CHECKPOINT}." if scorer.synthetic else ""
+        banner = f"WARNING: this checkpoint was {DEMO_CHECKPOINT}." if scorer.synthetic else ""
         report.write_report(out, f"Pneumonia CNN - evaluation of {args.checkpoint} on {args.data}", vars(args), metrics,
                             banner)
         say(report.terminal_summary(metrics, out, banner))
@@ -435,7 +435,7 @@ def run_predict(args) -> int:
 def with_demo_note(rows: evaluate.Predictions, scored: list[int]) -> evaluate.Predictions:
     """The rows with the demo checkpoint's warning beside every call: a row copied out of the CSV still carries it
     (the terminal and the page say it once, above the calls)."""
-    note, scored = f"model {report.DEMO_CHECKPOINT}", set(scored)
+    note, scored = f"model {DEMO_CHECKPOINT}", set(scored)
     return dataclasses.replace(rows, notes=[n + [note] if i in scored else n for i, n in enumerate(rows.notes)])
 
 
@@ -453,7 +453,7 @@ def report_predictions(scorer: evaluate.Scorer, rows: evaluate.Predictions, imag
                                                           rows.prob[scored], [files[i] for i in scored], out)))
     evaluate.draw_flagged(rows, torch.from_numpy(images[:len(files)]).unsqueeze(1), scorer.predictor.prep,
                           out / "ood_flagged.png")
-    banner = report.DEMO_CHECKPOINT if scorer.synthetic else ""
+    banner = DEMO_CHECKPOINT if scorer.synthetic else ""
     readable = set(good)
     pictures = {i: (report.png_uri(images[i]), overlays.get(i))
                 for i in report.shown_rows(rows, scorer.threshold) if i in readable}

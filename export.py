@@ -20,7 +20,7 @@ import ood
 import runs
 from errors import UserError
 from images import MAX_ASPECT, cache_size
-from labels import CAUSES, CLASSES
+from labels import CAUSES, CLASSES, DEMO_CHECKPOINT
 from transforms import Preprocess
 
 OPSET = 18
@@ -182,6 +182,8 @@ def describe(ckpt: dict, graph: Graph, checkpoint: str, side: int) -> dict:
     return {
         "format": 1,
         "threshold": float(ckpt["threshold"]), "threshold_policy": ckpt.get("threshold_policy"),
+        # a --demo checkpoint: the runtime writes this beside every call, as predict does
+        "note": f"model {DEMO_CHECKPOINT}" if ckpt.get("config", {}).get("demo") else None,
         "classes": list(CAUSES if graph.three_classes else CLASSES),
         "positive_class": "PNEUMONIA",
         "input": {"name": "images", "dtype": "uint8", "shape": ["batch", 1, side, side], "side": side,

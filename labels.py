@@ -9,3 +9,5 @@ CLASS_COLUMNS = tuple(f"p_{c.lower()}" for c in CAUSES)  # a cause model's extra
 CAM_TARGETS = ("pneumonia", "normal", "bacterial", "viral")
 # --groups' default: the Kaggle file names' series, which follow acquisition periods (docs/generalisation.md)
 SERIES_PATTERN = r"^(NORMAL2-IM|IM|person)"
+# said by predict, evaluate and the ONNX runtime for a checkpoint trained with --demo
+DEMO_CHECKPOINT = "trained on synthetic phantoms: its calls on real films mean nothing"

@@ -389,7 +389,6 @@ def ood_sentence(metrics: dict) -> str:
 LISTED = 20  # files predict lists one by one on the terminal; beyond this it summarises
 CARDS = 48  # films predict's page shows as cards; beyond this, a bounded gallery
 EACH = 8  # films per kind in a bounded gallery (nearest the threshold, most confident each way, flagged)
-DEMO_CHECKPOINT = "trained on synthetic phantoms: its calls on real films mean nothing"
 
 
 def call_of(prob: float, threshold: float) -> str:
@@ -397,8 +396,9 @@ def call_of(prob: float, threshold: float) -> str:
 
 
 def answer_row(p, i: int, threshold: float) -> list[str]:
-    """One file's answer: its name, P(pneumonia), call and what to know about it (flags first, or why not scored)."""
-    said = "; ".join(p.flags[i] + p.notes[i]) or p.errors[i]
+    """One file's answer: its name, P(pneumonia), call and what to know about it: why it was not scored, else its
+    flags and warnings."""
+    said = p.errors[i] or "; ".join(p.flags[i] + p.notes[i])
     return [printable(Path(p.paths[i]).name), "" if p.prob[i] != p.prob[i] else f"{p.prob[i]:.3f}",
             call_of(p.prob[i], threshold), said]
 
@@ -462,8 +462,9 @@ def film_card(p, i: int, threshold: float, thumbnail: str, overlay: Path | None)
     pictures = f'<img alt="{html.escape(name)}" src="{thumbnail}">' + \
         (f'<img class="cam" alt="Grad-CAM of {html.escape(name)}" src="data:image/png;base64,'
          f'{base64.b64encode(overlay.read_bytes()).decode()}">' if overlay is not None and overlay.exists() else "")
-    verdict = (f'<b class="{"bad" if call == CLASSES[1] else "ok"}">{call}</b>: P(pneumonia) {prob} '
-               f"(threshold {threshold:.3f})") if prob else "not scored"
+    colour = "bad" if call == CLASSES[1] else "ok"
+    verdict = f'<b class="{colour}">{call}</b>: P(pneumonia) {prob} (threshold {threshold:.3f})' if prob else \
+        "not scored"
     return (f'<div class="card"><div class="pics">{pictures}</div><p class="name">{html.escape(name)}</p>'
             f"<p>{verdict}</p>" + (f'<p class="why">{html.escape(said)}</p>' if said else "") + "</div>")
 

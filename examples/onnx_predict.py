@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             p, flags = float(out["probability"][i]), file_flags[i] + check_flags(out, i, meta["checks"])
             call = "PNEUMONIA" if p >= threshold else "NORMAL"
             distance = f"{out['distance'][i]:.2f}" if "distance" in out else ""
-            rows.append([path, "", "", f"{p:.6f}", call, "; ".join(flags), "", "yes" if flags else "", distance])
+            said = flags + ([meta["note"]] if meta.get("note") else [])  # a demo checkpoint says so, as predict does
+            rows.append([path, "", "", f"{p:.6f}", call, "; ".join(said), "", "yes" if flags else "", distance])
             if args.cam:
                 overlay(decoded[i], out["heatmap"][i], meta["input"]["model_side"],
                         Path(args.cam) / f"{start + i:05d}_{Path(path).stem}_cam.png")

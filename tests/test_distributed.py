@@ -57,8 +57,9 @@ def two_runs(tmp_path_factory):
 def test_two_processes_write_one_run_folder_and_match_one_process(two_runs):
     base, out = two_runs
     assert sorted(p.name for p in base.iterdir()) == ["one", "two"]  # no stray runs/ folder from rank 1
-    assert [p.relative_to(base) for p in base.rglob("metrics.json")] == [Path("one/metrics.json"),
-                                                                         Path("two/metrics.json")]
+    # each run's own, and its demo calibration's, written by rank 0 alone
+    assert sorted(p.relative_to(base) for p in base.rglob("metrics.json")) == [
+        Path(f"{run}/{sub}metrics.json") for run in ("one", "two") for sub in ("calibrate-unlabelled/", "")]
     assert out.count("Test split (threshold chosen on validation") == 1  # printed by rank 0 only
     one, two = (json.loads((base / n / "metrics.json").read_text()) for n in ("one", "two"))
     # both AUCs saturate on phantoms, so compare the models image by image: the 2-process model must rank and

@@ -124,7 +124,8 @@ def test_predict_scores_a_non_utf8_name_a_formula_name_and_an_escape_sequence(de
     assert main.main(["predict", str(folder), "--checkpoint", str(demo_run / "best.pt"), "--out", str(out),
                       "--cam"]) == 0
     captured = capfd.readouterr()
-    assert "\x1b" not in captured.out + captured.err and "\\x1b[2J" in captured.err
+    # the unreadable file's name in predict's answer, escaped, with why it was not scored beside it
+    assert "\x1b" not in captured.out + captured.err and "\\x1b[2J" in captured.out
     rows = runs.read_csv(out / "predictions.csv")
     assert {Path(r["path"]).name for r in rows} == {os.fsdecode(LATIN1) + ".png", "=HYPERLINK(1).png",
                                                   "x\x1b[2J\x1b[31mred.png"}
