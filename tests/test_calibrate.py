@@ -299,6 +299,17 @@ def test_an_unlabelled_calibration_scores_through_evaluate_predict_and_export(de
     assert json.loads((tmp_path / "x" / "model.json").read_text())["threshold"] == pytest.approx(ckpt["threshold"])
 
 
+def test_unlabelled_calibration_with_adabn_adapts_on_the_films_it_uses(demo_run, unlabelled_site, tmp_path):
+    assert main.main(["calibrate", "--checkpoint", str(demo_run / "best.pt"), "--unlabelled", str(unlabelled_site),
+                      "--adapt-bn", "--out", str(tmp_path / "cal"), "--quiet", "--no-cache"]) == 0
+    ckpt, source = runs.load_checkpoint(tmp_path / "cal" / "best.pt"), runs.load_checkpoint(demo_run / "best.pt")
+    c = ckpt["calibration"]
+    assert c["kind"] == "unlabelled" and c["adapt_bn"] and c["adapt_bn_images"] == c["site"]["used"]
+    early = [k for k in source["members"][0] if k.startswith(PneumoniaCNN.adaptable) and k.endswith("running_mean")]
+    assert early and all(not torch.equal(ckpt["members"][0][k], source["members"][0][k]) for k in early)
+    assert ckpt["ood"]["members"] == []  # the distance was fitted to the training statistics
+
+
 def test_a_refused_unlabelled_calibration_says_why_and_writes_nothing(demo_run, tmp_path, capsys):
     few = demo.make_site(tmp_path / "few", films=20)
     assert _calibrate_unlabelled(demo_run, tmp_path / "cal", few) == 2
