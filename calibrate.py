@@ -69,6 +69,16 @@ def adapt_batchnorm(predictor: Predictor, images: np.ndarray, every_layer: bool 
         member.eval()
 
 
+def adapt_to_site(predictor: Predictor, images: np.ndarray, args) -> int:
+    """With --adapt-bn, AdaBN on the site's `images` plus the unlabelled folders the flag names; returns how many
+    images the statistics came from (0 without the flag)."""
+    if args.adapt_bn is None:
+        return 0
+    extra = unlabelled_images(args.adapt_bn, images.shape[-1], show=not args.quiet) if args.adapt_bn else images[:0]
+    adapt_batchnorm(predictor, np.concatenate([images, extra]))
+    return len(images) + len(extra)
+
+
 def expected_rates(y_true, y_prob, patients, policy: str, resamples: int = RESAMPLES, seed: int = 0) -> dict:
     """What the site should expect at a threshold chosen by `policy` on a sample like this one.
 
@@ -140,11 +150,7 @@ def fit_site(args, ckpt: dict, ds: data.Dataset, load: Callable[[], Predictor], 
                             seed=args.seed)
     policy = args.threshold or ckpt.get("threshold_policy", "sens=0.95")
     predictor = load()
-    adapt_images = images
-    if args.adapt_bn is not None:
-        extra = unlabelled_images(args.adapt_bn, images.shape[-1], show=not args.quiet) if args.adapt_bn else images[:0]
-        adapt_images = np.concatenate([images, extra])
-        adapt_batchnorm(predictor, adapt_images)
+    adapted = adapt_to_site(predictor, images, args)
     threshold, cause_threshold, prob = site_thresholds(predictor, ds, policy)
     expected = expected_rates(y, prob, patients, policy, seed=args.seed)
     metrics = {"before": before, "after": evaluate.score(y, prob, patients, threshold, seed=args.seed),
@@ -153,7 +159,7 @@ def fit_site(args, ckpt: dict, ds: data.Dataset, load: Callable[[], Predictor], 
                                "site": {"folder": args.data, "images": len(y), "patients": len(set(patients)),
                                         "normal": int((y == 0).sum()), "pneumonia": int((y == 1).sum())},
                                "unlabelled": list(args.adapt_bn or []), "adapt_bn": args.adapt_bn is not None,
-                               "adapt_bn_images": int(len(adapt_images)) if args.adapt_bn is not None else 0,
+                               "adapt_bn_images": adapted,
                                "policy": policy, "warning": warning, "shortfall": shortfall(policy, expected)}}
     return Site(metrics=metrics, predictor=predictor, threshold=threshold, cause_threshold=cause_threshold, prob=prob)
 
@@ -298,7 +304,6 @@ def unlabelled_threshold(z: np.ndarray, model, resamples: int = SITE_RESAMPLES, 
             "method": "bootstrap of the films: each resample refitted, scored at the threshold chosen on all"}
 
 
-
 def short_hashes(hashes) -> list[str]:
     """The first 16 hex digits (64 bits) of content hashes: enough to recognise a film, at a fraction of the size."""
     return [h[:16] for h in hashes]
@@ -376,14 +381,9 @@ def fit_unlabelled(args, ckpt: dict, films: SiteFilms, load: Callable[[], Predic
     val_prob, val_y = validation_scores(ckpt, args.checkpoint)
     model = ValidationShapes(site_logits(val_prob), val_y, sensitivity_target(policy))
     predictor = load()
-    prob = films.rows.prob[films.used]
-    adapt_images = films.images[:0]
-    if args.adapt_bn is not None:
-        extra = unlabelled_images(args.adapt_bn, films.images.shape[-1], show=not args.quiet) if args.adapt_bn else \
-            adapt_images
-        adapt_images = np.concatenate([films.images, extra])
-        adapt_batchnorm(predictor, adapt_images)
-        prob = predictor.predict(torch.from_numpy(films.images).unsqueeze(1))[0]
+    adapted = adapt_to_site(predictor, films.images, args)
+    prob = predictor.predict(torch.from_numpy(films.images).unsqueeze(1))[0] if args.adapt_bn is not None else \
+        films.rows.prob[films.used]  # the adapted model's scores, or the source's as site_films scored them
     found = unlabelled_threshold(site_logits(prob), model, seed=args.seed)
     if "refused" in found:
         raise CalibrationError(found["refused"])
@@ -392,7 +392,7 @@ def fit_unlabelled(args, ckpt: dict, films: SiteFilms, load: Callable[[], Predic
         "kind": "unlabelled", "source": {"path": str(args.checkpoint), "sha256": runs.file_sha256(args.checkpoint)},
         "site": {"folders": list(args.unlabelled), "films": len(films.rows.paths), "used": len(films.used),
                  "left_out": films.left_out},
-        "policy": policy, "adapt_bn": args.adapt_bn is not None, "adapt_bn_images": int(len(adapt_images)),
+        "policy": policy, "adapt_bn": args.adapt_bn is not None, "adapt_bn_images": adapted,
         "unlabelled": list(args.adapt_bn or []), "threshold_before": float(ckpt["threshold"]),
         "called_pneumonia": {"before": float(np.mean(films.rows.prob[films.used] >= ckpt["threshold"])),
                              "after": float(np.mean(prob >= threshold))},
