@@ -30,7 +30,7 @@ import shortcut
 import train
 from cache import ImageCache
 from images import cache_size
-from labels import DEMO_CHECKPOINT, SERIES_PATTERN
+from labels import DEMO_CHECKPOINT, DEMO_WARNING, SERIES_PATTERN
 from names import say
 from settings import Settings, UsageError, build_calibrate_parser
 from transforms import Preprocess, fit_normalisation
@@ -398,7 +398,7 @@ def run_evaluate(args) -> int:
         metrics = {"schema": runs.METRICS_SCHEMA, "sets": {name: {"kind": "evaluated", "folder": ".", **block}},
                    "data": data.audit(ds), "evaluated": {"checkpoint": args.checkpoint, "data": args.data}}
         runs.write_json(out / "metrics.json", metrics)
-        banner = f"WARNING: this checkpoint was {DEMO_CHECKPOINT}." if scorer.synthetic else ""
+        banner = DEMO_WARNING if scorer.synthetic else ""
         report.write_report(out, f"Pneumonia CNN - evaluation of {args.checkpoint} on {args.data}", vars(args), metrics,
                             banner)
         say(report.terminal_summary(metrics, out, banner))
@@ -453,12 +453,12 @@ def report_predictions(scorer: evaluate.Scorer, rows: evaluate.Predictions, imag
                                                           rows.prob[scored], [files[i] for i in scored], out)))
     evaluate.draw_flagged(rows, torch.from_numpy(images[:len(files)]).unsqueeze(1), scorer.predictor.prep,
                           out / "ood_flagged.png")
-    banner = DEMO_CHECKPOINT if scorer.synthetic else ""
-    readable = set(good)
+    banner = DEMO_WARNING if scorer.synthetic else ""
+    sections, readable = report.page_sections(rows, scorer.threshold), set(good)
     pictures = {i: (report.png_uri(images[i]), overlays.get(i))
-                for i in report.shown_rows(rows, scorer.threshold) if i in readable}
+                for i in set().union(*sections.values()) if i in readable}
     report.write_predict_report(out, f"Predictions of {Path(args.checkpoint).parent.name or args.checkpoint}", rows,
-                                scorer.threshold, pictures, banner)
+                                scorer.threshold, sections, pictures, banner)
     say(report.predict_answer(rows, scorer.threshold, out / "predictions.csv", banner))
     say(f"page: {out / 'report.html'}" + (f"; {len(overlays)} Grad-CAM overlays in {out}" if overlays else ""))
 

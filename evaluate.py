@@ -236,6 +236,11 @@ PREDICTION_COLUMNS = ("path", "patient", "label", "probability", "predicted", "w
                       "ood_score")
 
 
+def call_of(prob: float, threshold: float) -> str:
+    """The call at `threshold`; empty for a file that was not scored (NaN)."""
+    return "" if prob != prob else CLASSES[int(prob >= threshold)]
+
+
 def write_predictions(path: Path, p: Predictions, threshold: float) -> None:
     """predictions.csv: the truth (empty where unknown), P(pneumonia), the call at `threshold`, warnings (flags
     first), errors, whether the image is flagged and its out-of-distribution distance; a cause model adds one
@@ -244,10 +249,9 @@ def write_predictions(path: Path, p: Predictions, threshold: float) -> None:
         return f"{v:.{digits}f}" if v == v else ""
 
     def row(i):
-        scored = p.prob[i] == p.prob[i]
         extra = [number(v) for v in p.classes[i]] if p.classes is not None else []
         return [p.paths[i], p.patients[i], CLASSES[p.y_true[i]] if p.y_true[i] >= 0 else "", number(p.prob[i]),
-                CLASSES[int(p.prob[i] >= threshold)] if scored else "", "; ".join(p.flags[i] + p.notes[i]),
+                call_of(p.prob[i], threshold), "; ".join(p.flags[i] + p.notes[i]),
                 p.errors[i], "yes" if p.flags[i] else "", number(p.ood[i], 2), *extra]
     write_csv(path, [*PREDICTION_COLUMNS, *(CLASS_COLUMNS if p.classes is not None else [])],
               (row(i) for i in range(len(p.paths))))

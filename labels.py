@@ -11,3 +11,4 @@ CAM_TARGETS = ("pneumonia", "normal", "bacterial", "viral")
 SERIES_PATTERN = r"^(NORMAL2-IM|IM|person)"
 # said by predict, evaluate and the ONNX runtime for a checkpoint trained with --demo
 DEMO_CHECKPOINT = "trained on synthetic phantoms: its calls on real films mean nothing"
+DEMO_WARNING = f"WARNING: this checkpoint was {DEMO_CHECKPOINT}."  # above the calls, on the terminal and the page

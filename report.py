@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate import BOOTSTRAP_RESAMPLES, METRICS, flag_summary
+from evaluate import BOOTSTRAP_RESAMPLES, METRICS, call_of, flag_summary
 from labels import CAUSES, CLASSES
 from model import ARCHITECTURES
 from names import code, printable
@@ -391,10 +391,6 @@ CARDS = 48  # films predict's page shows as cards; beyond this, a bounded galler
 EACH = 8  # films per kind in a bounded gallery (nearest the threshold, most confident each way, flagged)
 
 
-def call_of(prob: float, threshold: float) -> str:
-    return "" if prob != prob else CLASSES[int(prob >= threshold)]
-
-
 def answer_row(p, i: int, threshold: float) -> list[str]:
     """One file's answer: its name, P(pneumonia), call and what to know about it: why it was not scored, else its
     flags and warnings."""
@@ -435,7 +431,7 @@ def answer_counts(p, threshold: float) -> str:
 def predict_answer(p, threshold: float, csv_path: Path, banner: str = "") -> str:
     """predict's terminal answer: every file's probability and call for a few files; for many, the counts and the
     files nearest the threshold and most confident, then where the whole list is."""
-    lines = [f"WARNING: this checkpoint was {banner}"] if banner else []
+    lines = [banner] if banner else []
     lines.append(answer_counts(p, threshold))
     if len(p.paths) <= LISTED:
         lines.append(answer_table(p, range(len(p.paths)), threshold).text())
@@ -469,35 +465,34 @@ def film_card(p, i: int, threshold: float, thumbnail: str, overlay: Path | None)
             f"<p>{verdict}</p>" + (f'<p class="why">{html.escape(said)}</p>' if said else "") + "</div>")
 
 
-def write_predict_report(out_dir: Path, title: str, p, threshold: float, pictures: dict[int, tuple[str, Path | None]],
-                         banner: str = "") -> Path:
-    """predict's report.html: the counts, then one card per film (most probable first); for many films a bounded
-    gallery of those worth a look, with what was left out; every row is in predictions.csv. `pictures`: per row
-    shown, its thumbnail's data URI and its Grad-CAM overlay file (None without one)."""
+def page_sections(p, threshold: float) -> dict[str, list[int]]:
+    """The rows predict's page shows, by heading: up to CARDS files every one, most probable first, under no
+    heading; beyond, the gallery's kinds that hold any."""
+    if len(p.paths) <= CARDS:
+        return {"": sorted(range(len(p.paths)), key=lambda i: -p.prob[i] if p.prob[i] == p.prob[i] else 2.0)}
+    return {kind: picks for kind, picks in gallery(p, threshold).items() if picks}
+
+
+def write_predict_report(out_dir: Path, title: str, p, threshold: float, sections: dict[str, list[int]],
+                         pictures: dict[int, tuple[str, Path | None]], banner: str = "") -> Path:
+    """predict's report.html: the counts, then a card per film of each of `sections` (page_sections); for a gallery,
+    how many were left out; every row is in predictions.csv. `pictures`: per row shown, its thumbnail's data URI
+    and its Grad-CAM overlay file (None without one)."""
     def cards(picks) -> str:
         return '<div class="cards">' + "".join(film_card(p, i, threshold, *pictures.get(i, ("", None)))
                                                for i in picks) + "</div>"
 
     body = [f"<h1>{html.escape(title)}</h1>"]
     if banner:
-        body.append(f'<p class="warn">This checkpoint was {html.escape(banner)}.</p>')
+        body.append(f'<p class="warn">{html.escape(banner)}</p>')
     body.append(f"<p>{html.escape(answer_counts(p, threshold))}. Every file's row is in predictions.csv.</p>")
-    if len(p.paths) <= CARDS:
-        body.append(cards(sorted(range(len(p.paths)), key=lambda i: -p.prob[i] if p.prob[i] == p.prob[i] else 2.0)))
-    else:
-        shown = gallery(p, threshold)
+    shown = set().union(*sections.values())
+    if len(shown) < len(p.paths):
         body.append(f"<p>{len(p.paths)} files are too many to show each: below, {EACH} of each kind worth a look; "
-                    f"the other {len(p.paths) - len(set().union(*shown.values()))} are in predictions.csv only.</p>")
-        body += [f"<h2>{html.escape(kind[0].upper() + kind[1:])}</h2>" + cards(picks)
-                 for kind, picks in shown.items() if picks]
+                    f"the other {len(p.paths) - len(shown)} are in predictions.csv only.</p>")
+    body += [(f"<h2>{html.escape(kind[0].upper() + kind[1:])}</h2>" if kind else "") + cards(picks)
+             for kind, picks in sections.items()]
     return write_page(out_dir, title, body)
-
-
-def shown_rows(p, threshold: float) -> list[int]:
-    """The rows predict's page shows: every one up to CARDS, else the gallery's."""
-    if len(p.paths) <= CARDS:
-        return list(range(len(p.paths)))
-    return sorted(set().union(*gallery(p, threshold).values()))
 
 
 # ---------------------------------------------------------------- site calibration
@@ -567,10 +562,16 @@ def unlabelled_text(m: dict) -> list[str]:
             f"{UNLABELLED_CAVEAT}."]
 
 
+def calibration_parts(m: dict):
+    """The paragraphs and the table of a calibration: with labels (before, after, expected) or without."""
+    if m["calibration"].get("kind") == "unlabelled":
+        return unlabelled_text, unlabelled_table
+    return calibration_text, calibration_table
+
+
 def write_calibration_report(out_dir: Path, title: str, m: dict) -> Path:
     """report.html of a calibration: provenance, the before/after table and the expected rates."""
-    text, table = (unlabelled_text, unlabelled_table) if m["calibration"].get("kind") == "unlabelled" else \
-        (calibration_text, calibration_table)
+    text, table = calibration_parts(m)
     body = [f"<h1>{html.escape(title)}</h1>", "<h2>Site calibration</h2>",
             *(f"<p>{html.escape(t)}</p>" for t in text(m)), table(m).html()]
     for key in ("warning", "shortfall"):
@@ -584,8 +585,7 @@ def write_calibrated_card(out_dir: Path, source_card: Path, m: dict) -> Path:
     card = source_card.read_text() if source_card.exists() else "# Model card\n\nThe source run's card was not found.\n"
     if card.startswith("---\n"):  # the source's front matter gives its metrics at its threshold, not this one's
         card = card.split("---\n", 2)[2].lstrip()
-    text, table = (unlabelled_text, unlabelled_table) if m["calibration"].get("kind") == "unlabelled" else \
-        (calibration_text, calibration_table)
+    text, table = calibration_parts(m)
     lines = ["", "## Site calibration", *text(m), "", table(m).markdown()]
     for key, label in (("warning", "Warning"), ("shortfall", "Note")):
         if m["calibration"].get(key):
