@@ -213,7 +213,9 @@ class ValidationShapes:
         self.log_density, self.survival = [], []
         for v in self.classes:
             bandwidth = max(1.06 * v.std() * len(v) ** -0.2, 0.05)  # Silverman's rule
-            density = np.exp(-0.5 * ((GRID[:, None] - v[None, :]) / bandwidth) ** 2).sum(1)
+            density = np.zeros_like(GRID)
+            for chunk in np.array_split(v, max(1, len(v) // 256)):  # grid x films in chunks: memory bounded
+                density += np.exp(-0.5 * ((GRID[:, None] - chunk[None, :]) / bandwidth) ** 2).sum(1)
             density /= density.sum() * (GRID[1] - GRID[0])
             self.log_density.append(np.log(density + 1e-300))
             self.survival.append(1 - np.cumsum(density) * (GRID[1] - GRID[0]))
