@@ -3,6 +3,7 @@ export. Usage: `commands.RUN[name](parsed)`, called by main.py once the command 
 
 Each function here only connects the steps that live in data, train, evaluate, gradcam, report and the rest.
 """
+import argparse
 import dataclasses
 import json
 import sys
@@ -27,10 +28,11 @@ import precision
 import report
 import runs
 import shortcut
+import streaming
 import train
 from cache import ImageCache
 from images import cache_size
-from labels import DEMO_CHECKPOINT, DEMO_WARNING, SERIES_PATTERN
+from labels import DEMO_WARNING, SERIES_PATTERN
 from names import say
 from settings import Settings, UsageError, build_calibrate_parser
 from transforms import Preprocess, fit_normalisation
@@ -363,10 +365,10 @@ def score_run(s: Settings, run_dir: Path, ds: data.Dataset, scorer: evaluate.Sco
     return evaluate.collect_sets(test, externals, run_dir / "roc_all.png")
 
 
-def load_scorer(args) -> evaluate.Scorer:
-    """The checkpoint's predictor and thresholds on the chosen device, at the chosen precision."""
+def load_scorer(args, device: torch.device | None = None) -> evaluate.Scorer:
+    """The checkpoint's predictor and thresholds on `device` (else --device), at the chosen precision."""
     ckpt = runs.read_checkpoint(args.checkpoint)
-    device = configure_device(args.device)
+    device = device or configure_device(args.device)
     choice = scoring_precision(args.precision, ckpt, device, getattr(args, "batch_size", 64))
     predictor = infer.load_predictor(ckpt, device, choice.dtype)
     if args.cam_target in ("bacterial", "viral") and predictor.outputs == 1:
@@ -406,61 +408,106 @@ def run_evaluate(args) -> int:
 
 
 def run_predict(args) -> int:
-    """Probabilities and calls at the stored threshold for images and folders, every input checked; bad files are
-    reported and skipped, and with --strict so are flagged ones."""
-    scorer = load_scorer(args)
+    """Probabilities and calls at the stored threshold for images and folders of any size, every input checked; bad
+    files are reported and skipped, and with --strict so are flagged ones. Scored a chunk at a time (streaming.py),
+    shared between the processes of a torchrun job, continued by --resume."""
+    ranks = distributed.Context.from_env()
+    args = resumed_predict(args) if args.resume else args
+    try:
+        device = distributed.start(ranks, configure_device(args.device))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    finished = False
+    try:
+        scorer = load_scorer(args, device)
+        scorer.predictor.batch_size = args.batch_size
+        files, skipped, out = on_main(lambda: predict_inputs(args), ranks)
+        options = streaming.Options(args.workers, args.strict, args.cam or len(files) == 1, show=not args.quiet)
+        if ranks.main:
+            with runs.partial(out, "predict", again=f"python main.py predict --resume {out}"):
+                if not args.resume:
+                    runs.write_json(out / streaming.STATE, {"settings": {k: v for k, v in vars(args).items()
+                                                                         if k not in ("resume", "quiet")},
+                                                            "files": len(files),
+                                                            "listing": streaming.listing_digest(files)})
+                rows = streaming.score_files(scorer, files, skipped, out, ranks, options)
+                report_predictions(scorer, rows, files, out, args, options.cam)
+                streaming.remove_parts(out)
+        else:
+            streaming.score_files(scorer, files, skipped, out, ranks, options)
+        finished = True
+    finally:
+        distributed.stop(ranks, finished)
+    return 0
+
+
+def on_main(step, ranks: distributed.Context):
+    """`step()` on rank 0, its result (or its refusal, raised) on every rank."""
+    result = None
+    if ranks.main:
+        try:
+            result = step()
+        except (UsageError, runs.RunError) as err:
+            result = err
+    result = distributed.broadcast(result, ranks)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def resumed_predict(args):
+    """The settings an interrupted predict started with (its folder's predict.json), with --quiet and --workers as
+    given now."""
+    out = Path(args.resume)
+    state = out / streaming.STATE
+    if not state.is_file():
+        raise UsageError(f"'{out}' is not the output folder of a predict (it has no {streaming.STATE}); give the "
+                         f"folder predict was writing to")
+    if not (out / runs.MARKER).exists():
+        raise UsageError(f"the predict in '{out}' has finished: its predictions.csv is complete")
+    saved = json.loads(state.read_text())["settings"]
+    return argparse.Namespace(**{**saved, "resume": str(out), "quiet": args.quiet,
+                                 "workers": args.workers if args.workers is not None else saved["workers"]})
+
+
+def predict_inputs(args) -> tuple[list[str], list[tuple[str, str]], Path]:
+    """The files to score, those the folder rules skip, and the output folder: a new one, or that of --resume,
+    whose files must be the ones it started with."""
     files, skipped = data.list_files(args.paths)
     if not files:
         raise UsageError(f"no image files found in {', '.join(args.paths)}"
                          + (f" ({len(skipped)} other files skipped)" if skipped else ""))
-    out = runs.create(args.out, "predict-", inputs=args.paths)
-    with runs.partial(out, "predict"):
-        scorer.predictor.batch_size = args.batch_size
-        show = len(files) > 1 and not args.quiet
-        decoded = scorer.predictor.decode(files, args.workers, show=show)
-        images, errors, _ = decoded
-        good = [i for i, e in enumerate(errors) if e is None]
-        scored = scorer.assess(torch.from_numpy(images[good]).unsqueeze(1), show=show) if good else \
-            (np.zeros(0), None, None)
-        rows = evaluate.file_predictions(scorer, files, decoded, scored, skipped)
-        if args.strict:
-            for i in np.flatnonzero(rows.flagged()):
-                rows.prob[i], rows.errors[i] = np.nan, "flagged, not scored (--strict): " + "; ".join(rows.flags[i])
-        evaluate.write_predictions(out / "predictions.csv", with_demo_note(rows, good) if scorer.synthetic else rows,
-                                   scorer.threshold)
-        report_predictions(scorer, rows, images, good, files, out, args)
-    return 0
+    if not args.resume:
+        return files, skipped, runs.create(args.out, "predict-", inputs=args.paths)
+    state = json.loads((Path(args.resume) / streaming.STATE).read_text())
+    if state["listing"] != streaming.listing_digest(files):
+        raise UsageError(f"{', '.join(args.paths)} now hold{'s' if len(args.paths) == 1 else ''} other files than "
+                         f"when '{args.resume}' started ({state['files']} then, {len(files)} now): its rows would not "
+                         f"match; start a new predict")
+    return files, skipped, Path(args.resume)
 
 
-def with_demo_note(rows: evaluate.Predictions, scored: list[int]) -> evaluate.Predictions:
-    """The rows with the demo checkpoint's warning beside every call: a row copied out of the CSV still carries it
-    (the terminal and the page say it once, above the calls)."""
-    note, scored = f"model {DEMO_CHECKPOINT}", set(scored)
-    return dataclasses.replace(rows, notes=[n + [note] if i in scored else n for i, n in enumerate(rows.notes)])
-
-
-def report_predictions(scorer: evaluate.Scorer, rows: evaluate.Predictions, images: np.ndarray, good: list[int],
-                       files: list[str], out: Path, args) -> None:
-    """predict's answer on the terminal and in report.html (a card per film), the flagged thumbnails, and the
-    Grad-CAM overlays asked for."""
+def report_predictions(scorer: evaluate.Scorer, rows: evaluate.Predictions, files: list[str], out: Path, args,
+                       cam: bool) -> None:
+    """predict's answer on the terminal and in report.html (a card per film, of a bounded gallery for many), and
+    the flagged thumbnails; the films shown are read again, since no image is kept."""
     if scorer.detector is None:
         say("note: this checkpoint has no out-of-distribution detector (made before project 1.3): only the colour, "
             "header and grey-level checks ran", file=sys.stderr)
-    scored = [i for i in good if rows.prob[i] == rows.prob[i]]
-    overlays = {}
-    if scored and (args.cam or len(files) == 1):
-        overlays = dict(zip(scored, gradcam.save_overlays(scorer, torch.from_numpy(images[scored]).unsqueeze(1),
-                                                          rows.prob[scored], [files[i] for i in scored], out)))
-    evaluate.draw_flagged(rows, torch.from_numpy(images[:len(files)]).unsqueeze(1), scorer.predictor.prep,
-                          out / "ood_flagged.png")
+    again = streaming.Reread(scorer.predictor, files)
+    evaluate.draw_flagged(rows, again, scorer.predictor.prep, out / "ood_flagged.png")
     banner = DEMO_WARNING if scorer.synthetic else ""
-    sections, readable = report.page_sections(rows, scorer.threshold), set(good)
-    pictures = {i: (report.png_uri(images[i]), overlays.get(i))
-                for i in set().union(*sections.values()) if i in readable}
+    sections = report.page_sections(rows, scorer.threshold)
+    shown = sorted(i for i in set().union(*sections.values()) if i < len(files))
+    images, errors = again.images(shown)
+    overlays = [gradcam.overlay_path(out, i, files[i]) for i in shown] if cam else [None] * len(shown)
+    pictures = {i: (report.png_uri(image), overlay)
+                for i, image, error, overlay in zip(shown, images, errors, overlays) if error is None}
     report.write_predict_report(out, f"Predictions of {Path(args.checkpoint).parent.name or args.checkpoint}", rows,
                                 scorer.threshold, sections, pictures, banner)
     say(report.predict_answer(rows, scorer.threshold, out / "predictions.csv", banner))
-    say(f"page: {out / 'report.html'}" + (f"; {len(overlays)} Grad-CAM overlays in {out}" if overlays else ""))
+    drawn = int((rows.prob == rows.prob).sum()) if cam else 0
+    say(f"page: {out / 'report.html'}" + (f"; {drawn} Grad-CAM overlays in {out}" if drawn else ""))
 
 
 def run_calibrate(args) -> int:

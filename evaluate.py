@@ -20,6 +20,7 @@ from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, Roc
 import data
 import gradcam
 import ood
+import progress
 import runs
 import shortcut
 from cache import ImageCache, TensorRows
@@ -28,6 +29,7 @@ from labels import CAUSES, CLASS_COLUMNS, CLASSES, SERIES_PATTERN
 from runs import write_csv
 
 BOOTSTRAP_RESAMPLES = 2000
+CHUNK = 1024  # images scored and checked together: memory is bounded by a chunk, not by the set
 METRICS = ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv")
 
 
@@ -231,6 +233,18 @@ class Predictions:
     def flagged(self) -> np.ndarray:
         return np.array([bool(f) for f in self.flags], dtype=bool)
 
+    @classmethod
+    def concat(cls, parts: list["Predictions"], outputs: int = 1) -> "Predictions":
+        """The rows of `parts`, one after the other; a part without class probabilities gets NaN ones when the
+        model has `outputs` 3 (a chunk of files none of which could be read)."""
+        def classes(p: "Predictions") -> np.ndarray:
+            return p.classes if p.classes is not None else np.full((len(p.paths), outputs), np.nan)
+        return cls([x for p in parts for x in p.paths], [x for p in parts for x in p.patients],
+                   np.concatenate([p.y_true for p in parts]).astype(int), np.concatenate([p.prob for p in parts]),
+                   [x for p in parts for x in p.notes], [x for p in parts for x in p.flags],
+                   [x for p in parts for x in p.errors], np.concatenate([p.ood for p in parts]),
+                   np.concatenate([classes(p) for p in parts]) if outputs > 1 else None)
+
 
 PREDICTION_COLUMNS = ("path", "patient", "label", "probability", "predicted", "warnings", "error", "flagged",
                       "ood_score")
@@ -241,20 +255,44 @@ def call_of(prob: float, threshold: float) -> str:
     return "" if prob != prob else CLASSES[int(prob >= threshold)]
 
 
-def write_predictions(path: Path, p: Predictions, threshold: float) -> None:
-    """predictions.csv: the truth (empty where unknown), P(pneumonia), the call at `threshold`, warnings (flags
-    first), errors, whether the image is flagged and its out-of-distribution distance; a cause model adds one
-    probability column per class. Error analysis starts here."""
+def prediction_header(cause_model: bool) -> list[str]:
+    """predictions.csv's columns; a cause model adds one probability column per class."""
+    return [*PREDICTION_COLUMNS, *(CLASS_COLUMNS if cause_model else [])]
+
+
+def prediction_rows(p: Predictions, threshold: float):
+    """predictions.csv's rows: the truth (empty where unknown), P(pneumonia), the call at `threshold`, warnings
+    (flags first), errors, whether the image is flagged and its out-of-distribution distance, then a cause model's
+    class probabilities. Error analysis starts here."""
     def number(v, digits=6):
         return f"{v:.{digits}f}" if v == v else ""
 
-    def row(i):
+    for i in range(len(p.paths)):
         extra = [number(v) for v in p.classes[i]] if p.classes is not None else []
-        return [p.paths[i], p.patients[i], CLASSES[p.y_true[i]] if p.y_true[i] >= 0 else "", number(p.prob[i]),
-                call_of(p.prob[i], threshold), "; ".join(p.flags[i] + p.notes[i]),
-                p.errors[i], "yes" if p.flags[i] else "", number(p.ood[i], 2), *extra]
-    write_csv(path, [*PREDICTION_COLUMNS, *(CLASS_COLUMNS if p.classes is not None else [])],
-              (row(i) for i in range(len(p.paths))))
+        yield [p.paths[i], p.patients[i], CLASSES[p.y_true[i]] if p.y_true[i] >= 0 else "", number(p.prob[i]),
+               call_of(p.prob[i], threshold), "; ".join(p.flags[i] + p.notes[i]),
+               p.errors[i], "yes" if p.flags[i] else "", number(p.ood[i], 2), *extra]
+
+
+def write_predictions(path: Path, p: Predictions, threshold: float) -> None:
+    """predictions.csv, written at once (predict writes it as it goes: streaming.py)."""
+    write_csv(path, prediction_header(p.classes is not None), prediction_rows(p, threshold))
+
+
+def assess_labelled(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, show: bool = False) -> Predictions:
+    """Score and check the images `idx` of a decoded labelled set, CHUNK at a time: the penultimate features that
+    the detector reads live for one chunk only, so memory does not grow with the set (whose images are mapped
+    from the decode cache)."""
+    parts = []
+    bar = progress.track(len(idx), "scoring", "images", show)
+    for start in range(0, len(idx), CHUNK):
+        part = idx[start:start + CHUNK]
+        y_prob, classes, features = scorer.assess(TensorRows(ds.images.take(part)))
+        parts.append(labelled_predictions(scorer, ds, part, y_prob, classes, features))
+        bar.update(len(part))
+    bar.close()
+    return Predictions.concat(parts, scorer.predictor.outputs) if parts else \
+        labelled_predictions(scorer, ds, idx, np.zeros(0), None, None)
 
 
 def labelled_predictions(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, y_prob: np.ndarray,
@@ -311,14 +349,15 @@ def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> 
     Returns the scorer's validation AUC and the validation scores ({"prob", "label"}), which best.pt keeps for
     calibrating to a site without labels.
     """
-    images, labels, idx = ds.subset("val")
-    y_prob, classes, features = scorer.assess(images)
+    _, labels, idx = ds.subset("val")
+    rows = assess_labelled(scorer, ds, idx)
+    y_prob, classes = rows.prob, rows.classes
     scorer.threshold = choose_threshold(labels.numpy().astype(int), y_prob, policy)
     causes = ds.causes[idx]
     if classes is not None and has_both_causes(causes):  # bacterial vs viral: Youden's, among the pneumonias
         scorer.cause_threshold = choose_threshold(causes[causes > 0] == 1, bacterial_share(classes[causes > 0]),
                                                   "youden")
-    write_predictions(path, labelled_predictions(scorer, ds, idx, y_prob, classes, features), scorer.threshold)
+    write_predictions(path, rows, scorer.threshold)
     scores = {"prob": [float(p) for p in y_prob], "label": [int(v) for v in labels.numpy()]}
     return float(roc_auc_score(labels.numpy(), y_prob)), scores
 
@@ -332,10 +371,10 @@ def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note
     model, "cause" and "cause_gradcam": every figure of one set in one place.
     """
     images = TensorRows(ds.images.take(idx))  # read batch by batch: a large test split is never held whole
-    y_prob, classes, features = scorer.assess(images, show)
+    rows = assess_labelled(scorer, ds, idx, show)
+    y_prob, classes = rows.prob, rows.classes
     y_true = ds.labels[idx].astype(int)
     patients = [ds.patients[i] for i in idx]
-    rows = labelled_predictions(scorer, ds, idx, y_prob, classes, features)
     write_predictions(out / "predictions.csv", rows, scorer.threshold)
     metrics = score(y_true, y_prob, patients, scorer.threshold, seed=scorer.seed)
     draw_all(y_true, y_prob, metrics, out, note)
@@ -514,9 +553,17 @@ def draw_cause(causes: np.ndarray, classes: np.ndarray, cause: dict, out_dir: Pa
              out_dir / "roc_bacterial_viral.png", note + ", bacterial vs viral among pneumonias")
 
 
+def spread(rows: np.ndarray, most: int) -> np.ndarray:
+    """At most `most` of `rows`, evenly spaced from the first to the last: a sample of an archive's flagged files
+    that does not stop at its first folder."""
+    return rows[np.unique(np.linspace(0, len(rows) - 1, min(most, len(rows))).round().astype(int))] if len(rows) \
+        else rows
+
+
 def draw_flagged(p: Predictions, images, prep, path: Path, note: str = "", most: int = 16) -> None:
-    """Thumbnails of the first flagged images with their reasons (ood_flagged.png); nothing when none is flagged."""
-    picks = np.flatnonzero(p.flagged())[:most]
+    """Thumbnails of flagged images (all, or `most` spread over them) with their reasons (ood_flagged.png); nothing
+    when none is flagged. `images[rows]`: those rows' images (read again by predict, which keeps none)."""
+    picks = spread(np.flatnonzero(p.flagged()), most)
     if not len(picks):
         return
     shown = prep.crop(images[picks]).numpy()[:, 0]

@@ -380,16 +380,19 @@ def _draw_outcomes(scorer, images, picks: list[int], maps: dict, outcome: np.nda
               suptitle=f"Grad-CAM ({scorer.cam_target} evidence), up to 4 per outcome{note}")
 
 
-def save_overlays(scorer, batch: torch.Tensor, prob: np.ndarray, files: list[str], out: Path) -> list[Path]:
-    """One Grad-CAM overlay per predicted image, named after its file; returns their paths."""
+def overlay_path(out: Path, row: int, file: str) -> Path:
+    """Where predict writes the Grad-CAM overlay of its `row`-th file."""
+    return out / f"{row:05d}_{Path(file).stem}_cam.png"
+
+
+def save_overlays(scorer, batch: torch.Tensor, prob: np.ndarray, files: list[str], out: Path,
+                  rows: list[int]) -> None:
+    """One Grad-CAM overlay per predicted image (of predict's `rows`), named after its file (overlay_path)."""
     s = scorer
     _, maps, shown = _maps(s, batch)
-    paths = []
-    for i, f in enumerate(files):
-        path = out / f"{i:05d}_{Path(f).stem}_cam.png"
-        save_overlay(shown[i], maps[i], f"{Path(f).name}: p(pneumonia)={prob[i]:.3f} ({s.cam_target} evidence)", path)
-        paths.append(path)
-    return paths
+    for i, (f, row) in enumerate(zip(files, rows)):
+        save_overlay(shown[i], maps[i], f"{Path(f).name}: p(pneumonia)={prob[i]:.3f} ({s.cam_target} evidence)",
+                     overlay_path(out, row, f))
 
 
 def explain_causes(scorer, images: torch.Tensor, causes: np.ndarray, classes: np.ndarray, out: Path,

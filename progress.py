@@ -1,8 +1,9 @@
-"""Progress for people: bars on a terminal, one plain line per long step when the output goes to a file.
+"""Progress for people: bars on a terminal, plain lines when the output goes to a file.
 
 Usage: `bar = progress.track(n, "decoding images", "img"); bar.update(); bar.close()`.
 A log redirected to a file (nohup, a cluster job, CI) would otherwise fill with tqdm's carriage-return
-frames; there each step instead prints one line with its count, time and rate when it ends.
+frames; there each step instead prints one line with its count, time and rate when it ends, and one a minute
+with the rate and the time left while it runs (an archive takes hours).
 """
 import sys
 import time
@@ -15,15 +16,25 @@ def on_terminal() -> bool:
     return all(stream is not None and stream.isatty() for stream in (sys.stdout, sys.stderr))
 
 
+EVERY = 60.0  # seconds between a log's lines while a step runs
+
+
 class Lines:
-    """tqdm's interface, for logs: counts silently and prints one line, with the rate, when closed."""
+    """tqdm's interface, for logs: a line a minute with the rate and the time left, and one when closed."""
 
     def __init__(self, total: int, desc: str, unit: str, initial: int = 0):
         self.total, self.desc, self.unit, self.n, self.start = total, desc, unit, initial, time.perf_counter()
-        self.initial, self.closed = initial, False
+        self.initial, self.closed, self.said = initial, False, self.start
 
     def update(self, n: int = 1) -> None:
         self.n += n
+        now = time.perf_counter()
+        if now - self.said >= EVERY and self.n < self.total:
+            self.said = now
+            rate = (self.n - self.initial) / (now - self.start)
+            left = (self.total - self.n) / rate if rate > 0 else float("nan")
+            print(f"{self.desc}: {self.n:,} of {self.total:,} {self.unit}, {rate:,.1f} {self.unit}/s, "
+                  f"{left / 60:.0f} min left", flush=True)
 
     def set_postfix(self, *args, **kwargs) -> None:
         """Shown on a terminal only; a log has its own line per epoch."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate import BOOTSTRAP_RESAMPLES, METRICS, call_of, flag_summary
+from evaluate import BOOTSTRAP_RESAMPLES, METRICS, call_of, flag_summary, spread
 from labels import CAUSES, CLASSES
 from model import ARCHITECTURES
 from names import code, printable
@@ -406,14 +406,14 @@ def answer_table(p, picks, threshold: float) -> Table:
 
 def gallery(p, threshold: float, most: int = EACH) -> dict[str, list[int]]:
     """The films worth a look among many, each list at most `most` long: nearest the threshold, the most confident
-    pneumonias and normals, and the first flagged."""
+    pneumonias and normals, and flagged ones spread over the list."""
     scored = np.flatnonzero(p.prob == p.prob)
     by_prob = scored[np.argsort(-p.prob[scored], kind="stable")]
     near = scored[np.argsort(np.abs(np.log(p.prob[scored] + 1e-12) - np.log(threshold)), kind="stable")]
     return {"nearest the threshold": list(near[:most]),
             "most confident pneumonia": [i for i in by_prob[:most] if p.prob[i] >= threshold],
             "most confident normal": [i for i in by_prob[::-1][:most] if p.prob[i] < threshold],
-            "flagged": list(np.flatnonzero(p.flagged())[:most])}
+            "flagged": list(spread(np.flatnonzero(p.flagged()), most))}
 
 
 def answer_counts(p, threshold: float) -> str:

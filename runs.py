@@ -113,11 +113,15 @@ def write_csv(path: Path, header, rows) -> None:
     Bytes of a file name that are not UTF-8 are written back as they were (surrogateescape), so `read_csv`
     returns the very name that opens the file.
     """
+    text = csv_bytes([header, *rows])
+    atomic_write(path, lambda f: f.write(text))
+
+
+def csv_bytes(rows) -> bytes:
+    """CSV rows as write_csv writes them (predict appends its chunks' rows with this)."""
     buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows([cell(v) for v in row] for row in rows)
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode("utf-8", "surrogateescape")))
+    csv.writer(buf).writerows([cell(v) for v in row] for row in rows)
+    return buf.getvalue().encode("utf-8", "surrogateescape")
 
 
 def read_csv(path: str | Path) -> list[dict]:
@@ -234,14 +238,16 @@ def _claim(path: Path) -> str | None:
 
 
 @contextmanager
-def partial(out: Path, command: str):
+def partial(out: Path, command: str, again: str = ""):
     """Mark `out` INCOMPLETE while `command` writes into it, so that a folder left by Ctrl-C, a crash or a full disk
-    never looks finished; Ctrl-C becomes Interrupted, naming the folder.
+    never looks finished; Ctrl-C becomes Interrupted, naming the folder. `again`: the command line that continues
+    it, where one does (else the user runs the command again).
 
     Python cannot raise a Ctrl-C that lands in a fork hook (as a decode pool starts its workers) and prints a
     traceback instead: the signal is recorded here, that traceback dropped, and the command stops at the end.
     """
-    (out / MARKER).write_text(f"{command} did not finish: the files beside this one are partial; run it again\n")
+    (out / MARKER).write_text(f"{command} did not finish: the files beside this one are partial; "
+                              f"{'continue with: ' + again if again else 'run it again'}\n")
     asked, hook = [], sys.unraisablehook
 
     def interrupt(signum, frame):
@@ -263,7 +269,7 @@ def partial(out: Path, command: str):
         if discard_if_empty(out):
             raise Interrupted(f"{command} interrupted (Ctrl-C) before it wrote anything; '{out}' was removed") from None
         raise Interrupted(f"{command} interrupted (Ctrl-C): '{out}' holds partial files and an {MARKER} file "
-                          f"that says so") from None
+                          f"that says so" + (f"; continue with: {again}" if again else "")) from None
     except BaseException:
         discard_if_empty(out)  # a refusal before the first file leaves no folder that blocks the same --out
         raise

@@ -288,8 +288,15 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
 def build_predict_parser() -> argparse.ArgumentParser:
     """`main.py predict`: probabilities for unlabelled images."""
     p = Parser(prog="main.py predict", formatter_class=Defaults,
-               description="Pneumonia probability and label for images or folders of images.")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+               description="Pneumonia probability and label for images or folders of images. Any number of files: "
+                           "they are scored a chunk at a time and predictions.csv grows as chunks finish; "
+                           "`torchrun --nproc_per_node=N main.py predict ...` shares the chunks between N processes "
+                           "(docs/scale-out.md).")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (none with --resume)")
+    p.add_argument("--resume", metavar="OUT", default=None,
+                   help="continue the interrupted predict whose output folder is OUT, with the files and flags it "
+                        "started with (--quiet and --workers may change): chunks already scored are kept, and "
+                        "predictions.csv ends identical to an uninterrupted run's")
     p.add_argument("--checkpoint", default=None, help="best.pt of a finished run (required)")
     p.add_argument("--out", default=None, help="output folder (default runs/predict-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--cam", action="store_true",
@@ -374,9 +381,14 @@ def parse_command(argv: list[str]) -> tuple[str, "Settings | argparse.Namespace"
     """The command and its parsed flags: training (flags only) or a sub-command (its name first). --help exits
     here; a refused flag or a word that is no sub-command raises UsageError or exits 2, in one sentence."""
     if argv[:1] and argv[0] in SUB_PARSERS:
-        if launched_by_torchrun():
+        if launched_by_torchrun() and argv[0] != "predict":
             raise UsageError(f"{argv[0]} runs in one process: use `python main.py {argv[0]} ...`, not torchrun")
-        return argv[0], SUB_PARSERS[argv[0]]().parse_args(argv[1:])
+        parsed = SUB_PARSERS[argv[0]]().parse_args(argv[1:])
+        if argv[0] == "predict" and bool(parsed.paths) == bool(parsed.resume):
+            raise UsageError("predict takes image files or folders, or --resume OUT (which continues with the files "
+                             "it started with), not both" if parsed.paths else
+                             "predict needs image files or folders to score (or --resume OUT)")
+        return argv[0], parsed
     if argv and not argv[0].startswith("-"):  # training takes flags only: a word first is a mistyped sub-command
         raise UsageError(f"'{argv[0]}' is not a sub-command; use {', '.join(SUB_COMMANDS[:-1])} or "
                          f"{SUB_COMMANDS[-1]} (each with --help), or flags alone to train")

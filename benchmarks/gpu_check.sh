@@ -3,7 +3,7 @@
 # Needs the real data under $PNEUMONIA_SHARED_DATA (default ../shared/data). Steps: a tiny demo run on
 # cuda (stops here if the CUDA path is broken); then, on demo phantoms, a 1-process torchrun (NCCL), a run
 # interrupted with Ctrl-C and resumed, --deterministic, a forced fp16 run (GradScaler), evaluate and predict
-# on cuda; then the default real run on cuda, the same with --compile,
+# on cuda, predict under torchrun (one process per GPU, the same CSV); then the default real run on cuda, the same with --compile,
 # with --task cause and with --ensemble 3, a site calibration with AdaBN, the pipeline benchmark where its full-resolution images are present, and
 # decode plus one epoch of a 20,000-image synthetic archive (benchmarks/scale_out.py simulate). Set CPU_RUN=runs/X to print
 # a CPU run's metrics beside the GPU's.
@@ -47,6 +47,11 @@ timed evaluate_cuda $PY main.py evaluate --checkpoint "$OUT/demo_cuda/best.pt" -
   --device cuda --quiet --out "$OUT/evaluate_cuda"
 timed predict_cuda $PY main.py predict "$OUT/demo_cuda/demo_data" --checkpoint "$OUT/demo_cuda/best.pt" --device cuda \
   --cam --out "$OUT/predict_cuda"
+# predict sharded by torchrun, one process per GPU (NCCL): its CSV must equal the one-process run's, byte for byte
+timed predict_torchrun_cuda $PY -m torch.distributed.run --standalone --nproc_per_node="$(nvidia-smi -L | wc -l)" \
+  main.py predict "$OUT/demo_cuda/demo_data" --checkpoint "$OUT/demo_cuda/best.pt" --device cuda --quiet \
+  --out "$OUT/predict_torchrun_cuda" \
+  && cmp "$OUT/predict_cuda/predictions.csv" "$OUT/predict_torchrun_cuda/predictions.csv" && echo "predict: torchrun CSV identical"
 timed default_cuda $PY main.py "${REAL[@]}" --out "$OUT/default_cuda"
 timed compile_cuda $PY main.py "${REAL[@]}" --compile --out "$OUT/compile_cuda"
 timed cause_cuda $PY main.py "${REAL[@]}" --task cause --out "$OUT/cause_cuda"

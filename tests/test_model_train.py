@@ -268,10 +268,10 @@ def test_early_stopping_counts_only_the_low_rate_tail_and_waits_for_auc_and_loss
 RANKS = {"errors": 0, "augment": 0, "labels": 0, "names": 0, "progress": 0, "distributed": 0, "model": 0,
          "transforms": 1, "precision": 1, "runs": 2, "images": 3, "settings": 3, "cache": 4, "demo": 4, "data": 5,
          "infer": 5, "train": 6, "gradcam": 6, "ood": 6, "shortcut": 5, "evaluate": 7, "report": 8, "calibrate": 8,
-         "export": 8, "commands": 9, "main": 10}
+         "export": 8, "streaming": 8, "commands": 9, "main": 10}
 # and, whatever the ranks allow: scoring and explaining never load fitting; parsing flags loads neither
 NEVER_LOADS = {"infer": {"train"}, "gradcam": {"train"}, "evaluate": {"train"}, "report": {"train"},
-               "calibrate": {"train"}, "ood": {"train"}, "shortcut": {"train", "model"}, "export": {"train", "gradcam"},
+               "calibrate": {"train"}, "streaming": {"train"}, "ood": {"train"}, "shortcut": {"train", "model"}, "export": {"train", "gradcam"},
                "runs": {"model"}, "settings": {"train", "gradcam", "model", "transforms", "precision", "runs"}}
 
 
