@@ -271,7 +271,8 @@ RANKS = {"errors": 0, "augment": 0, "labels": 0, "names": 0, "progress": 0, "dis
          "export": 8, "streaming": 8, "commands": 9, "main": 10}
 # and, whatever the ranks allow: scoring and explaining never load fitting; parsing flags loads neither
 NEVER_LOADS = {"infer": {"train"}, "gradcam": {"train"}, "evaluate": {"train"}, "report": {"train"},
-               "calibrate": {"train"}, "streaming": {"train"}, "ood": {"train"}, "shortcut": {"train", "model"}, "export": {"train", "gradcam"},
+               "calibrate": {"train"}, "streaming": {"train"},
+               "ood": {"train"}, "shortcut": {"train", "model"}, "export": {"train", "gradcam"},
                "runs": {"model"}, "settings": {"train", "gradcam", "model", "transforms", "precision", "runs"}}
 
 
