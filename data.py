@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache import ImageCache, ImageRows, TensorRows, load_images
-from errors import UserError
-from images import DICOM_SUFFIXES, cache_size, header, is_dicom, view_problem
-from labels import CAUSES, CLASSES
-from runs import read_csv, write_csv
+from lib.cache import ImageCache, ImageRows, TensorRows, load_images
+from lib.errors import UserError
+from lib.images import DICOM_SUFFIXES, cache_size, header, is_dicom, view_problem
+from lib.labels import CAUSES, CLASSES
+from lib.runs import read_csv, write_csv
 
 JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 SPLITS = ("train", "val", "test")

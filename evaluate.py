@@ -3,6 +3,7 @@
 Usage: `threshold = choose_threshold(y_val, p_val, "youden"); m = score(y, p, patients, threshold)`.
 """
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,18 +20,18 @@ from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, Roc
 
 import data
 import gradcam
-import ood
-import progress
-import runs
-import shortcut
-from cache import ImageCache, TensorRows
-from infer import Predictor, probabilities
-from labels import CAUSES, CLASS_COLUMNS, CLASSES, SERIES_PATTERN
-from runs import write_csv
+from lib import ood
+from lib import progress
+from lib import runs
+from lib import shortcut
+from lib.cache import ImageCache, TensorRows
+from lib.infer import Predictor, probabilities
+from lib.labels import CAUSES, CLASS_COLUMNS, CLASSES, SERIES_PATTERN
+from lib.runs import write_csv
 
 BOOTSTRAP_RESAMPLES = 2000
 CHUNK = 1024  # images scored and checked together: memory is bounded by a chunk, not by the set
-METRICS = ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv")
+METRICS = ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv")  # the rates at a threshold
 
 
 def choose_threshold(y_true, y_prob, policy: str) -> float:
@@ -109,26 +110,66 @@ def interval95(draws: np.ndarray) -> np.ndarray:
         return np.nanpercentile(draws, [2.5, 97.5], axis=0)
 
 
+@dataclass
+class Resampled:
+    """One scored set under every bootstrap resample: patients drawn with all their images, each resample a vector
+    of patient multiplicities applied as image weights. What a figure's `draws` reads."""
+
+    y_true: np.ndarray
+    y_prob: np.ndarray
+    pos: np.ndarray  # the truth is pneumonia
+    pred: np.ndarray  # called pneumonia at the threshold
+    weights: np.ndarray  # R x patients
+    codes: np.ndarray  # each image's patient
+
+    def total(self, per_image: np.ndarray) -> np.ndarray:
+        """A per-image quantity summed in every resample: per patient first, then one matrix product."""
+        per_patient = np.bincount(self.codes, weights=per_image, minlength=self.weights.shape[1])
+        return self.weights @ per_patient
+
+    def share(self, part: np.ndarray, of: np.ndarray) -> np.ndarray:
+        """The images in `part` among those in `of` (boolean masks), in every resample."""
+        return self.total(part & of) / self.total(of)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of a scored set, declared once: its key in metrics.json (a set's "rates"), its label, how many
+    decimals, its 95% patient-bootstrap interval (`draws`: its value in every resample; None: no interval) and, for
+    the model card's front matter, its metric type there (`hub`). The terminal, report.html and MODEL_CARD.md all
+    render a set's figures from FIGURES, in this order; a key an older metrics.json lacks shows as a dash."""
+
+    key: str
+    label: str
+    draws: Callable[[Resampled], np.ndarray] | None = None
+    hub: str | None = None
+    digits: int = 3
+
+
+FIGURES = (
+    Figure("accuracy", "accuracy", lambda r: r.share(r.pos == r.pred, np.ones_like(r.pos)), "accuracy"),
+    Figure("auc", "auc", lambda r: auc_draws(r.y_true, r.y_prob, r.weights, r.codes), "roc_auc"),
+    Figure("sensitivity", "sensitivity", lambda r: r.share(r.pred, r.pos), "recall"),
+    Figure("specificity", "specificity", lambda r: r.share(~r.pred, ~r.pos), "specificity"),
+    Figure("ppv", "ppv", lambda r: r.share(r.pos, r.pred), "precision"),
+    Figure("npv", "npv", lambda r: r.share(~r.pos, ~r.pred), "npv"),
+    Figure("average_precision", "average precision"),
+    Figure("brier", "Brier score"),
+    Figure("ece", "calibration error (ECE)"),
+)
+
+
 def bootstrap_ci(y_true, y_prob, patients, threshold: float, n_resamples: int = BOOTSTRAP_RESAMPLES,
                  seed: int = 0) -> dict:
-    """95% percentile intervals for every metric, resampling patients (with all their images).
+    """95% percentile intervals for every figure that has `draws`, resampling patients (with all their images).
 
     Images of one child are correlated; resampling images would make the intervals too narrow.
-    Each resample is a vector of patient multiplicities, applied as image weights.
     """
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
     weights, codes = patient_resamples(patients, n_resamples, seed)
-    n_pat = weights.shape[1]
-    pos, pred = y_true == 1, y_prob >= threshold
-    # per-patient confusion counts: one matrix product then gives every resample's counts
-    per_patient = np.stack([np.bincount(codes, weights=m, minlength=n_pat)
-                            for m in (pos & pred, ~pos & ~pred, ~pos & pred, pos & ~pred)], 1)
-    tp, tn, fp, fn = (weights @ per_patient).T
-    auc = auc_draws(y_true, y_prob, weights, codes)
+    r = Resampled(y_true, y_prob, y_true == 1, y_prob >= threshold, weights, codes)
     with np.errstate(invalid="ignore", divide="ignore"):
-        draws = {"accuracy": (tp + tn) / (tp + tn + fp + fn), "auc": auc, "sensitivity": tp / (tp + fn),
-                 "specificity": tn / (tn + fp), "ppv": tp / (tp + fp), "npv": tn / (tn + fn)}
-    return {m: [float(v) for v in interval95(draws[m])] for m in METRICS}
+        return {f.key: [float(v) for v in interval95(f.draws(r))] for f in FIGURES if f.draws}
 
 
 def expected_calibration_error(y_true, y_prob, n_bins: int = 10) -> float:
@@ -275,11 +316,12 @@ def prediction_rows(p: Predictions, threshold: float):
 
 
 def write_predictions(path: Path, p: Predictions, threshold: float) -> None:
-    """predictions.csv, written at once (predict writes it as it goes: streaming.py)."""
+    """predictions.csv, written at once (predict writes it as it goes: app/streaming.py)."""
     write_csv(path, prediction_header(p.classes is not None), prediction_rows(p, threshold))
 
 
-def assess_labelled(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, show: bool = False) -> Predictions:
+def assess_labelled(predictor: Predictor, detector: "ood.Detector | None", ds: data.Dataset, idx: np.ndarray,
+                    show: bool = False) -> Predictions:
     """Score and check the images `idx` of a decoded labelled set, CHUNK at a time: the penultimate features that
     the detector reads live for one chunk only, so memory does not grow with the set (whose images are mapped
     from the decode cache)."""
@@ -287,19 +329,19 @@ def assess_labelled(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, show: boo
     bar = progress.track(len(idx), "scoring", "images", show)
     for start in range(0, len(idx), CHUNK):
         part = idx[start:start + CHUNK]
-        y_prob, classes, features = scorer.assess(TensorRows(ds.images.take(part)))
-        parts.append(labelled_predictions(scorer, ds, part, y_prob, classes, features))
+        logits, features = predictor.logits_and_features(TensorRows(ds.images.take(part)))
+        parts.append(labelled_predictions(predictor, detector, ds, part, *probabilities(logits), features))
         bar.update(len(part))
     bar.close()
-    return Predictions.concat(parts, scorer.predictor.outputs) if parts else \
-        labelled_predictions(scorer, ds, idx, np.zeros(0), None, None)
+    return Predictions.concat(parts, predictor.outputs) if parts else \
+        labelled_predictions(predictor, detector, ds, idx, np.zeros(0), None, None)
 
 
-def labelled_predictions(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, y_prob: np.ndarray,
-                         classes: np.ndarray | None, features: torch.Tensor | None) -> Predictions:
+def labelled_predictions(predictor: Predictor, detector: "ood.Detector | None", ds: data.Dataset, idx: np.ndarray,
+                         y_prob: np.ndarray, classes: np.ndarray | None, features: torch.Tensor | None) -> Predictions:
     """The Predictions of the images `idx` of a decoded labelled set, every input check included."""
     paths = [ds.paths[i] for i in idx]
-    distance, notes, flags = ood.inspect(paths, ds.images.take(idx), features, scorer.predictor.prep, scorer.detector)
+    distance, notes, flags = ood.inspect(paths, ds.images.take(idx), features, predictor.prep, detector)
     return Predictions(paths, [ds.patients[i] for i in idx], ds.labels[idx].astype(int), y_prob, notes, flags,
                        [""] * len(paths), distance, classes)
 
@@ -325,7 +367,8 @@ def file_predictions(scorer: Scorer, files: list[str], decoded: tuple, scored: t
     if classes is not None:
         full_classes = np.full((n, classes.shape[1]), np.nan)
         full_classes[good] = classes
-    patients = [data.patient_of(files[i]) if i in set(good) else "" for i in range(len(files))]
+    readable = set(good)  # once: a set built per file made this quadratic (minutes at 100,000 files)
+    patients = [data.patient_of(files[i]) if i in readable else "" for i in range(len(files))]
     return Predictions(files + [f for f, _ in skipped], patients + [""] * len(skipped),
                        np.full(n, -1), full_prob, notes, flags, [e or "" for e in errors] + [why for _, why in skipped],
                        distance, full_classes)
@@ -342,24 +385,25 @@ def flag_summary(p: Predictions) -> dict:
             "examples": [[p.paths[i], "; ".join(p.flags[i])] for i in np.flatnonzero(flagged)[:50]]}
 
 
-def set_threshold(scorer: Scorer, ds: data.Dataset, policy: str, path: Path) -> tuple[float, dict]:
-    """Choose the scorer's threshold on the validation split by `policy`; its predictions go to `path`.
+def choose_thresholds(predictor: Predictor, detector: "ood.Detector | None", ds: data.Dataset, policy: str,
+                      path: Path) -> tuple[float, float, float, dict]:
+    """The decision threshold, chosen on the validation split by `policy`, and for a cause model the bacterial vs
+    viral one (Youden's, among the pneumonias; else 0.5); the validation predictions go to `path` at them.
 
     Kept as predictions_val.csv, so another threshold policy can be checked later without retraining.
-    Returns the scorer's validation AUC and the validation scores ({"prob", "label"}), which best.pt keeps for
-    calibrating to a site without labels.
+    Returns (threshold, cause threshold, validation AUC, the validation scores {"prob", "label"}), which best.pt
+    keeps for calibrating to a site without labels.
     """
     _, labels, idx = ds.subset("val")
-    rows = assess_labelled(scorer, ds, idx)
+    rows = assess_labelled(predictor, detector, ds, idx)
     y_prob, classes = rows.prob, rows.classes
-    scorer.threshold = choose_threshold(labels.numpy().astype(int), y_prob, policy)
+    threshold, cause_threshold = choose_threshold(labels.numpy().astype(int), y_prob, policy), 0.5
     causes = ds.causes[idx]
-    if classes is not None and has_both_causes(causes):  # bacterial vs viral: Youden's, among the pneumonias
-        scorer.cause_threshold = choose_threshold(causes[causes > 0] == 1, bacterial_share(classes[causes > 0]),
-                                                  "youden")
-    write_predictions(path, rows, scorer.threshold)
+    if classes is not None and has_both_causes(causes):
+        cause_threshold = choose_threshold(causes[causes > 0] == 1, bacterial_share(classes[causes > 0]), "youden")
+    write_predictions(path, rows, threshold)
     scores = {"prob": [float(p) for p in y_prob], "label": [int(v) for v in labels.numpy()]}
-    return float(roc_auc_score(labels.numpy(), y_prob)), scores
+    return threshold, cause_threshold, float(roc_auc_score(labels.numpy(), y_prob)), scores
 
 
 def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note: str = "",
@@ -371,7 +415,7 @@ def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note
     model, "cause" and "cause_gradcam": every figure of one set in one place.
     """
     images = TensorRows(ds.images.take(idx))  # read batch by batch: a large test split is never held whole
-    rows = assess_labelled(scorer, ds, idx, show)
+    rows = assess_labelled(scorer.predictor, scorer.detector, ds, idx, show)
     y_prob, classes = rows.prob, rows.classes
     y_true = ds.labels[idx].astype(int)
     patients = [ds.patients[i] for i in idx]
@@ -379,7 +423,8 @@ def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note
     metrics = score(y_true, y_prob, patients, scorer.threshold, seed=scorer.seed)
     draw_all(y_true, y_prob, metrics, out, note)
     draw_flagged(rows, images, scorer.predictor.prep, out / "ood_flagged.png", note)
-    result = {"rates": metrics, "gradcam": gradcam.explain(scorer, images, y_true, y_prob, out, note, masks, show),
+    result = {"rates": metrics, "gradcam": gradcam.explain(scorer, images, y_true, y_prob, out, note=note,
+                                                                       masks=masks, show=show),
               "ood": {**flag_summary(rows), "detector": scorer.detector is not None},
               "shortcut": audit_shortcut(scorer, images, y_true, y_prob, [ds.paths[i] for i in idx], out, note)}
     causes = ds.causes[idx]

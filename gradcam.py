@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
 
-import progress
-from labels import CLASSES
-from names import printable
-from transforms import centre_crop
+from lib import progress
+from lib.labels import CLASSES
+from lib.names import printable
+from lib.transforms import centre_crop
 
 
 class GradCAM:
@@ -326,7 +326,7 @@ def _maps(scorer, images: torch.Tensor, target: str | None = None) -> tuple[torc
     return x, maps, scorer.predictor.prep.crop(images).numpy()[:, 0]
 
 
-def explain(scorer, images: torch.Tensor, y_true: np.ndarray, y_prob: np.ndarray, out: Path, note: str = "",
+def explain(scorer, images: torch.Tensor, y_true: np.ndarray, y_prob: np.ndarray, out: Path, *, note: str = "",
             masks: np.ndarray | None = None, show: bool = False) -> dict:
     """Grad-CAM overlays per outcome, the grid, border mass, randomisation test and (phantoms) localisation.
 
@@ -349,10 +349,9 @@ def explain(scorer, images: torch.Tensor, y_true: np.ndarray, y_prob: np.ndarray
             located += map(_localise, maps[hit], centre_crop(masks[batch], prep.image_size)[hit])
         bar.update(len(maps))
     bar.close()
-    _draw_outcomes(scorer, images, picks, drawn, outcome, y_true, y_prob, out, note)
+    _draw_outcomes(scorer, images, picks, drawn, outcome, y_true=y_true, y_prob=y_prob, out=out, note=note)
     members = s.predictor.members
-    layer = next(name for name, module in members[0].named_children() if module is members[0].cam_layer)
-    result = {"target": s.cam_target, "layer": layer, "members": len(members),
+    result = {"target": s.cam_target, "layer": members[0].cam_layer_name, "members": len(members),
               "border": border_mass(maps, shares=np.concatenate(shares))}
     first = images[:min(32, len(images))]
     result["randomisation"], stages = randomisation_test(members, s.predictor.model_input(first), s.seed)
@@ -363,7 +362,7 @@ def explain(scorer, images: torch.Tensor, y_true: np.ndarray, y_prob: np.ndarray
     return result
 
 
-def _draw_outcomes(scorer, images, picks: list[int], maps: dict, outcome: np.ndarray, y_true: np.ndarray,
+def _draw_outcomes(scorer, images, picks: list[int], maps: dict, outcome: np.ndarray, *, y_true: np.ndarray,
                    y_prob: np.ndarray, out: Path, note: str) -> None:
     """Two full-size overlays per outcome (TP, TN, FP, FN) into out/gradcam/, and the grid of up to four each."""
     (out / "gradcam").mkdir(exist_ok=True)

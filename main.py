@@ -4,15 +4,15 @@ Usage: `python main.py` (Kaggle archive in archive/), `python main.py --demo` (s
 `python main.py evaluate --checkpoint runs/X/best.pt --data DIR`, `python main.py predict IMG --checkpoint ...`,
 `python main.py calibrate --checkpoint runs/X/best.pt --data SITE_DIR [--adapt-bn]`,
 `python main.py export --checkpoint runs/X/best.pt`.
-This file parses the command line and turns every failure into an exit status; commands.py wires the steps.
+This file parses the command line and turns every failure into an exit status; app/commands.py wires the steps.
 Parsing needs no torch, so `--help` and a refused flag answer at once; torch loads once the command is accepted.
 """
 import os
 import sys
 
-from errors import Interrupted, UserError
-from names import say
-from settings import parse_command
+from lib.errors import Interrupted, UserError
+from lib.names import say
+from app.settings import parse_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     try:
         command, parsed = parse_command(argv)
-        import commands  # torch and every module below it: only once the command line is accepted
+        from app import commands  # torch and every module below it: only once the command line is accepted
 
         return commands.RUN[command](parsed)
     except UserError as err:

@@ -30,6 +30,11 @@ class Network(nn.Module):
         """The block Grad-CAM explains: the last convolutional block, before pooling."""
         raise NotImplementedError
 
+    @property
+    def cam_layer_name(self) -> str:
+        """`cam_layer`'s attribute path in this network ("block3", "layer4"), for what export and reports say."""
+        return next(name for name, module in self.named_modules() if module is self.cam_layer)
+
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before the head: the activations of `cam_layer` (N x D x h x w)."""
         raise NotImplementedError

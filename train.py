@@ -10,7 +10,6 @@ import random
 import signal
 import time
 import warnings
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,18 +20,14 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-import distributed
-import progress
-import runs
-import shortcut
-from cache import TensorRows
-from infer import Predictor, reestimate_batchnorm
+from lib import distributed
+from lib import progress
+from lib import runs
+from lib.cache import TensorRows
+from lib.errors import Interrupted  # a stop signal, raised once last.pt is saved; its message names the signal
+from lib.infer import Predictor, reestimate_batchnorm
 from model import memory_format
-from transforms import Preprocess
-
-
-class Interrupted(Exception):
-    """Training was stopped by SIGINT/SIGTERM after saving last.pt."""
+from lib.transforms import Preprocess
 
 
 class NonFiniteLoss(Exception):
@@ -130,8 +125,8 @@ class StopFlag:
         return False
 
 
-def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: int,
-                   momentum: tuple[float, float] = (0.85, 0.95), weight_decay: float = 5e-4, warmup: float = 0.2):
+def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: int, *,
+                   momentum: tuple[float, float], weight_decay: float, warmup: float):
     """SGD with Nesterov momentum and a OneCycle schedule: a warm-up over `warmup` of the steps, then a cosine anneal.
 
     OneCycle also cycles the momentum against the learning rate: momentum[1] at both ends, momentum[0] at the peak.
@@ -153,34 +148,6 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None):
 
 
 @dataclass
-class Debias:
-    """Per-training-image terms that train against a known bias (shortcut.debias_terms), in the training order."""
-
-    offsets: torch.Tensor | None = None  # added to the network's logits in the training loss only
-    weights: torch.Tensor | None = None  # each image's weight in the training loss (mean 1)
-    probe: tuple[torch.Tensor, float] | None = None  # the layout probe's (coef, intercept), for the penalty
-    decorrelation: float = 0.0  # the weight of shortcut.within_class_correlation in the training loss
-
-    def logits(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """The logits the training loss sees for the images `idx`."""
-        return logits if self.offsets is None else logits + self.offsets[idx].to(logits.device, logits.dtype)
-
-    def weight(self, idx: torch.Tensor) -> torch.Tensor | None:
-        """The loss weights of the images `idx`, or None: unweighted."""
-        return None if self.weights is None else self.weights[idx]
-
-    def penalty(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """The weighted within-class correlation of the network's pneumonia log-odds with the probe's on the
-        augmented batch `x` (labels `y`), or None without it."""
-        if not self.decorrelation:
-            return None
-        # three classes (--task cause): log((P(b) + P(v)) / P(n)), the log-odds a one-logit network gives
-        score = logits if logits.ndim == 1 else torch.logsumexp(logits[:, 1:], 1) - logits[:, 0]
-        layout = shortcut.layout_logits(x, *self.probe)
-        return self.decorrelation * shortcut.within_class_correlation(score, layout, y)
-
-
-@dataclass
 class Parts:
     """What a training step touches: the network, its optimiser, schedule, loss, and the batch pipeline."""
 
@@ -195,7 +162,6 @@ class Parts:
     scaler: torch.amp.GradScaler | None = None  # loss scaling for fp16 autocast
     autocast: torch.dtype | None = None  # bf16 or fp16 autocast for the steps; None: fp32
     ranks: distributed.Context = field(default_factory=distributed.Context)
-    debias: Debias = field(default_factory=Debias)
 
 
 def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainState, stop: StopFlag | None = None,
@@ -221,16 +187,10 @@ def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainS
     for k in range(state.step, len(order)):
         idx, keep = p.ranks.share(order[k])
         y = labels[idx].to(device, non_blocking=True)
-        x = p.prep.train(images[idx].to(device, non_blocking=True), generator, len(order[k]), keep, labels[idx])
+        x = p.prep.train(images[idx].to(device, non_blocking=True), generator, len(order[k]), keep)
         x = x.contiguous(memory_format=memory_format(device))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            raw = p.model(x).float()
-            logits = p.debias.logits(raw, idx)
-            weight = p.debias.weight(idx)
-            loss = p.loss_fn(logits, y) if weight is None else p.loss_fn(logits, y, weight.to(device))
-            penalty = p.debias.penalty(raw, x, y)
-            if penalty is not None:
-                loss = loss + penalty
+            loss = p.loss_fn(p.model(x).float(), y)
         # before the backward pass, so that every rank sees a non-finite loss on any rank and none steps on it
         loss_sum, seen, signalled = distributed.all_sum(
             [loss.item() * len(idx), len(idx), float(stop is not None and bool(stop.raised))], p.ranks, device)
@@ -256,9 +216,9 @@ def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainS
     return state.loss_sum / max(state.seen, 1)
 
 
-def validate(model, images, labels, prep, loss_fn: Callable, device,
-             ranks: distributed.Context = distributed.Context(), autocast: torch.dtype | None = None) -> tuple[float,
-                                                                                                               float]:
+def validate(model, images, labels, prep, loss_fn: Callable, device, *,
+             ranks: distributed.Context = distributed.Context(), autocast: torch.dtype | None = None
+             ) -> tuple[float, float]:
     """Validation loss and AUC (macro one-vs-rest for three classes), on the CPU whatever device the model is on.
 
     Under torchrun each rank scores every world-th image and the logits are gathered: every rank then
@@ -279,27 +239,18 @@ def validate(model, images, labels, prep, loss_fn: Callable, device,
 
 
 def smoothed_bce(pos_weight: float, smoothing: float, device):
-    """BCEWithLogitsLoss(pos_weight), with targets moved `smoothing` towards 0.5 when it is above 0; an optional
-    third argument weighs each image (the mean of weight x loss)."""
+    """BCEWithLogitsLoss(pos_weight), with targets moved `smoothing` towards 0.5 when it is above 0."""
     pos = torch.tensor(pos_weight, device=device)
 
-    def loss(logits, y, weight=None):
+    def loss(logits, y):
         target = y * (1 - smoothing) + 0.5 * smoothing if smoothing else y
-        return F.binary_cross_entropy_with_logits(logits, target, weight=weight, pos_weight=pos)
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos)
     return loss
 
 
-def weighted_cross_entropy(class_weight: torch.Tensor, smoothing: float):
-    """CrossEntropyLoss(weight=class_weight, label_smoothing); an optional third argument weighs each image, the
-    mean taken over the images' combined weights as the class-weighted mean is."""
-    plain = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=smoothing)
-
-    def loss(logits, y, weight=None):
-        if weight is None:
-            return plain(logits, y)
-        each = F.cross_entropy(logits, y, weight=class_weight, label_smoothing=smoothing, reduction="none")
-        return (each * weight).sum() / (class_weight[y] * weight).sum()
-    return loss
+def weighted_cross_entropy(class_weight: torch.Tensor, smoothing: float) -> nn.Module:
+    """CrossEntropyLoss(weight=class_weight, label_smoothing)."""
+    return nn.CrossEntropyLoss(weight=class_weight, label_smoothing=smoothing)
 
 
 def class_weights(labels: torch.Tensor, classes: int = 3) -> torch.Tensor:
@@ -332,44 +283,45 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 @dataclass(kw_only=True)  # by name only: a field inserted later cannot shift the others
 class TrainConfig:
-    """The settings fit() needs."""
+    """The settings fit() needs. The recipe's values have no defaults here: the parser (app/settings.py) is their one
+    source, and `of` copies them field by field, so a renamed flag fails loudly instead of falling back."""
     epochs: int
     batch_size: int
     lr: float
     pos_weight: float
     patience: int
-    label_smoothing: float = 0.0
-    momentum: tuple[float, float] = (0.85, 0.95)  # SGD's Nesterov momentum at OneCycle's peak lr, and at its ends
-    weight_decay: float = 5e-4
-    warmup: float = 0.2  # OneCycle's pct_start
+    label_smoothing: float
+    momentum: tuple[float, float]  # SGD's Nesterov momentum at OneCycle's peak lr, and at its ends
+    weight_decay: float
+    warmup: float  # OneCycle's pct_start
+    keep: str  # which weights are kept: last, best or swa (keep_weights)
+    swa_epochs: int  # keep="swa": how many final epochs are averaged
+    task: str  # 'pneumonia', or 'cause': normal / bacterial / viral
+    seed: int  # of the generator that drives shuffling and augmentation (the member's own)
     progress: bool = True  # progress bar
     compile_model: bool = False  # torch.compile the training steps
-    seed: int = 0  # of the generator that drives shuffling and augmentation
-    keep: str = "last"  # which weights are kept: last, best or swa (keep_weights)
-    swa_epochs: int = 5  # keep="swa": how many final epochs are averaged
     member: int = 0  # the ensemble member being trained (its seed is `seed`)
     device: torch.device = torch.device("cpu")
-    autocast: torch.dtype | None = None  # bf16 or fp16 autocast (precision.py); None: fp32
-    task: str = "pneumonia"  # or 'cause': normal / bacterial / viral
+    autocast: torch.dtype | None = None  # bf16 or fp16 autocast (lib/precision.py); None: fp32
     ranks: distributed.Context = field(default_factory=distributed.Context)  # this process's place under torchrun
 
     @classmethod
-    def of(cls, settings, member: int, device: torch.device, ranks: distributed.Context,
+    def of(cls, s, member: int, device: torch.device, ranks: distributed.Context,
            autocast: torch.dtype | None) -> "TrainConfig":
-        """One member's config: every field named like a training setting (settings.Settings) takes its value; the
-        rest come from this process's place and the member's own seed."""
-        own = {"progress": not settings.quiet, "compile_model": settings.compile,
-               "seed": member_seed(settings.seed, member), "member": member, "device": device, "autocast": autocast,
-               "ranks": ranks}
-        same = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(settings)} - set(own)
-        return cls(**{name: getattr(settings, name) for name in same}, **own)
+        """One member's config from the run's settings (app.settings.Settings), and this process's place."""
+        return cls(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, pos_weight=s.pos_weight, patience=s.patience,
+                   label_smoothing=s.label_smoothing, momentum=s.momentum, weight_decay=s.weight_decay,
+                   warmup=s.warmup, keep=s.keep, swa_epochs=s.swa_epochs, task=s.task,
+                   seed=member_seed(s.seed, member), progress=not s.quiet, compile_model=s.compile, member=member,
+                   device=device, autocast=autocast, ranks=ranks)
 
 
-def _parts(model, train_set, prep, cfg: TrainConfig, generator: torch.Generator, debias: Debias | None = None) -> Parts:
+def _parts(model, train_set, prep, cfg: TrainConfig, generator: torch.Generator) -> Parts:
     """The optimiser, schedule, losses and (under torchrun) DistributedDataParallel wrapper for one fit."""
     device, ranks = cfg.device, cfg.ranks
     steps = math.ceil(len(train_set[0]) / cfg.batch_size)
-    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.epochs, steps, cfg.momentum, cfg.weight_decay, cfg.warmup)
+    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.epochs, steps, momentum=cfg.momentum,
+                                          weight_decay=cfg.weight_decay, warmup=cfg.warmup)
     stepped = model
     if ranks.active and cfg.batch_size < 16 * ranks.world:
         warnings.warn(f"--batch-size {cfg.batch_size} over {ranks.world} processes leaves under 16 images per process "
@@ -381,22 +333,21 @@ def _parts(model, train_set, prep, cfg: TrainConfig, generator: torch.Generator,
                  make_loss(cfg, train_set[1], device, cfg.label_smoothing),
                  make_loss(cfg, train_set[1], torch.device("cpu"), 0.0), prep, device, generator,
                  torch.amp.GradScaler(device.type, enabled=cfg.autocast == torch.float16), ranks=ranks,
-                 autocast=cfg.autocast, debias=debias or Debias())
+                 autocast=cfg.autocast)
 
 
-def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, resume: dict | None = None,
-        earlier: tuple = (), debias: Debias | None = None) -> TrainState:
+def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, *, resume: dict | None = None,
+        earlier: tuple = ()) -> TrainState:
     """Train one model (one ensemble member), then keep its weights by `cfg.keep`; resumable from `resume` (a last.pt).
 
     `train_set` and `val_set` are (uint8 images, float labels) on `cfg.device`. Writes history.csv (the rows
     `earlier` of finished members first) and last.pt after every epoch, and last.pt again when interrupted.
-    `debias` (per training image, in `train_set`'s order) changes the training loss only, never validation.
     A non-finite loss ends training with `state.failure` set; the best weights so far are kept. Under torchrun
     (`cfg.ranks`) the steps run through DistributedDataParallel, every rank keeps the same TrainState, and
     only rank 0 writes.
     """
     generator, ranks = torch.Generator().manual_seed(cfg.seed), cfg.ranks  # as set_seed(seed)
-    parts = _parts(model, train_set, prep, cfg, generator, debias)
+    parts = _parts(model, train_set, prep, cfg, generator)
     saved = {"model": model, "optimizer": parts.optimizer, "scheduler": parts.scheduler, "scaler": parts.scaler}
     state = TrainState(**runs.restore_last(resume, saved, generator, ranks.rank, cfg.device)) if resume is not None \
         else TrainState(cfg.member)
@@ -457,12 +408,12 @@ def keep_weights(model, train_set, val_set, parts: Parts, state: TrainState, cfg
         state.kept_auc, kept = state.history[-1]["val_auc"], [state.epoch]
     else:
         model.load_state_dict(average_weights(state.tail))
-        recompute_batchnorm(model, *train_set, parts.prep, torch.Generator().manual_seed(cfg.seed + 1),
+        recompute_batchnorm(model, train_set[0], parts.prep, torch.Generator().manual_seed(cfg.seed + 1),
                             cfg.batch_size, cfg.device)
         distributed.sync_buffers(model, parts.ranks)
         state.kept_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        state.kept_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device, parts.ranks,
-                                  parts.autocast)[1]
+        state.kept_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device, ranks=parts.ranks,
+                                  autocast=parts.autocast)[1]
         kept = list(range(state.epoch - len(state.tail) + 1, state.epoch + 1))
     for h in state.history:
         h["kept"] = "yes" if h["epoch"] in kept else ""
@@ -488,12 +439,12 @@ def average_weights(states: list[dict]) -> dict:
             for k, v in states[-1].items()}
 
 
-def recompute_batchnorm(model: nn.Module, images, labels, prep: Preprocess, generator: torch.Generator,
+def recompute_batchnorm(model: nn.Module, images, prep: Preprocess, generator: torch.Generator,
                         batch_size: int, device: torch.device) -> None:
     """Re-estimate every BatchNorm layer's running statistics for the model's current weights, over one pass of
     the training images augmented as in training: what the statistics of a normally trained model describe."""
     with torch.no_grad():
-        reestimate_batchnorm(model, (prep.train(images[idx].to(device), generator, labels=labels[idx]).contiguous(
+        reestimate_batchnorm(model, (prep.train(images[idx].to(device), generator).contiguous(
             memory_format=memory_format(device)) for idx in batches(len(images), batch_size, generator)))
 
 
@@ -501,8 +452,8 @@ def end_epoch(model, val_set, parts: Parts, state: TrainState, loss: float, star
     """Validate `model` (the uncompiled one), record the epoch, track the best and the tail's weights, decide on
     early stopping."""
     distributed.sync_buffers(model, parts.ranks)
-    val_loss, val_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device, parts.ranks,
-                                 parts.autocast)
+    val_loss, val_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device, ranks=parts.ranks,
+                                 autocast=parts.autocast)
     state.epoch += 1
     state.step = 0
     state.history.append({"member": cfg.member, "epoch": state.epoch, "loss": round(loss, 6),

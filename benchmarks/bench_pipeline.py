@@ -18,12 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import cache  # noqa: E402
-import images  # noqa: E402
-import infer  # noqa: E402
-import runs  # noqa: E402
-import transforms  # noqa: E402
+from lib import cache  # noqa: E402
+from lib import images  # noqa: E402
+from lib import infer  # noqa: E402
+from lib import runs  # noqa: E402
+from lib import transforms  # noqa: E402
 import train  # noqa: E402
+from app.settings import optimiser_defaults  # noqa: E402
 from model import PneumoniaCNN  # noqa: E402
 
 IMAGE_SIZE = 128  # the default model input
@@ -101,7 +102,7 @@ def our_epoch(images: torch.Tensor, labels: torch.Tensor) -> dict:
     train.set_seed(0)
     model = PneumoniaCNN().to(memory_format=torch.channels_last)
     prep = transforms.Preprocess(IMAGE_SIZE, 0.5, 0.25)
-    optimizer, scheduler = train.make_optimizer(model, 0.05, 1, math.ceil(len(images) / 32))
+    optimizer, scheduler = train.make_optimizer(model, 0.05, 1, math.ceil(len(images) / 32), **optimiser_defaults())
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))
     g = torch.Generator().manual_seed(0)
     data_time = 0.0

@@ -3,7 +3,7 @@
 Usage: `python benchmarks/export_parity.py RUN_DIR [RUN_DIR ...] [--shared ../shared/data]`
 Each RUN_DIR is a finished training run. Its best.pt is exported (timed, into a temp folder) and both the graph
 (onnxruntime) and the PyTorch path (fp32, as `predict --precision fp32` scores) score half A of the official test
-and the full-resolution films, decoded once by images.py. Heatmaps are compared at the Grad-CAM layer's
+and the full-resolution films, decoded once by lib/images.py. Heatmaps are compared at the Grad-CAM layer's
 resolution (Pearson r per image, over images whose PyTorch map is not all zero).
 """
 import argparse
@@ -18,12 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import export  # noqa: E402
+from app import export  # noqa: E402
 import gradcam  # noqa: E402
-import infer  # noqa: E402
-import ood  # noqa: E402
-import runs  # noqa: E402
-from cache import ImageCache, load_images  # noqa: E402
+from lib import infer  # noqa: E402
+from lib import ood  # noqa: E402
+from lib import runs  # noqa: E402
+from lib.cache import ImageCache, load_images  # noqa: E402
 
 
 def films(folder: Path, side: int) -> np.ndarray:

@@ -34,14 +34,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import cache  # noqa: E402
+from lib import cache  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
-import infer  # noqa: E402
-import runs  # noqa: E402
-import shortcut  # noqa: E402
-from images import cache_size, decode_image  # noqa: E402
-from settings import default_cache_dir  # noqa: E402
+from lib import infer  # noqa: E402
+from lib import runs  # noqa: E402
+from lib import shortcut  # noqa: E402
+from lib.images import cache_size, decode_image  # noqa: E402
+from app.settings import default_cache_dir  # noqa: E402
 
 SHARED = Path(os.environ.get("PNEUMONIA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 # name -> extra main.py flags; "default" is the shipped setting, every other row changes one thing
@@ -49,6 +49,10 @@ SHARED = Path(os.environ.get("PNEUMONIA_SHARED_DATA", ROOT.parent / "shared" / "
 # contrast 0.3, brightness 0.1, border padding, dataset normalisation). The README's first ablation
 # table was measured before the default moved there; its rows are the flags listed in the README.
 OLD_DEFAULT = "ff6e673"  # the last commit before the recipe kept the last epoch and trained every epoch
+# the shortcut audit's mitigations (--debias, --framing, --counter-framing, --cut-bottom, --aspect, --erase-corners,
+# --layout-swap, --intensity equalise) were measured, not adopted, and left the product after this commit: check it
+# out to rerun their rows of docs/generalisation.md (their CONFIGS names are there)
+MITIGATIONS_AT = "0b2105c"
 CONFIGS = {
     "default": [],
     "old default": [],  # run from commit OLD_DEFAULT
@@ -64,32 +68,12 @@ CONFIGS = {
     "per-image standardisation": ["--intensity", "image"],
     "zoom 0.4": ["--zoom", "0.4"],
     "zoom 0.6": ["--zoom", "0.6"],
-    "aspect 0.5": ["--aspect", "0.5"],
-    "aspect 1.0": ["--aspect", "1.0"],
-    "zoom 0.4, debias poe 0.1": ["--zoom", "0.4", "--debias", "poe", "--poe-scale", "0.1"],
     "+ noise 0.03": ["--noise", "0.03"],
     "+ translate 0.05": ["--translate", "0.05"],
     "+ sharpness 0.5": ["--sharpness", "0.5"],
     "+ label smoothing 0.1": ["--label-smoothing", "0.1"],
     "15 epochs": ["--epochs", "15"],
     "160 px": ["--image-size", "160"],
-    # the shortcut audit's mitigations (docs/generalisation.md, "The shortcut audit")
-    "debias poe": ["--debias", "poe"],
-    "debias reweight": ["--debias", "reweight"],
-    "debias poe, scale 0.3": ["--debias", "poe", "--poe-scale", "0.3"],
-    "debias poe, scale 0.1": ["--debias", "poe", "--poe-scale", "0.1"],
-    "debias poe, scale 0.2": ["--debias", "poe", "--poe-scale", "0.2"],
-    "debias decorrelate 0.1": ["--debias", "decorrelate"],
-    "debias decorrelate 0.3": ["--debias", "decorrelate", "--decorrelate-weight", "0.3"],
-    "zoom 0.4, debias decorrelate 0.1": ["--zoom", "0.4", "--debias", "decorrelate"],
-    "erase corners 0.5": ["--erase-corners", "0.5"],
-    "framing 0.5, erase corners 0.5": ["--framing", "0.5", "--erase-corners", "0.5"],
-    "histogram equalisation": ["--intensity", "equalise"],
-    "layout swap 0.5": ["--layout-swap", "0.5"],
-    "layout swap 1.0": ["--layout-swap", "1.0"],
-    "counter framing 0.4": ["--counter-framing", "0.4"],
-    "cut bottom 0.3": ["--cut-bottom", "0.3"],
-    "debias poe 0.1, erase corners 0.5": ["--debias", "poe", "--poe-scale", "0.1", "--erase-corners", "0.5"],
     # torchvision's ResNet-18 from scratch: about 7x the custom CNN's compute at 128 px, so smaller and shorter on a CPU
     "resnet18 96 px 12 epochs": ["--arch", "resnet18", "--image-size", "96", "--epochs", "12"],
 }

@@ -31,12 +31,12 @@ from sklearn.metrics import roc_auc_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-import infer  # noqa: E402
-import ood  # noqa: E402
-import runs  # noqa: E402
-from cache import ImageCache, ImageRows, TensorRows, load_images  # noqa: E402
-from images import cache_size  # noqa: E402
-from settings import default_cache_dir  # noqa: E402
+from lib import infer  # noqa: E402
+from lib import ood  # noqa: E402
+from lib import runs  # noqa: E402
+from lib.cache import ImageCache, ImageRows, TensorRows, load_images  # noqa: E402
+from lib.images import cache_size  # noqa: E402
+from app.settings import default_cache_dir  # noqa: E402
 
 SHARED = Path(os.environ.get("PNEUMONIA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SAMPLES = Path(matplotlib.get_data_path()) / "sample_data"

@@ -23,11 +23,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-import infer  # noqa: E402
-import precision  # noqa: E402
+from lib import infer  # noqa: E402
+from lib import precision  # noqa: E402
 import train  # noqa: E402
+from app.settings import optimiser_defaults  # noqa: E402
 from model import PneumoniaCNN  # noqa: E402
-from transforms import Preprocess  # noqa: E402
+from lib.transforms import Preprocess  # noqa: E402
 
 SHARED = Path(os.environ.get("PNEUMONIA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -45,7 +46,7 @@ def default_parts(dtype, steps_per_epoch: int, compiled: bool = False) -> train.
     at autocast `dtype`: one setup for the step and the epoch timings."""
     torch.manual_seed(0)
     model = PneumoniaCNN().to(memory_format=torch.channels_last)
-    optimizer, scheduler = train.make_optimizer(model, 0.05, 25, steps_per_epoch)
+    optimizer, scheduler = train.make_optimizer(model, 0.05, 25, steps_per_epoch, **optimiser_defaults())
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))
     return train.Parts(torch.compile(model) if compiled else model, optimizer, scheduler, loss_fn, loss_fn,
                        Preprocess(128, 0.5, 0.25), torch.device("cpu"), torch.Generator().manual_seed(0),

@@ -29,12 +29,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import cache  # noqa: E402
+from lib import cache  # noqa: E402
 import data  # noqa: E402
-import demo  # noqa: E402
-import runs  # noqa: E402
-from images import cache_size  # noqa: E402
-from settings import default_cache_dir  # noqa: E402
+from lib import demo  # noqa: E402
+from lib import runs  # noqa: E402
+from lib.images import cache_size  # noqa: E402
+from app.settings import default_cache_dir  # noqa: E402
 
 MB = 1 << 20
 

@@ -25,16 +25,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import cache  # noqa: E402
-import calibrate  # noqa: E402
+from lib import cache  # noqa: E402
+from app import calibrate  # noqa: E402
 import data  # noqa: E402
 import generalisation  # noqa: E402  (beside this script)
 import evaluate  # noqa: E402
-import infer  # noqa: E402
-import runs  # noqa: E402
-from cache import ImageCache  # noqa: E402
-from images import cache_size  # noqa: E402
-from settings import default_cache_dir  # noqa: E402
+from lib import infer  # noqa: E402
+from lib import runs  # noqa: E402
+from lib.cache import ImageCache  # noqa: E402
+from lib.images import cache_size  # noqa: E402
+from app.settings import default_cache_dir  # noqa: E402
 
 SHARED = Path(os.environ.get("PNEUMONIA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 MODELS = {"default": 1, "ensemble 3": 3}  # name -> first members of the ensemble run

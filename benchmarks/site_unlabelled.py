@@ -20,7 +20,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import calibrate  # noqa: E402
+from app import calibrate  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 from generalisation import mean_sd, read_predictions  # noqa: E402  (beside this script)

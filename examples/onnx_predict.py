@@ -24,7 +24,7 @@ COLUMNS = ("path", "patient", "label", "probability", "predicted", "warnings", "
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-# ---------------------------------------------------------------- decoding, as images.py does it
+# ---------------------------------------------------------------- decoding, as lib/images.py does it
 def to_grey(img: Image.Image) -> Image.Image:
     """8-bit grey; 16-bit and float images stretched over their own range rather than clipped."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):

@@ -52,7 +52,7 @@ def tiny_archive(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
     """One finished demo run, small enough for CI, shared by several tests."""
-    import demo
+    from lib import demo
     import main
     base = tmp_path_factory.mktemp("demo")
     external = demo.make_phantoms(base / "other_site", patients_per_class=8, seed=99)  # an 'external' labelled folder
@@ -76,3 +76,20 @@ def _figures(obj, fmt: str) -> set[str]:
 def stray_figures(text: str, metrics: dict) -> set[str]:
     """The three-decimal figures in `text` that no float of `metrics` gives (a model card must have none)."""
     return set(re.findall(r"(?<![\d.])-?\d+\.\d{3}(?![\d])", text)) - _figures(metrics, ".3f")
+
+
+def train_config(**changes):
+    """A TrainConfig with the parser's defaults (their one source), on the CPU in one process, changed by `changes`."""
+    import dataclasses
+    import torch
+    import train
+    from app.settings import Settings
+    from lib.distributed import Context
+    cfg = train.TrainConfig.of(Settings.parse(["--quiet"]), 0, torch.device("cpu"), Context(), None)
+    return dataclasses.replace(cfg, **changes)
+
+
+def optimiser_defaults() -> dict:
+    """The parser's momentum, weight decay and warm-up, as train.make_optimizer takes them."""
+    from app.settings import optimiser_defaults
+    return optimiser_defaults()

@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-import calibrate
-import demo
+from app import calibrate
+from lib import demo
 import evaluate
-import infer
+from lib import infer
 import main
-import ood
-import runs
-import transforms
+from lib import ood
+from lib import runs
+from lib import transforms
 from conftest import ROOT
 from model import PneumoniaCNN, build
 

@@ -1,20 +1,21 @@
 """The network contract (model.Network) on every architecture, the factory, and the formats it writes down."""
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
-import calibrate
+from app import calibrate
 import gradcam
-import infer
+from lib import infer
 import model
-import ood
-import report
-import runs
-import settings
-import transforms
-from labels import CAUSES
+from lib import ood
+from app import report
+from lib import runs
+from app import settings
+from lib import transforms
+from lib.labels import CAUSES
 
 SIZE = 64  # ResNet-18's last stage is 2x2 here: enough for every check, and fast
 
@@ -55,6 +56,7 @@ def test_every_architecture_keeps_the_contract(network):
                                                 torch.nn.Linear]
     children = dict(network.named_children())
     assert network.cam_layer in children.values() and set(network.adaptable) <= set(children)
+    assert children[network.cam_layer_name] is network.cam_layer  # what metrics.json and model.json name
     assert list(children)[0] == "stem" and list(children)[-1] == "head"  # the randomisation test's cascade
 
 
@@ -125,6 +127,17 @@ def test_an_old_metrics_json_is_read_into_one_block_per_set_and_renders(tmp_path
     page = report.write_report(tmp_path, "old run", {}, m).read_text()
     assert "External: site" in page and "0.700" in page
     assert "Input checks (site): 2 of 19" in report.terminal_summary(m, tmp_path)
+
+
+def test_a_figure_an_older_metrics_json_lacks_renders_as_a_dash_everywhere(tmp_path):
+    older = {k: v for k, v in RATES.items() if k not in ("brier", "ece")}  # from before those two figures
+    m = runs.upgrade_metrics({**OLD, "test": older, "external": {"site": older}})
+    summary = report.terminal_summary(m, tmp_path)  # the terminal, one set and the sets side by side
+    assert re.search(r"^Brier score +- *$", summary, re.M) and re.search(r"^average precision +0\.900", summary, re.M)
+    page = report.write_report(tmp_path, "older run", {}, m).read_text()
+    assert "<td class=l>Brier score</td><td>-</td>" in page
+    card = report.metric_table(m["sets"]["test split"]["rates"]).markdown()  # the model card's table
+    assert re.search(r"^\| Brier score \| - \|", card, re.M)
 
 
 def refuse(token):

@@ -10,8 +10,8 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, generate_uid
 
 import data
-import cache
-import images
+from lib import cache
+from lib import images
 import main
 from conftest import shared
 

@@ -16,14 +16,14 @@ import torch
 import torch.multiprocessing as mp
 from scipy.stats import spearmanr
 
-import cache
-import distributed
+from lib import cache
+from lib import distributed
 import main
-import runs
+from lib import runs
 import train
-from conftest import ROOT
+from conftest import ROOT, train_config
 from model import PneumoniaCNN
-from transforms import Preprocess
+from lib.transforms import Preprocess
 
 LEARNS = ["--demo", "--demo-patients", "30", "--image-size", "96", "--epochs", "10", "--quiet"]  # long enough to learn
 SMALL = ["--demo", "--demo-patients", "24", "--image-size", "64", "--widths", "8", "16", "32",
@@ -167,11 +167,10 @@ def _fit_worker(rank: int, world: int, port: int, out: str) -> None:
     log: list = []
     torch.manual_seed(0)
     model = PneumoniaCNN((4, 8, 8))
-    cfg = train.TrainConfig(epochs=2, batch_size=BATCH, lr=0.01, pos_weight=0.6, patience=0, progress=False,
-                            ranks=ranks)
+    cfg = train_config(epochs=2, batch_size=BATCH, lr=0.01, pos_weight=0.6, patience=0, progress=False, ranks=ranks)
     val = cache.TensorRows(cache.ImageRows(images[N_TRAIN:]))
     state = train.fit(model, (Recording(images[:N_TRAIN], log), labels[:N_TRAIN]), (val, labels[N_TRAIN:]),
-                      Preprocess(16), cfg, Path(out), None)
+                      Preprocess(16), cfg, Path(out))
     weights = float(sum(p.double().sum() for p in model.state_dict().values()))
     Path(out, f"rank{rank}.json").write_text(json.dumps({"steps": log, "history": state.history, "weights": weights}))
     distributed.stop(ranks)

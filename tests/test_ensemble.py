@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 import gradcam
-import infer
+from lib import infer
 import main
-import runs
+from lib import runs
 import train
-import transforms
+from lib import transforms
 from model import PneumoniaCNN
 
 TINY = ["--demo", "--demo-patients", "12", "--epochs", "3", "--image-size", "64", "--quiet"]
@@ -71,7 +71,7 @@ def test_averaged_weights_with_recomputed_batchnorm_equal_a_hand_computation():
     images = (torch.rand(10, 1, 12, 12) * 255).to(torch.uint8)
     prep = transforms.Preprocess(8, 0.5, 0.25, transforms.Augment(rotation=0, zoom=0, gamma=0, contrast=0,
                                                                   brightness=0))
-    train.recompute_batchnorm(net, images, torch.zeros(10), prep, torch.Generator().manual_seed(3), 4,
+    train.recompute_batchnorm(net, images, prep, torch.Generator().manual_seed(3), 4,
                               torch.device("cpu"))
     # by hand: the same batches (4, 4, 2 images, in the generator's order), each batch's mean and unbiased
     # variance of the convolution's output per channel, averaged over the batches
@@ -103,7 +103,7 @@ def test_ensemble_grad_cam_is_the_mean_of_the_members_maps_and_its_checks_run():
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """The same tiny demo run as a single model and as an ensemble of 2 (with an external folder)."""
-    import demo
+    from lib import demo
     base = tmp_path_factory.mktemp("ens")
     external = demo.make_phantoms(base / "site", patients_per_class=6, seed=7)
     for name, k in (("one", 1), ("two", 2)):
@@ -125,8 +125,8 @@ def test_an_ensemble_of_one_is_the_single_model_and_its_members_lead_larger_ense
     assert [m["seed"] for m in two["training"]] == [0, 1000]
     # every scored set: the ensemble's probability is the sigmoid of its members' mean logit
     models, prep = infer.load_models(two, torch.device("cpu"))
-    import cache
-    import images
+    from lib import cache
+    from lib import images
     rows = _rows(pair / "two" / "predictions.csv")
     decoded, _ = cache.load_images([r["path"] for r in rows], images.cache_size(prep.image_size),
                                    cache.ImageCache(None, 0), show=False)
@@ -147,7 +147,7 @@ def test_an_ensemble_of_one_is_the_single_model_and_its_members_lead_larger_ense
 
 
 def test_evaluate_and_predict_read_ensemble_and_format_1_checkpoints(pair, tmp_path, monkeypatch, capsys):
-    import precision
+    from lib import precision
     # as on a CPU with fast bf16: auto must still score these fp32-trained checkpoints in fp32, or re-scoring
     # the run's own test split would not give back its figures
     monkeypatch.setattr(precision, "probe", lambda *a, **k: {"fp32": 100.0, "bf16": 50.0})
@@ -195,7 +195,7 @@ def test_keep_swa_and_best_and_tta_end_to_end(tmp_path):
 
 
 def test_bf16_trains_on_the_cpu_records_its_choice_and_its_checkpoint_scores_alike_in_fp32(tmp_path, monkeypatch):
-    import precision
+    from lib import precision
     assert main.main(TINY + ["--precision", "bf16", "--out", str(tmp_path / "bf16")]) == 0
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     m = json.loads((tmp_path / "bf16" / "metrics.json").read_text())

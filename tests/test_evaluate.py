@@ -73,7 +73,7 @@ def test_expected_calibration_error():
 
 
 def test_one_table_builder_renders_the_same_cells_as_text_html_and_markdown():
-    import report
+    from app import report
     m = {k: 0.5 + i / 100 for i, k in enumerate(evaluate.METRICS)}
     m["ci95"] = {k: [m[k] - 0.1, m[k] + 0.05] for k in evaluate.METRICS}
     m["images"], m["patients"] = 10, 7
@@ -83,4 +83,4 @@ def test_one_table_builder_renders_the_same_cells_as_text_html_and_markdown():
         cell = f"{m[k]:.3f} ({m['ci95'][k][0]:.3f} - {m['ci95'][k][1]:.3f})"
         assert text.count(cell) == 2 and page.count(f"<td>{cell}</td>") == 2 and markdown.count(f"| {cell} ") == 2
     assert "site &lt;b&gt;" in page and "<b>" not in page  # set names are escaped in HTML
-    assert len(markdown.splitlines()) == 2 + len(evaluate.METRICS) + 1 and "10 / 7" in text
+    assert len(markdown.splitlines()) == 2 + len(evaluate.FIGURES) + 1 and "10 / 7" in text

@@ -1,5 +1,5 @@
 """ONNX export: the graph scores, explains and checks like predict; an ensemble and a three-class model export as
-one graph; the runtime without PyTorch decodes like images.py; a missing package or a --tta model is refused."""
+one graph; the runtime without PyTorch decodes like lib/images.py; a missing package or a --tta model is refused."""
 import csv
 import importlib.util
 import json
@@ -12,11 +12,11 @@ from PIL import Image
 
 import evaluate
 import gradcam
-import images
-import infer
+from lib import images
+from lib import infer
 import main
-import ood
-import runs
+from lib import ood
+from lib import runs
 from conftest import ROOT, shared, write_image
 from model import build
 
@@ -46,9 +46,9 @@ def reference(ckpt: dict, batch: np.ndarray) -> dict:
     return out
 
 
-def assert_parity(folder, ckpt: dict, batch: np.ndarray) -> dict:
+def assert_parity(folder, ckpt: dict, batch: np.ndarray, probability: float = 1e-5) -> dict:
     got, want = run_graph(folder, batch), reference(ckpt, batch)
-    assert np.abs(got["probability"] - want["probability"]).max() <= 1e-5
+    assert np.abs(got["probability"] - want["probability"]).max() <= probability
     if want["classes"] is not None:
         assert np.abs(got["class_probabilities"] - want["classes"]).max() <= 1e-5
     assert np.abs(got["heatmap"] - want["heatmap"]).max() <= 1e-4 * max(1.0, np.abs(want["heatmap"]).max())
@@ -94,17 +94,30 @@ def test_an_ensemble_and_a_three_class_model_each_export_as_one_graph(demo_run, 
     torch.manual_seed(2)
     cause = {**base, "model_config": cause_config, "members": [build(cause_config).eval().state_dict()],
              "ood": {**base["ood"], "members": []}, "cause_threshold": 0.5}  # after --adapt-bn: no distance
-    equalised = {**base, "preprocess": {**base["preprocess"], "intensity": "equalise"}}  # --intensity equalise
+    standardised = {**base, "preprocess": {**base["preprocess"], "intensity": "image"}}  # --intensity image
     batch = demo_batch(demo_run, 6)
-    for name, ckpt in (("ensemble", ensemble), ("cause", cause), ("equalised", equalised)):
+    layers = {}
+    for name, ckpt in (("ensemble", ensemble), ("cause", cause), ("standardised", standardised)):
         runs.save_checkpoint(tmp_path / f"{name}.pt", {k: v for k, v in ckpt.items() if k not in ("format",
                                                                                                   "versions")})
         assert main.main(["export", "--checkpoint", str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / name)]) == 0
-        got = assert_parity(tmp_path / name, runs.read_checkpoint(tmp_path / f"{name}.pt"), batch)
+        # per-image standardisation: the standard deviation as the ONNX graph computes it moves probabilities by up
+        # to 1.5e-5 (measured on the demo model); the dataset normalisation stays within 1e-5
+        got = assert_parity(tmp_path / name, runs.read_checkpoint(tmp_path / f"{name}.pt"), batch,
+                            5e-5 if name == "standardised" else 1e-5)
         meta = json.loads((tmp_path / name / "model.json").read_text())
         assert meta["source"]["members"] == len(ckpt["members"])
+        layers[name] = meta["heatmap"]["layer"]
         if name == "cause":
             assert "distance" not in got and meta["classes"] == ["NORMAL", "BACTERIAL", "VIRAL"]
+    # the heatmap's layer is the network's own: ResNet-18's is its fourth block (random weights: no parity claim)
+    resnet_config = {"arch": "resnet18", "outputs": 1}
+    resnet = {**base, "model_config": resnet_config, "members": [build(resnet_config).eval().state_dict()],
+              "ood": {**base["ood"], "members": []}}
+    runs.save_checkpoint(tmp_path / "resnet.pt", {k: v for k, v in resnet.items() if k not in ("format", "versions")})
+    assert main.main(["export", "--checkpoint", str(tmp_path / "resnet.pt"), "--out", str(tmp_path / "resnet")]) == 0
+    layers["resnet"] = json.loads((tmp_path / "resnet" / "model.json").read_text())["heatmap"]["layer"]
+    assert layers == {"ensemble": "block3", "cause": "block3", "standardised": "block3", "resnet": "block4"}
 
 
 def test_what_cannot_be_exported_is_refused_in_one_sentence(demo_run, tmp_path, capsys, monkeypatch):
@@ -162,7 +175,7 @@ def test_the_runtime_writes_predict_columns_with_the_same_probabilities_and_over
 
 
 def test_the_model_card_opens_with_yaml_front_matter_a_hub_can_read(demo_run, tmp_path):
-    import report
+    from app import report
     yaml = pytest.importorskip("yaml")
     metrics = json.loads((demo_run / "metrics.json").read_text())
     config = json.loads((demo_run / "config.json").read_text())

@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 
 import data
-import distributed
-import images
+from lib import distributed
+from lib import images
 import main
-import names
-import precision
-import report
-import runs
+from lib import names
+from lib import precision
+from app import report
+from lib import runs
 from conftest import ROOT, write_image
 from test_dicom import write_dicom
 
@@ -135,7 +135,7 @@ def test_predict_scores_a_non_utf8_name_a_formula_name_and_an_escape_sequence(de
 
 
 def test_a_non_utf8_name_goes_through_training_and_resume(demo_run, tmp_path, monkeypatch):
-    import transforms
+    from lib import transforms
     data_dir = copy_demo(demo_run, tmp_path / "data")
     first = sorted((data_dir / "images" / "NORMAL").glob("*.png"))[0]
     os.rename(first, non_utf8(first.parent, stem=LATIN1 + first.stem.encode()))
@@ -182,7 +182,7 @@ def test_a_dicom_decompression_bomb_is_refused_before_its_pixels_are_decoded(tmp
     finally:
         tracemalloc.stop()
     assert peak < 50e6  # the header and the compressed bytes only (decoding took 4.7 GB)
-    import cache
+    from lib import cache
     _, reason, _ = cache._decode_job((str(bomb), 141))
     assert "DecompressionBombError" in reason  # the same kind of reason as a PNG bomb's
 
@@ -382,7 +382,7 @@ def test_each_rank_resumes_its_own_cuda_random_state(monkeypatch):
 # ---------------------------------------------------------------- torchrun: rank 0 scores alone, outside any collective
 def test_rank_0_scoring_longer_than_the_process_group_timeout_does_not_kill_the_run(tmp_path):
     from test_distributed import ENV, SMALL
-    import demo
+    from lib import demo
     external = demo.make_phantoms(tmp_path / "ext", patients_per_class=30, seed=5)  # seconds of rank-0 work
     env = {**ENV, "PNEUMONIA_DIST_TIMEOUT_S": "4"}  # far shorter than the scoring, Grad-CAM and --external after
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "main.py"),
@@ -406,7 +406,7 @@ def test_a_ctrl_c_that_python_could_not_raise_still_stops_a_scoring_command(tmp_
 
 
 def test_a_one_process_torchrun_job_is_a_process_group_of_one(monkeypatch):
-    import settings
+    from app import settings
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     monkeypatch.setenv("WORLD_SIZE", "1")
     ranks = distributed.Context.from_env()

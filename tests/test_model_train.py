@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-import infer
-import runs
-import transforms
+from lib import infer
+from lib import runs
+from lib import transforms
 import train
 from model import PneumoniaCNN, count_flops
+from conftest import optimiser_defaults, train_config
 
 
 def test_model_shapes_and_cam_layer():
@@ -41,7 +42,7 @@ def test_one_epoch_lowers_the_loss():
     prep = transforms.Preprocess(36, 0.3, 0.2)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6))
     before = loss_fn(model.eval()(prep.eval(images)), labels).item()
-    optimizer, scheduler = train.make_optimizer(model, 0.05, 3, 8)
+    optimizer, scheduler = train.make_optimizer(model, 0.05, 3, 8, **optimiser_defaults())
     state = train.TrainState()
     parts = train.Parts(model, optimizer, scheduler, loss_fn, loss_fn, prep, torch.device("cpu"),
                         torch.Generator().manual_seed(0))
@@ -55,7 +56,7 @@ def test_one_epoch_lowers_the_loss():
 def test_non_finite_loss_names_epoch_and_step():
     images, labels = _toy_set(16)
     model = PneumoniaCNN((8, 8, 8), stem=4)
-    optimizer, scheduler = train.make_optimizer(model, 0.05, 1, 2)
+    optimizer, scheduler = train.make_optimizer(model, 0.05, 1, 2, **optimiser_defaults())
     loss_fn = lambda logits, y: logits.sum() * float("nan")  # noqa: E731
     with pytest.raises(train.NonFiniteLoss, match=r"epoch 1, step 1"):
         parts = train.Parts(model, optimizer, scheduler, loss_fn, loss_fn, transforms.Preprocess(36),
@@ -103,7 +104,7 @@ def test_device_choice(monkeypatch):
 
 
 def test_precision_auto_keeps_bf16_only_when_it_measures_faster(monkeypatch):
-    import precision
+    from lib import precision
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     make = lambda: PneumoniaCNN((4, 4, 4), stem=4)  # noqa: E731
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
@@ -132,7 +133,7 @@ def test_precision_auto_keeps_bf16_only_when_it_measures_faster(monkeypatch):
 
 
 def test_a_cpu_that_emulates_bf16_is_told_by_a_small_batch_and_scores_a_bf16_checkpoint_in_fp32(monkeypatch):
-    import precision
+    from lib import precision
     cpu, make = torch.device("cpu"), lambda: PneumoniaCNN((4, 4, 4), stem=4)  # noqa: E731
     timed = []
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})  # an AMD EPYC Zen 3: no bf16 instructions
@@ -166,7 +167,7 @@ def test_a_cpu_that_emulates_bf16_is_told_by_a_small_batch_and_scores_a_bf16_che
 
 
 def test_the_precision_probe_times_both_and_leaves_the_random_state_alone():
-    import precision
+    from lib import precision
     before = torch.get_rng_state()
     timings = precision.probe(lambda: PneumoniaCNN((4, 4, 4), stem=4), 32, 4, steps=2)
     assert set(timings) == {"fp32", "bf16"} and all(t > 0 for t in timings.values())
@@ -193,40 +194,6 @@ def test_label_smoothing_moves_targets_towards_one_half():
     assert smooth(logits, y).item() != pytest.approx(plain(logits, y).item())
 
 
-def test_per_image_loss_weights_are_a_weighted_mean_and_ones_change_nothing():
-    logits, y, w = torch.tensor([2.0, -1.0, 0.5, 0.1]), torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([3.0, 1, 1, 1])
-    bce = train.smoothed_bce(0.6, 0.0, torch.device("cpu"))
-    each = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(0.6), reduction="none")(logits, y)
-    assert bce(logits, y, w).item() == pytest.approx((each * w).mean().item())
-    assert bce(logits, y, torch.ones(4)).item() == pytest.approx(bce(logits, y).item())
-    three, causes = torch.tensor([[2.0, 0.1, -1], [0, 1, 0], [0.3, 0.2, 0.9], [1, 1, 1]]), torch.tensor([0, 1, 2, 1])
-    cw = torch.tensor([0.5, 1.0, 2.0])
-    ce = train.weighted_cross_entropy(cw, 0.0)
-    assert ce(three, causes, torch.ones(4)).item() == pytest.approx(ce(three, causes).item())
-    per = torch.nn.functional.cross_entropy(three, causes, reduction="none")
-    assert ce(three, causes, w).item() == pytest.approx(((per * cw[causes] * w).sum() / (cw[causes] * w).sum()).item())
-
-
-def test_product_of_experts_offsets_reach_the_training_loss_only():
-    images, labels = _toy_set(32)
-    loss_fn = train.smoothed_bce(0.6, 0.0, torch.device("cpu"))
-
-    def first_epoch_loss(debias):
-        train.set_seed(0)
-        model = PneumoniaCNN((8, 8, 8), stem=4)
-        optimizer, scheduler = train.make_optimizer(model, 0.05, 1, 4)
-        parts = train.Parts(model, optimizer, scheduler, loss_fn, loss_fn, transforms.Preprocess(36),
-                            torch.device("cpu"), torch.Generator().manual_seed(0), debias=debias)
-        return train.train_one_epoch(parts, images, labels, 8, train.TrainState())
-
-    plain = first_epoch_loss(train.Debias())
-    # a bias expert that already knows every label: the product's loss is near zero, the network has nothing to learn
-    knowing = first_epoch_loss(train.Debias(offsets=(labels * 2 - 1) * 30))
-    assert plain > 0.1 and knowing < 1e-6
-    weighted = first_epoch_loss(train.Debias(weights=torch.where(labels == 1, 2.0, 0.0)))  # the normals weigh 0
-    assert weighted != pytest.approx(plain)
-
-
 def _epochs(monkeypatch, cfg, losses, aucs, lr_at_end):
     """end_epoch over made-up validation figures, with the learning rate each epoch ends at; returns the state."""
     model = PneumoniaCNN((4, 4, 4), stem=4)
@@ -238,7 +205,7 @@ def _epochs(monkeypatch, cfg, losses, aucs, lr_at_end):
             return [self.lr]
 
     sched = Schedule()
-    monkeypatch.setattr(train, "validate", lambda *a: next(scores))
+    monkeypatch.setattr(train, "validate", lambda *a, **kw: next(scores))
     state = train.TrainState()
     parts = train.Parts(model, None, sched, None, None, transforms.Preprocess(16), torch.device("cpu"),
                         torch.Generator())
@@ -254,36 +221,53 @@ def test_early_stopping_counts_only_the_low_rate_tail_and_waits_for_auc_and_loss
     worse = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # the loss only rises and the AUC never beats epoch 1
     aucs = [0.9, 0.8, 0.8, 0.8, 0.8, 0.8]
     high, low = [0.05] * 6, [0.05, 0.004, 0.003, 0.002, 0.001, 0.0]  # lr at each epoch's end; the peak is 0.05
-    cfg = train.TrainConfig(epochs=6, batch_size=8, lr=0.05, pos_weight=0.6, patience=2)
+    cfg = train_config(epochs=6, batch_size=8, lr=0.05, pos_weight=0.6, patience=2)
     assert not _epochs(monkeypatch, cfg, worse, aucs, high).stopped_early  # never in the tail: never stops
     state = _epochs(monkeypatch, cfg, worse, aucs, low)
     assert state.stopped_early and state.epoch == 3  # tail epochs 2 and 3 without improvement
     assert not _epochs(monkeypatch, cfg, [0.5, 0.4, 0.3, 0.2, 0.1, 0.05], aucs, low).stopped_early  # the loss improves
-    assert not _epochs(monkeypatch, train.TrainConfig(epochs=6, batch_size=8, lr=0.05, pos_weight=0.6, patience=0),
+    assert not _epochs(monkeypatch, train_config(epochs=6, batch_size=8, lr=0.05, pos_weight=0.6, patience=0),
                        worse, aucs, low).stopped_early
     assert state.best_epoch == 1
 
 
-# each module may import only modules of a lower rank: data flows one way, from main down to model
-RANKS = {"errors": 0, "augment": 0, "labels": 0, "names": 0, "progress": 0, "distributed": 0, "model": 0,
-         "transforms": 1, "precision": 1, "runs": 2, "images": 3, "settings": 3, "cache": 4, "demo": 4, "data": 5,
-         "infer": 5, "train": 6, "gradcam": 6, "ood": 6, "shortcut": 5, "evaluate": 7, "report": 8, "calibrate": 8,
-         "export": 8, "streaming": 8, "commands": 9, "main": 10}
-# and, whatever the ranks allow: scoring and explaining never load fitting; parsing flags loads neither
+# The folders are the layers: the six files the project is built around on top, what they are built from in lib/,
+# the command-line application in app/. Data flows one way, from main down to model:
+# main -> app/ -> the pipeline files -> lib/ -> model.
+PIPELINE = {"model": 0, "data": 1, "train": 2, "gradcam": 2, "evaluate": 3}  # and among them, one way too
+FOLDER = {"main": "", **{name: "" for name in PIPELINE}}
+MAY_IMPORT = {"lib": {"lib"}, "": {"lib", ""}, "app": {"lib", "", "app"}, "main": {"lib", "app"}}
+BENEATH_ALL = "model"  # the network, which imports nothing of ours: lib/ builds it for inference and precision
+# and whatever the folders allow: scoring and explaining never load fitting; parsing flags loads neither
 NEVER_LOADS = {"infer": {"train"}, "gradcam": {"train"}, "evaluate": {"train"}, "report": {"train"},
                "calibrate": {"train"}, "streaming": {"train"},
                "ood": {"train"}, "shortcut": {"train", "model"}, "export": {"train", "gradcam"},
                "runs": {"model"}, "settings": {"train", "gradcam", "model", "transforms", "precision", "runs"}}
 
 
+def modules() -> dict[str, str]:
+    """Every project module by name, with its folder ("" for the top level)."""
+    from conftest import ROOT
+    found = {p.stem: "" for p in ROOT.glob("*.py")}
+    for folder in ("lib", "app"):
+        found.update({p.stem: folder for p in (ROOT / folder).glob("*.py") if p.stem != "__init__"})
+    return found
+
+
 def our_imports(name: str) -> set[str]:
-    """The project modules `name`.py imports directly."""
+    """The project modules `name` imports directly (`import data`, `from lib import cache`, `from lib.cache import
+    ImageCache` alike)."""
     import ast
     from conftest import ROOT
-    tree = ast.parse((ROOT / f"{name}.py").read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    return imported & set(RANKS)
+    where = modules()
+    tree = ast.parse((ROOT / where[name] / f"{name}.py").read_text())
+    imported = {a.name.split(".")[-1] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom) and n.module:
+            imported.add(n.module.split(".")[-1])
+            if n.module in ("lib", "app"):
+                imported |= {a.name for a in n.names}
+    return imported & set(where) - {name}
 
 
 def loads(name: str) -> set[str]:
@@ -296,12 +280,20 @@ def loads(name: str) -> set[str]:
     return seen
 
 
-def test_imports_run_one_way():
-    from conftest import ROOT
-    assert {p.stem for p in ROOT.glob("*.py")} == set(RANKS)  # a new module must be given its place
-    for name, rank in RANKS.items():
+def layer(name: str, where: dict[str, str]) -> str:
+    return "main" if name == "main" else where[name]
+
+
+def test_imports_run_one_way_between_the_folders():
+    where = modules()
+    assert {n for n, f in where.items() if f == ""} == set(FOLDER)  # the top level holds the pipeline and main only
+    for name in where:
         for other in our_imports(name):
-            assert RANKS[other] < rank, f"{name}.py imports {other}.py, which sits above or beside it"
+            assert layer(other, where) in MAY_IMPORT[layer(name, where)] or other == BENEATH_ALL, \
+                f"{where[name] or '.'}/{name}.py imports {where[other] or '.'}/{other}.py, a folder above it"
+            if name in PIPELINE and other in PIPELINE:
+                assert PIPELINE[other] < PIPELINE[name], f"{name}.py imports {other}.py, which sits above or beside it"
+        assert name not in loads(name), f"{name} imports itself through others (a cycle)"
     for name, forbidden in NEVER_LOADS.items():
         assert not loads(name) & forbidden, f"importing {name}.py loads {sorted(loads(name) & forbidden)}"
     assert loads("model") == set()  # the network imports nothing of ours
@@ -312,7 +304,8 @@ def test_no_conditional_expression_nests_another():
     import ast
     from conftest import ROOT
     nested = []
-    for path in (p for folder in ("", "benchmarks/", "examples/", "tests/") for p in ROOT.glob(f"{folder}*.py")):
+    for path in (p for folder in ("", "lib/", "app/", "benchmarks/", "examples/", "tests/")
+                 for p in ROOT.glob(f"{folder}*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.IfExp) and any(isinstance(n, ast.IfExp) for n in ast.walk(node) if n is not node):
                 nested.append(f"{path.relative_to(ROOT)}:{node.lineno}")

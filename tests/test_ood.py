@@ -9,14 +9,14 @@ import torch
 from PIL import Image
 from sklearn.covariance import ledoit_wolf_shrinkage
 
-import cache
+from lib import cache
 import data
-import infer
+from lib import infer
 import main
-import ood
-import runs
-import transforms
-from cache import ImageRows, TensorRows
+from lib import ood
+from lib import runs
+from lib import transforms
+from lib.cache import ImageRows, TensorRows
 from conftest import shared
 from model import PneumoniaCNN
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import images
-import runs
-import transforms
+from lib import images
+from lib import runs
+from lib import transforms
 import main
 from conftest import shared
 
@@ -159,7 +159,7 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, whe
 
 
 def test_a_resumed_run_keeps_the_precision_auto_chose_when_it_started(tmp_path, monkeypatch):
-    import precision
+    from lib import precision
     auto = [a for a in TINY if a not in ("--precision", "fp32")] + ["--out", str(tmp_path / "run")]
     monkeypatch.setattr(precision, "probe", lambda *a, **k: {"fp32": 100.0, "bf16": 50.0})
     real = transforms.Preprocess.train

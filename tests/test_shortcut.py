@@ -9,12 +9,10 @@ import torch
 from PIL import Image
 
 import main
-import report
-import runs
-import shortcut
-import train
-from labels import SERIES_PATTERN
-from settings import DEBIAS, JTT_UPWEIGHT
+from app import report
+from lib import runs
+from lib import shortcut
+from lib.labels import SERIES_PATTERN
 from test_dicom import write_dicom
 
 
@@ -138,121 +136,6 @@ def test_a_checkpoint_without_a_probe_still_scores_and_says_so(demo_run, tmp_pat
     assert block["rates"] == own["rates"]  # everything else scores as before
 
 
-def test_debias_terms_follow_the_out_of_fold_probe():
-    probe = shortcut.Probe(np.zeros(shortcut.SIDE ** 2), 0.0, 0.9, out_of_fold=np.array([0.9, 0.2, 0.6, 0.0001, 0.5]))
-    labels = np.array([1, 1, 0, 0, 1])  # the probe is wrong on films 1 and 2 (at 0.5; 0.5 counts as pneumonia)
-    assert shortcut.debias_terms("none", probe, labels) == (None, None)
-    offsets, weights = shortcut.debias_terms("poe", probe, labels)
-    assert weights is None and offsets[0] == pytest.approx(np.log(9)) and offsets[4] == 0
-    assert offsets[3] == pytest.approx(np.log(shortcut.BIAS_CLIP / (1 - shortcut.BIAS_CLIP)))  # clipped
-    tempered, _ = shortcut.debias_terms("poe", probe, labels, scale=0.3)
-    assert np.allclose(tempered, 0.3 * offsets)
-    three, _ = shortcut.debias_terms("poe", probe, labels, classes=3)
-    assert three.shape == (5, 3) and np.allclose(three[:, 0], 0) and np.allclose(three[:, 1], offsets)
-    assert np.allclose(three[:, 2], offsets)
-    offsets, weights = shortcut.debias_terms("reweight", probe, labels)
-    assert offsets is None and weights.mean() == pytest.approx(1.0)
-    assert np.allclose(weights / weights[0], [1, JTT_UPWEIGHT, JTT_UPWEIGHT, 1, 1])
-    with pytest.raises(ValueError, match="unknown debias"):
-        shortcut.debias_terms("groupdro", probe, labels)
-    assert shortcut.debias_terms("decorrelate", probe, labels) == (None, None)  # a penalty per batch instead
-    assert set(DEBIAS) == {"none", "poe", "reweight", "decorrelate"}
-
-
-def test_the_decorrelation_penalty_matches_a_hand_computation_and_judges_the_input_as_the_probe_does():
-    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2])  # class 2 has two images: too few for a correlation
-    score = torch.tensor([1.0, 2, 3, 4, 1, 2, 3, 5, -5])
-    layout = torch.tensor([2.0, 4, 6, 8, 3, 2, 1, 0, 1])  # class 0: correlation +1; class 1: -1
-    assert float(shortcut.within_class_correlation(score, layout, labels)) == pytest.approx(2.0, abs=1e-5)
-    crossed = torch.tensor([1.0, -1, 1, -1]), torch.tensor([1.0, 1, -1, -1]), torch.zeros(4)
-    assert float(shortcut.within_class_correlation(*crossed)) == pytest.approx(0.0, abs=1e-6)  # uncorrelated
-    # the probe's logit of a float batch is its logit of the stored films, whatever the network's normalisation
-    rng = np.random.default_rng(0)
-    films = rng.integers(0, 256, (6, 40, 40), dtype=np.uint8)
-    probe = shortcut.Probe(rng.normal(size=shortcut.SIDE ** 2), 0.3, 0.9)
-    batch = (torch.from_numpy(films).float()[:, None] - 120) / 57
-    got = torch.sigmoid(shortcut.layout_logits(batch, torch.from_numpy(probe.coef).float(), probe.intercept))
-    assert np.allclose(got.numpy(), probe.score(films), atol=1e-4)
-    # in the loss: a one-logit network's score is its logit; a three-class one's, its pneumonia log-odds
-    terms = train.Debias(probe=(torch.from_numpy(probe.coef).float(), probe.intercept), decorrelation=0.5)
-    y = torch.tensor([0, 0, 0, 1, 1, 1])
-    logits = torch.randn(6, requires_grad=True)
-    z = shortcut.layout_logits(batch, *terms.probe)
-    penalty = terms.penalty(logits, batch, y)
-    expected = 0.5 * float(shortcut.within_class_correlation(logits.detach(), z, y))
-    assert float(penalty.detach()) == pytest.approx(expected)
-    penalty.backward()
-    assert logits.grad is not None and logits.grad.abs().sum() > 0
-    three = torch.randn(6, 3)
-    odds = torch.logsumexp(three[:, 1:], 1) - three[:, 0]
-    assert float(terms.penalty(three, batch, y)) == pytest.approx(
-        0.5 * float(shortcut.within_class_correlation(odds, z, y)), abs=1e-6)
-    assert train.Debias().penalty(logits, batch, y) is None
-
-
-def test_a_decorrelated_run_puts_the_penalty_in_the_training_loss_and_records_the_choice(tmp_path, monkeypatch):
-    calls = []
-    penalty = shortcut.within_class_correlation
-
-    def recording(score, layout, labels):
-        calls.append((score.requires_grad, len(score), len(layout)))
-        return penalty(score, layout, labels)
-
-    monkeypatch.setattr(shortcut, "within_class_correlation", recording)
-    out = tmp_path / "run"
-    assert main.main(["--demo", "--out", str(out), "--epochs", "1", "--demo-patients", "12", "--image-size", "48",
-                      "--quiet", "--precision", "fp32", "--debias", "decorrelate", "--decorrelate-weight", "0.5"]) == 0
-    train_films = sum(r["split"] == "train" for r in runs.read_csv(out / "split.csv"))
-    assert len(calls) == -(-train_films // 32)  # once per training step of the one epoch (batch 32)
-    assert all(grad and n == m for grad, n, m in calls)
-    config = json.loads((out / "config.json").read_text())
-    assert config["debias"] == "decorrelate" and config["decorrelate_weight"] == 0.5
-    assert "`--debias decorrelate`, `--decorrelate-weight 0.5`" in (out / "MODEL_CARD.md").read_text()
-
-
-def test_a_debiased_run_trains_against_the_probe_fitted_before_it_and_records_the_choice(tmp_path, monkeypatch):
-    seen = {}
-    fit = train.fit
-
-    def recording(*args, **kwargs):
-        seen["debias"] = args[-1] if len(args) > 8 else kwargs.get("debias")
-        return fit(*args, **kwargs)
-
-    monkeypatch.setattr(train, "fit", recording)
-    out = tmp_path / "run"
-    assert main.main(["--demo", "--out", str(out), "--epochs", "1", "--demo-patients", "12", "--image-size", "48",
-                      "--quiet", "--precision", "fp32", "--debias", "poe", "--framing", "0.3",
-                      "--counter-framing", "0.2", "--cut-bottom", "0.2"]) == 0  # both need the labels in training
-    split = list(csv.DictReader(open(out / "split.csv")))
-    offsets = seen["debias"].offsets
-    assert offsets is not None and len(offsets) == sum(r["split"] == "train" for r in split)
-    assert seen["debias"].weights is None
-    config = json.loads((out / "config.json").read_text())
-    assert config["debias"] == "poe" and config["framing"] == 0.3
-    assert config["counter_framing"] == config["cut_bottom"] == 0.2
-    assert runs.read_checkpoint(out / "best.pt")["probe"]["side"] == shortcut.SIDE
-    assert "product of experts with the layout probe" in (out / "MODEL_CARD.md").read_text()
-
-
-def test_the_aspect_benchmark_reads_each_films_width_and_height_from_its_header(tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import aspect
-    for cls, sizes in (("NORMAL", [(120, 100), (110, 100), (130, 100)]), ("PNEUMONIA", [(150, 100), (140, 100)])):
-        (tmp_path / cls).mkdir()
-        for i, size in enumerate(sizes):
-            prefix = "IM" if cls == "NORMAL" else "person"
-            Image.new("L", size, 90).save(tmp_path / cls / f"{prefix}-{i:04d}-0001.png")
-    (tmp_path / "PNEUMONIA" / "person-9999-0001.png").write_bytes(b"not an image")  # left out, and counted
-    r, series = aspect.ratios(tmp_path / "PNEUMONIA")
-    assert sorted(r.tolist()) == [1.4, 1.5] and series == ["person", "person"]
-    assert "1 files without a readable size left out" in capsys.readouterr().out
-    monkeypatch.setattr("sys.argv", ["aspect.py", str(tmp_path)])
-    aspect.main()
-    printed = capsys.readouterr().out
-    assert "NORMAL" in printed and "median 1.200" in printed and "median 1.450" in printed
-    assert "AUC of width/height alone as a pneumonia score: 1.000" in printed  # every pneumonia is wider
-
-
 def test_the_operating_point_benchmark_sets_the_validation_threshold_beside_the_hindsight_one(tmp_path, capsys,
                                                                                             monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -282,20 +165,3 @@ def test_the_operating_point_benchmark_sets_the_validation_threshold_beside_the_
     monkeypatch.setattr("sys.argv", ["operating_point.py", str(run), "--set", "missing"])
     with pytest.raises(SystemExit, match="cannot read its threshold or the predictions of 'missing'"):
         operating_point.main()
-
-
-def test_the_last_layer_benchmark_balances_the_groups_and_rescores_the_runs_own_head_as_the_run_did(demo_run,
-                                                                                                    monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import last_layer
-    groups = np.array([0, 0, 0, 0, 0, 1, 2, 3])  # 8 films in 4 groups of 5, 1, 1 and 1
-    weights = last_layer.group_weights(groups)
-    assert np.allclose([weights[groups == g].sum() for g in range(4)], 2.0)  # 8 films, 4 groups: 2 each
-    assert np.isclose(weights.mean(), 1.0) and weights[5] == 5 * weights[0]  # one film weighs as much as five
-    scored = last_layer.score_run(demo_run, "other_site")
-    assert sum(scored["groups"].values()) == sum(r["split"] == "train" for r in runs.read_csv(demo_run / "split.csv"))
-    # the run's own head, rescored in fp32 (the demo run trained in fp32), picks the run's own validation threshold
-    stored = runs.read_checkpoint(demo_run / "best.pt")["threshold"]
-    assert abs(scored["own head"]["threshold"] - stored) < 1e-4
-    for head in last_layer.HEADS:
-        assert 0.0 <= scored[head]["set"]["spec"] <= 1.0 and -1.0 <= scored[head]["rho"] <= 1.0

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import main
-import runs
-import streaming
+from lib import runs
+from app import streaming
 from conftest import ROOT
 from test_distributed import ENV
 
@@ -125,7 +125,7 @@ def test_two_torchrun_processes_share_the_chunks_and_write_the_same_csv(demo_run
 
 
 def test_a_log_says_the_rate_and_the_time_left_while_a_long_step_runs(monkeypatch, capsys):
-    import progress
+    from lib import progress
     monkeypatch.setattr(progress, "EVERY", 0.0)
     bar = progress.Lines(100, "scoring", "images")
     bar.update(25)

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from errors import Interrupted, UserError
-from labels import CLASSES
-from names import cell, uncell
-from transforms import Preprocess
+from lib.errors import Interrupted, UserError
+from lib.labels import CLASSES
+from lib.names import cell, uncell
+from lib.transforms import Preprocess
 
 # 2: every scored set's figures in one block, metrics["sets"][name]; 1 (no "schema" key): the test split's figures at
 # the top ("test", "gradcam", "ood", "cause", "cause_gradcam") and each external set's spread over "external_*" dicts

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import infer
-import ood
-import runs
-from errors import UserError
-from images import MAX_ASPECT, cache_size
-from labels import CAUSES, CLASSES, DEMO_CHECKPOINT
-from transforms import Preprocess
+from lib import infer
+from lib import ood
+from lib import runs
+from lib.errors import UserError
+from lib.images import MAX_ASPECT, cache_size
+from lib.labels import CAUSES, CLASSES, DEMO_CHECKPOINT
+from lib.transforms import Preprocess
 
 OPSET = 18
 PACKAGES = ("onnx", "onnxscript")  # torch.onnx's exporter needs both; the runtime needs onnxruntime only
@@ -193,7 +193,7 @@ def describe(ckpt: dict, graph: Graph, checkpoint: str, side: int) -> dict:
                             "Pillow's bilinear filter, aspect ratio not kept; JPEGs decoded with draft((2 side, "
                             "2 side)) first; DICOM: modality LUT, VOI LUT or window, MONOCHROME1 inverted"},
         "outputs": graph.outputs(),
-        "heatmap": {"layer": "block3", "target": "pneumonia",
+        "heatmap": {"layer": graph.members[0].cam_layer_name, "target": "pneumonia",
                     "meaning": "Grad-CAM's map at the layer's resolution before upsampling and normalising (each "
                                "member's class activation map, mean over members)"},
         "checks": {"grey_range": list(graph.prep.grey_range) if graph.prep.grey_range else None,

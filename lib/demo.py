@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from labels import CLASSES
+from lib.labels import CLASSES
 
 SIZE = 192
 
@@ -110,7 +110,7 @@ def make_site(out: str | Path, films: int = 120, pneumonia_share: float = 0.4, g
 
 def load_masks(data_root: str | Path, paths: list[str], size: int) -> np.ndarray:
     """Lesion masks matching `paths` at the stored image size (all-false for images without one)."""
-    from images import decode_image  # the same resize as the images
+    from lib.images import decode_image  # the same resize as the images
     masks = np.zeros((len(paths), size, size), bool)
     for i, p in enumerate(paths):
         mask = Path(data_root) / "masks" / Path(p).name

@@ -22,8 +22,8 @@ import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.linear_model import LogisticRegression
 
-from images import COLOUR_MODES, colourfulness, describe, input_checks
-from infer import Predictor
+from lib.images import COLOUR_MODES, colourfulness, describe, input_checks
+from lib.infer import Predictor
 
 # the distance threshold flags this share of the validation films: half of the 1% a user would tolerate, since the
 # orientation and image checks add their own false alarms

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import distributed
+from lib import distributed
 import evaluate
 import gradcam
-import progress
-import runs
-from labels import DEMO_CHECKPOINT
+from lib import progress
+from lib import runs
+from lib.labels import DEMO_CHECKPOINT
 
 CHUNK = 1024  # files per part: one chunk's images are all that is ever decoded at once
 PARTS = ".parts"

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
-import progress
-import runs
+from lib import progress
+from lib import runs
 from model import Network, build, memory_format, place
-from cache import ImageCache, load_images
-from images import cache_size
-from transforms import Preprocess
+from lib.cache import ImageCache, load_images
+from lib.images import cache_size
+from lib.transforms import Preprocess
 
 # (x, y) magnification of the centre view: the image as trained, zoomed out and in, wider and taller.
 # Training jitters each axis by up to 1.25x, so these views stay inside what the model has seen.

@@ -10,7 +10,7 @@ what the model's specificity is among the healthy children the probe calls pneum
 """
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +21,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
 
-from augment import LAYOUT_SIDE as SIDE  # thumbnail side: the layout survives, a pneumonia's texture does not
-from images import DICOM_SUFFIXES, age_in_years, describe, header
-from settings import DEBIAS, JTT_UPWEIGHT
+from lib.augment import LAYOUT_SIDE as SIDE  # thumbnail side: the layout survives, a pneumonia's texture does not
+
+from lib.images import DICOM_SUFFIXES, age_in_years, describe, header
 
 # DICOM header fields that make groups, and what the audit calls them
 HEADER_GROUPS = {"manufacturer": "manufacturer", "station": "station", "view": "view", "sex": "sex"}
@@ -52,9 +52,6 @@ class Probe:
     coef: np.ndarray  # SIDE*SIDE weights
     intercept: float
     train_cv_auc: float  # 5-fold cross-validated AUC on the training split, folds by patient
-    # P(pneumonia) of each training film from the folds that did not see its patient (not saved): the bias
-    # that --debias trains against, as the probe would judge a film it has not fitted
-    out_of_fold: np.ndarray | None = field(default=None, repr=False)
 
     def score(self, images) -> np.ndarray:
         """P(pneumonia) by layout alone, per uint8 film."""
@@ -86,59 +83,7 @@ def fit_probe(images, labels: np.ndarray, patients: list[str]) -> Probe:
     x, y = thumbnails(images), np.asarray(labels).astype(int)
     cross = out_of_fold(x, y, patients)
     head = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
-    return Probe(head.coef_[0].astype(np.float64), float(head.intercept_[0]), float(roc_auc_score(y, cross)), cross)
-
-
-def layout_logits(batch: torch.Tensor, coef: torch.Tensor, intercept: float) -> torch.Tensor:
-    """The probe's logit for each image of a float batch (N x 1 x H x W) as `Probe.score` judges a stored film:
-    averaged down to SIDE x SIDE and standardised by its own mean and sd, so the network's normalisation does not
-    change it. For --debias decorrelate, on the augmented batch the network sees; no gradient flows through it."""
-    with torch.no_grad():
-        small = F.adaptive_avg_pool2d(batch.float(), SIDE).flatten(1)
-        small = (small - small.mean(1, keepdim=True)) / small.std(1, unbiased=False, keepdim=True).clamp_min(1e-6)
-        return small @ coef.to(small) + intercept
-
-
-def within_class_correlation(score: torch.Tensor, layout: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The sum, over the classes with at least 3 images in the batch, of the squared Pearson correlation between
-    the network's `score` and the probe's `layout` among that class's images. Zero when, inside every class, the
-    network's score does not follow the film's layout; the classes themselves may still differ in both (the
-    conditional independence of Veitch et al. 2021 for a label that causes the image)."""
-    penalty = score.new_zeros(())
-    for c in labels.unique():
-        among = labels == c
-        if int(among.sum()) >= 3:
-            s, z = score[among] - score[among].mean(), layout[among] - layout[among].mean()
-            penalty = penalty + ((s * z).sum() / (s.norm() * z.norm() + 1e-6)) ** 2
-    return penalty
-
-
-BIAS_CLIP = 1e-3  # the bias expert's probabilities kept in [clip, 1 - clip]: a logit of at most 6.9
-
-
-def debias_terms(kind: str, probe: Probe, labels: np.ndarray, classes: int = 1,
-                 scale: float = 1.0) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(logit offsets, loss weights) per training film that train a network against the layout probe as a known
-    bias, from the probe's out-of-fold scores; `labels` are the films' pneumonia labels (0/1).
-
-    poe, a product of experts (Clark et al. 2019; He et al. 2019): the training loss sees the network's logit plus
-    the frozen probe's (times `scale`), so the network is pushed only where layout alone is wrong or unsure; it is
-    scored alone.
-    With three classes (--task cause) the probe's log-odds are added to both pneumonia classes. reweight, JTT:
-    the films whose class the probe gets wrong at 0.5 weigh JTT_UPWEIGHT times the others in the loss.
-    decorrelate needs neither: its penalty is computed per batch (within_class_correlation).
-    """
-    if kind not in DEBIAS:
-        raise ValueError(f"unknown debias '{kind}': choose from {', '.join(DEBIAS)}")
-    if kind in ("none", "decorrelate"):
-        return None, None
-    p = np.clip(probe.out_of_fold, BIAS_CLIP, 1 - BIAS_CLIP)
-    if kind == "poe":
-        logit = scale * np.log(p / (1 - p))
-        return (logit if classes == 1 else logit[:, None] * np.array([0.0, 1.0, 1.0])), None
-    wrong = (p >= 0.5) != (np.asarray(labels) == 1)
-    weights = np.where(wrong, JTT_UPWEIGHT, 1.0)
-    return None, weights / weights.mean()
+    return Probe(head.coef_[0].astype(np.float64), float(head.intercept_[0]), float(roc_auc_score(y, cross)))
 
 
 def wilson(k: int, n: int) -> dict:

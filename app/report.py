@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate import BOOTSTRAP_RESAMPLES, METRICS, call_of, flag_summary, spread
-from labels import CAUSES, CLASSES
+from evaluate import BOOTSTRAP_RESAMPLES, FIGURES, METRICS, Figure, call_of, flag_summary, spread
+from lib.labels import CAUSES, CLASSES
 from model import ARCHITECTURES
-from names import code, printable
-from runs import write_text
+from lib.names import code, printable
+from lib.runs import write_text
 
 STYLE = """body{font:15px/1.45 system-ui,sans-serif;max-width:1180px;margin:24px auto;padding:0 16px;color:#222}
 h1{font-size:24px}h2{font-size:19px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:30px}
@@ -89,14 +89,29 @@ def interval(ci) -> str:
     return f"{ci[0]:.3f} - {ci[1]:.3f}"
 
 
+def figure_value(m: dict, f: Figure) -> str:
+    """A figure of one set's rates as written in every table; a dash where the set lacks it (an older run)."""
+    value = m.get(f.key)
+    return "-" if value is None else f"{value:.{f.digits}f}"
+
+
+def figure_interval(m: dict, f: Figure) -> str:
+    """The figure's 95% interval, or '' where it has none (or the set, from an older run, does not hold it)."""
+    ci = m.get("ci95", {}).get(f.key)
+    return "" if ci is None else f"{ci[0]:.{f.digits}f} - {ci[1]:.{f.digits}f}"
+
+
 def metric_table(m: dict) -> Table:
-    """One scored set: each metric, its value and its 95% interval."""
-    return Table(["metric", "value", "95% CI"], [[k, f"{m[k]:.3f}", interval(m["ci95"][k])] for k in METRICS])
+    """One scored set: each of FIGURES, its value and its 95% interval."""
+    return Table(["metric", "value", "95% CI"], [[f.label, figure_value(m, f), figure_interval(m, f)] for f in FIGURES])
 
 
 def sets_table(sets: dict[str, dict]) -> Table:
-    """Several scored sets side by side (test split and external folders): each metric with its interval."""
-    rows = [[k, *(f"{m[k]:.3f} ({interval(m['ci95'][k])})" for m in sets.values())] for k in METRICS]
+    """Several scored sets side by side (test split and external folders): each of FIGURES with its interval."""
+    def cell(m: dict, f: Figure) -> str:
+        ci = figure_interval(m, f)
+        return figure_value(m, f) + (f" ({ci})" if ci else "")
+    rows = [[f.label, *(cell(m, f) for m in sets.values())] for f in FIGURES]
     rows.append(["images / patients", *(f"{m['images']} / {m['patients']}" for m in sets.values())])
     return Table(["metric (95% CI)", *sets], rows)
 
@@ -108,11 +123,10 @@ def counts_line(m: dict) -> str:
 
 
 def metric_section(m: dict) -> str:
-    """One set's metrics for the page, with the counts, average precision and calibration."""
+    """One set's figures for the page, with the counts the rates come from."""
     resamples = m.get("bootstrap_resamples", BOOTSTRAP_RESAMPLES)
     return (f"<p>95% intervals: patient bootstrap, {resamples:,} resamples.</p>" + metric_table(m).html()
-            + f"<p>{counts_line(m)} Average precision {m['average_precision']:.3f}, Brier {m['brier']:.3f}, "
-              f"ECE {m['ece']:.3f}.</p>")
+            + f"<p>{counts_line(m)}</p>")
 
 
 def training_table(training: dict) -> Table:
@@ -131,23 +145,6 @@ def training_text(training: dict, validation: dict) -> str:
                 if training["patience"] else "off (every epoch is trained).")
     return (f"The scored model is {how}{views}; its validation AUC is {validation['auc']:.3f}. Weights kept by the "
             f"rule `--keep {training['keep']}`; early stopping {stopping}")
-
-
-def debias_text(config: dict) -> str:
-    """How the training loss worked against the layout probe (--debias), in one sentence; empty when it did not."""
-    kind = config.get("debias", "none")
-    if kind == "poe":
-        return (f"Trained as a product of experts with the layout probe (`--debias poe`, `--poe-scale "
-                f"{config.get('poe_scale', 1.0):g}`): the training loss saw the network's logit plus the probe's; "
-                f"every probability here is the network's alone.")
-    if kind == "reweight":
-        return ("Trained with the films the layout probe gets wrong upweighted in the loss (`--debias reweight`, "
-                "JTT).")
-    if kind == "decorrelate":
-        return (f"Trained with a penalty on the correlation, within each class, between the network's score and the "
-                f"layout probe's (`--debias decorrelate`, `--decorrelate-weight "
-                f"{config.get('decorrelate_weight', 0.1):g}`).")
-    return ""
 
 
 def split_table(audit: dict) -> Table:
@@ -653,12 +650,12 @@ SPLITS_EXPLAINED = {
 
 
 def _md_metrics(m: dict) -> list[str]:
-    """A markdown table of the six rates with their intervals, and the counts they come from."""
+    """A markdown table of the set's figures with their intervals, and the counts the rates come from."""
     rows = [metric_table(m).markdown()]
     rows += ["", f"{m['images']} images of {m['patients']} patients; TP {m['tp']}, TN {m['tn']}, FP {m['fp']}, "
-                 f"FN {m['fn']}. Calibration, how far the probabilities stand from the observed frequencies (0 is "
-                 f"perfect): Brier score {m['brier']:.3f}, expected calibration error {m['ece']:.3f}. Read the "
-                 f"probability as a score to rank and threshold, not as a patient's risk."]
+                 f"FN {m['fn']}. The Brier score and the calibration error say how far the probabilities stand from "
+                 f"the observed frequencies (0 is perfect): read the probability as a score to rank and threshold, "
+                 f"not as a patient's risk."]
     return rows
 
 
@@ -722,8 +719,6 @@ def _md_limitations(metrics: dict) -> list[str]:
 
 
 DATASET_DOI = "10.17632/rscbjbr9sj.2"  # Kermany, Zhang, Goldbaum (2018), Mendeley Data v2, CC BY 4.0
-CARD_METRICS = {"auc": "roc_auc", "accuracy": "accuracy", "sensitivity": "recall", "specificity": "specificity",
-                "ppv": "precision", "npv": "npv"}
 
 
 def _yaml(value) -> str:
@@ -752,8 +747,8 @@ def front_matter(config: dict, metrics: dict) -> list[str]:
         lines += ["  - task: {type: image-classification, name: pneumonia vs normal}",
                   f"    dataset: {{name: {_yaml(name)}, type: {dataset}, split: "
                   f"{'test' if name == 'test split' else 'external'}}}", "    metrics:"]
-        lines += [f"    - {{type: {kind}, name: {key}, value: {round(float(m[key]), 4)}}}"
-                  for key, kind in CARD_METRICS.items() if key in m]
+        lines += [f"    - {{type: {f.hub}, name: {f.key}, value: {round(float(m[f.key]), 4)}}}"
+                  for f in FIGURES if f.hub and m.get(f.key) is not None]
     return lines + ["---", ""]
 
 
@@ -788,7 +783,7 @@ def write_model_card(out_dir: Path, config: dict, metrics: dict, banner: str = "
         f"split was scored once, at the end.",
         "", "## Training",
         f"Network: {ARCHITECTURES[arch].title} (`--arch {arch}`), trained from scratch on grayscale "
-        f"{config['image_size']} px input. {debias_text(config)}".rstrip(), "",
+        f"{config['image_size']} px input.", "",
         training_text(metrics["training"], val), "", training_table(metrics["training"]).markdown(),
         "", "## Threshold",
         f"{test['rates']['threshold']:.4f} on the pneumonia probability, chosen on validation by the policy "

@@ -68,7 +68,7 @@ def runs_on(device: torch.device) -> set[str]:
     return {"fp32", "bf16"} if device.type == "cpu" else {"fp32"}
 
 
-def resolve(requested: str, device: torch.device, make_model, image_size: int, batch_size: int,
+def resolve(requested: str, device: torch.device, make_model, image_size: int, batch_size: int, *,
             train: bool = True, deterministic: bool = False, scored_at: str | None = None) -> Choice:
     """The precision for `--precision requested` on `device`; `auto` on the CPU probes a model `make_model()` builds
     (a fresh one, so the caller's model and random state are untouched), unless `deterministic`: a timing can

@@ -14,28 +14,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import calibrate
+from app import calibrate
 import data
-import demo
-import distributed
+from lib import demo
+from lib import distributed
 import evaluate
-import export
+from app import export
 import gradcam
-import infer
+from lib import infer
 import model
-import ood
-import precision
-import report
-import runs
-import shortcut
-import streaming
+from lib import ood
+from lib import precision
+from app import report
+from lib import runs
+from lib import shortcut
+from app import streaming
 import train
-from cache import ImageCache
-from images import cache_size
-from labels import DEMO_WARNING, SERIES_PATTERN
-from names import say
-from settings import Settings, UsageError, build_calibrate_parser
-from transforms import Preprocess, fit_normalisation
+from lib.cache import ImageCache
+from lib.images import cache_size
+from lib.labels import DEMO_WARNING, SERIES_PATTERN
+from lib.names import say
+from app.settings import Settings, UsageError, build_calibrate_parser
+from lib.errors import Interrupted
+from lib.transforms import Preprocess, fit_normalisation
 
 DOWNLOAD_HELP = """No chest X-rays found in '{root}'.
 Download "Chest X-Ray Images (Pneumonia)" from Kaggle (https://www.kaggle.com/datasets/paultimothymooney/chest-xray-pneumonia),
@@ -66,7 +67,7 @@ def resolve_run(s: Settings, ranks: distributed.Context) -> tuple[Settings, Path
     return s, run_dir, runs.read_checkpoint(run_dir / "last.pt", "last") if s.resume else None
 
 
-def choose_precision(requested: str, device: torch.device, make_model, image_size: int, batch_size: int,
+def choose_precision(requested: str, device: torch.device, make_model, image_size: int, batch_size: int, *,
                      train: bool = True, ranks: distributed.Context = distributed.Context(),
                      deterministic: bool = False, recorded: dict | None = None,
                      scored_at: str | None = None) -> precision.Choice:
@@ -77,8 +78,8 @@ def choose_precision(requested: str, device: torch.device, make_model, image_siz
     if ranks.main:
         try:
             choice = precision.Choice.recorded(recorded) if recorded else \
-                precision.resolve(requested, device, make_model, image_size, batch_size, train, deterministic,
-                                  scored_at)
+                precision.resolve(requested, device, make_model, image_size, batch_size, train=train,
+                                  deterministic=deterministic, scored_at=scored_at)
         except ValueError as err:
             choice = UsageError(str(err))
     choice = distributed.broadcast(choice, ranks)
@@ -176,10 +177,9 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
     on_device = [(train.to_device(images, device), labels.to(device))
                  for images, labels, _ in (ds.subset("train", s.task), ds.subset("val", s.task))]
     probe = layout_probe(ds)
-    debias = debias_for(s, probe, ds, device)
     try:
-        members = train_members(s, ranks, device, prep, on_device, run_dir, resume, choice.dtype, debias)
-    except train.Interrupted as err:
+        members = train_members(s, ranks, device, prep, on_device, run_dir, resume, autocast=choice.dtype)
+    except Interrupted as err:  # from training, once last.pt is saved: the message names the signal
         if ranks.main:
             say(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}"
                   + (" (under torchrun, with any number of processes)" if ranks.active else ""), file=sys.stderr)
@@ -194,8 +194,15 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
     if not kept:
         runs.mark_unresumable(run_dir, f"training {failure} before any weights were kept")
         return 1
-    scorer = build_scorer(s, kept, prep, device, choice, ds, probe)
-    val_auc = choose_threshold_and_save(s, run_dir, kept, ds, scorer, choice.name)
+    predictor = infer.Predictor([network(s, device, m["weights"]) for m in kept], prep, device, tta=s.tta,
+                                autocast=choice.dtype)
+    train_images, _, train_idx = ds.subset("train")
+    detector = ood.fit(predictor, train_images, ds.labels[train_idx].astype(int), ds.subset("val")[0], s.seed)
+    threshold, cause_threshold, val_auc, validation = evaluate.choose_thresholds(
+        predictor, detector, ds, s.threshold, run_dir / "predictions_val.csv")
+    scorer = evaluate.Scorer(predictor, threshold, cam_target=s.cam_target, seed=s.seed,
+                             cause_threshold=cause_threshold, detector=detector, probe=probe, groups=s.groups)
+    save_best(s, run_dir, kept, ds, scorer, validation, choice.name)
     history = [h for m in members for h in m["history"]]
     evaluate.plot_history(history, run_dir / "training_curves.png")
     metrics = {**score_run(s, run_dir, ds, scorer), "synthetic": s.demo, "split": s.split, "data": audit,
@@ -249,42 +256,13 @@ def training_failure(s: Settings, members: list[dict], kept: bool) -> str | None
 
 def layout_probe(ds: data.Dataset) -> shortcut.Probe:
     """The shortcut audit's layout probe, fitted on the training split only, as the model is: validation and test
-    never reach it. Fitted before training, for --debias; refitted alike on --resume (it is deterministic)."""
+    never reach it. Refitted alike on --resume (it is deterministic)."""
     train_images, _, train_idx = ds.subset("train")
     return shortcut.fit_probe(train_images, ds.labels[train_idx].astype(int), [ds.patients[i] for i in train_idx])
 
 
-def debias_for(s: Settings, probe: shortcut.Probe, ds: data.Dataset, device: torch.device) -> train.Debias:
-    """--debias's loss terms: per image, in the training split's order (ds.subset's, as the training tensors), or
-    for decorrelate the probe itself, which judges each augmented batch."""
-    offsets, weights = shortcut.debias_terms(s.debias, probe, ds.labels[ds.subset("train")[2]].astype(int),
-                                             3 if s.task == "cause" else 1, s.poe_scale)
-    terms = train.Debias(*(None if t is None else torch.as_tensor(t, dtype=torch.float32, device=device)
-                           for t in (offsets, weights)))
-    if s.debias == "decorrelate":
-        terms.probe = (torch.as_tensor(probe.coef, dtype=torch.float32, device=device), float(probe.intercept))
-        terms.decorrelation = s.decorrelate_weight
-    return terms
-
-
-def build_scorer(s: Settings, kept: list[dict], prep: Preprocess, device: torch.device, choice: precision.Choice,
-                 ds: data.Dataset, probe: shortcut.Probe) -> evaluate.Scorer:
-    """The kept members as one predictor, with the out-of-distribution detector fitted on the training split (its
-    threshold on validation) and the layout probe; the decision threshold is chosen next."""
-    predictor = infer.Predictor([network(s, device, m["weights"]) for m in kept], prep, device, tta=s.tta,
-                                autocast=choice.dtype)
-    scorer = evaluate.Scorer(predictor, threshold=float("nan"), cam_target=s.cam_target, seed=s.seed)
-    train_images, _, train_idx = ds.subset("train")
-    train_labels = ds.labels[train_idx].astype(int)
-    scorer.detector = ood.fit(scorer.predictor, train_images, train_labels, ds.subset("val")[0], s.seed)
-    scorer.probe = probe
-    scorer.groups = s.groups
-    return scorer
-
-
 def train_members(s: Settings, ranks: distributed.Context, device: torch.device, prep: Preprocess, sets: list,
-                  run_dir: Path, resume: dict | None, autocast: torch.dtype | None = None,
-                  debias: train.Debias | None = None) -> list[dict]:
+                  run_dir: Path, resume: dict | None, *, autocast: torch.dtype | None = None) -> list[dict]:
     """Train the members one after the other (one for a single model), each from its own seed; returns each
     member's kept weights, summary and history. A resumed run reads its finished members and continues the
     member its last.pt holds. Training stops at a member that fails; what it kept is still returned."""
@@ -303,7 +281,7 @@ def train_members(s: Settings, ranks: distributed.Context, device: torch.device,
             else None
         earlier = [h for m in done for h in m["history"]]
         cfg = train.TrainConfig.of(s, member, device, ranks, autocast)
-        state = train.fit(net, *sets, prep, cfg, run_dir, state_resume, earlier, debias)
+        state = train.fit(net, *sets, prep, cfg, run_dir, resume=state_resume, earlier=earlier)
         done.append({"weights": state.kept_model, "summary": state.summary, "history": state.history})
         if state.kept_model is None or state.failure:
             break
@@ -340,10 +318,10 @@ def write_results(s: Settings, run_dir: Path, metrics: dict) -> None:
     say(report.terminal_summary(metrics, run_dir, banner))
 
 
-def choose_threshold_and_save(s: Settings, run_dir: Path, members: list[dict], ds: data.Dataset,
-                              scorer: evaluate.Scorer, precision_name: str) -> float:
-    """Choose the scorer's threshold on validation (predictions_val.csv) and write best.pt; returns validation AUC."""
-    val_auc, validation = evaluate.set_threshold(scorer, ds, s.threshold, run_dir / "predictions_val.csv")
+def save_best(s: Settings, run_dir: Path, members: list[dict], ds: data.Dataset, scorer: evaluate.Scorer,
+              validation: dict, precision_name: str) -> None:
+    """best.pt: the kept members, their thresholds, detector and probe, the validation scores and the training and
+    validation films' hashes (for calibrating to a site without labels)."""
     seen = [h for h, split in zip(ds.hashes, ds.split) if split in ("train", "val")]
     runs.save_best(run_dir / "best.pt", model_config=scorer.predictor.members[0].config,
                    members=[m["weights"] for m in members], prep=scorer.predictor.prep,
@@ -351,7 +329,6 @@ def choose_threshold_and_save(s: Settings, run_dir: Path, members: list[dict], d
                    policy=s.threshold, tta=s.tta, training=[m["summary"] for m in members], ood=scorer.detector.state(),
                    probe=scorer.probe.state(), validation=validation, seen=calibrate.short_hashes(seen),
                    config=s.config(), precision=precision_name)
-    return val_auc
 
 
 def score_run(s: Settings, run_dir: Path, ds: data.Dataset, scorer: evaluate.Scorer) -> dict:
@@ -409,7 +386,7 @@ def run_evaluate(args) -> int:
 
 def run_predict(args) -> int:
     """Probabilities and calls at the stored threshold for images and folders of any size, every input checked; bad
-    files are reported and skipped, and with --strict so are flagged ones. Scored a chunk at a time (streaming.py),
+    files are reported and skipped, and with --strict so are flagged ones. Scored a chunk at a time (app/streaming.py),
     shared between the processes of a torchrun job, continued by --resume."""
     ranks = distributed.Context.from_env()
     args = resumed_predict(args) if args.resume else args
@@ -536,9 +513,7 @@ def run_calibrate(args) -> int:
                              site.cause_threshold, metrics, choice.name)
         data.write_split_files(out, ds)
         evaluate.write_predictions(out / "predictions.csv", evaluate.labelled_predictions(
-            evaluate.Scorer(site.predictor, site.threshold, detector=load_detector(ckpt)), ds,
-            np.arange(len(site.prob)),
-            site.prob, None, None), site.threshold)
+            site.predictor, load_detector(ckpt), ds, np.arange(len(site.prob)), site.prob, None, None), site.threshold)
         runs.write_json(out / "metrics.json", metrics)
         report.write_calibration_report(out, f"Site calibration of {args.checkpoint} on {args.data}", metrics)
         report.write_calibrated_card(out, Path(args.checkpoint).parent / "MODEL_CARD.md", metrics)

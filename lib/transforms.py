@@ -4,13 +4,13 @@ Usage: `prep = Preprocess(128, mean, std); x = prep.train(batch, generator)` (or
 """
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from augment import INTENSITY, LAYOUT_SIDE, PADDING, Augment  # noqa: F401 (Augment is part of this module's interface)
+from lib.augment import INTENSITY, PADDING, Augment  # noqa: F401 (Augment is part of this module's interface)
 
 def centre_crop(images, size: int):
     """The centre size x size of the last two axes (numpy or torch): edges, markers and text cut off."""
@@ -21,48 +21,6 @@ def centre_crop(images, size: int):
 def _uniform(shape, generator: torch.Generator, bound: float) -> torch.Tensor:
     """Uniform draws in [-bound, bound] from the training generator (on the CPU, so runs are reproducible)."""
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
-
-
-def equalise(x: torch.Tensor, levels: int = 256) -> torch.Tensor:
-    """Histogram equalisation of each [0, 1] image of an N x 1 x H x W batch: every pixel becomes the share of its
-    image's pixels at or below its grey level (of `levels`). A monotone change of exposure or contrast leaves the
-    result as it was. Written with scatter-add, cumulative sum and gather, so that it exports to ONNX."""
-    q = (x.clamp(0, 1) * (levels - 1)).round().long().flatten(1)
-    counts = torch.zeros(x.shape[0], levels, dtype=x.dtype, device=x.device).scatter_add_(1, q, torch.ones_like(
-        q, dtype=x.dtype))
-    cdf = counts.cumsum(1) / q.shape[1]
-    return cdf.gather(1, q).view_as(x)
-
-
-def erase_corners(x: torch.Tensor, draw: "_Draws", probability: float) -> torch.Tensor:
-    """With `probability` per image, one corner's square (side 10-25% of the image's) filled with the image's mean:
-    the side markers ("R", "L", a hospital's letters) that a model could read instead of the lungs."""
-    side = x.shape[-1]
-    chosen = draw.unit() < probability
-    corner = (draw.unit() * 4).long().clamp(max=3)  # 0 top left, 1 top right, 2, 3 bottom
-    size = ((draw.uniform(draw.n, 0.075) + 0.175) * side).round()
-    pos = torch.arange(side, dtype=torch.float32)
-    # distance from the chosen corner along each axis: inside the square where both are below its side
-    dx = torch.where((corner % 2 == 1)[:, None], side - 1 - pos, pos)
-    dy = torch.where((corner >= 2)[:, None], side - 1 - pos, pos)
-    inside = (dy[:, :, None] < size[:, None, None]) & (dx[:, None, :] < size[:, None, None]) & chosen[:, None, None]
-    inside = inside[:, None].to(x.device)
-    return torch.where(inside, x.mean((1, 2, 3), keepdim=True).expand_as(x), x)
-
-
-def swap_layout(x: torch.Tensor, draw: "_Draws", probability: float, side: int = LAYOUT_SIDE) -> torch.Tensor:
-    """With `probability` per image, the image's coarse layout (its side x side average, bilinearly upsampled)
-    replaced by that of another image of the same batch: x - low(x) + low(partner), kept in [0, 1].
-
-    The partners form one random cycle through the images of this process's batch, chosen from draws made for the
-    whole global batch, so that the generators stay equal on every rank; labels play no part in it."""
-    chosen = (draw.unit() < probability).view(-1, 1, 1, 1).to(x.device)
-    order = draw.uniform(draw.n, 0.5).argsort()
-    partner = torch.empty_like(order)
-    partner[order] = order.roll(1)
-    low = F.interpolate(F.adaptive_avg_pool2d(x, side), size=x.shape[-2:], mode="bilinear", align_corners=False)
-    swapped = (x - low + low[partner.to(x.device)]).clamp(0, 1)
-    return torch.where(chosen, swapped, x)
 
 
 class _Draws:
@@ -76,10 +34,6 @@ class _Draws:
 
     def uniform(self, shape, bound: float) -> torch.Tensor:
         return self._kept(_uniform(shape, self.generator, bound))
-
-    def unit(self) -> torch.Tensor:
-        """One draw in [0, 1] per image."""
-        return self.uniform(self.n, 0.5) + 0.5
 
     def normal(self, shape) -> torch.Tensor:
         return self._kept(torch.randn(shape, generator=self.generator))
@@ -110,13 +64,10 @@ class Preprocess:
         return centre_crop(batch, self.image_size).float() / 255.0
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardise [0, 1] images by the dataset statistics or by each image's own, or equalise each image's
-        histogram (then every image is near uniform on [0, 1], whose mean and sd are 1/2 and 1/sqrt(12))."""
+        """Standardise [0, 1] images by the dataset statistics or by each image's own."""
         if self.intensity == "image":
             mean = x.mean((1, 2, 3), keepdim=True)
             return (x - mean) / x.std((1, 2, 3), keepdim=True).clamp_min(1e-3)
-        if self.intensity == "equalise":
-            return (equalise(x) - 0.5) * math.sqrt(12)
         return (x - self.mean) / self.std
 
     def eval(self, batch: torch.Tensor) -> torch.Tensor:
@@ -138,15 +89,14 @@ class Preprocess:
         return self.normalise(x)
 
     def train(self, batch: torch.Tensor, generator: torch.Generator, of: int | None = None,
-              keep: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+              keep: torch.Tensor | None = None) -> torch.Tensor:
         """Augment (geometry, then intensity) and normalise a uint8 batch.
 
         Draws only what the settings use, in a fixed order, so `Augment.plain()` reproduces the
         original rotation-and-crop transform draw for draw. Under torchrun `batch` is one rank's share
         of a global batch of `of` images, at positions `keep`: every rank draws for the whole global
         batch and uses its share, so the generators stay equal on every rank, the shuffled order with
-        them, and each image is augmented as a single process would have augmented it. `labels` (of `batch`; 0 is
-        NORMAL) steer `counter_framing` and `cut_bottom`, which need them.
+        them, and each image is augmented as a single process would have augmented it.
         """
         a, n, side = self.augment, of or batch.shape[0], batch.shape[-1]
         draw = _Draws(generator, n, keep)
@@ -154,36 +104,14 @@ class Preprocess:
         # crop position plus extra translation; written as (u * pixels) / side to match the original rounding
         shift = draw.uniform((n, 2), 1.0) * (side - self.image_size + 2 * a.translate * side) / side
         zoom = torch.exp(draw.uniform((n, 2), math.log1p(a.zoom))) if a.zoom else torch.ones(len(batch), 2)
-        if a.framing:  # drawn after the settings above, so that a run without it draws as before
-            zoom = zoom * torch.exp(draw.uniform(n, math.log1p(a.framing)))[:, None]
-        if a.counter_framing or a.cut_bottom:
-            if labels is None:
-                raise ValueError("counter_framing and cut_bottom need the labels of the batch")
-            normal = labels.cpu() == 0
-
-        def normals_magnified(bound: float) -> torch.Tensor:  # a factor in [1, 1+bound] for normals, 1 for the rest
-            return torch.exp(torch.where(normal, draw.uniform(n, math.log1p(bound)).abs(), 0.0))
-
-        if a.counter_framing:  # zoom > 1 magnifies: a tighter field
-            zoom = zoom * normals_magnified(a.counter_framing)[:, None]
-        if a.aspect:  # drawn only when set, so that a run without it draws as before
-            half = torch.exp(draw.uniform(n, math.log1p(a.aspect)) / 2)
-            zoom = zoom * torch.stack([half, 1 / half], 1)
         scale = self.image_size / side  # the output grid covers image_size / zoom of the side pixels
-        if a.cut_bottom:  # the height magnified, the field moved up by what it lost: its top stays (before rotation)
-            cut = normals_magnified(a.cut_bottom)
-            shift = shift - torch.stack([torch.zeros(len(cut)), scale / zoom[:, 1] * (1 - 1 / cut)], 1)
-            zoom = zoom * torch.stack([torch.ones(len(cut)), cut], 1)
         cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
         zx, zy = zoom[:, 0], zoom[:, 1]
         theta = torch.stack([torch.stack([cos / zx, -sin / zy, shift[:, 0]], 1),
                              torch.stack([sin / zx, cos / zy, shift[:, 1]], 1)], 1).to(batch.device)
         grid = F.affine_grid(theta, [len(batch), 1, self.image_size, self.image_size], align_corners=False)
         x = F.grid_sample(batch.float() / 255.0, grid, mode="bilinear", padding_mode=a.padding, align_corners=False)
-        x = self._intensity(x, draw)
-        if a.layout_swap:  # drawn only when set, so that a run without it draws as before
-            x = swap_layout(x, draw, a.layout_swap)
-        return self.normalise(erase_corners(x, draw, a.erase_corners) if a.erase_corners else x)
+        return self.normalise(self._intensity(x, draw))
 
     def _intensity(self, x: torch.Tensor, draw: "_Draws") -> torch.Tensor:
         """Gamma, contrast, brightness, sharpness and noise per image, on [0, 1] images; the result stays in [0, 1]."""
@@ -212,10 +140,16 @@ class Preprocess:
 
     @classmethod
     def from_state(cls, state: dict) -> "Preprocess":
-        """Rebuild from `state()`; checkpoints of format 1 stored only `max_rotation`."""
+        """Rebuild from `state()`; checkpoints of format 1 stored only `max_rotation`. Augmentation settings that
+        left the product (--framing, --layout-swap, ...: docs/generalisation.md) acted in training only, so a
+        checkpoint that holds them scores as before without them; equalised input cannot be scored any more."""
         state = dict(state)
-        augment = Augment(**state.pop("augment")) if "augment" in state else Augment.plain(state.pop("max_rotation",
-                                                                                                     15.0))
+        if state.get("intensity", "dataset") not in INTENSITY:
+            raise ValueError(f"this checkpoint normalises its input by '{state.get('intensity')}' (--intensity), "
+                             f"which left the product after commit 0b2105c; score it with that commit")
+        known = {f.name for f in fields(Augment)}
+        augment = Augment(**{k: v for k, v in state.pop("augment").items() if k in known}) if "augment" in state \
+            else Augment.plain(state.pop("max_rotation", 15.0))
         grey_range = state.pop("grey_range", None)  # absent before project 1.2
         return cls(**state, augment=augment, grey_range=tuple(grey_range) if grey_range else None)
 

@@ -14,17 +14,14 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from augment import INTENSITY, LAYOUT_SIDE, PADDING, Augment
-from errors import UserError
-from labels import CAM_TARGETS, SERIES_PATTERN
+from lib.augment import INTENSITY, PADDING, Augment
+from lib.errors import UserError
+from lib.labels import CAM_TARGETS, SERIES_PATTERN
 
 
 DESCRIPTION = "Pneumonia detector for pediatric chest X-rays: train, evaluate and explain a custom CNN."
 # model.ARCHITECTURES' names, written here so that parsing loads no torch (tests/test_model_train.py checks they agree)
 ARCHITECTURES = ("cnn", "resnet18")
-# shortcut.debias_terms' kinds and JTT's weight, here so that parsing loads no torch (tests/test_shortcut.py checks)
-DEBIAS = ("none", "poe", "reweight", "decorrelate")
-JTT_UPWEIGHT = 6.0  # JTT's (Liu et al. 2021) weight on the films the bias model gets wrong, before the mean is 1
 SUB_COMMANDS = ("evaluate", "predict", "calibrate", "export")
 
 
@@ -121,6 +118,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="archive",
                    help="folder holding the unzipped Kaggle archive (any NORMAL/ and PNEUMONIA/ folders below it)")
     p.add_argument("--out", default=None, help="run folder (default runs/<YYYYmmdd-HHMMSS>); must not exist yet")
+    p.add_argument("--split", choices=["patient", "random", "official"], default="patient",
+                   help="patient: 70/15/15 grouped by child; random: image-level (leaky, for comparison); official: "
+                        "the archive's test/ folder")
+    p.add_argument("--threshold", type=threshold_policy, default="sens=0.95",
+                   help="decision threshold policy, applied to validation: sens=X (the strictest threshold reaching "
+                        "sensitivity X), youden, or a number")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help="seed for the split, initialisation, shuffling and augmentation")
+    p.add_argument("--task", choices=["pneumonia", "cause"], default="pneumonia",
+                   help="pneumonia: normal vs pneumonia (one logit); cause: normal, bacterial or viral (three classes, "
+                        "the cause read from Kaggle file names), whose P(bacterial)+P(viral) also gives the pneumonia "
+                        "metrics")
+    p.add_argument("--external", metavar="DIR", action="append", default=[],
+                   help="labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) scored after the test split at the validation "
+                        "threshold; repeatable")
+    add_optimiser_flags(p)
+    add_model_flags(p)
+    add_runtime_flags(p)
+    add_groups_flag(p)
+    add_augment_flags(p)
+    add_shared_flags(p, cache=True)
+    return p
+
+
+def add_optimiser_flags(p: argparse.ArgumentParser) -> None:
+    """How long and how the network is fitted: SGD with OneCycle, the loss, early stopping, the weights kept."""
     p.add_argument("--epochs", type=POSITIVE_INT, default=25, help="maximum training epochs")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32,
                    help="training batch size; under torchrun the global batch, split evenly over the processes")
@@ -146,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights, BatchNorm statistics recomputed)")
     p.add_argument("--swa-epochs", type=POSITIVE_INT, default=5,
                    help="with --keep swa: how many final epochs are averaged")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The network, its input size, and ensembles and test-time views of it."""
     p.add_argument("--ensemble", type=POSITIVE_INT, default=1,
                    help="train this many models one after the other on the same split, each from its own seed, and "
                         "score the mean of their logits")
@@ -161,14 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "papers report")
     p.add_argument("--widths", type=POSITIVE_INT, nargs=3, default=[24, 48, 96],
                    help="channels of the custom CNN's three blocks (--arch cnn only)")
-    p.add_argument("--split", choices=["patient", "random", "official"], default="patient",
-                   help="patient: 70/15/15 grouped by child; random: image-level (leaky, for comparison); official: "
-                        "the archive's test/ folder")
-    p.add_argument("--threshold", type=threshold_policy, default="sens=0.95",
-                   help="decision threshold policy, applied to validation: sens=X (the strictest threshold reaching "
-                        "sensitivity X), youden, or a number")
-    p.add_argument("--seed", type=SEED, default=0,
-                   help="seed for the split, initialisation, shuffling and augmentation")
+
+
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """How the run executes (not what it computes, --seed aside): compilation, determinism, decode workers, resuming,
+    the demo."""
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training steps (about 30 s to compile; on a CPU it needs a C++ compiler; "
                         "docs/performance.md)")
@@ -182,31 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate synthetic phantoms into the run folder and use them as data")
     p.add_argument("--demo-patients", type=POSITIVE_INT, default=60,
                    help="phantom patients per class for --demo (3 images each)")
-    p.add_argument("--task", choices=["pneumonia", "cause"], default="pneumonia",
-                   help="pneumonia: normal vs pneumonia (one logit); cause: normal, bacterial or viral (three classes, "
-                        "the cause read from Kaggle file names), whose P(bacterial)+P(viral) also gives the pneumonia "
-                        "metrics")
-    p.add_argument("--external", metavar="DIR", action="append", default=[],
-                   help="labelled folder (DIR/**/{NORMAL,PNEUMONIA}/*) scored after the test split at the validation "
-                        "threshold; repeatable")
-    p.add_argument("--debias", choices=DEBIAS, default="none",
-                   help="train against the layout probe (the shortcut audit's, fitted on the training split first) as "
-                        "a known bias: poe, a product of experts (the loss sees the network's logit plus the frozen "
-                        "probe's; the network is scored alone); reweight, JTT (the films the probe gets wrong weigh "
-                        f"{JTT_UPWEIGHT:g}x); decorrelate (a penalty on the correlation, within each class of a "
-                        "batch, between the network's score and the probe's score of the augmented input); none "
-                        "(docs/generalisation.md)")
-    p.add_argument("--poe-scale", type=number(float, 0, open_low=True), default=1.0,
-                   help="with --debias poe: the probe's logit is multiplied by this before it is added (below 1, a "
-                        "tempered bias expert: the network keeps more of what layout also predicts)")
-    p.add_argument("--decorrelate-weight", type=number(float, 0, open_low=True), default=0.1,
-                   help="with --debias decorrelate: the penalty's weight beside the loss (the penalty is the sum over "
-                        "the classes of the squared correlation, at most 1 each; docs/generalisation.md gives the "
-                        "doses tried)")
-    add_groups_flag(p)
-    add_augment_flags(p)
-    add_shared_flags(p, cache=True)
-    return p
+
+
+def optimiser_defaults() -> dict:
+    """The parser's momentum, weight decay and warm-up, as train.make_optimizer takes them (for benchmarks and
+    tests, which then use the product's values without writing them again)."""
+    d = build_parser().parse_args([])
+    return {"momentum": tuple(d.momentum), "weight_decay": d.weight_decay, "warmup": d.warmup}
 
 
 def add_augment_flags(p: argparse.ArgumentParser) -> None:
@@ -233,32 +239,11 @@ def add_augment_flags(p: argparse.ArgumentParser) -> None:
                    help="std of added Gaussian noise in [0, 1] grey units")
     g.add_argument("--sharpness", type=number(float, 0, 1), default=d.sharpness,
                    help="blur/sharpen range: x + u (3x3 box blur - x), u in +-s")
-    g.add_argument("--framing", type=number(float, 0), default=d.framing,
-                   help="collimation: the whole field of view scaled by [1/(1+f), 1+f] on top of --zoom, tight fields "
-                        "and wide ones alike in both classes (docs/generalisation.md, the shortcut audit)")
-    g.add_argument("--counter-framing", type=number(float, 0), default=d.counter_framing,
-                   help="collimation against the label: normals' fields tightened by [1, 1+f], so that a tight field "
-                        "stops meaning pneumonia (docs/generalisation.md)")
-    g.add_argument("--cut-bottom", type=number(float, 0), default=d.cut_bottom,
-                   help="normals' fields cut at the bottom: their height magnified by [1, 1+f] with the top edge kept, "
-                        "so less abdomen shows, as in the training pneumonias (docs/generalisation.md)")
-    g.add_argument("--aspect", type=number(float, 0), default=d.aspect,
-                   help="aspect-ratio jitter with the area kept: width x sqrt(r) and height / sqrt(r), r in "
-                        "[1/(1+a), 1+a], both classes alike; the training folder's pneumonia films are wider than "
-                        "its normals, and the square resize turns that into the chest's proportions "
-                        "(docs/generalisation.md)")
-    g.add_argument("--erase-corners", type=number(float, 0, 1), default=d.erase_corners,
-                   help="probability that one corner's square (10-25%% of the side), where side markers sit, is filled "
-                        "with the image's mean grey")
-    g.add_argument("--layout-swap", type=number(float, 0, 1), default=d.layout_swap,
-                   help=f"probability that a film's coarse layout (its {LAYOUT_SIDE}x{LAYOUT_SIDE} average, the "
-                        "shortcut probe's scale) is replaced by another training film's, whatever their labels, so "
-                        "that layout at that scale stops telling the class (docs/generalisation.md)")
     g.add_argument("--padding", choices=PADDING, default=d.padding,
                    help="fill outside the stored image (zeros paints black frames)")
     g.add_argument("--intensity", choices=INTENSITY, default="dataset",
                    help="dataset: normalise by the training split's mean/std; image: standardise each image by its "
-                        "own; equalise: equalise each image's histogram (train and scoring alike)")
+                        "own (train and scoring alike)")
 
 
 def add_groups_flag(p: argparse.ArgumentParser) -> None:
@@ -413,6 +398,11 @@ def launcher() -> list[str]:
     return ["torchrun", f"--nproc_per_node={local}"] + ([f"--nnodes={world // local}"] if world != local else [])
 
 
+# the experiments that were measured and not adopted, with the value that meant "off": a run started with one on
+# cannot be resumed by this version, which no longer has it (docs/generalisation.md names the commit that does)
+REMOVED = {"debias": "none", "framing": 0.0, "counter_framing": 0.0, "cut_bottom": 0.0, "aspect": 0.0,
+           "erase_corners": 0.0, "layout_swap": 0.0}
+REMOVED_CHOICES = {"intensity": "equalise"}  # a choice that left while its flag stayed
 # flags that change how a run executes, not what it computes: a resumed run takes them from the command line
 RUNTIME_FLAGS = ("quiet", "device", "workers", "cache_dir", "no_cache", "compile", "precision")
 
@@ -453,9 +443,6 @@ class Settings:
     demo_patients: int
     task: str
     external: tuple[str, ...]
-    debias: str
-    poe_scale: float
-    decorrelate_weight: float
     augment: str
     rotation: float
     zoom: float
@@ -465,12 +452,6 @@ class Settings:
     brightness: float
     noise: float
     sharpness: float
-    framing: float
-    counter_framing: float
-    cut_bottom: float
-    aspect: float
-    erase_corners: float
-    layout_swap: float
     padding: str
     intensity: str
     device: str
@@ -504,13 +485,8 @@ class Settings:
         """Settings from parsed or saved values (lists become tuples, unknown keys of older runs are dropped)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"given"}
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
-        # a run from before --arch (--groups, --debias, --framing) trained the CNN (grouped by series) without them
-        values = {"arch": "cnn", "groups": SERIES_PATTERN, "debias": "none", "poe_scale": 1.0,
-                  "decorrelate_weight": 0.1, "framing": 0.0,
-                  "counter_framing": 0.0, "cut_bottom": 0.0, "aspect": 0.0, "erase_corners": 0.0,
-                  "layout_swap": 0.0,
-                  **saved}
-        return cls(**values, given=given)
+        # a run from before --arch (--groups) trained the CNN (grouped by series)
+        return cls(**{"arch": "cnn", "groups": SERIES_PATTERN, **saved}, given=given)
 
     def config(self) -> dict:
         """What config.json holds: every setting that defines the run."""
@@ -527,6 +503,12 @@ class Settings:
             flags = ", ".join("--" + f.replace("_", "-") for f in refused)
             raise UsageError(f"--resume continues '{self.resume}' with the settings in its config.json, so {flags} "
                              f"cannot change now; drop {'them' if len(refused) > 1 else 'it'}, or start a new run")
+        removed = [f"--{k.replace('_', '-')} {saved[k]}" for k, off in REMOVED.items() if saved.get(k, off) != off] + \
+            [f"--{k} {gone}" for k, gone in REMOVED_CHOICES.items() if saved.get(k) == gone]
+        if removed:
+            raise UsageError(f"'{self.resume}' was started with {', '.join(removed)}, an experiment that left the "
+                             f"product (docs/generalisation.md); resume it with the commit the docs name, or start a "
+                             f"new run")
         runtime = {k: getattr(self, k) for k in (*RUNTIME_FLAGS, "resume")}
         # a key missing from an older config.json keeps today's default from the command line
         return Settings.from_dict({**self.config(), **saved, **runtime}, self.given)

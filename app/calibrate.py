@@ -19,9 +19,9 @@ import torch
 
 import data
 import evaluate
-import runs
-from cache import ImageCache, file_hash, load_images
-from infer import Predictor, reestimate_batchnorm
+from lib import runs
+from lib.cache import ImageCache, file_hash, load_images
+from lib.infer import Predictor, reestimate_batchnorm
 
 SMALL_SAMPLE = 50  # images per class: below this a promised sensitivity rests on too few pneumonias
 RESAMPLES = 500

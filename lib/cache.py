@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import images as decoding
-import progress
-from runs import atomic_write
+from lib import images as decoding
+from lib import progress
+from lib.runs import atomic_write
 
 CACHE_VERSION = 3  # bump when images.decode_image changes what it returns
 RELEASE_BYTES = 64 << 20  # mapped pages a process keeps resident before handing them back to the page cache
