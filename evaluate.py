@@ -154,7 +154,7 @@ FIGURES = (
     Figure("ppv", "ppv", lambda r: r.share(r.pos, r.pred), "precision"),
     Figure("npv", "npv", lambda r: r.share(~r.pos, ~r.pred), "npv"),
     Figure("average_precision", "average precision"),
-    Figure("brier", "Brier score"),
+    Figure("brier", "Brier score", lambda r: r.total((r.y_prob - r.y_true) ** 2) / r.total(np.ones_like(r.y_prob))),
     Figure("ece", "calibration error (ECE)"),
 )
 

@@ -56,6 +56,19 @@ def test_bootstrap_resamples_patients_and_brackets_the_estimate():
     assert width(by_patient) > 1.3 * width(by_image)
 
 
+def test_the_brier_score_has_a_patient_bootstrap_interval_computed_as_the_formula_says():
+    rng = np.random.default_rng(1)
+    y, p = rng.integers(0, 2, 90), rng.random(90)
+    patients = np.repeat(np.arange(30), 3)
+    m = evaluate.score(y, p, patients, 0.5, n_resamples=400)
+    lo, hi = m["ci95"]["brier"]
+    assert lo < m["brier"] < hi
+    # by hand: every resample's mean squared error over the images of the patients it drew, with their repeats
+    weights, codes = evaluate.patient_resamples(patients, 400, 0)
+    draws = [np.average((p - y) ** 2, weights=w[codes]) for w in weights]
+    assert [lo, hi] == pytest.approx(list(np.percentile(draws, [2.5, 97.5])))
+
+
 def test_weighted_auc_matches_sklearn_with_ties_and_weights():
     from sklearn.metrics import roc_auc_score
     rng = np.random.default_rng(1)
