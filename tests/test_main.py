@@ -17,7 +17,7 @@ import main
 from lib import infer
 from lib import runs
 from lib.distributed import Context
-from app.settings import Settings
+from app.settings import Settings, UsageError
 from conftest import ROOT, shared, stray_figures, write_image
 
 OUTPUTS = ["config.json", "split.csv", "skipped.csv", "history.csv", "best.pt", "metrics.json", "roc.png",
@@ -366,6 +366,17 @@ def test_model_card_figures_all_come_from_metrics_json(demo_run):
     assert "SYNTHETIC" in card and "python main.py --demo" in card and "not intended" in card.lower()
     assert "Network: the custom CNN" in card and "`--arch cnn`" in card
     assert 'href="MODEL_CARD.md"' in (demo_run / "report.html").read_text()
+
+
+def test_a_run_started_with_an_experiment_that_left_is_refused_on_resume_naming_it():
+    from app.settings import Settings
+    now = Settings.parse(["--resume", "runs/old"])
+    saved = Settings.parse([]).config()
+    assert now.resumed({**saved, "debias": "none", "framing": 0.0}).epochs == saved["epochs"]  # off: it resumes
+    for gone, shown in (({"debias": "poe"}, "--debias poe"), ({"layout_swap": 0.5}, "--layout-swap 0.5"),
+                        ({"intensity": "equalise"}, "--intensity equalise")):
+        with pytest.raises(UsageError, match=f"was started with {shown}, an experiment that left the product"):
+            now.resumed({**saved, **gone})
 
 
 def test_optimiser_constants_are_settings_that_reach_sgd_and_onecycle_and_survive_resume(tmp_path):

@@ -310,3 +310,17 @@ def test_no_conditional_expression_nests_another():
             if isinstance(node, ast.IfExp) and any(isinstance(n, ast.IfExp) for n in ast.walk(node) if n is not node):
                 nested.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not nested, nested
+
+
+def test_no_function_takes_more_than_seven_positional_parameters():
+    """House style: past 7 the arguments are given by name (a keyword-only tail) or travel in a settings object."""
+    import ast
+    from conftest import ROOT
+    long = []
+    for path in (p for folder in ("", "lib/", "app/") for p in ROOT.glob(f"{folder}*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                positional = [a for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if len(positional) > 7:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not long, long
