@@ -64,6 +64,16 @@ def demo_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def cause_run(tmp_path_factory) -> Path:
+    """One finished --task cause demo run (normal, bacterial, viral), shared by the tests that read it."""
+    import main
+    out = tmp_path_factory.mktemp("cause") / "run"
+    assert main.main(["--demo", "--task", "cause", "--out", str(out), "--epochs", "2", "--demo-patients", "20",
+                      "--image-size", "64", "--quiet"]) == 0
+    return out
+
+
 def _figures(obj, fmt: str) -> set[str]:
     """Every float in a metrics.json-like tree, formatted with `fmt`."""
     if isinstance(obj, dict):

@@ -158,14 +158,12 @@ def test_small_samples_warn_and_one_class_or_empty_folders_are_refused(demo_run,
     assert "no images in NORMAL/ or PNEUMONIA/ folders" in capsys.readouterr().err
 
 
-def test_a_cause_model_gets_its_site_thresholds_for_both_decisions(tmp_path):
-    assert main.main(["--demo", "--task", "cause", "--out", str(tmp_path / "run"), "--epochs", "2", "--demo-patients",
-                      "20", "--image-size", "64", "--widths", "8", "8", "8", "--quiet"]) == 0
-    site = tmp_path / "run" / "demo_data"  # the phantoms' names carry bacteria or virus, as Kaggle's do
-    assert main.main(["calibrate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(site),
+def test_a_cause_model_gets_its_site_thresholds_for_both_decisions(cause_run, tmp_path):
+    site = cause_run / "demo_data"  # the phantoms' names carry bacteria or virus, as Kaggle's do
+    assert main.main(["calibrate", "--checkpoint", str(cause_run / "best.pt"), "--data", str(site),
                       "--out", str(tmp_path / "cal"), "--quiet", "--no-cache", "--adapt-bn"]) == 0
     ckpt = runs.load_checkpoint(tmp_path / "cal" / "best.pt")
-    source = runs.load_checkpoint(tmp_path / "run" / "best.pt")
+    source = runs.load_checkpoint(cause_run / "best.pt")
     assert ckpt["model_config"]["outputs"] == 3 and "cause_threshold" in ckpt
     assert ckpt["cause_threshold"] != source["cause_threshold"] or ckpt["threshold"] != source["threshold"]
     assert build(ckpt["model_config"]).load_state_dict(ckpt["members"][0])

@@ -64,14 +64,6 @@ def test_cause_block_matches_scikit_learn():
     assert c["bacterial_vs_viral"]["images"] == pn.sum()
 
 
-@pytest.fixture(scope="module")
-def cause_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cause") / "run"
-    assert main.main(["--demo", "--task", "cause", "--out", str(out), "--epochs", "2", "--demo-patients", "20",
-                      "--image-size", "64", "--quiet"]) == 0
-    return out
-
-
 def test_cause_run_writes_the_cause_block_plots_and_class_columns(cause_run):
     m = json.loads((cause_run / "metrics.json").read_text())
     test = m["sets"]["test split"]
