@@ -113,7 +113,10 @@ class Merger:
             self.bar.update(len(part.paths))
 
     def append(self, part: evaluate.Predictions) -> None:
-        """The part's rows into the CSV; kept without the demo note, which the terminal and page say once."""
+        """The part's rows into the CSV; kept without the demo note, which the terminal and page say once. A part
+        with no scored file (every one unreadable, or the skipped files) gets empty class columns, as a cause model's
+        header has them."""
+        part = evaluate.Predictions.concat([part], self.outputs)
         self.csv.write(runs.csv_bytes(evaluate.prediction_rows(part, self.threshold)))
         self.csv.flush()
         part.notes = [[n for n in notes if n != DEMO_NOTE] for notes in part.notes]

@@ -1,6 +1,7 @@
 """--task cause: normal, bacterial or viral from the Kaggle file names; metrics, Grad-CAM targets, predict."""
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -89,11 +90,18 @@ def test_evaluate_and_predict_read_the_task_from_the_checkpoint(cause_run, tmp_p
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     own = json.loads((cause_run / "metrics.json").read_text())["sets"]["test split"]["cause"]
     assert again["sets"]["test split"]["cause"] == own
-    images = sorted((cause_run / "demo_data" / "images" / "PNEUMONIA").glob("*.png"))[:3]
-    assert main.main(["predict", *map(str, images), "--checkpoint", str(cause_run / "best.pt"), "--out",
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for image in sorted((cause_run / "demo_data" / "images" / "PNEUMONIA").glob("*.png"))[:3]:
+        shutil.copy(image, folder)
+    (folder / "notes.txt").write_text("not a film")  # skipped by the folder rules: a row with empty class columns
+    assert main.main(["predict", str(folder), "--checkpoint", str(cause_run / "best.pt"), "--out",
                       str(tmp_path / "pr"), "--cam-target", "viral", "--cam"]) == 0
+    lines = list(csv.reader(open(tmp_path / "pr" / "predictions.csv")))
+    assert {len(line) for line in lines} == {len(lines[0])}  # every row as wide as the header
     rows = list(csv.DictReader(open(tmp_path / "pr" / "predictions.csv")))
-    assert len(rows) == 3 and all(r["p_viral"] and r["p_bacterial"] for r in rows)
+    assert len(rows) == 4 and all(r["p_viral"] and r["p_bacterial"] for r in rows[:3])
+    assert rows[3]["error"] and rows[3]["p_viral"] == rows[3]["probability"] == ""
     assert len(list((tmp_path / "pr").glob("*_cam.png"))) == 3
 
 
