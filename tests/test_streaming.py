@@ -81,6 +81,8 @@ def test_resume_refuses_other_files_and_a_folder_that_is_no_predict(demo_run, fi
     assert "is not the output folder of a predict" in capsys.readouterr().err
     assert main.main(["predict", str(films), "--resume", str(out)]) == 2
     assert "not both" in capsys.readouterr().err
+    assert main.main(["predict", "--resume", str(out), "--checkpoint", "other.pt", "--strict"]) == 2
+    assert "so --checkpoint, --strict cannot be given now" in capsys.readouterr().err
 
 
 def test_memory_does_not_grow_with_the_number_of_files(demo_run, tmp_path, monkeypatch):
