@@ -134,3 +134,14 @@ def test_a_log_says_the_rate_and_the_time_left_while_a_long_step_runs(monkeypatc
     bar.update(75)  # the last: no running line, the closing one
     bar.close()
     assert re.fullmatch(r"scoring: 100 images in [\d.]+ s \(.*\)\n", capsys.readouterr().out)
+
+
+def test_under_torchrun_only_predict_shares_its_work_and_the_other_sub_commands_say_so(monkeypatch, capsys):
+    from app.settings import parse_command
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    commands = (["evaluate", "--checkpoint", "x.pt", "--data", "d"],
+                ["calibrate", "--checkpoint", "x.pt", "--data", "d"], ["export", "--checkpoint", "x"])
+    for command in commands:
+        assert main.main(command) == 2
+        assert f"{command[0]} runs in one process" in capsys.readouterr().err
+    assert parse_command(["predict", "films", "--checkpoint", "x.pt"])[0] == "predict"
