@@ -442,7 +442,10 @@ def resumed_predict(args):
                          f"folder predict was writing to")
     if not (out / runs.MARKER).exists():
         raise UsageError(f"the predict in '{out}' has finished: its predictions.csv is complete")
-    saved = json.loads(state.read_text())["settings"]
+    try:
+        saved = json.loads(state.read_text())["settings"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"'{state}' cannot be read ({type(err).__name__}); start a new predict") from None
     return argparse.Namespace(**{**saved, "resume": str(out), "quiet": args.quiet,
                                  "workers": args.workers if args.workers is not None else saved["workers"]})
 

@@ -145,3 +145,12 @@ def test_under_torchrun_only_predict_shares_its_work_and_the_other_sub_commands_
         assert main.main(command) == 2
         assert f"{command[0]} runs in one process" in capsys.readouterr().err
     assert parse_command(["predict", "films", "--checkpoint", "x.pt"])[0] == "predict"
+
+
+def test_a_damaged_predict_json_is_refused_in_one_sentence(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / streaming.STATE).write_text("{not json")
+    (out / runs.MARKER).write_text("predict did not finish")
+    assert main.main(["predict", "--resume", str(out)]) == 2
+    assert "cannot be read (JSONDecodeError); start a new predict" in capsys.readouterr().err
