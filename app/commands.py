@@ -48,22 +48,30 @@ To try the tool without the download: `python main.py --demo`."""
 SYNTHETIC = "SYNTHETIC DEMO DATA (generated phantoms): not real X-rays, not a medical result."
 
 
-def resolve_run(s: Settings, ranks: distributed.Context) -> tuple[Settings, Path, dict | None]:
-    """A new run folder, or the interrupted one in --resume with its saved settings and last.pt.
-
-    Under torchrun rank 0 alone creates or checks the folder and sends the result, or its refusal, to the others.
-    """
+def on_main(step, ranks: distributed.Context):
+    """`step()` on rank 0, its result (or its refusal, raised) on every rank."""
     result = None
     if ranks.main:
         try:
-            result = (s, runs.create(s.out, inputs=[s.data, *s.external])) if not s.resume else \
-                (s.resumed(runs.interrupted_config(Path(s.resume))), Path(s.resume))
+            result = step()
         except (UsageError, runs.RunError) as err:
             result = err
     result = distributed.broadcast(result, ranks)
     if isinstance(result, Exception):
         raise result
-    s, run_dir = result
+    return result
+
+
+def resolve_run(s: Settings, ranks: distributed.Context) -> tuple[Settings, Path, dict | None]:
+    """A new run folder, or the interrupted one in --resume with its saved settings and last.pt.
+
+    Under torchrun rank 0 alone creates or checks the folder and sends the result, or its refusal, to the others.
+    """
+    def folder() -> tuple[Settings, Path]:
+        if s.resume:
+            return s.resumed(runs.interrupted_config(Path(s.resume))), Path(s.resume)
+        return s, runs.create(s.out, inputs=[s.data, *s.external])
+    s, run_dir = on_main(folder, ranks)
     return s, run_dir, runs.read_checkpoint(run_dir / "last.pt", "last") if s.resume else None
 
 
@@ -74,17 +82,14 @@ def choose_precision(requested: str, device: torch.device, make_model, image_siz
     """--precision resolved once, by rank 0 under torchrun (every rank must compute alike), and said in one line;
     a resumed run takes the choice it `recorded` when it started; scoring a checkpoint, auto keeps the precision
     its threshold was chosen at (`scored_at`)."""
-    choice = None
-    if ranks.main:
+    def resolve() -> precision.Choice:
         try:
-            choice = precision.Choice.recorded(recorded) if recorded else \
+            return precision.Choice.recorded(recorded) if recorded else \
                 precision.resolve(requested, device, make_model, image_size, batch_size, train=train,
                                   deterministic=deterministic, scored_at=scored_at)
         except ValueError as err:
-            choice = UsageError(str(err))
-    choice = distributed.broadcast(choice, ranks)
-    if isinstance(choice, Exception):
-        raise choice
+            raise UsageError(str(err)) from None
+    choice = on_main(resolve, ranks)
     say(f"precision: {choice.name} ({'as when the run started: ' if recorded else ''}{choice.reason})")
     return choice
 
@@ -389,7 +394,7 @@ def run_predict(args) -> int:
     files are reported and skipped, and with --strict so are flagged ones. Scored a chunk at a time (app/streaming.py),
     shared between the processes of a torchrun job, continued by --resume."""
     ranks = distributed.Context.from_env()
-    args = resumed_predict(args) if args.resume else args
+    args, started = resumed_predict(args) if args.resume else (args, None)
     try:
         device = distributed.start(ranks, configure_device(args.device))
     except ValueError as err:
@@ -398,7 +403,7 @@ def run_predict(args) -> int:
     try:
         scorer = load_scorer(args, device)
         scorer.predictor.batch_size = args.batch_size
-        files, skipped, out = on_main(lambda: predict_inputs(args), ranks)
+        files, skipped, out = on_main(lambda: predict_inputs(args, started), ranks)
         options = streaming.Options(args.workers, args.strict, args.cam or len(files) == 1, show=not args.quiet)
         if ranks.main:
             with runs.partial(out, "predict", again=f"python main.py predict --resume {out}"):
@@ -418,23 +423,9 @@ def run_predict(args) -> int:
     return 0
 
 
-def on_main(step, ranks: distributed.Context):
-    """`step()` on rank 0, its result (or its refusal, raised) on every rank."""
-    result = None
-    if ranks.main:
-        try:
-            result = step()
-        except (UsageError, runs.RunError) as err:
-            result = err
-    result = distributed.broadcast(result, ranks)
-    if isinstance(result, Exception):
-        raise result
-    return result
-
-
-def resumed_predict(args):
-    """The settings an interrupted predict started with (its folder's predict.json), with --quiet and --workers as
-    given now."""
+def resumed_predict(args) -> tuple[argparse.Namespace, dict]:
+    """The settings an interrupted predict started with, with --quiet and --workers as given now, and its folder's
+    predict.json (the listing its rows follow)."""
     out = Path(args.resume)
     state = out / streaming.STATE
     if not state.is_file():
@@ -443,27 +434,27 @@ def resumed_predict(args):
     if not (out / runs.MARKER).exists():
         raise UsageError(f"the predict in '{out}' has finished: its predictions.csv is complete")
     try:
-        saved = json.loads(state.read_text())["settings"]
+        started = json.loads(state.read_text())
+        saved = started["settings"]
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"'{state}' cannot be read ({type(err).__name__}); start a new predict") from None
     return argparse.Namespace(**{**saved, "resume": str(out), "quiet": args.quiet,
-                                 "workers": args.workers if args.workers is not None else saved["workers"]})
+                                 "workers": args.workers if args.workers is not None else saved["workers"]}), started
 
 
-def predict_inputs(args) -> tuple[list[str], list[tuple[str, str]], Path]:
+def predict_inputs(args, started: dict | None) -> tuple[list[str], list[tuple[str, str]], Path]:
     """The files to score, those the folder rules skip, and the output folder: a new one, or that of --resume,
-    whose files must be the ones it started with."""
+    whose files must be the ones it `started` with (its predict.json)."""
     files, skipped = data.list_files(args.paths)
     if not files:
         raise UsageError(f"no image files found in {', '.join(args.paths)}"
                          + (f" ({len(skipped)} other files skipped)" if skipped else ""))
     if not args.resume:
         return files, skipped, runs.create(args.out, "predict-", inputs=args.paths)
-    state = json.loads((Path(args.resume) / streaming.STATE).read_text())
-    if state["listing"] != streaming.listing_digest(files):
+    if started["listing"] != streaming.listing_digest(files):
         raise UsageError(f"{', '.join(args.paths)} now hold{'s' if len(args.paths) == 1 else ''} other files than "
-                         f"when '{args.resume}' started ({state['files']} then, {len(files)} now): its rows would not "
-                         f"match; start a new predict")
+                         f"when '{args.resume}' started ({started['files']} then, {len(files)} now): its rows would "
+                         f"not match; start a new predict")
     return files, skipped, Path(args.resume)
 
 
