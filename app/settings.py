@@ -371,7 +371,7 @@ def parse_command(argv: list[str]) -> tuple[str, "Settings | argparse.Namespace"
         parser = SUB_PARSERS[argv[0]]()
         parsed = parser.parse_args(argv[1:])
         if argv[0] == "predict":
-            check_predict_resume(parser, parsed)
+            check_predict_resume(parsed, parser.given(argv[1:]))
         return argv[0], parsed
     if argv and not argv[0].startswith("-"):  # training takes flags only: a word first is a mistyped sub-command
         raise UsageError(f"'{argv[0]}' is not a sub-command; use {', '.join(SUB_COMMANDS[:-1])} or "
@@ -379,15 +379,15 @@ def parse_command(argv: list[str]) -> tuple[str, "Settings | argparse.Namespace"
     return "train", Settings.parse(argv)
 
 
-def check_predict_resume(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> None:
+def check_predict_resume(parsed: argparse.Namespace, given: set[str]) -> None:
     """predict scores files, or continues with --resume the ones it started with, by the flags it started with: a
-    flag that would change what it computes is refused beside --resume, never silently dropped."""
+    flag typed beside --resume (`given`, as training's resume reads them), other than --quiet and --workers, is
+    refused, never silently dropped."""
     if bool(parsed.paths) == bool(parsed.resume):
         raise UsageError("predict takes image files or folders, or --resume OUT (which continues with the files it "
                          "started with), not both" if parsed.paths else
                          "predict needs image files or folders to score (or --resume OUT)")
-    changed = [k for k, v in vars(parsed).items() if k not in ("paths", "resume", "quiet", "workers")
-               and v != parser.get_default(k)]
+    changed = sorted(given - {"resume", "quiet", "workers"})
     if parsed.resume and changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise UsageError(f"--resume continues '{parsed.resume}' with the flags it started with, so {flags} cannot "
