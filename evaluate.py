@@ -275,16 +275,13 @@ class Predictions:
         return np.array([bool(f) for f in self.flags], dtype=bool)
 
     @classmethod
-    def concat(cls, parts: list["Predictions"], outputs: int = 1) -> "Predictions":
-        """The rows of `parts`, one after the other; a part without class probabilities gets NaN ones when the
-        model has `outputs` 3 (a chunk of files none of which could be read)."""
-        def classes(p: "Predictions") -> np.ndarray:
-            return p.classes if p.classes is not None else np.full((len(p.paths), outputs), np.nan)
+    def concat(cls, parts: list["Predictions"]) -> "Predictions":
+        """The rows of `parts` (at least one), one after the other."""
         return cls([x for p in parts for x in p.paths], [x for p in parts for x in p.patients],
                    np.concatenate([p.y_true for p in parts]).astype(int), np.concatenate([p.prob for p in parts]),
                    [x for p in parts for x in p.notes], [x for p in parts for x in p.flags],
                    [x for p in parts for x in p.errors], np.concatenate([p.ood for p in parts]),
-                   np.concatenate([classes(p) for p in parts]) if outputs > 1 else None)
+                   None if parts[0].classes is None else np.concatenate([p.classes for p in parts]))
 
 
 PREDICTION_COLUMNS = ("path", "patient", "label", "probability", "predicted", "warnings", "error", "flagged",
@@ -333,7 +330,7 @@ def assess_labelled(predictor: Predictor, detector: "ood.Detector | None", ds: d
         parts.append(labelled_predictions(predictor, detector, ds, part, *probabilities(logits), features))
         bar.update(len(part))
     bar.close()
-    return Predictions.concat(parts, predictor.outputs) if parts else \
+    return Predictions.concat(parts) if parts else \
         labelled_predictions(predictor, detector, ds, idx, np.zeros(0), None, None)
 
 
@@ -364,9 +361,10 @@ def file_predictions(scorer: Scorer, files: list[str], decoded: tuple, scored: t
     full_prob = np.full(n, np.nan)
     full_prob[good] = prob
     full_classes = None
-    if classes is not None:
-        full_classes = np.full((n, classes.shape[1]), np.nan)
-        full_classes[good] = classes
+    if scorer.predictor.outputs > 1:  # a cause model: its class columns, empty for a file not scored
+        full_classes = np.full((n, scorer.predictor.outputs), np.nan)
+        if classes is not None:
+            full_classes[good] = classes
     readable = set(good)  # once: a set built per file made this quadratic (minutes at 100,000 files)
     patients = [data.patient_of(files[i]) if i in readable else "" for i in range(len(files))]
     return Predictions(files + [f for f, _ in skipped], patients + [""] * len(skipped),

@@ -69,8 +69,8 @@ def read_part(path: Path, outputs: int) -> evaluate.Predictions:
         np.full(len(rows), -1), np.array([number(r["prob"]) for r in rows], dtype=np.float64),
         [r["notes"] for r in rows], [r["flags"] for r in rows], [r["error"] for r in rows],
         np.array([number(r["ood"]) for r in rows], dtype=np.float64),
-        np.array([[number(v) for v in r["classes"] or [None] * outputs] for r in rows], dtype=np.float64).reshape(
-            len(rows), outputs) if outputs > 1 else None)
+        np.array([[number(v) for v in r["classes"]] for r in rows], dtype=np.float64).reshape(len(rows), outputs)
+        if outputs > 1 else None)
 
 
 def score_chunk(scorer: evaluate.Scorer, files: list[str], first: int, out: Path,
@@ -113,10 +113,7 @@ class Merger:
             self.bar.update(len(part.paths))
 
     def append(self, part: evaluate.Predictions) -> None:
-        """The part's rows into the CSV; kept without the demo note, which the terminal and page say once. A part
-        with no scored file (every one unreadable, or the skipped files) gets empty class columns, as a cause model's
-        header has them."""
-        part = evaluate.Predictions.concat([part], self.outputs)
+        """The part's rows into the CSV; kept without the demo note, which the terminal and page say once."""
         self.csv.write(runs.csv_bytes(evaluate.prediction_rows(part, self.threshold)))
         self.csv.flush()
         part.notes = [[n for n in notes if n != DEMO_NOTE] for notes in part.notes]
@@ -124,7 +121,7 @@ class Merger:
 
     def close(self) -> evaluate.Predictions:
         self.csv.close()
-        return evaluate.Predictions.concat(self.parts, self.outputs)
+        return evaluate.Predictions.concat(self.parts)
 
 
 def score_files(scorer: evaluate.Scorer, files: list[str], skipped: list[tuple[str, str]], out: Path,
