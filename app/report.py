@@ -84,9 +84,9 @@ class Table:
         return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in self.rows])
 
 
-def interval(ci) -> str:
+def interval(ci, digits: int = 3) -> str:
     """A 95% interval as 'lo - hi'."""
-    return f"{ci[0]:.3f} - {ci[1]:.3f}"
+    return f"{ci[0]:.{digits}f} - {ci[1]:.{digits}f}"
 
 
 def figure_value(m: dict, f: Figure) -> str:
@@ -98,7 +98,7 @@ def figure_value(m: dict, f: Figure) -> str:
 def figure_interval(m: dict, f: Figure) -> str:
     """The figure's 95% interval, or '' where it has none (or the set, from an older run, does not hold it)."""
     ci = m.get("ci95", {}).get(f.key)
-    return "" if ci is None else f"{ci[0]:.{f.digits}f} - {ci[1]:.{f.digits}f}"
+    return "" if ci is None else interval(ci, f.digits)
 
 
 def metric_table(m: dict) -> Table:
