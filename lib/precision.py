@@ -3,8 +3,9 @@
 Usage: `choice = precision.resolve("auto", device, make_model, image_size, batch_size)`; pass `choice.dtype`
 to training and inference (None: fp32). Some CPUs run bf16 convolutions much faster than fp32 (AMX, Zen 4),
 some a little slower (AVX512-BF16 alone on some Xeons), and those without bf16 instructions emulate it about
-10x slower: `auto` times a few steps of the actual model both ways at start-up and keeps bf16 only when it is
-more than 10% faster, after a small batch has screened out emulation cheaply. On CUDA, `auto` is bf16
+10x slower: `auto` takes fp32 untimed where the x86 flags name no bf16 instructions, and elsewhere times a few
+steps of the actual model both ways at start-up and keeps bf16 only when it is more than 10% faster, after a
+small batch has screened out emulation cheaply (where the flags cannot be read). On CUDA, `auto` is bf16
 where the GPU supports it, else fp16 with loss scaling. Weights, optimizer state and the loss stay fp32
 whatever is chosen, so a checkpoint trained in one precision scores in the other. A scoring command's
 `auto` takes the precision the checkpoint's threshold was chosen at (`scored_at`), where the device runs
@@ -23,11 +24,12 @@ from model import memory_format, place
 SPEEDUP = 1.10  # bf16 must beat fp32 by more than this factor to be chosen
 PROBE_STEPS = 4  # timed steps per precision, after one warm-up each
 # A CPU without bf16 instructions emulates it, about 10x slower (an AMD EPYC Zen 3: 2.5 s against 0.22 s a step);
-# a small batch shows that in a tenth of the full probe's time, so that such a CPU pays about 1 s, not 13 s
+# where its flags cannot be read, a small batch shows that in a tenth of the full probe's time
 SCREEN_BATCH, SCREEN_STEPS = 4, 2
 EMULATED = 3.0  # bf16 this many times slower than fp32 on the small batch: emulated
 # x86 flags of bf16 instructions (AMD Zen 4 on; Intel Cooper Lake, Sapphire Rapids on)
 NATIVE_BF16 = {"avx512_bf16", "amx_bf16"}
+WITHOUT = "whose flags name no bf16 instructions (it would emulate bf16, about 10x slower than fp32)"
 
 
 @dataclass
@@ -84,6 +86,9 @@ def resolve(requested: str, device: torch.device, make_model, image_size: int, b
     what = "training step" if train else "forward pass"
     if requested == "auto" and scored_at in runs_on(device):
         cpu_bf16 = scored_at == "bf16" and device.type == "cpu"
+        if cpu_bf16 and lacks_bf16():
+            return Choice("fp32", f"auto for a checkpoint whose threshold was chosen in bf16, on a CPU {WITHOUT}: "
+                                  f"fp32; its probabilities may differ from the recorded ones by about 0.01")
         slow = emulated(make_model, image_size, batch_size, train) if cpu_bf16 else None
         if slow is None:
             return Choice(scored_at, f"auto for a checkpoint whose threshold was chosen in {scored_at}: the same, "
@@ -106,6 +111,8 @@ def resolve(requested: str, device: torch.device, make_model, image_size: int, b
         return Choice("bf16", "asked for (--precision bf16)")
     if device.type != "cpu":
         return Choice("fp32", f"auto on {device.type}: fp32")
+    if lacks_bf16():
+        return Choice("fp32", f"auto on this CPU, {WITHOUT}: fp32, not timed")
     slow = emulated(make_model, image_size, batch_size, train)
     if slow is not None:
         return Choice("fp32", f"auto on this CPU: {_timed(slow, what, SCREEN_BATCH)}, so it emulates bf16; the full "
@@ -130,6 +137,13 @@ def cpu_flags() -> set[str]:
             return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
         return set()
+
+
+def lacks_bf16() -> bool:
+    """Whether this CPU's flags can be read and name no bf16 instructions: then it emulates bf16, and timing it
+    only costs the screen's seconds (about 10 s in a fresh process on an AMD EPYC Zen 3, warm-up included)."""
+    flags = cpu_flags()
+    return bool(flags) and not flags & NATIVE_BF16
 
 
 def emulated(make_model, image_size: int, batch_size: int, train: bool = True) -> dict[str, float] | None:

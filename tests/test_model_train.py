@@ -107,6 +107,7 @@ def test_precision_auto_keeps_bf16_only_when_it_measures_faster(monkeypatch):
     from lib import precision
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     make = lambda: PneumoniaCNN((4, 4, 4), stem=4)  # noqa: E731
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512_bf16"})  # a CPU with bf16: timed
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert precision.resolve("auto", cuda, make, 32, 4).dtype is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
@@ -132,11 +133,19 @@ def test_precision_auto_keeps_bf16_only_when_it_measures_faster(monkeypatch):
     assert precision.resolve("auto", cuda, make, 32, 4, train=False, scored_at="bf16").name == "fp16"  # no GPU bf16
 
 
-def test_a_cpu_that_emulates_bf16_is_told_by_a_small_batch_and_scores_a_bf16_checkpoint_in_fp32(monkeypatch):
+def test_a_cpu_without_bf16_is_told_by_its_flags_or_a_small_batch_and_scores_a_bf16_checkpoint_in_fp32(monkeypatch):
     from lib import precision
     cpu, make = torch.device("cpu"), lambda: PneumoniaCNN((4, 4, 4), stem=4)  # noqa: E731
     timed = []
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})  # an AMD EPYC Zen 3: no bf16 instructions
+    monkeypatch.setattr(precision, "probe", lambda *a, **k: pytest.fail("timed a CPU whose flags name no bf16"))
+    for choice in (precision.resolve("auto", cpu, make, 128, 32),
+                   precision.resolve("auto", cpu, make, 128, 64, train=False, scored_at="bf16")):
+        assert choice.name == "fp32" and "flags name no bf16 instructions" in choice.reason
+        assert choice.record()["timings_ms"] == {}
+    assert precision.resolve("auto", cpu, make, 128, 64, train=False, scored_at="fp32").name == "fp32"
+    # where the flags cannot be read (not x86, no /proc): a small batch screens for emulation
+    monkeypatch.setattr(precision, "cpu_flags", lambda: set())
 
     def probe(make_model, image_size, batch_size, train=True, steps=precision.PROBE_STEPS):
         timed.append(batch_size)  # emulated bf16: 10x slower at every batch size (as on an AMD EPYC Zen 3)
