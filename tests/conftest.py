@@ -2,6 +2,7 @@
 and one small demo run reused by the tests that read a finished run's outputs."""
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -9,9 +10,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+try:
+    import fcntl  # the lock that lets pytest-xdist workers share one built run
+except ImportError:  # Windows: each worker builds its own
+    fcntl = None
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("PNEUMONIA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n`), the cores shared out among the workers: torch's own threads in every worker would
+    ask for more cores than there are, and spin-waiting threads then slow every one of them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def shared(name: str) -> Path:
@@ -49,29 +64,51 @@ def tiny_archive(tmp_path) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory) -> Path:
-    """One finished demo run, small enough for CI, shared by several tests."""
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, filled by `build(folder)` once per test session, also when pytest-xdist runs the session
+    in several processes: the first to ask builds it under a file lock, the others wait and read it. Only for
+    folders the tests read and never write."""
+    root = tmp_path_factory.getbasetemp()
+    if fcntl is not None and os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder every worker's own temporary folder sits in
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.built").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            build(folder)
+            (root / f"{name}.built").touch()
+    return folder
+
+
+def _demo_run(base: Path) -> None:
     from lib import demo
     import main
-    base = tmp_path_factory.mktemp("demo")
     external = demo.make_phantoms(base / "other_site", patients_per_class=8, seed=99)  # an 'external' labelled folder
-    out = base / "run"
     # fp32 pinned: auto takes bf16 on some CPUs, which trains another model; the pointing game of 18 demo images
     # moves with the model (0.72-1.00 over seeds 1-4, in fp32 and bf16 alike), and the tests check this one
-    assert main.main(["--demo", "--out", str(out), "--epochs", "10", "--demo-patients", "40",
+    assert main.main(["--demo", "--out", str(base / "run"), "--epochs", "10", "--demo-patients", "40",
                       "--image-size", "128", "--quiet", "--external", str(external), "--precision", "fp32"]) == 0
-    return out
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """One finished demo run, small enough for CI, shared by several tests (and by every pytest-xdist worker)."""
+    return built_once(tmp_path_factory, "demo", _demo_run) / "run"
+
+
+def _cause_run(base: Path) -> None:
+    import main
+    assert main.main(["--demo", "--task", "cause", "--out", str(base / "run"), "--epochs", "2", "--demo-patients",
+                      "20", "--image-size", "64", "--quiet"]) == 0
 
 
 @pytest.fixture(scope="session")
 def cause_run(tmp_path_factory) -> Path:
     """One finished --task cause demo run (normal, bacterial, viral), shared by the tests that read it."""
-    import main
-    out = tmp_path_factory.mktemp("cause") / "run"
-    assert main.main(["--demo", "--task", "cause", "--out", str(out), "--epochs", "2", "--demo-patients", "20",
-                      "--image-size", "64", "--quiet"]) == 0
-    return out
+    return built_once(tmp_path_factory, "cause", _cause_run) / "run"
 
 
 def _figures(obj, fmt: str) -> set[str]:

@@ -207,6 +207,7 @@ def test_bf16_trains_on_the_cpu_records_its_choice_and_its_checkpoint_scores_ali
     # auto on a CPU with native bf16 (the screen finds it not emulated), then on one that emulates it
     for name, cpu_emulates in (("fp32", None), ("bf16", None), ("auto", False), ("auto", True)):
         monkeypatch.setattr(precision, "emulated", lambda *a, **k: {"fp32": 1.0, "bf16": 9.0} if cpu_emulates else None)
+        monkeypatch.setattr(precision, "cpu_flags", lambda: set())  # flags unread: the screen (faked) decides
         out = tmp_path / f"p{name}{'_emulated' if cpu_emulates else ''}"
         assert main.main(["predict", *map(str, images), "--checkpoint", str(tmp_path / "bf16" / "best.pt"),
                           "--precision", name, "--out", str(out)]) == 0

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,13 +124,29 @@ def test_same_seed_gives_identical_results(tmp_path):
     assert _comparable(tmp_path / "a")[0] != _comparable(tmp_path / "c")[0]
 
 
+@pytest.fixture(scope="module")
+def uncut(tmp_path_factory):
+    """members -> a finished run of `interrupted(members)`'s arguments, trained once for every place it is cut."""
+    made = {}
+
+    def run(members: int) -> Path:
+        if members not in made:
+            made[members] = tmp_path_factory.mktemp("uncut") / "whole"
+            assert main.main(interrupted(members) + ["--out", str(made[members])]) == 0
+        return made[members]
+    return run
+
+
+def interrupted(members: int) -> list[str]:
+    return TINY + ["--batch-size", "8", "--ensemble", str(members)]
+
+
 @pytest.mark.parametrize("where, sig, members", [("mid-epoch", signal.SIGINT, 1),
                                                  ("last step of an epoch", signal.SIGTERM, 1),
                                                  ("mid-epoch of the second member", signal.SIGINT, 2)])
-def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, where, sig, members):
-    argv = TINY + ["--batch-size", "8", "--ensemble", str(members)]
-    assert main.main(argv + ["--out", str(tmp_path / "whole")]) == 0
-    n_train = sum(r["split"] == "train" for r in csv.DictReader(open(tmp_path / "whole" / "split.csv")))
+def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, uncut, where, sig, members):
+    argv, whole = interrupted(members), uncut(members)
+    n_train = sum(r["split"] == "train" for r in csv.DictReader(open(whole / "split.csv")))
     steps = -(-n_train // 8)
     # the n-th training batch overall; TINY trains 3 epochs a member
     stop_at = {"mid-epoch": steps + 2, "last step of an epoch": 2 * steps}.get(where, 3 * steps + steps + 2)
@@ -152,8 +169,8 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch, whe
     monkeypatch.setattr(transforms.Preprocess, "train", real)
     assert main.main(["--resume", str(tmp_path / "cut"), "--quiet"]) == 0
     assert not (tmp_path / "cut" / "INCOMPLETE").exists() and not (tmp_path / "cut" / "members").exists()
-    assert _comparable(tmp_path / "cut") == _comparable(tmp_path / "whole")
-    whole, cut = (runs.load_checkpoint(tmp_path / n / "best.pt")["members"] for n in ("whole", "cut"))
+    assert _comparable(tmp_path / "cut") == _comparable(whole)
+    whole, cut = (runs.load_checkpoint(run / "best.pt")["members"] for run in (whole, tmp_path / "cut"))
     assert len(whole) == len(cut) == members
     assert all(torch.equal(a[k], b[k]) for a, b in zip(whole, cut) for k in a)  # the same ensemble, weight for weight
 
@@ -162,6 +179,7 @@ def test_a_resumed_run_keeps_the_precision_auto_chose_when_it_started(tmp_path, 
     from lib import precision
     auto = [a for a in TINY if a not in ("--precision", "fp32")] + ["--out", str(tmp_path / "run")]
     monkeypatch.setattr(precision, "probe", lambda *a, **k: {"fp32": 100.0, "bf16": 50.0})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})  # a CPU with bf16, where auto times
     real = transforms.Preprocess.train
 
     def interrupting(self, batch, generator, *share):
