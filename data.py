@@ -234,7 +234,7 @@ def _require_every_split(labels, groups, split, names, fractions) -> None:
                 )
 
 
-def assign_splits(paths, labels, patients, root: str, mode: str, seed: int) -> np.ndarray:
+def assign_splits(paths, labels, patients, root: str, mode: str, *, seed: int) -> np.ndarray:
     """Split by `mode`: 'patient' (grouped 70/15/15), 'random' (image-level) or 'official' (archive's test/)."""
     if mode == "patient":
         return split_groups(labels, patients, seed=seed)
@@ -434,7 +434,7 @@ def load_dataset(root: str, image_size: int, split_mode: str, seed: int, cache_d
         keep_known_causes(found)
     ds = decode_found(found, ImageCache(cache_dir, cache_size(image_size)), workers, progress)
     strata = ds.causes if task == "cause" else ds.labels
-    ds.split = assign_splits(ds.paths, strata, ds.patients, root, split_mode, seed)
+    ds.split = assign_splits(ds.paths, strata, ds.patients, root, split_mode, seed=seed)
     return ds
 
 

@@ -160,7 +160,7 @@ FIGURES = (
 
 
 def bootstrap_ci(y_true, y_prob, patients, threshold: float, n_resamples: int = BOOTSTRAP_RESAMPLES,
-                 seed: int = 0) -> dict:
+                 *, seed: int = 0) -> dict:
     """95% percentile intervals for every figure that has `draws`, resampling patients (with all their images).
 
     Images of one child are correlated; resampling images would make the intervals too narrow.
@@ -181,11 +181,11 @@ def expected_calibration_error(y_true, y_prob, n_bins: int = 10) -> float:
     return float(np.sum(gaps) / len(y_true))
 
 
-def score(y_true, y_prob, patients, threshold: float, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+def score(y_true, y_prob, patients, threshold: float, n_resamples: int = BOOTSTRAP_RESAMPLES, *, seed: int = 0) -> dict:
     """Every test figure: metrics, their intervals, average precision and calibration."""
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
     result = binary_metrics(y_true, y_prob, threshold)
-    result["ci95"] = bootstrap_ci(y_true, y_prob, patients, threshold, n_resamples, seed)
+    result["ci95"] = bootstrap_ci(y_true, y_prob, patients, threshold, n_resamples, seed=seed)
     result["bootstrap_resamples"] = n_resamples
     result["average_precision"] = float(average_precision_score(y_true, y_prob))
     result["brier"] = float(brier_score_loss(y_true, y_prob))
@@ -206,7 +206,7 @@ def has_both_causes(causes: np.ndarray) -> bool:
 
 
 def score_cause(causes: np.ndarray, classes: np.ndarray, patients, cause_threshold: float,
-                n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+                n_resamples: int = BOOTSTRAP_RESAMPLES, *, seed: int = 0) -> dict:
     """The three-class figures: one-vs-rest and macro AUC with patient-bootstrap intervals, the 3x3 confusion
     matrix (argmax), and bacterial vs viral among the pneumonia cases (every `score` figure, bacterial positive).
 
@@ -226,7 +226,7 @@ def score_cause(causes: np.ndarray, classes: np.ndarray, patients, cause_thresho
         "macro_auc": {"auc": float(np.mean(aucs)), "ci95": intervals[-1]},
         "confusion": confusion_matrix(causes, classes.argmax(1), labels=[0, 1, 2]).tolist(),  # rows: true class
         "bacterial_vs_viral": score((causes[pneumonia] == 1).astype(int), bacterial_share(classes[pneumonia]),
-                                    patients[pneumonia], cause_threshold, n_resamples, seed),
+                                    patients[pneumonia], cause_threshold, n_resamples, seed=seed),
     }
 
 
@@ -327,15 +327,17 @@ def assess_labelled(predictor: Predictor, detector: "ood.Detector | None", ds: d
     for start in range(0, len(idx), CHUNK):
         part = idx[start:start + CHUNK]
         logits, features = predictor.logits_and_features(TensorRows(ds.images.take(part)))
-        parts.append(labelled_predictions(predictor, detector, ds, part, *probabilities(logits), features))
+        prob, classes = probabilities(logits)
+        parts.append(labelled_predictions(predictor, detector, ds, part, prob, classes=classes, features=features))
         bar.update(len(part))
     bar.close()
     return Predictions.concat(parts) if parts else \
-        labelled_predictions(predictor, detector, ds, idx, np.zeros(0), None, None)
+        labelled_predictions(predictor, detector, ds, idx, np.zeros(0), classes=None, features=None)
 
 
 def labelled_predictions(predictor: Predictor, detector: "ood.Detector | None", ds: data.Dataset, idx: np.ndarray,
-                         y_prob: np.ndarray, classes: np.ndarray | None, features: torch.Tensor | None) -> Predictions:
+                         y_prob: np.ndarray, *, classes: np.ndarray | None,
+                         features: torch.Tensor | None) -> Predictions:
     """The Predictions of the images `idx` of a decoded labelled set, every input check included."""
     paths = [ds.paths[i] for i in idx]
     distance, notes, flags = ood.inspect(paths, ds.images.take(idx), features, predictor.prep, detector)
@@ -355,7 +357,7 @@ def file_predictions(scorer: Scorer, files: list[str], decoded: tuple, scored: t
     distance, notes, flags = np.full(n, np.nan), [[] for _ in range(n)], [[] for _ in range(n)]
     if good:
         d, some_notes, some_flags = ood.inspect([files[i] for i in good], images[good], features,
-                                                scorer.predictor.prep, scorer.detector, colours[good])
+                                                scorer.predictor.prep, scorer.detector, colours=colours[good])
         for k, i in enumerate(good):
             distance[i], notes[i], flags[i] = d[k], some_notes[k], some_flags[k]
     full_prob = np.full(n, np.nan)
@@ -405,7 +407,7 @@ def choose_thresholds(predictor: Predictor, detector: "ood.Detector | None", ds:
 
 
 def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note: str = "",
-              masks: np.ndarray | None = None, show: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
+              *, masks: np.ndarray | None = None, show: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
     """Predict, score with intervals, draw, explain and list per image the images `idx` of `ds`.
 
     Returns (the set's block of metrics.json, y_true, y_prob); writes predictions.csv and the plots into `out`.
@@ -424,22 +426,23 @@ def score_set(scorer: Scorer, ds: data.Dataset, idx: np.ndarray, out: Path, note
     result = {"rates": metrics, "gradcam": gradcam.explain(scorer, images, y_true, y_prob, out, note=note,
                                                                        masks=masks, show=show),
               "ood": {**flag_summary(rows), "detector": scorer.detector is not None},
-              "shortcut": audit_shortcut(scorer, images, y_true, y_prob, [ds.paths[i] for i in idx], out, note)}
+              "shortcut": audit_shortcut(scorer, images, y_true, y_prob, [ds.paths[i] for i in idx], out=out,
+                                         note=note)}
     causes = ds.causes[idx]
     if classes is not None and has_both_causes(causes):
         result["cause"] = score_cause(causes, classes, patients, scorer.cause_threshold, seed=scorer.seed)
         draw_cause(causes, classes, result["cause"], out, note)
-        result["cause_gradcam"] = gradcam.explain_causes(scorer, images, causes, classes, out, note)
+        result["cause_gradcam"] = gradcam.explain_causes(scorer, images, causes, classes, out, note=note)
     return result, y_true, y_prob
 
 
-def audit_shortcut(scorer: Scorer, images, y_true: np.ndarray, y_prob: np.ndarray, paths: list[str], out: Path,
+def audit_shortcut(scorer: Scorer, images, y_true: np.ndarray, y_prob: np.ndarray, paths: list[str], *, out: Path,
                    note: str = "") -> dict:
     """The set's shortcut block (shortcut.audit), and the Grad-CAM maps of the healthy children the model calls
     pneumonia and the layout probe does too (gradcam_shortcut.png), when there are any."""
     layout = scorer.probe.score(images) if scorer.probe is not None else None
     block = shortcut.audit(y_true, y_prob, scorer.threshold, layout, shortcut.groups_of(paths, scorer.groups),
-                           shortcut.aspect_ratios(paths))
+                           ratios=shortcut.aspect_ratios(paths))
     if layout is not None:
         picks = np.flatnonzero((y_true == 0) & (y_prob >= scorer.threshold) & (layout >= 0.5))
         picks = picks[np.argsort(-y_prob[picks])][:8]  # the most confident first
@@ -603,7 +606,7 @@ def spread(rows: np.ndarray, most: int) -> np.ndarray:
         else rows
 
 
-def draw_flagged(p: Predictions, images, prep, path: Path, note: str = "", most: int = 16) -> None:
+def draw_flagged(p: Predictions, images, prep, path: Path, note: str = "", *, most: int = 16) -> None:
     """Thumbnails of flagged images (all, or `most` spread over them) with their reasons (ood_flagged.png); nothing
     when none is flagged. `images[rows]`: those rows' images (read again by predict, which keeps none)."""
     picks = spread(np.flatnonzero(p.flagged()), most)

@@ -284,7 +284,7 @@ def save_overlay(image: np.ndarray, cam: np.ndarray, title: str, path) -> None:
     _save(fig, path, title)
 
 
-def save_grid(images, cams, titles, path, columns: int = 4, suptitle: str = "") -> None:
+def save_grid(images, cams, titles, path, columns: int = 4, *, suptitle: str = "") -> None:
     """One picture of many overlays."""
     rows = max(1, int(np.ceil(len(images) / columns)))
     fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
@@ -385,7 +385,7 @@ def overlay_path(out: Path, row: int, file: str) -> Path:
 
 
 def save_overlays(scorer, batch: torch.Tensor, prob: np.ndarray, files: list[str], out: Path,
-                  rows: list[int]) -> None:
+                  *, rows: list[int]) -> None:
     """One Grad-CAM overlay per predicted image (of predict's `rows`), named after its file (overlay_path)."""
     s = scorer
     _, maps, shown = _maps(s, batch)
@@ -395,7 +395,7 @@ def save_overlays(scorer, batch: torch.Tensor, prob: np.ndarray, files: list[str
 
 
 def explain_causes(scorer, images: torch.Tensor, causes: np.ndarray, classes: np.ndarray, out: Path,
-                   note: str = "") -> dict:
+                   *, note: str = "") -> dict:
     """Bacterial and viral evidence side by side on the same pneumonia images (correctly classified ones
     first), and the border mass of each kind of map over every pneumonia image of the set."""
     s = scorer

@@ -164,7 +164,7 @@ class Parts:
     ranks: distributed.Context = field(default_factory=distributed.Context)
 
 
-def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainState, stop: StopFlag | None = None,
+def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainState, *, stop: StopFlag | None = None,
                     progress=None) -> float:
     """One pass over the training images from `state.step` on; returns the mean loss.
 
@@ -216,7 +216,7 @@ def train_one_epoch(parts: Parts, images, labels, batch_size: int, state: TrainS
     return state.loss_sum / max(state.seen, 1)
 
 
-def validate(model, images, labels, prep, loss_fn: Callable, device, *,
+def validate(model, images, labels, prep, loss_fn: Callable, *, device,
              ranks: distributed.Context = distributed.Context(), autocast: torch.dtype | None = None
              ) -> tuple[float, float]:
     """Validation loss and AUC (macro one-vs-rest for three classes), on the CPU whatever device the model is on.
@@ -336,7 +336,7 @@ def _parts(model, train_set, prep, cfg: TrainConfig, generator: torch.Generator)
                  autocast=cfg.autocast)
 
 
-def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, *, resume: dict | None = None,
+def fit(model, train_set, val_set, prep, cfg: TrainConfig, *, run_dir: Path, resume: dict | None = None,
         earlier: tuple = ()) -> TrainState:
     """Train one model (one ensemble member), then keep its weights by `cfg.keep`; resumable from `resume` (a last.pt).
 
@@ -359,7 +359,7 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, *, res
             while state.epoch < cfg.epochs and not state.stopped_early:
                 start = time.perf_counter()
                 try:
-                    loss = train_one_epoch(parts, *train_set, cfg.batch_size, state, stop, bar)
+                    loss = train_one_epoch(parts, *train_set, cfg.batch_size, state, stop=stop, progress=bar)
                 except Interrupted:
                     cuda_states = distributed.gather_objects(runs.cuda_rng(cfg.device), ranks)
                     if ranks.main:
@@ -369,7 +369,7 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, *, res
                 except NonFiniteLoss as err:
                     state.failure = str(err)
                     break
-                end_epoch(model, val_set, parts, state, loss, start, cfg)
+                end_epoch(model, val_set, parts, state, loss, start=start, cfg=cfg)
                 bar.set_postfix(loss=f"{loss:.4f}", val_auc=f"{state.history[-1]['val_auc']:.4f}")
                 if cfg.progress and ranks.main and not progress.on_terminal():  # a log gets one line per epoch
                     print(epoch_line(state.history[-1], cfg.epochs), flush=True)
@@ -383,13 +383,13 @@ def fit(model, train_set, val_set, prep, cfg: TrainConfig, run_dir: Path, *, res
                     raise Interrupted(stop.raised or "a stop signal on another rank")
     finally:
         bar.close()
-    keep_weights(model, train_set, val_set, parts, state, cfg)
+    keep_weights(model, train_set, val_set, parts, state, cfg=cfg)
     if ranks.main:
         write_history(run_dir / "history.csv", [*earlier, *state.history])
     return state
 
 
-def keep_weights(model, train_set, val_set, parts: Parts, state: TrainState, cfg: TrainConfig) -> None:
+def keep_weights(model, train_set, val_set, parts: Parts, state: TrainState, *, cfg: TrainConfig) -> None:
     """Set the kept weights by `cfg.keep`, mark them in the history, and summarise how training ended.
 
     last: the final epoch's, where OneCycle has annealed; best: the epoch with the best validation AUC
@@ -409,11 +409,11 @@ def keep_weights(model, train_set, val_set, parts: Parts, state: TrainState, cfg
     else:
         model.load_state_dict(average_weights(state.tail))
         recompute_batchnorm(model, train_set[0], parts.prep, torch.Generator().manual_seed(cfg.seed + 1),
-                            cfg.batch_size, cfg.device)
+                            cfg.batch_size, device=cfg.device)
         distributed.sync_buffers(model, parts.ranks)
         state.kept_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        state.kept_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device, ranks=parts.ranks,
-                                  autocast=parts.autocast)[1]
+        state.kept_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, device=parts.device,
+                                  ranks=parts.ranks, autocast=parts.autocast)[1]
         kept = list(range(state.epoch - len(state.tail) + 1, state.epoch + 1))
     for h in state.history:
         h["kept"] = "yes" if h["epoch"] in kept else ""
@@ -440,7 +440,7 @@ def average_weights(states: list[dict]) -> dict:
 
 
 def recompute_batchnorm(model: nn.Module, images, prep: Preprocess, generator: torch.Generator,
-                        batch_size: int, device: torch.device) -> None:
+                        batch_size: int, *, device: torch.device) -> None:
     """Re-estimate every BatchNorm layer's running statistics for the model's current weights, over one pass of
     the training images augmented as in training: what the statistics of a normally trained model describe."""
     with torch.no_grad():
@@ -448,11 +448,12 @@ def recompute_batchnorm(model: nn.Module, images, prep: Preprocess, generator: t
             memory_format=memory_format(device)) for idx in batches(len(images), batch_size, generator)))
 
 
-def end_epoch(model, val_set, parts: Parts, state: TrainState, loss: float, start: float, cfg: TrainConfig) -> None:
+def end_epoch(model, val_set, parts: Parts, state: TrainState, loss: float, *, start: float,
+              cfg: TrainConfig) -> None:
     """Validate `model` (the uncompiled one), record the epoch, track the best and the tail's weights, decide on
     early stopping."""
     distributed.sync_buffers(model, parts.ranks)
-    val_loss, val_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, parts.device, ranks=parts.ranks,
+    val_loss, val_auc = validate(model, *val_set, parts.prep, parts.val_loss_fn, device=parts.device, ranks=parts.ranks,
                                  autocast=parts.autocast)
     state.epoch += 1
     state.step = 0

@@ -79,7 +79,7 @@ def adapt_to_site(predictor: Predictor, images: np.ndarray, args) -> int:
     return len(images) + len(extra)
 
 
-def expected_rates(y_true, y_prob, patients, policy: str, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+def expected_rates(y_true, y_prob, patients, policy: str, resamples: int = RESAMPLES, *, seed: int = 0) -> dict:
     """What the site should expect at a threshold chosen by `policy` on a sample like this one.
 
     For each bootstrap resample of the patients the threshold is chosen on the resample and applied to

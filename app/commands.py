@@ -183,7 +183,8 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
                  for images, labels, _ in (ds.subset("train", s.task), ds.subset("val", s.task))]
     probe = layout_probe(ds)
     try:
-        members = train_members(s, ranks, device, prep, on_device, run_dir, resume, autocast=choice.dtype)
+        members = train_members(s, ranks, device, prep, on_device, run_dir=run_dir, resume=resume,
+                                autocast=choice.dtype)
     except Interrupted as err:  # from training, once last.pt is saved: the message names the signal
         if ranks.main:
             say(f"\n{err} received: saved {run_dir / 'last.pt'}; continue with: python main.py --resume {run_dir}"
@@ -207,7 +208,7 @@ def train_and_score(s: Settings, ranks: distributed.Context, device: torch.devic
         predictor, detector, ds, s.threshold, run_dir / "predictions_val.csv")
     scorer = evaluate.Scorer(predictor, threshold, cam_target=s.cam_target, seed=s.seed,
                              cause_threshold=cause_threshold, detector=detector, probe=probe, groups=s.groups)
-    save_best(s, run_dir, kept, ds, scorer, validation, choice.name)
+    save_best(s, run_dir, kept, ds, scorer, validation=validation, precision_name=choice.name)
     history = [h for m in members for h in m["history"]]
     evaluate.plot_history(history, run_dir / "training_curves.png")
     metrics = {**score_run(s, run_dir, ds, scorer), "synthetic": s.demo, "split": s.split, "data": audit,
@@ -267,7 +268,7 @@ def layout_probe(ds: data.Dataset) -> shortcut.Probe:
 
 
 def train_members(s: Settings, ranks: distributed.Context, device: torch.device, prep: Preprocess, sets: list,
-                  run_dir: Path, resume: dict | None, *, autocast: torch.dtype | None = None) -> list[dict]:
+                  *, run_dir: Path, resume: dict | None, autocast: torch.dtype | None = None) -> list[dict]:
     """Train the members one after the other (one for a single model), each from its own seed; returns each
     member's kept weights, summary and history. A resumed run reads its finished members and continues the
     member its last.pt holds. Training stops at a member that fails; what it kept is still returned."""
@@ -286,7 +287,7 @@ def train_members(s: Settings, ranks: distributed.Context, device: torch.device,
             else None
         earlier = [h for m in done for h in m["history"]]
         cfg = train.TrainConfig.of(s, member, device, ranks, autocast)
-        state = train.fit(net, *sets, prep, cfg, run_dir, resume=state_resume, earlier=earlier)
+        state = train.fit(net, *sets, prep, cfg, run_dir=run_dir, resume=state_resume, earlier=earlier)
         done.append({"weights": state.kept_model, "summary": state.summary, "history": state.history})
         if state.kept_model is None or state.failure:
             break
@@ -324,7 +325,7 @@ def write_results(s: Settings, run_dir: Path, metrics: dict) -> None:
 
 
 def save_best(s: Settings, run_dir: Path, members: list[dict], ds: data.Dataset, scorer: evaluate.Scorer,
-              validation: dict, precision_name: str) -> None:
+              *, validation: dict, precision_name: str) -> None:
     """best.pt: the kept members, their thresholds, detector and probe, the validation scores and the training and
     validation films' hashes (for calibrating to a site without labels)."""
     seen = [h for h, split in zip(ds.hashes, ds.split) if split in ("train", "val")]
@@ -341,7 +342,7 @@ def score_run(s: Settings, run_dir: Path, ds: data.Dataset, scorer: evaluate.Sco
     idx = np.flatnonzero(ds.split == "test")
     masks = demo.load_masks(run_dir / "demo_data", [ds.paths[i] for i in idx], ds.images.shape[-1]) if s.demo else None
     note = ", test split" + (" [SYNTHETIC DEMO]" if s.demo else "")
-    test = evaluate.score_set(scorer, ds, idx, run_dir, note, masks, show=not s.quiet)
+    test = evaluate.score_set(scorer, ds, idx, run_dir, note, masks=masks, show=not s.quiet)
     cache = decode_cache(None if s.no_cache else s.cache_dir, s.image_size)
     externals = evaluate.score_externals(scorer, s.external, cache, run_dir, show=not s.quiet)
     return evaluate.collect_sets(test, externals, run_dir / "roc_all.png")
@@ -412,11 +413,11 @@ def run_predict(args) -> int:
                                                                          if k not in ("resume", "quiet")},
                                                             "files": len(files),
                                                             "listing": streaming.listing_digest(files)})
-                rows = streaming.score_files(scorer, files, skipped, out, ranks, options)
-                report_predictions(scorer, rows, files, out, args, options.cam)
+                rows = streaming.score_files(scorer, files, skipped, out, ranks, options=options)
+                report_predictions(scorer, rows, files, out, args, cam=options.cam)
                 streaming.remove_parts(out)
         else:
-            streaming.score_files(scorer, files, skipped, out, ranks, options)
+            streaming.score_files(scorer, files, skipped, out, ranks, options=options)
         finished = True
     finally:
         distributed.stop(ranks, finished)
@@ -459,7 +460,7 @@ def predict_inputs(args, started: dict | None) -> tuple[list[str], list[tuple[st
 
 
 def report_predictions(scorer: evaluate.Scorer, rows: evaluate.Predictions, files: list[str], out: Path, args,
-                       cam: bool) -> None:
+                       *, cam: bool) -> None:
     """predict's answer on the terminal and in report.html (a card per film, of a bounded gallery for many), and
     the flagged thumbnails; the films shown are read again, since no image is kept."""
     if scorer.detector is None:
@@ -475,7 +476,7 @@ def report_predictions(scorer: evaluate.Scorer, rows: evaluate.Predictions, file
     pictures = {i: (report.png_uri(image), overlay)
                 for i, image, error, overlay in zip(shown, images, errors, overlays) if error is None}
     report.write_predict_report(out, f"Predictions of {Path(args.checkpoint).parent.name or args.checkpoint}", rows,
-                                scorer.threshold, sections, pictures, banner)
+                                scorer.threshold, sections, pictures=pictures, banner=banner)
     say(report.predict_answer(rows, scorer.threshold, out / "predictions.csv", banner))
     drawn = int((rows.prob == rows.prob).sum()) if cam else 0
     say(f"page: {out / 'report.html'}" + (f"; {drawn} Grad-CAM overlays in {out}" if drawn else ""))
@@ -504,10 +505,11 @@ def run_calibrate(args) -> int:
         site = calibrate.fit_site(args, ckpt, ds, lambda: infer.load_predictor(ckpt, device, choice.dtype), warning)
         metrics = site.metrics
         runs.save_calibrated(out / "best.pt", ckpt, [m.state_dict() for m in site.predictor.members], site.threshold,
-                             site.cause_threshold, metrics, choice.name)
+                             site.cause_threshold, metrics=metrics, precision=choice.name)
         data.write_split_files(out, ds)
         evaluate.write_predictions(out / "predictions.csv", evaluate.labelled_predictions(
-            site.predictor, load_detector(ckpt), ds, np.arange(len(site.prob)), site.prob, None, None), site.threshold)
+            site.predictor, load_detector(ckpt), ds, np.arange(len(site.prob)), site.prob, classes=None,
+            features=None), site.threshold)
         runs.write_json(out / "metrics.json", metrics)
         report.write_calibration_report(out, f"Site calibration of {args.checkpoint} on {args.data}", metrics)
         report.write_calibrated_card(out, Path(args.checkpoint).parent / "MODEL_CARD.md", metrics)
@@ -538,7 +540,7 @@ def calibrate_unlabelled(args) -> int:
     with runs.partial(out, "calibrate"):
         metrics = site.metrics
         runs.save_calibrated(out / "best.pt", ckpt, [m.state_dict() for m in site.predictor.members], site.threshold,
-                             ckpt.get("cause_threshold"), metrics, choice.name)
+                             ckpt.get("cause_threshold"), metrics=metrics, precision=choice.name)
         rows = films.rows
         rows.prob[films.used] = site.prob  # after AdaBN, the adapted model's scores
         evaluate.write_predictions(out / "predictions.csv", rows, site.threshold)

@@ -471,7 +471,7 @@ def page_sections(p, threshold: float) -> dict[str, list[int]]:
 
 
 def write_predict_report(out_dir: Path, title: str, p, threshold: float, sections: dict[str, list[int]],
-                         pictures: dict[int, tuple[str, Path | None]], banner: str = "") -> Path:
+                         *, pictures: dict[int, tuple[str, Path | None]], banner: str = "") -> Path:
     """predict's report.html: the counts, then a card per film of each of `sections` (page_sections); for a gallery,
     how many were left out; every row is in predictions.csv. `pictures`: per row shown, its thumbnail's data URI
     and its Grad-CAM overlay file (None without one)."""

@@ -92,7 +92,7 @@ def score_chunk(scorer: evaluate.Scorer, files: list[str], first: int, out: Path
         keep = [i for i in good if rows.prob[i] == rows.prob[i]]
         if keep:
             gradcam.save_overlays(scorer, torch.from_numpy(images[keep]).unsqueeze(1), rows.prob[keep],
-                                  [files[i] for i in keep], out, [first + i for i in keep])
+                                  [files[i] for i in keep], out, rows=[first + i for i in keep])
     return rows
 
 
@@ -125,7 +125,7 @@ class Merger:
 
 
 def score_files(scorer: evaluate.Scorer, files: list[str], skipped: list[tuple[str, str]], out: Path,
-                ranks: distributed.Context, options: Options) -> evaluate.Predictions | None:
+                ranks: distributed.Context, *, options: Options) -> evaluate.Predictions | None:
     """Every file's row, chunk by chunk, into out/predictions.csv (then the skipped files' rows); chunks already in
     out/.parts (a resumed run) are not scored again. Under torchrun rank r scores chunks r, r + N, ...; rank 0
     merges. Returns every row on rank 0, None on the others."""

@@ -190,7 +190,7 @@ def cost(checkpoint: Path, files: list[str]) -> tuple[float, float]:
     logits, features = predictor.logits_and_features(infer.torch.from_numpy(images).unsqueeze(1))
     work = time.perf_counter() - start
     start = time.perf_counter()
-    ood.inspect(files, images, features, predictor.prep, detector, colours)
+    ood.inspect(files, images, features, predictor.prep, detector, colours=colours)
     checks = time.perf_counter() - start
     return work / len(files), checks / len(files)
 

@@ -153,7 +153,7 @@ def _decode_job(job: tuple[str, int]) -> tuple[np.ndarray | None, str | None, fl
         return None, f"unreadable image: {type(err).__name__}: {err}".splitlines()[0][:200], float("nan")
 
 
-def _decode_all(paths: list[str], size: int, todo: list[int], put, workers: int | None, show: bool,
+def _decode_all(paths: list[str], size: int, todo: list[int], put, workers: int | None, *, show: bool,
                 colours: np.ndarray | None = None) -> None:
     """Decode paths[i] for i in todo, on every core, handing each (i, image or None, error) to `put`, and each
     file's colourfulness to `colours` when given."""
@@ -194,7 +194,7 @@ class _Serial:
 
 
 def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | None = None,
-                show: bool = True, colours: np.ndarray | None = None) -> tuple[np.ndarray, list[str | None]]:
+                show: bool = True, *, colours: np.ndarray | None = None) -> tuple[np.ndarray, list[str | None]]:
     """Decode `paths` to an N x size x size uint8 array (mapped from the cache when it has one).
 
     Returns the images and, per path, None or the reason it could not be read (its image is zeros).
@@ -213,7 +213,7 @@ def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | N
         try:
             opened = cache.open(key, hashes)
             if opened is None:  # the CRCs were just computed from the images written: no second read to check them
-                errors = _build(cache, key, paths, hashes, unreadable, workers, show)
+                errors = _build(cache, key, paths, hashes, unreadable, workers=workers, show=show)
                 opened = map_array(cache.dir / f"{key}.u8", len(paths), size), errors
         except OSError as err:  # read-only folder, no space left, a file that cannot be mapped: slower, never fatal
             cache.warn(err)
@@ -226,12 +226,13 @@ def load_images(paths: list[str], size: int, cache: ImageCache, workers: int | N
 
     def put(i, image, err):
         images[i], errors[i] = (image if image is not None else 0), err
-    _decode_all(paths, size, [i for i in range(len(paths)) if i not in unreadable], put, workers, show, colours)
+    _decode_all(paths, size, [i for i in range(len(paths)) if i not in unreadable], put, workers, show=show,
+                colours=colours)
     return images, errors
 
 
 def _build(cache: ImageCache, key: str, paths: list[str], hashes: list[str | None], unreadable: dict[int, str],
-           workers: int | None, show: bool) -> list[str | None]:
+           *, workers: int | None, show: bool) -> list[str | None]:
     """Write the array `key`: rows other arrays hold are copied, the rest decoded; then its index, both atomically.
     Returns the decode error (or None) of every row.
 
@@ -263,7 +264,7 @@ def _build(cache: ImageCache, key: str, paths: list[str], hashes: list[str | Non
                 put(i, None, unreadable[i])
             else:
                 todo.append(i)
-        _decode_all(paths, size, todo, put, workers, show)
+        _decode_all(paths, size, todo, put, workers, show=show)
         os.close(fd)
         fd = -1
         os.replace(tmp, final)

@@ -13,7 +13,8 @@ from lib.labels import CLASSES
 SIZE = 192
 
 
-def _ellipse(yy, xx, cy, cx, ry, rx) -> np.ndarray:
+def _ellipse(yy, xx, centre, radii) -> np.ndarray:
+    (cy, cx), (ry, rx) = centre, radii
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
 
 
@@ -29,17 +30,17 @@ def _anatomy(rng, patient: np.random.Generator) -> tuple[np.ndarray, np.ndarray]
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     c = SIZE / 2 + patient.normal(0, 3, 2)
     img = np.full((SIZE, SIZE), 0.05, np.float32)
-    img[_ellipse(yy, xx, c[0] + 10, c[1], SIZE * 0.47, SIZE * 0.40)] = 0.45  # soft tissue
+    img[_ellipse(yy, xx, (c[0] + 10, c[1]), (SIZE * 0.47, SIZE * 0.40))] = 0.45  # soft tissue
     lung_r = SIZE * (0.30 + patient.normal(0, 0.015)), SIZE * 0.14
-    left = _ellipse(yy, xx, c[0] - 2, c[1] - SIZE * 0.19, *lung_r)
-    right = _ellipse(yy, xx, c[0] - 2, c[1] + SIZE * 0.19, *lung_r)
+    left = _ellipse(yy, xx, (c[0] - 2, c[1] - SIZE * 0.19), lung_r)
+    right = _ellipse(yy, xx, (c[0] - 2, c[1] + SIZE * 0.19), lung_r)
     lungs = left | right
     img[lungs] = 0.16
     for k in range(7):  # ribs: bright arcs over the lungs
         arc = np.abs(yy - (c[0] - SIZE * 0.27 + k * SIZE * 0.085 + 0.0025 * (xx - c[1]) ** 2 * 0.5)) < 2.2
         img[arc & lungs] += 0.12
     img[np.abs(xx - c[1]) < SIZE * 0.045] = 0.62  # spine
-    heart = _ellipse(yy, xx, c[0] + SIZE * 0.12, c[1] - SIZE * 0.05, SIZE * 0.13, SIZE * 0.12)
+    heart = _ellipse(yy, xx, (c[0] + SIZE * 0.12, c[1] - SIZE * 0.05), (SIZE * 0.13, SIZE * 0.12))
     img[heart] = 0.55
     lungs &= ~heart
     img += 0.06 * (_smooth_noise(rng, SIZE, 16) - 0.5) + rng.normal(0, 0.015, img.shape).astype(np.float32)

@@ -101,7 +101,7 @@ class Predictor:
         None or the reason it could not be read (its image is then zeros), and each file's colourfulness."""
         size = cache_size(self.prep.image_size)
         colours = np.full(len(files), np.nan)
-        images, errors = load_images(files, size, ImageCache(None, size), workers, show, colours)
+        images, errors = load_images(files, size, ImageCache(None, size), workers, show, colours=colours)
         return images, errors, colours
 
 

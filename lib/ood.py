@@ -208,7 +208,7 @@ def file_colour(path: str, facts: dict) -> float:
 
 
 def inspect(paths: list[str], images, features: torch.Tensor | None, prep, detector: "Detector | None",
-            colours: np.ndarray | None = None) -> tuple[np.ndarray, list[list[str]], list[list[str]]]:
+            *, colours: np.ndarray | None = None) -> tuple[np.ndarray, list[list[str]], list[list[str]]]:
     """Every check on decoded images (N x S x S uint8, read a chunk at a time) and their files: per image its
     distance (NaN without a detector), its notes, and its flags (the reasons it is unlike the training films).
     `colours`: each file's colourfulness, measured while decoding (NaN, or None: measured here)."""

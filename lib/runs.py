@@ -401,7 +401,7 @@ def save_best(path: Path, *, model_config: dict, members: list[dict], prep: Prep
 
 
 def save_calibrated(path: Path, ckpt: dict, members: list[dict], threshold: float, cause_threshold: float | None,
-                    metrics: dict, precision: str) -> None:
+                    *, metrics: dict, precision: str) -> None:
     """A calibrated best.pt: the source checkpoint `ckpt` with the site's member weights (BatchNorm statistics),
     thresholds, the precision they were chosen at, and a provenance block from calibrate's `metrics`."""
     calibrated = {k: v for k, v in ckpt.items() if k not in ("model", "format", "versions")}

@@ -166,7 +166,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def audit(y_true, y_prob, threshold: float, layout: np.ndarray | None, groups: dict[str, list[str]],
-          ratios: np.ndarray | None = None) -> dict:
+          *, ratios: np.ndarray | None = None) -> dict:
     """One scored set's shortcut block: the probe's AUC, how the model's scores follow it among the normals and
     among the pneumonias, the model's specificity among the normals the probe calls pneumonia and among the
     rest, the rates per group, and what the films' aspect ratios (`ratios`, width / height per film) say.

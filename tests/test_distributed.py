@@ -177,7 +177,7 @@ def _fit_worker(rank: int, world: int, port: int, out: str) -> None:
     cfg = train_config(epochs=2, batch_size=BATCH, lr=0.01, pos_weight=0.6, patience=0, progress=False, ranks=ranks)
     val = cache.TensorRows(cache.ImageRows(images[N_TRAIN:]))
     state = train.fit(model, (Recording(images[:N_TRAIN], log), labels[:N_TRAIN]), (val, labels[N_TRAIN:]),
-                      Preprocess(16), cfg, Path(out))
+                      Preprocess(16), cfg, run_dir=Path(out))
     weights = float(sum(p.double().sum() for p in model.state_dict().values()))
     Path(out, f"rank{rank}.json").write_text(json.dumps({"steps": log, "history": state.history, "weights": weights}))
     distributed.stop(ranks)

@@ -72,7 +72,7 @@ def test_averaged_weights_with_recomputed_batchnorm_equal_a_hand_computation():
     prep = transforms.Preprocess(8, 0.5, 0.25, transforms.Augment(rotation=0, zoom=0, gamma=0, contrast=0,
                                                                   brightness=0))
     train.recompute_batchnorm(net, images, prep, torch.Generator().manual_seed(3), 4,
-                              torch.device("cpu"))
+                              device=torch.device("cpu"))
     # by hand: the same batches (4, 4, 2 images, in the generator's order), each batch's mean and unbiased
     # variance of the convolution's output per channel, averaged over the batches
     generator = torch.Generator().manual_seed(3)

@@ -301,9 +301,9 @@ def test_a_run_that_keeps_nothing_says_it_cannot_be_resumed(tmp_path, monkeypatc
     import train
     real = train.train_one_epoch
 
-    def poisoned(parts, *rest):
+    def poisoned(parts, *rest, **keywords):
         parts = dataclasses.replace(parts, loss_fn=lambda logits, y: logits.sum() * float("inf"))
-        return real(parts, *rest)
+        return real(parts, *rest, **keywords)
 
     monkeypatch.setattr(train, "train_one_epoch", poisoned)
     assert main.main(TINY + ["--out", str(tmp_path / "run")]) == 1

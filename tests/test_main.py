@@ -390,7 +390,8 @@ def test_optimiser_constants_are_settings_that_reach_sgd_and_onecycle_and_surviv
     cfg = train.TrainConfig.of(s, 0, torch.device("cpu"), Context(), None)
     g = torch.Generator().manual_seed(0)
     images, labels = (torch.rand(16, 1, 24, 24, generator=g) * 255).to(torch.uint8), (torch.arange(16) % 2).float()
-    train.fit(PneumoniaCNN((4, 4, 4), stem=4), (images, labels), (images, labels), Preprocess(20), cfg, tmp_path)
+    train.fit(PneumoniaCNN((4, 4, 4), stem=4), (images, labels), (images, labels), Preprocess(20), cfg,
+              run_dir=tmp_path)
     last = runs.load_checkpoint(tmp_path / "last.pt")
     group = last["optimizer"]["param_groups"][0]
     assert group["weight_decay"] == 0.001 and group["nesterov"]

@@ -220,7 +220,7 @@ def _epochs(monkeypatch, cfg, losses, aucs, lr_at_end):
                         torch.Generator())
     for _ in losses:
         sched.lr = next(rates)
-        train.end_epoch(model, val, parts, state, 0.5, 0.0, cfg)
+        train.end_epoch(model, val, parts, state, 0.5, start=0.0, cfg=cfg)
         if state.stopped_early:
             break
     return state

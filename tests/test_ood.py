@@ -85,7 +85,7 @@ def test_real_films_pass_and_a_photo_a_blank_and_an_upside_down_film_are_flagged
     wrong = [PHOTO, str(blank), str(upside)]
     images, errors, colours = predictor.decode(wrong, show=False)
     _, features = predictor.logits_and_features(torch.from_numpy(images).unsqueeze(1))
-    distance, notes, flags = ood.inspect(wrong, images, features, predictor.prep, detector, colours)
+    distance, notes, flags = ood.inspect(wrong, images, features, predictor.prep, detector, colours=colours)
     assert flags[0][0].startswith("colour picture, not a radiograph") and colours[0] > 0.1
     assert "blank or near-constant image" in flags[1]
     assert "upside down?" in flags[2]

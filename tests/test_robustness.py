@@ -204,10 +204,10 @@ def test_nan_loss_stops_with_message_and_still_evaluates(tmp_path, monkeypatch, 
     import train
     real = train.train_one_epoch
 
-    def poisoned(parts, images, labels, batch_size, state, *rest):
+    def poisoned(parts, images, labels, batch_size, state, **rest):
         if len(state.history) >= 2:  # poison the third epoch
             parts = dataclasses.replace(parts, loss_fn=lambda logits, y: logits.sum() * float("inf"))
-        return real(parts, images, labels, batch_size, state, *rest)
+        return real(parts, images, labels, batch_size, state, **rest)
 
     monkeypatch.setattr(train, "train_one_epoch", poisoned)
     assert main.main(TINY + ["--out", str(tmp_path / "nan")]) == 0

@@ -84,7 +84,7 @@ def test_the_aspect_audit_matches_a_hand_computation_and_says_when_it_cannot_tel
     assert squashed["auc"] is None and squashed["same_for_all"]
     assert "cannot show whether it differs by class" in report.aspect_text(squashed)
     assert "AUC 1.000: median 1.200 among the normals and 1.500" in report.aspect_text(a)
-    block = shortcut.audit(y, np.full(7, 0.5), 0.5, None, {"series": ["x"] * 7}, ratios)
+    block = shortcut.audit(y, np.full(7, 0.5), 0.5, None, {"series": ["x"] * 7}, ratios=ratios)
     assert block["aspect"] == a and report.aspect_text(a) in report.shortcut_text(block)
 
 

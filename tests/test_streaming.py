@@ -89,10 +89,10 @@ def test_memory_does_not_grow_with_the_number_of_files(demo_run, tmp_path, monke
     monkeypatch.setattr(streaming, "CHUNK", 100)
     real, peaks = streaming.score_files, []
 
-    def traced(*args):  # the peak of Python's (and numpy's) allocations while the files are scored
+    def traced(*args, **keywords):  # the peak of Python's (and numpy's) allocations while the files are scored
         tracemalloc.start()
         try:
-            return real(*args)
+            return real(*args, **keywords)
         finally:
             peaks.append(tracemalloc.get_traced_memory()[1])
             tracemalloc.stop()
