@@ -1,0 +1,60 @@
+"""Time the figures a run draws, one kind at a time, on generated images (no data needed).
+
+Usage: `python benchmarks/figures.py [--repeats 5] [--root DIR]`. `--root` times another checkout's gradcam and
+evaluate (for example a git worktree at an older commit), so that two versions are measured side by side:
+    git worktree add /tmp/before HEAD~1
+    python benchmarks/figures.py --root /tmp/before; python benchmarks/figures.py
+Name the CPU beside the figures, and compare the two checkouts' seconds from runs made one after the other.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def best_of(fn, repeats: int) -> float:
+    """Fastest wall time of `repeats` calls (the least disturbed by other work on the machine)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="calls per figure; the fastest counts (default 5)")
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1],
+                        help="the checkout whose gradcam.py and evaluate.py are timed (default: this one)")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(args.root))
+    import evaluate
+    import gradcam
+
+    rng = np.random.default_rng(0)
+    image, cam = rng.random((112, 112)), rng.random((112, 112))
+    y = np.arange(200) % 2
+    prob = np.clip(y * 0.6 + rng.random(200) * 0.5, 0, 1)
+    metrics = evaluate.score(y, prob, np.arange(200), 0.5, n_resamples=50)
+    out = Path(tempfile.mkdtemp())
+    kinds = {
+        "overlay (8 a run)": lambda: gradcam.save_overlay(image, cam, "TP p=0.93 true=PNEUMONIA", out / "o.png"),
+        "grid of 16": lambda: gradcam.save_grid([image] * 16, [cam] * 16, ["TP p=0.93 true=PNEUMONIA"] * 16,
+                                                out / "g.png", suptitle="Grad-CAM, up to 4 per outcome"),
+        "randomisation 4 x 6": lambda: gradcam.save_randomisation_figure(
+            [image] * 4, [[cam] * 4] * 6, ["a", "b", "c", "d", "e"], [0.1] * 5, out / "r.png"),
+        "ROC curve": lambda: evaluate.plot_roc(y, prob, metrics, out / "roc.png"),
+        "confusion matrix": lambda: evaluate.plot_confusion(metrics, out / "cm.png"),
+    }
+    kinds["overlay (8 a run)"]()  # fonts and caches warmed once
+    print(f"figures of {args.root}, fastest of {args.repeats}:")
+    for name, draw in kinds.items():
+        print(f"  {name:22s} {best_of(draw, args.repeats):6.3f} s")
+
+
+if __name__ == "__main__":
+    main()
