@@ -150,10 +150,15 @@ def rates(y, prob, threshold) -> dict:
     return {k: m[k] for k in ("sensitivity", "specificity", "accuracy", "auc")}
 
 
+def first_half(patients: np.ndarray) -> np.ndarray:
+    """The films of a random half of the children (seed 0): the rule's cross-fit split of half A."""
+    kids = np.unique(patients)
+    return np.isin(patients, np.random.default_rng(0).permutation(kids)[:len(kids) // 2])
+
+
 def cross_fit(model, y, prob, patients, resamples: int) -> tuple[dict, float]:
     """Each patient-disjoint half's calls at the threshold fitted on the other half's scores; all calls scored."""
-    kids = np.unique(patients)
-    first = np.isin(patients, np.random.default_rng(0).permutation(kids)[:len(kids) // 2])
+    first = first_half(patients)
     calls, prevalence = np.zeros(len(y), int), []
     for fit_on in (first, ~first):
         r = calibrate.unlabelled_threshold(calibrate.site_logits(prob[fit_on]), model, resamples)
