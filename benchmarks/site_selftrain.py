@@ -1,0 +1,159 @@
+"""Self-training on a site's unlabelled films, judged on half A by the rule in docs/calibration.md ("Self-training
+on the site's films: the rule, fixed before it was scored"): each finished default run fine-tuned with quantile
+pseudo-labels of one half of half A's films, scored on the other half, then swapped; beside a control fine-tuned
+for as long on its training split alone.
+
+Usage: `python benchmarks/site_selftrain.py RUN [RUN ...] [--out benchmarks/results/site_selftrain]` (the seedN/
+folders of `benchmarks/generalisation.py --seeds 5 --only default`). Each run's result is written as it finishes
+(OUT/<run>.json; a run already there is read, not fitted again), then the table over all of them is printed.
+Half A's labels and names are read here only to split it by child and to score; the pseudo-labels come from the
+films' pixels through the run's own model.
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from app import calibrate  # noqa: E402
+from app.settings import default_cache_dir  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+from lib import infer, runs  # noqa: E402
+import train  # noqa: E402
+from generalisation import mean_sd, read_predictions  # noqa: E402  (beside this script)
+from site_unlabelled import TARGET, first_half  # noqa: E402
+
+LOW, HIGH = 0.20, 0.40  # of a half's films by the model's own score: the lowest taken as normal, the highest pneumonia
+CPU = torch.device("cpu")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="finished default runs scored with --external half A")
+    p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "site_selftrain")
+    return p.parse_args(argv)
+
+
+def splits(run: Path, config: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The run's own training and validation films (uint8 N x 1 x S x S, float labels), as its split.csv has them."""
+    ds = data.load_dataset(config["data"], config["image_size"], config["split"], config["seed"],
+                           default_cache_dir(), progress=False)
+    written = {r[0]: r[3] for r in (line.split(",") for line in (run / "split.csv").read_text().splitlines()[1:])}
+    assert all(written[p] == s for p, s in zip(ds.paths, ds.split)), f"{run}: not the split the run trained on"
+    out = {}
+    for name in ("train", "val"):
+        images, labels, _ = ds.subset(name)
+        out[name] = (images.to(CPU), labels)
+    return out
+
+
+def pseudo_labels(prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and labels of the films taken: the lowest LOW share of scores normal, the highest HIGH pneumonia."""
+    order = np.argsort(prob, kind="stable")
+    low, high = order[:round(LOW * len(prob))], order[len(prob) - round(HIGH * len(prob)):]
+    return np.r_[low, high], np.r_[np.zeros(len(low)), np.ones(len(high))]
+
+
+def fine_tune(ckpt: dict, sets: dict, config: dict, args, extra=None) -> infer.Predictor:
+    """The run's model trained on for args.epochs by its own recipe, on its training split plus `extra` films."""
+    predictor = infer.load_predictor(ckpt, CPU)
+    images, labels = sets["train"]
+    if extra is not None:
+        images, labels = torch.cat([images, extra[0]]), torch.cat([labels, extra[1]])
+    cfg = train.TrainConfig(epochs=args.epochs, batch_size=config["batch_size"], lr=args.lr,
+                            pos_weight=config["pos_weight"], patience=0, label_smoothing=config["label_smoothing"],
+                            momentum=tuple(config["momentum"]), weight_decay=config["weight_decay"],
+                            warmup=config["warmup"], keep="last", swa_epochs=config["swa_epochs"], task="pneumonia",
+                            seed=config["seed"], progress=False)
+    model = predictor.members[0].train()
+    train.set_seed(config["seed"])
+    with tempfile.TemporaryDirectory() as scratch:  # fit's history.csv and last.pt
+        train.fit(model, (images, labels), sets["val"], predictor.prep, cfg, run_dir=Path(scratch))
+    return infer.Predictor([model.eval()], predictor.prep, CPU)
+
+
+def thresholds(predictor: infer.Predictor, sets: dict, site_prob: np.ndarray) -> dict[str, float]:
+    """The model's validation threshold, and the validation shapes' threshold fitted on the site's scores."""
+    val_prob, _ = predictor.predict(sets["val"][0])
+    val_y = sets["val"][1].numpy().astype(int)
+    shapes = calibrate.ValidationShapes(calibrate.site_logits(val_prob), val_y, TARGET)
+    site = calibrate.unlabelled_threshold(calibrate.site_logits(site_prob), shapes)
+    return {"validation": evaluate.choose_threshold(val_y, val_prob, f"sens={TARGET}"),
+            "validation shapes": float("nan") if "refused" in site else site["threshold"]}
+
+
+def one_run(run: Path, args) -> dict:
+    """{method: {threshold: {sensitivity, specificity, accuracy, auc}}, "wall": seconds per fine-tuning}."""
+    config = json.loads((run / "config.json").read_text())
+    ckpt = runs.read_checkpoint(run / "best.pt")
+    sets = splits(run, config)
+    y, _, paths = read_predictions(next((run / "external").glob("*/predictions.csv")))
+    films = infer.load_predictor(ckpt, CPU)
+    images = torch.from_numpy(films.decode(paths, show=False)[0])[:, None]
+    own = films.predict(images)[0]  # the run's model on the films' pixels
+    first = first_half(np.array([data.patient_id(p) for p in paths]))
+    start = time.perf_counter()
+    control = fine_tune(ckpt, sets, config, args)
+    walls = [time.perf_counter() - start]
+    control_prob = control.predict(images)[0]
+    calls = {m: {t: np.zeros(len(y), int) for t in ("validation", "validation shapes")}
+             for m in ("control", "self-training")}
+    aucs = {"control": [], "self-training": []}
+    for fit_on in (first, ~first):
+        taken, labels = pseudo_labels(own[fit_on])
+        extra = images[np.flatnonzero(fit_on)[taken]], torch.from_numpy(labels).float()
+        start = time.perf_counter()
+        tuned = fine_tune(ckpt, sets, config, args, extra)
+        walls.append(time.perf_counter() - start)
+        tuned_prob = tuned.predict(images)[0]
+        for method, model, prob in (("control", control, control_prob), ("self-training", tuned, tuned_prob)):
+            for name, t in thresholds(model, sets, prob[fit_on]).items():
+                calls[method][name][~fit_on] = prob[~fit_on] >= t
+            aucs[method].append(evaluate.binary_metrics(y[~fit_on], prob[~fit_on], 0.5)["auc"])
+    result = {"wall": walls, "pseudo_label_precision": None}
+    for method, by_threshold in calls.items():
+        result[method] = {}
+        for name, c in by_threshold.items():
+            m = evaluate.binary_metrics(y, c.astype(float), 0.5)
+            result[method][name] = {k: m[k] for k in ("sensitivity", "specificity", "accuracy")} | \
+                {"auc": float(np.mean(aucs[method]))}
+    taken = [pseudo_labels(own[h]) for h in (first, ~first)]  # scored afterwards: how right the pseudo-labels were
+    result["pseudo_label_precision"] = float(np.mean(np.concatenate(
+        [y[np.flatnonzero(h)[rows]] == lab for h, (rows, lab) in zip((first, ~first), taken)])))
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for run in args.runs:
+        path = args.out / f"{run.name}.json"
+        if not path.exists():
+            runs.write_json(path, one_run(run, args))
+        results.append(json.loads(path.read_text()))
+        print(f"{run}: fine-tuning took {', '.join(f'{w:.0f}' for w in results[-1]['wall'])} s", flush=True)
+    print(f"\n{len(results)} runs, cross-fit on half A, {args.epochs} epochs at lr {args.lr}; pseudo-labels right: "
+          f"{mean_sd([r['pseudo_label_precision'] for r in results])}")
+    print("| model | threshold | sensitivity | specificity | accuracy | AUC |\n|---|---|---|---|---|---|")
+    for method in ("control", "self-training"):
+        for name in ("validation", "validation shapes"):
+            rows = [r[method][name] for r in results]
+            print(f"| {method} | {name} | " + " | ".join(mean_sd([row[k] for row in rows])
+                                                          for k in ("sensitivity", "specificity", "accuracy", "auc"))
+                  + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
