@@ -9,20 +9,10 @@ Name the CPU beside the figures, and compare the two checkouts' seconds from run
 import argparse
 import sys
 import tempfile
-import time
+import timeit
 from pathlib import Path
 
 import numpy as np
-
-
-def best_of(fn, repeats: int) -> float:
-    """Fastest wall time of `repeats` calls (the least disturbed by other work on the machine)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main(argv=None) -> None:
@@ -53,7 +43,8 @@ def main(argv=None) -> None:
     kinds["overlay (8 a run)"]()  # fonts and caches warmed once
     print(f"figures of {args.root}, fastest of {args.repeats}:")
     for name, draw in kinds.items():
-        print(f"  {name:22s} {best_of(draw, args.repeats):6.3f} s")
+        fastest = min(timeit.repeat(draw, number=1, repeat=args.repeats))  # the least disturbed by other work
+        print(f"  {name:22s} {fastest:6.3f} s")
 
 
 if __name__ == "__main__":
