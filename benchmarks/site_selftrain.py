@@ -1,16 +1,18 @@
-"""Self-training on a site's unlabelled films, judged on half A by the rule in docs/calibration.md ("Self-training
-on the site's films: the rule, fixed before it was scored"): each finished default run fine-tuned with quantile
-pseudo-labels of one half of half A's films, scored on the other half, then swapped; beside a control fine-tuned
-for as long on its training split alone.
+"""Learning a site from its unlabelled films, judged on half A by the rules in docs/calibration.md ("Self-training
+on the site's films" and "Domain-adversarial fine-tuning"): each finished default run fine-tuned with one half of
+half A's films, scored on the other half, then swapped; beside a control fine-tuned for as long on its training
+split alone. Methods: quantile pseudo-labels (self-training), and a domain critic through gradient reversal on the
+pooled features (adversarial, DANN).
 
-Usage: `python benchmarks/site_selftrain.py RUN [RUN ...] [--out benchmarks/results/site_selftrain]` (the seedN/
-folders of `benchmarks/generalisation.py --seeds 5 --only default`). Each run's result is written as it finishes
-(OUT/<run>.json; a run already there is read, not fitted again), then the table over all of them is printed.
+Usage: `python benchmarks/site_selftrain.py RUN [RUN ...] [--methods ...] [--out DIR]` (the seedN/ folders of
+`benchmarks/generalisation.py --seeds 5 --only default`). Each run's results are written as they finish
+(OUT/<run>.json; a method already there is read, not fitted again), then the table over all runs is printed.
 Half A's labels and names are read here only to split it by child and to score; the pseudo-labels come from the
 films' pixels through the run's own model.
 """
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -26,12 +30,14 @@ from app.settings import default_cache_dir  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 from lib import infer, runs  # noqa: E402
+from model import memory_format  # noqa: E402
 import train  # noqa: E402
 from generalisation import mean_sd, read_predictions  # noqa: E402  (beside this script)
 from site_unlabelled import TARGET, first_half  # noqa: E402
 
 LOW, HIGH = 0.20, 0.40  # of a half's films by the model's own score: the lowest taken as normal, the highest pneumonia
 CPU = torch.device("cpu")
+METHODS = ("control", "self-training", "adversarial")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("runs", nargs="+", type=Path, help="finished default runs scored with --external half A")
     p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="what to fit")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "site_selftrain")
     return p.parse_args(argv)
 
@@ -82,6 +89,51 @@ def fine_tune(ckpt: dict, sets: dict, config: dict, args, extra=None) -> infer.P
     return infer.Predictor([model.eval()], predictor.prep, CPU)
 
 
+class Reverse(torch.autograd.Function):
+    """The identity forward; the gradient times -weight backward (gradient reversal, Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.weight * grad, None
+
+
+def adversarial_fine_tune(ckpt: dict, sets: dict, config: dict, args, site: torch.Tensor) -> infer.Predictor:
+    """The run's model trained on for args.epochs by its recipe on its training split, while a critic on the pooled
+    features learns to tell a training film from a site film and the features learn to hide it: each step a
+    training batch and as many site films drawn at random, augmented alike, through one forward pass."""
+    predictor = infer.load_predictor(ckpt, CPU)
+    model = predictor.members[0].train()
+    critic = nn.Sequential(nn.Linear(model.head[-1].in_features, 64), nn.ReLU(), nn.Linear(64, 1))
+    images, labels = sets["train"]
+    size = config["batch_size"]
+    steps = math.ceil(len(images) / size)
+    optimizer, scheduler = train.make_optimizer(nn.ModuleList([model, critic]), args.lr, args.epochs, steps,
+                                                momentum=tuple(config["momentum"]),
+                                                weight_decay=config["weight_decay"], warmup=config["warmup"])
+    task_loss = train.smoothed_bce(config["pos_weight"], 0.0, CPU)
+    generator = train.set_seed(config["seed"])
+    for epoch in range(args.epochs):
+        for k, idx in enumerate(train.batches(len(images), size, generator)):
+            done = (epoch * steps + k) / (args.epochs * steps)
+            weight = 2 / (1 + math.exp(-10 * done)) - 1  # DANN's ramp: the critic's pull grows from 0 to 1
+            drawn = torch.randint(len(site), (len(idx),), generator=generator)
+            x = predictor.prep.train(torch.cat([images[idx], site[drawn]]), generator)
+            logits, features = model.forward_features(x.contiguous(memory_format=memory_format(CPU)))
+            is_site = torch.cat([torch.zeros(len(idx)), torch.ones(len(idx))])
+            loss = task_loss(logits[:len(idx)], labels[idx]) + F.binary_cross_entropy_with_logits(
+                critic(Reverse.apply(features, weight)).squeeze(1), is_site)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return infer.Predictor([model.eval()], predictor.prep, CPU)
+
+
 def thresholds(predictor: infer.Predictor, sets: dict, site_prob: np.ndarray) -> dict[str, float]:
     """The model's validation threshold, and the validation shapes' threshold fitted on the site's scores."""
     val_prob, _ = predictor.predict(sets["val"][0])
@@ -92,8 +144,9 @@ def thresholds(predictor: infer.Predictor, sets: dict, site_prob: np.ndarray) ->
             "validation shapes": float("nan") if "refused" in site else site["threshold"]}
 
 
-def one_run(run: Path, args) -> dict:
-    """{method: {threshold: {sensitivity, specificity, accuracy, auc}}, "wall": seconds per fine-tuning}."""
+def one_run(run: Path, args, done: dict) -> dict:
+    """`done` with every method of args.methods it lacks: {method: {threshold: {sensitivity, specificity, accuracy,
+    auc}, "wall": seconds per fine-tuning}}, and how right the pseudo-labels were."""
     config = json.loads((run / "config.json").read_text())
     ckpt = runs.read_checkpoint(run / "best.pt")
     sets = splits(run, config)
@@ -102,31 +155,36 @@ def one_run(run: Path, args) -> dict:
     images = torch.from_numpy(films.decode(paths, show=False)[0])[:, None]
     own = films.predict(images)[0]  # the run's model on the films' pixels
     first = first_half(np.array([data.patient_id(p) for p in paths]))
-    start = time.perf_counter()
-    control = fine_tune(ckpt, sets, config, args)
-    walls = [time.perf_counter() - start]
-    control_prob = control.predict(images)[0]
-    calls = {m: {t: np.zeros(len(y), int) for t in ("validation", "validation shapes")}
-             for m in ("control", "self-training")}
-    aucs = {"control": [], "self-training": []}
-    for fit_on in (first, ~first):
+    control = None
+
+    def tuned(method: str, fit_on: np.ndarray) -> infer.Predictor:
+        nonlocal control
+        if method == "control":  # sees no site film: one model serves both halves
+            control = control or fine_tune(ckpt, sets, config, args)
+            return control
+        if method == "adversarial":
+            return adversarial_fine_tune(ckpt, sets, config, args, images[np.flatnonzero(fit_on)])
         taken, labels = pseudo_labels(own[fit_on])
         extra = images[np.flatnonzero(fit_on)[taken]], torch.from_numpy(labels).float()
-        start = time.perf_counter()
-        tuned = fine_tune(ckpt, sets, config, args, extra)
-        walls.append(time.perf_counter() - start)
-        tuned_prob = tuned.predict(images)[0]
-        for method, model, prob in (("control", control, control_prob), ("self-training", tuned, tuned_prob)):
+        return fine_tune(ckpt, sets, config, args, extra)
+
+    result = dict(done)
+    for method in (m for m in args.methods if m not in done):
+        calls = {t: np.zeros(len(y), int) for t in ("validation", "validation shapes")}
+        aucs, walls = [], []
+        for fit_on in (first, ~first):
+            start = time.perf_counter()
+            model = tuned(method, fit_on)
+            walls.append(time.perf_counter() - start)
+            prob = model.predict(images)[0]
             for name, t in thresholds(model, sets, prob[fit_on]).items():
-                calls[method][name][~fit_on] = prob[~fit_on] >= t
-            aucs[method].append(evaluate.binary_metrics(y[~fit_on], prob[~fit_on], 0.5)["auc"])
-    result = {"wall": walls, "pseudo_label_precision": None}
-    for method, by_threshold in calls.items():
-        result[method] = {}
-        for name, c in by_threshold.items():
+                calls[name][~fit_on] = prob[~fit_on] >= t
+            aucs.append(evaluate.binary_metrics(y[~fit_on], prob[~fit_on], 0.5)["auc"])
+        result[method] = {"wall": walls}
+        for name, c in calls.items():
             m = evaluate.binary_metrics(y, c.astype(float), 0.5)
             result[method][name] = {k: m[k] for k in ("sensitivity", "specificity", "accuracy")} | \
-                {"auc": float(np.mean(aucs[method]))}
+                {"auc": float(np.mean(aucs))}
     taken = [pseudo_labels(own[h]) for h in (first, ~first)]  # scored afterwards: how right the pseudo-labels were
     result["pseudo_label_precision"] = float(np.mean(np.concatenate(
         [y[np.flatnonzero(h)[rows]] == lab for h, (rows, lab) in zip((first, ~first), taken)])))
@@ -139,14 +197,16 @@ def main(argv=None) -> int:
     results = []
     for run in args.runs:
         path = args.out / f"{run.name}.json"
-        if not path.exists():
-            runs.write_json(path, one_run(run, args))
+        done = json.loads(path.read_text()) if path.exists() else {}
+        if any(m not in done for m in args.methods):
+            runs.write_json(path, one_run(run, args, done))
         results.append(json.loads(path.read_text()))
-        print(f"{run}: fine-tuning took {', '.join(f'{w:.0f}' for w in results[-1]['wall'])} s", flush=True)
+        print(f"{run}: " + ", ".join(f"{m} {max(results[-1][m]['wall']):.0f} s" for m in METHODS if m in results[-1]),
+              flush=True)
     print(f"\n{len(results)} runs, cross-fit on half A, {args.epochs} epochs at lr {args.lr}; pseudo-labels right: "
           f"{mean_sd([r['pseudo_label_precision'] for r in results])}")
     print("| model | threshold | sensitivity | specificity | accuracy | AUC |\n|---|---|---|---|---|---|")
-    for method in ("control", "self-training"):
+    for method in (m for m in METHODS if all(m in r for r in results)):
         for name in ("validation", "validation shapes"):
             rows = [r[method][name] for r in results]
             print(f"| {method} | {name} | " + " | ".join(mean_sd([row[k] for row in rows])
