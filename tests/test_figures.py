@@ -79,3 +79,26 @@ def test_predict_figures_fit_with_long_names(outside, demo_run, tmp_path):
     assert main.main(["predict", str(films), "--checkpoint", str(demo_run / "best.pt"), "--out",
                       str(tmp_path / "p"), "--cam", "--quiet"]) == 0
     assert not outside, outside
+
+
+def test_every_text_a_figure_draws_is_made_printable(tmp_path):
+    """gradcam.printable_text walks the figure's texts itself (fig.findobj would lay out every hidden axis's ticks):
+    whatever kind of text a name lands in, none keeps its control character."""
+    import gradcam
+    import matplotlib.pyplot as plt
+    name = "ward\x07 7"
+    fig, (shown, hidden) = plt.subplots(1, 2)
+    shown.plot([0, 1], label=name)
+    shown.legend()
+    shown.set_title(name)
+    shown.set_xlabel(name)
+    shown.set_ylabel(name)
+    shown.annotate(name, (0.5, 0.5))
+    fig.colorbar(shown.imshow([[0, 1]]), ax=shown, label=name)
+    hidden.imshow(np.zeros((4, 4)))
+    hidden.set_title(name, loc="left")
+    fig.suptitle(name)
+    fig.legend([name])
+    gradcam._save(fig, tmp_path / "f.png", name)
+    texts = [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
+    assert sum("ward" in t for t in texts) == 9 and not any("\x07" in t for t in texts)
