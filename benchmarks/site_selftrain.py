@@ -11,6 +11,7 @@ Half A's labels and names are read here only to split it by child and to score; 
 films' pixels through the run's own model.
 """
 import argparse
+import csv
 import json
 import math
 import sys
@@ -55,7 +56,8 @@ def splits(run: Path, config: dict) -> dict[str, tuple[torch.Tensor, torch.Tenso
     """The run's own training and validation films (uint8 N x 1 x S x S, float labels), as its split.csv has them."""
     ds = data.load_dataset(config["data"], config["image_size"], config["split"], config["seed"],
                            default_cache_dir(), progress=False)
-    written = {r[0]: r[3] for r in (line.split(",") for line in (run / "split.csv").read_text().splitlines()[1:])}
+    with open(run / "split.csv", newline="") as f:
+        written = {row["path"]: row["split"] for row in csv.DictReader(f)}
     assert all(written[p] == s for p, s in zip(ds.paths, ds.split)), f"{run}: not the split the run trained on"
     out = {}
     for name in ("train", "val"):
