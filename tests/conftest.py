@@ -39,7 +39,7 @@ FIRST = ("test_main", "test_distributed", "test_robustness", "test_hostile", "te
 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__, len(FIRST)))  # stable: file order otherwise
+    items.sort(key=lambda item: rank.get(Path(item.nodeid.split("::")[0]).stem, len(FIRST)))  # stable otherwise
 
 
 def shared(name: str) -> Path:
