@@ -265,6 +265,10 @@ def _rooms(fig) -> list[tuple[matplotlib.text.Text, float]]:
 def fit_words(fig) -> None:
     """Wrap every title, caption and legend entry that would run past its room at word boundaries, then lay the
     figure out again with room for the taller text: no word is clipped at the canvas edge."""
+    for ax in fig.axes:
+        if not ax.axison:  # else matplotlib lays out each hidden axis's ticks to place every title, twice a picture
+            ax.xaxis.set_visible(False)
+            ax.yaxis.set_visible(False)
     fig.tight_layout()
     renderer = fig.canvas.get_renderer()
     wrapped = False
@@ -282,10 +286,6 @@ def fit_words(fig) -> None:
 
 
 def _save(fig, path, title: str) -> None:
-    for ax in fig.axes:
-        if not ax.axison:  # else matplotlib lays out each hidden axis's ticks to place every title, twice a picture
-            ax.xaxis.set_visible(False)
-            ax.yaxis.set_visible(False)
     fig.suptitle(title, fontsize=9)
     printable_text(fig)
     fit_words(fig)
