@@ -117,7 +117,7 @@ def adversarial_fine_tune(ckpt: dict, sets: dict, config: dict, args, site: torc
     optimizer, scheduler = train.make_optimizer(nn.ModuleList([model, critic]), args.lr, args.epochs, steps,
                                                 momentum=tuple(config["momentum"]),
                                                 weight_decay=config["weight_decay"], warmup=config["warmup"])
-    task_loss = train.smoothed_bce(config["pos_weight"], 0.0, CPU)
+    task_loss = train.smoothed_bce(config["pos_weight"], config["label_smoothing"], CPU)  # as fine_tune's fit
     generator = train.set_seed(config["seed"])
     for epoch in range(args.epochs):
         for k, idx in enumerate(train.batches(len(images), size, generator)):
