@@ -107,20 +107,39 @@ def test_memory_does_not_grow_with_the_number_of_files(demo_run, tmp_path, monke
     assert peaks[1] - peaks[0] < 2000 * image_bytes / 2, peaks
 
 
-def test_two_torchrun_processes_share_the_chunks_and_write_the_same_csv(demo_run, tmp_path):
-    films = archive(tmp_path / "films", demo_run / "demo_data", streaming.CHUNK + 60)  # chunk 0 on rank 0, 1 on 1
+# main.py with chunks of 100 files (two chunks are 160 files rather than 1,084), noting in CHUNK_LOG which rank
+# scores which chunk
+SMALL_CHUNKS = """import os, sys
+sys.path.insert(0, os.environ["PROJECT_ROOT"])
+from app import streaming
+streaming.CHUNK, real = 100, streaming.score_chunk
+def noted(*args):
+    with open(os.environ["CHUNK_LOG"], "a") as log:
+        log.write(f"{os.environ['RANK']} {args[2]}\\n")
+    return real(*args)
+streaming.score_chunk = noted
+import main
+sys.exit(main.main())
+"""
+
+
+def test_two_torchrun_processes_share_the_chunks_and_write_the_same_csv(demo_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(streaming, "CHUNK", 100)
+    films = archive(tmp_path / "films", demo_run / "demo_data", 160)
     command = ["predict", str(films), "--checkpoint", str(demo_run / "best.pt"), "--quiet"]
-    one = subprocess.run([sys.executable, str(ROOT / "main.py"), *command, "--out", str(tmp_path / "one")], env=ENV,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
+    assert main.main([*command, "--out", str(tmp_path / "one")]) == 0
+    script, log = tmp_path / "small_chunks.py", tmp_path / "chunks.log"
+    script.write_text(SMALL_CHUNKS)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "main.py"), *command, "--out", str(tmp_path / "two")], env=ENV,
-                         capture_output=True, text=True, timeout=600)
+                          str(script), *command, "--out", str(tmp_path / "two")],
+                         env={**ENV, "PROJECT_ROOT": str(ROOT), "CHUNK_LOG": str(log)}, capture_output=True,
+                         text=True, timeout=600)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    assert sorted(log.read_text().splitlines()) == ["0 0", "1 100"]  # chunk 0 on rank 0, chunk 1 on rank 1
     csv_one = (tmp_path / "one" / "predictions.csv").read_bytes()
     assert csv_one == (tmp_path / "two" / "predictions.csv").read_bytes()
     names = [line.split(b",")[0] for line in csv_one.splitlines()[1:]]
-    assert names == sorted(names) and len(names) == streaming.CHUNK + 60  # the input order, every file once
+    assert names == sorted(names) and len(names) == 160  # the input order, every file once
     assert two.stdout.count("files:") == 1  # rank 0 alone answers
     assert not (tmp_path / "two" / runs.MARKER).exists() and (tmp_path / "two" / "report.html").exists()
 
