@@ -11,6 +11,7 @@ Half A's labels and names are read here only to split it by child and to score; 
 films' pixels through the run's own model.
 """
 import argparse
+import copy
 import csv
 import json
 import math
@@ -38,7 +39,7 @@ from site_unlabelled import TARGET, first_half  # noqa: E402
 
 LOW, HIGH = 0.20, 0.40  # of a half's films by the model's own score: the lowest taken as normal, the highest pneumonia
 CPU = torch.device("cpu")
-METHODS = ("control", "self-training", "adversarial")
+METHODS = ("control", "self-training", "adversarial", "importance-weighted", "consistency")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,36 +105,97 @@ class Reverse(torch.autograd.Function):
         return -ctx.weight * grad, None
 
 
-def adversarial_fine_tune(ckpt: dict, sets: dict, config: dict, args, site: torch.Tensor) -> infer.Predictor:
-    """The run's model trained on for args.epochs by its recipe on its training split, while a critic on the pooled
-    features learns to tell a training film from a site film and the features learn to hide it: each step a
-    training batch and as many site films drawn at random, augmented alike, through one forward pass."""
+class Critic(nn.Module):
+    """DANN's domain critic on the pooled features (Ganin & Lempitsky 2015), each training film's loss weighted by
+    its class (IWDAN, Tachet des Combes et al. 2020: the ratio of site to training prevalence; 1, 1 for DANN)."""
+
+    def __init__(self, model: nn.Module, class_weight: tuple[float, float] = (1.0, 1.0)):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(model.head[-1].in_features, 64), nn.ReLU(), nn.Linear(64, 1))
+        self.class_weight = torch.tensor(class_weight)
+
+    def loss(self, _logits, features: torch.Tensor, labels: torch.Tensor, done: float, _site_view) -> torch.Tensor:
+        """Training films first, then as many site films; the features' gradient reversed by DANN's ramp."""
+        n = len(labels)
+        weight = 2 / (1 + math.exp(-10 * done)) - 1  # DANN's ramp: the critic's pull grows from 0 to 1
+        is_site = torch.cat([torch.zeros(n), torch.ones(n)])
+        films = torch.cat([self.class_weight[labels.long()], torch.ones(n)])
+        return F.binary_cross_entropy_with_logits(self.net(Reverse.apply(features, weight)).squeeze(1), is_site,
+                                                  weight=films)
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    def scored(self, model: nn.Module) -> nn.Module:
+        return model
+
+
+class Teacher(nn.Module):
+    """Mean teacher (Tarvainen & Valpola 2017): the student's weights averaged over the steps; the student's
+    P(pneumonia) on one view of each site film is pulled towards the teacher's on another view."""
+    DECAY, WEIGHT = 0.99, 10.0
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def loss(self, logits: torch.Tensor, _features, labels: torch.Tensor, done: float, site_view) -> torch.Tensor:
+        with torch.no_grad():
+            target = torch.sigmoid(self.model(site_view()))
+        ramp = math.exp(-5 * (1 - done) ** 2)  # mean teacher's sigmoid ramp-up
+        return self.WEIGHT * ramp * F.mse_loss(torch.sigmoid(logits[len(labels):]), target)
+
+    def after_step(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for mine, theirs in zip(self.model.parameters(), model.parameters()):
+                mine.lerp_(theirs, 1 - self.DECAY)
+            for mine, theirs in zip(self.model.buffers(), model.buffers()):
+                mine.copy_(theirs)
+
+    def scored(self, model: nn.Module) -> nn.Module:
+        return self.model
+
+
+def site_fine_tune(ckpt: dict, sets: dict, config: dict, args, site: torch.Tensor, make_term) -> infer.Predictor:
+    """The run's model trained on for args.epochs by its recipe on its training split, plus a term on the site's
+    films (`make_term(model)`: a Critic or a Teacher): each step a training batch and as many site films drawn at
+    random, augmented alike, through one forward pass; the task loss on the training films only."""
     predictor = infer.load_predictor(ckpt, CPU)
     model = predictor.members[0].train()
-    critic = nn.Sequential(nn.Linear(model.head[-1].in_features, 64), nn.ReLU(), nn.Linear(64, 1))
+    term = make_term(model)
     images, labels = sets["train"]
     size = config["batch_size"]
     steps = math.ceil(len(images) / size)
-    optimizer, scheduler = train.make_optimizer(nn.ModuleList([model, critic]), args.lr, args.epochs, steps,
+    optimizer, scheduler = train.make_optimizer(nn.ModuleList([model, term]), args.lr, args.epochs, steps,
                                                 momentum=tuple(config["momentum"]),
                                                 weight_decay=config["weight_decay"], warmup=config["warmup"])
     task_loss = train.smoothed_bce(config["pos_weight"], config["label_smoothing"], CPU)  # as fine_tune's fit
+    layout = memory_format(CPU)
     generator = train.set_seed(config["seed"])
     for epoch in range(args.epochs):
         for k, idx in enumerate(train.batches(len(images), size, generator)):
             done = (epoch * steps + k) / (args.epochs * steps)
-            weight = 2 / (1 + math.exp(-10 * done)) - 1  # DANN's ramp: the critic's pull grows from 0 to 1
-            drawn = torch.randint(len(site), (len(idx),), generator=generator)
-            x = predictor.prep.train(torch.cat([images[idx], site[drawn]]), generator)
-            logits, features = model.forward_features(x.contiguous(memory_format=memory_format(CPU)))
-            is_site = torch.cat([torch.zeros(len(idx)), torch.ones(len(idx))])
-            loss = task_loss(logits[:len(idx)], labels[idx]) + F.binary_cross_entropy_with_logits(
-                critic(Reverse.apply(features, weight)).squeeze(1), is_site)
+            drawn = site[torch.randint(len(site), (len(idx),), generator=generator)]
+            x = predictor.prep.train(torch.cat([images[idx], drawn]), generator)
+            logits, features = model.forward_features(x.contiguous(memory_format=layout))
+            loss = task_loss(logits[:len(idx)], labels[idx]) + term.loss(
+                logits, features, labels[idx], done,
+                lambda: predictor.prep.train(drawn, generator).contiguous(memory_format=layout))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-    return infer.Predictor([model.eval()], predictor.prep, CPU)
+            term.after_step(model)
+    return infer.Predictor([term.scored(model).eval()], predictor.prep, CPU)
+
+
+def class_weight(own_site: np.ndarray, own_val: np.ndarray, sets: dict) -> tuple[float, float]:
+    """IWDAN's weights: the site's prevalence (the validation shapes' estimate from the run's own scores of the
+    site's films, no label) over the training split's, for normal and pneumonia."""
+    shapes = calibrate.ValidationShapes(calibrate.site_logits(own_val), sets["val"][1].numpy().astype(int), TARGET)
+    site = shapes.fit(np.sort(calibrate.site_logits(own_site))).prevalence
+    trained = float(sets["train"][1].mean())
+    return (1 - site) / (1 - trained), site / trained
 
 
 def thresholds(predictor: infer.Predictor, sets: dict, site_prob: np.ndarray) -> dict[str, float]:
@@ -164,8 +226,14 @@ def one_run(run: Path, args, done: dict) -> dict:
         if method == "control":  # sees no site film: one model serves both halves
             control = control or fine_tune(ckpt, sets, config, args)
             return control
+        site = images[np.flatnonzero(fit_on)]
         if method == "adversarial":
-            return adversarial_fine_tune(ckpt, sets, config, args, images[np.flatnonzero(fit_on)])
+            return site_fine_tune(ckpt, sets, config, args, site, Critic)
+        if method == "importance-weighted":
+            weights = class_weight(own[fit_on], films.predict(sets["val"][0])[0], sets)
+            return site_fine_tune(ckpt, sets, config, args, site, lambda model: Critic(model, weights))
+        if method == "consistency":
+            return site_fine_tune(ckpt, sets, config, args, site, Teacher)
         taken, labels = pseudo_labels(own[fit_on])
         extra = images[np.flatnonzero(fit_on)[taken]], torch.from_numpy(labels).float()
         return fine_tune(ckpt, sets, config, args, extra)
