@@ -1,8 +1,10 @@
 """Learning a site from its unlabelled films, judged on half A by the rules in docs/calibration.md ("Self-training
-on the site's films" and "Domain-adversarial fine-tuning"): each finished default run fine-tuned with one half of
-half A's films, scored on the other half, then swapped; beside a control fine-tuned for as long on its training
-split alone. Methods: quantile pseudo-labels (self-training), and a domain critic through gradient reversal on the
-pooled features (adversarial, DANN).
+on the site's films", "Domain-adversarial fine-tuning", "Consistency and importance-weighted adversarial
+fine-tuning"): each finished default run fine-tuned with one half of half A's films, scored on the other half, then
+swapped; beside a control fine-tuned for as long on its training split alone. Methods: quantile pseudo-labels
+(self-training); a domain critic through gradient reversal on the pooled features (adversarial, DANN), with its
+training films weighted by the estimated class ratio (importance-weighted, IWDAN); a mean teacher's consistency
+between two views of every site film (consistency).
 
 Usage: `python benchmarks/site_selftrain.py RUN [RUN ...] [--methods ...] [--out DIR]` (the seedN/ folders of
 `benchmarks/generalisation.py --seeds 5 --only default`). Each run's results are written as they finish
