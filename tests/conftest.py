@@ -102,7 +102,7 @@ def _demo_run(base: Path) -> None:
     external = demo.make_phantoms(base / "other_site", patients_per_class=8, seed=99)  # an 'external' labelled folder
     # fp32 pinned: auto takes bf16 on some CPUs, which trains another model; the pointing game of 18 demo images
     # moves with the model (0.72-1.00 over seeds 1-4, in fp32 and bf16 alike), and the tests check this one
-    assert main.main(["--demo", "--out", str(base / "run"), "--epochs", "10", "--demo-patients", "40",
+    assert main.main(["--demo", "--out", str(base / "run"), "--epochs", "6", "--demo-patients", "40",
                       "--image-size", "128", "--quiet", "--external", str(external), "--precision", "fp32"]) == 0
 
 
