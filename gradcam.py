@@ -24,6 +24,8 @@ from lib.labels import CLASSES
 from lib.names import printable
 from lib.transforms import centre_crop
 
+LAYOUT = ("left", "right", "bottom", "top", "wspace", "hspace")  # a figure's subplot parameters
+
 
 class GradCAM:
     """Owns one forward hook on `target_layer`; maps are N x H x W in [0, 1] for the chosen class.
@@ -285,24 +287,50 @@ def fit_words(fig) -> None:
         fig.tight_layout()
 
 
-def _save(fig, path, title: str) -> None:
+def _draw(fig, path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     printable_text(fig)
     fit_words(fig)
     fig.savefig(path, dpi=100)
+
+
+def _save(fig, path, title: str) -> None:
+    _draw(fig, path, title)
     plt.close(fig)
 
 
 def save_overlay(image: np.ndarray, cam: np.ndarray, title: str, path) -> None:
     """Image, heatmap and both blended, side by side, with a title line."""
-    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.9))
-    _show(axes[0], image)
-    axes[1].imshow(cam, cmap="jet", vmin=0, vmax=1)
-    axes[1].set_axis_off()
-    _show(axes[2], image, cam)
-    for ax, name in zip(axes, ("image", "Grad-CAM", "overlay")):
-        ax.set_title(name, fontsize=8)
-    _save(fig, path, title)
+    save_overlay_files([(image, cam, title, path)])
+
+
+def save_overlay_files(films) -> None:
+    """save_overlay of each (image, heatmap, title, path) of `films`, into one figure drawn again for each: making
+    its three axes is a third of an overlay's time. The layout starts from matplotlib's defaults every time, as a
+    new figure's does, so each PNG is the one a figure of its own gives (tight_layout run from another film's
+    layout would move every axis by a pixel)."""
+    fig = None
+    try:
+        for image, cam, title, path in films:
+            if fig is None:
+                fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.9))
+                _show(axes[0], image)
+                axes[1].imshow(cam, cmap="jet", vmin=0, vmax=1)
+                axes[1].set_axis_off()
+                _show(axes[2], image, cam)
+            else:
+                grey, heat, (under, over) = axes[0].images[0], axes[1].images[0], axes[2].images
+                for shown, data in ((grey, image), (heat, cam), (under, image), (over, cam)):
+                    shown.set_data(data)
+                grey.autoscale()  # the grey scale spans each film's own range; the heatmap's is fixed at 0-1
+                under.autoscale()
+                fig.subplots_adjust(**{k: plt.rcParams[f"figure.subplot.{k}"] for k in LAYOUT})
+            for ax, name in zip(axes, ("image", "Grad-CAM", "overlay")):
+                ax.set_title(name, fontsize=8)
+            _draw(fig, path, title)
+    finally:
+        if fig is not None:
+            plt.close(fig)
 
 
 def save_grid(images, cams, titles, path, columns: int = 4, *, suptitle: str = "") -> None:
@@ -392,10 +420,10 @@ def _draw_outcomes(scorer, images, picks: list[int], maps: dict, outcome: np.nda
     def describe(i):
         return f"{outcome[i]} p={y_prob[i]:.2f} true={CLASSES[y_true[i]]}"
 
-    for kind in ("TP", "TN", "FP", "FN"):
-        for k in [k for k, i in enumerate(picks) if outcome[i] == kind][:2]:
-            save_overlay(shown[k], maps[picks[k]], describe(picks[k]) + note,
-                         out / "gradcam" / f"{kind}_{picks[k]:04d}.png")
+    two_each = [k for kind in ("TP", "TN", "FP", "FN")
+                for k in [k for k, i in enumerate(picks) if outcome[i] == kind][:2]]
+    save_overlay_files((shown[k], maps[picks[k]], describe(picks[k]) + note,
+                        out / "gradcam" / f"{outcome[picks[k]]}_{picks[k]:04d}.png") for k in two_each)
     save_grid(shown, [maps[i] for i in picks], [describe(i) for i in picks], out / "gradcam_grid.png",
               suptitle=f"Grad-CAM ({scorer.cam_target} evidence), up to 4 per outcome{note}")
 
@@ -410,9 +438,8 @@ def save_overlays(scorer, batch: torch.Tensor, prob: np.ndarray, files: list[str
     """One Grad-CAM overlay per predicted image (of predict's `rows`), named after its file (overlay_path)."""
     s = scorer
     _, maps, shown = _maps(s, batch)
-    for i, (f, row) in enumerate(zip(files, rows)):
-        save_overlay(shown[i], maps[i], f"{Path(f).name}: p(pneumonia)={prob[i]:.3f} ({s.cam_target} evidence)",
-                     overlay_path(out, row, f))
+    save_overlay_files((shown[i], maps[i], f"{Path(f).name}: p(pneumonia)={prob[i]:.3f} ({s.cam_target} evidence)",
+                        overlay_path(out, row, f)) for i, (f, row) in enumerate(zip(files, rows)))
 
 
 def explain_causes(scorer, images: torch.Tensor, causes: np.ndarray, classes: np.ndarray, out: Path,

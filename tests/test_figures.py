@@ -102,3 +102,17 @@ def test_every_text_a_figure_draws_is_made_printable(tmp_path):
     gradcam._save(fig, tmp_path / "f.png", name)
     texts = [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
     assert sum("ward" in t for t in texts) == 9 and not any("\x07" in t for t in texts)
+
+
+def test_overlays_drawn_into_one_figure_are_the_pictures_each_its_own_figure_gives(tmp_path):
+    """save_overlay_files reuses one figure: no film's grey scale, heatmap, title or layout may carry over to the
+    next (a layout fitted from the previous film's moves every axis by a pixel)."""
+    import gradcam
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    films = [(rng.random((64, 64)) * scale, rng.random((64, 64)), f"film_{k}.png: p=0.{k}" + " long" * 30 * k,
+              tmp_path / f"together_{k}.png") for k, scale in enumerate((1.0, 0.3, 5.0))]  # 1, 2 and 3 title lines
+    gradcam.save_overlay_files(films)
+    for k, (image, cam, title, path) in enumerate(films):
+        gradcam.save_overlay(image, cam, title, tmp_path / f"alone_{k}.png")
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(tmp_path / f"alone_{k}.png"))), k
