@@ -309,9 +309,12 @@ def save_overlay_files(films) -> None:
     its three axes is a third of an overlay's time. The layout starts from matplotlib's defaults every time, as a
     new figure's does, so each PNG is the one a figure of its own gives (tight_layout run from another film's
     layout would move every axis by a pixel)."""
-    fig = None
+    fig = axes = None
     try:
         for image, cam, title, path in films:
+            if fig is not None and axes[0].images[0].get_array().shape != np.shape(image):
+                plt.close(fig)  # a film of another size: a figure of its own, whose axes fit it
+                fig = None
             if fig is None:
                 fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.9))
                 _show(axes[0], image)

@@ -112,6 +112,7 @@ def test_overlays_drawn_into_one_figure_are_the_pictures_each_its_own_figure_giv
     rng = np.random.default_rng(0)
     films = [(rng.random((64, 64)) * scale, rng.random((64, 64)), f"film_{k}.png: p=0.{k}" + " long" * 30 * k,
               tmp_path / f"together_{k}.png") for k, scale in enumerate((1.0, 0.3, 5.0))]  # 1, 2 and 3 title lines
+    films.append((rng.random((40, 56)), rng.random((40, 56)), "another size", tmp_path / "together_3.png"))
     gradcam.save_overlay_files(films)
     for k, (image, cam, title, path) in enumerate(films):
         gradcam.save_overlay(image, cam, title, tmp_path / f"alone_{k}.png")
