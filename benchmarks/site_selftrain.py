@@ -220,6 +220,7 @@ def one_run(run: Path, args, done: dict) -> dict:
     films = infer.load_predictor(ckpt, CPU)
     images = torch.from_numpy(films.decode(paths, show=False)[0])[:, None]
     own = films.predict(images)[0]  # the run's model on the films' pixels
+    own_val = films.predict(sets["val"][0])[0]  # and on its validation films, for IWDAN's prevalence estimate
     first = first_half(np.array([data.patient_id(p) for p in paths]))
     control = None
 
@@ -232,7 +233,7 @@ def one_run(run: Path, args, done: dict) -> dict:
         if method == "adversarial":
             return site_fine_tune(ckpt, sets, config, args, site, Critic)
         if method == "importance-weighted":
-            weights = class_weight(own[fit_on], films.predict(sets["val"][0])[0], sets)
+            weights = class_weight(own[fit_on], own_val, sets)
             return site_fine_tune(ckpt, sets, config, args, site, lambda model: Critic(model, weights))
         if method == "consistency":
             return site_fine_tune(ckpt, sets, config, args, site, Teacher)
