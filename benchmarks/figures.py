@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     out = Path(tempfile.mkdtemp())
     films = [(image * (1 + k / 8), cam, f"TP p=0.9{k} true=PNEUMONIA", out / f"o{k}.png") for k in range(8)]
     kinds = {
-        "overlay (8 a run)": lambda: gradcam.save_overlay(image, cam, "TP p=0.93 true=PNEUMONIA", out / "o.png"),
+        "one overlay": lambda: gradcam.save_overlay(image, cam, "TP p=0.93 true=PNEUMONIA", out / "o.png"),
         "8 overlays, one call": lambda: save_overlay_files(gradcam, films),
         "grid of 16": lambda: gradcam.save_grid([image] * 16, [cam] * 16, ["TP p=0.93 true=PNEUMONIA"] * 16,
                                                 out / "g.png", suptitle="Grad-CAM, up to 4 per outcome"),
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
         "ROC curve": lambda: evaluate.plot_roc(y, prob, metrics, out / "roc.png"),
         "confusion matrix": lambda: evaluate.plot_confusion(metrics, out / "cm.png"),
     }
-    kinds["overlay (8 a run)"]()  # fonts and caches warmed once
+    kinds["one overlay"]()  # fonts and caches warmed once
     print(f"figures of {args.root}, fastest of {args.repeats}:")
     for name, draw in kinds.items():
         fastest = min(timeit.repeat(draw, number=1, repeat=args.repeats))  # the least disturbed by other work
