@@ -4,11 +4,13 @@ fine-tuning"): each finished default run fine-tuned with one half of half A's fi
 swapped; beside a control fine-tuned for as long on its training split alone. Methods: quantile pseudo-labels
 (self-training); a domain critic through gradient reversal on the pooled features (adversarial, DANN), with its
 training films weighted by the estimated class ratio (importance-weighted, IWDAN); a mean teacher's consistency
-between two views of every site film (consistency).
+between two views of every site film (consistency). With `--setting transductive` each method is fitted once on all
+of half A's films and scored on all of them (the rule's transductive setting).
 
-Usage: `python benchmarks/site_selftrain.py RUN [RUN ...] [--methods ...] [--out DIR]` (the seedN/ folders of
-`benchmarks/generalisation.py --seeds 5 --only default`). Each run's results are written as they finish
-(OUT/<run>.json; a method already there is read, not fitted again), then the table over all runs is printed.
+Usage: `python benchmarks/site_selftrain.py RUN [RUN ...] [--methods ...] [--setting ...] [--out DIR]` (the seedN/
+folders of `benchmarks/generalisation.py --seeds 5 --only default`). Each run's results are written as they finish
+(OUT/<run>.json, OUT/<run>.transductive.json; a method already there is read, not fitted again), then the table over
+all runs is printed.
 Half A's labels and names are read here only to split it by child and to score; the pseudo-labels come from the
 films' pixels through the run's own model.
 """
@@ -42,6 +44,7 @@ from site_unlabelled import TARGET, first_half  # noqa: E402
 LOW, HIGH = 0.20, 0.40  # of a half's films by the model's own score: the lowest taken as normal, the highest pneumonia
 CPU = torch.device("cpu")
 METHODS = ("control", "self-training", "adversarial", "importance-weighted", "consistency")
+SETTINGS = ("cross-fit", "transductive")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="what to fit")
+    p.add_argument("--setting", choices=SETTINGS, default="cross-fit",
+                   help="fitted on one half of half A and scored on the other (then swapped), or fitted and scored "
+                        "on all of it")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "site_selftrain")
     return p.parse_args(argv)
 
@@ -222,6 +228,8 @@ def one_run(run: Path, args, done: dict) -> dict:
     own = films.predict(images)[0]  # the run's model on the films' pixels
     own_val = films.predict(sets["val"][0])[0]  # and on its validation films, for IWDAN's prevalence estimate
     first = first_half(np.array([data.patient_id(p) for p in paths]))
+    every = np.ones(len(y), bool)
+    folds = [(first, ~first), (~first, first)] if args.setting == "cross-fit" else [(every, every)]  # fit, score
     control = None
 
     def tuned(method: str, fit_on: np.ndarray) -> infer.Predictor:
@@ -245,22 +253,22 @@ def one_run(run: Path, args, done: dict) -> dict:
     for method in (m for m in args.methods if m not in done):
         calls = {t: np.zeros(len(y), int) for t in ("validation", "validation shapes")}
         aucs, walls = [], []
-        for fit_on in (first, ~first):
+        for fit_on, score_on in folds:
             start = time.perf_counter()
             model = tuned(method, fit_on)
             walls.append(time.perf_counter() - start)
             prob = model.predict(images)[0]
             for name, t in thresholds(model, sets, prob[fit_on]).items():
-                calls[name][~fit_on] = prob[~fit_on] >= t
-            aucs.append(evaluate.binary_metrics(y[~fit_on], prob[~fit_on], 0.5)["auc"])
+                calls[name][score_on] = prob[score_on] >= t
+            aucs.append(evaluate.binary_metrics(y[score_on], prob[score_on], 0.5)["auc"])
         result[method] = {"wall": walls}
         for name, c in calls.items():
             m = evaluate.binary_metrics(y, c.astype(float), 0.5)
             result[method][name] = {k: m[k] for k in ("sensitivity", "specificity", "accuracy")} | \
                 {"auc": float(np.mean(aucs))}
-    taken = [pseudo_labels(own[h]) for h in (first, ~first)]  # scored afterwards: how right the pseudo-labels were
+    taken = [pseudo_labels(own[h]) for h, _ in folds]  # scored afterwards: how right the pseudo-labels were
     result["pseudo_label_precision"] = float(np.mean(np.concatenate(
-        [y[np.flatnonzero(h)[rows]] == lab for h, (rows, lab) in zip((first, ~first), taken)])))
+        [y[np.flatnonzero(h)[rows]] == lab for (h, _), (rows, lab) in zip(folds, taken)])))
     return result
 
 
@@ -269,15 +277,15 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for run in args.runs:
-        path = args.out / f"{run.name}.json"
+        path = args.out / (f"{run.name}.json" if args.setting == "cross-fit" else f"{run.name}.{args.setting}.json")
         done = json.loads(path.read_text()) if path.exists() else {}
         if any(m not in done for m in args.methods):
             runs.write_json(path, one_run(run, args, done))
         results.append(json.loads(path.read_text()))
         print(f"{run}: " + ", ".join(f"{m} {max(results[-1][m]['wall']):.0f} s" for m in METHODS if m in results[-1]),
               flush=True)
-    print(f"\n{len(results)} runs, cross-fit on half A, {args.epochs} epochs at lr {args.lr}; pseudo-labels right: "
-          f"{mean_sd([r['pseudo_label_precision'] for r in results])}")
+    print(f"\n{len(results)} runs, {args.setting} on half A, {args.epochs} epochs at lr {args.lr}; pseudo-labels "
+          f"right: {mean_sd([r['pseudo_label_precision'] for r in results])}")
     print("| model | threshold | sensitivity | specificity | accuracy | AUC |\n|---|---|---|---|---|---|")
     for method in (m for m in METHODS if all(m in r for r in results)):
         for name in ("validation", "validation shapes"):
