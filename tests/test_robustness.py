@@ -116,14 +116,6 @@ def _comparable(run):
     return metrics, history
 
 
-def test_same_seed_gives_identical_results(tmp_path):
-    assert main.main(TINY + ["--out", str(tmp_path / "a")]) == 0
-    assert main.main(TINY + ["--out", str(tmp_path / "b")]) == 0
-    assert _comparable(tmp_path / "a") == _comparable(tmp_path / "b")
-    assert main.main(TINY + ["--out", str(tmp_path / "c"), "--seed", "1"]) == 0
-    assert _comparable(tmp_path / "a")[0] != _comparable(tmp_path / "c")[0]
-
-
 @pytest.fixture(scope="module")
 def uncut(tmp_path_factory):
     """members -> a finished run of `interrupted(members)`'s arguments, trained once for every place it is cut."""
@@ -139,6 +131,14 @@ def uncut(tmp_path_factory):
 
 def interrupted(members: int) -> list[str]:
     return TINY + ["--batch-size", "8", "--ensemble", str(members)]
+
+
+def test_same_seed_gives_identical_results(tmp_path, uncut):
+    whole = uncut(1)  # the same arguments, trained once for the module
+    assert main.main(interrupted(1) + ["--out", str(tmp_path / "b")]) == 0
+    assert _comparable(whole) == _comparable(tmp_path / "b")
+    assert main.main(interrupted(1) + ["--out", str(tmp_path / "c"), "--seed", "1"]) == 0
+    assert _comparable(whole)[0] != _comparable(tmp_path / "c")[0]
 
 
 @pytest.mark.parametrize("where, sig, members", [("mid-epoch", signal.SIGINT, 1),
