@@ -486,7 +486,7 @@ def collect_sets(test: tuple[dict, np.ndarray, np.ndarray], externals: dict, roc
 def _save(fig, path) -> None:
     gradcam.printable_text(fig)
     gradcam.fit_words(fig)
-    fig.savefig(path, dpi=110)
+    gradcam.write_png(fig, path, dpi=110)
     plt.close(fig)
 
 
