@@ -22,11 +22,17 @@ SHARED = Path(os.environ.get("PNEUMONIA_SHARED_DATA", ROOT.parent / "shared" / "
 
 def pytest_configure(config):
     """Under pytest-xdist (`-n`), the cores shared out among the workers: torch's own threads in every worker would
-    ask for more cores than there are, and spin-waiting threads then slow every one of them."""
+    ask for more cores than there are, and spin-waiting threads then slow every one of them. The same holds for
+    numpy's and scipy's BLAS and scikit-learn's OpenMP: the layout probe's logistic regression took 0.25 CPU-s with
+    two BLAS threads and 0.12 with one, in the same wall time."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
+        import sklearn.linear_model  # noqa: F401  (loads scipy's BLAS and scikit-learn's OpenMP, so both are limited)
         import torch
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        from threadpoolctl import threadpool_limits
+        share = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(share)
+        threadpool_limits(share)  # every BLAS and OpenMP library loaded so far (threadpoolctl: scikit-learn's own)
 
 
 # The slowest modules, in the order pytest-xdist hands them to the workers (longest first, so that the short ones
