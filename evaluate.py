@@ -484,9 +484,7 @@ def collect_sets(test: tuple[dict, np.ndarray, np.ndarray], externals: dict, roc
 # ---------------------------------------------------------------- plots
 
 def _save(fig, path) -> None:
-    gradcam.printable_text(fig)
-    gradcam.fit_words(fig)
-    gradcam.write_png(fig, path, dpi=110)
+    gradcam.write_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
