@@ -4,8 +4,9 @@ fine-tuning"): each finished default run fine-tuned with one half of half A's fi
 swapped; beside a control fine-tuned for as long on its training split alone. Methods: quantile pseudo-labels
 (self-training); a domain critic through gradient reversal on the pooled features (adversarial, DANN), with its
 training films weighted by the estimated class ratio (importance-weighted, IWDAN); a mean teacher's consistency
-between two views of every site film (consistency). With `--setting transductive` each method is fitted once on all
-of half A's films and scored on all of them (the rule's transductive setting).
+between two views of every site film (consistency); a new network trained from the run's seed by its whole recipe with
+the pseudo-labelled films added (retrained: "Retraining from the start"). With `--setting transductive` each method
+is fitted once on all of half A's films and scored on all of them (the rule's transductive setting).
 
 Usage: `python benchmarks/site_selftrain.py RUN [RUN ...] [--methods ...] [--setting ...] [--out DIR]` (the seedN/
 folders of `benchmarks/generalisation.py --seeds 5 --only default`). Each run's results are written as they finish
@@ -36,14 +37,14 @@ from app.settings import default_cache_dir  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 from lib import infer, runs  # noqa: E402
-from model import memory_format  # noqa: E402
+from model import build, memory_format, place  # noqa: E402
 import train  # noqa: E402
 from generalisation import mean_sd, read_predictions  # noqa: E402  (beside this script)
 from site_unlabelled import TARGET, first_half  # noqa: E402
 
 LOW, HIGH = 0.20, 0.40  # of a half's films by the model's own score: the lowest taken as normal, the highest pneumonia
 CPU = torch.device("cpu")
-METHODS = ("control", "self-training", "adversarial", "importance-weighted", "consistency")
+METHODS = ("control", "self-training", "adversarial", "importance-weighted", "consistency", "retrained")
 SETTINGS = ("cross-fit", "transductive")
 
 
@@ -63,8 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def splits(run: Path, config: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The run's own training and validation films (uint8 N x 1 x S x S, float labels), as its split.csv has them."""
-    ds = data.load_dataset(config["data"], config["image_size"], config["split"], config["seed"],
-                           default_cache_dir(), progress=False)
+    root = str(run / "demo_data") if config.get("demo") else config["data"]  # a --demo run keeps its phantoms
+    ds = data.load_dataset(root, config["image_size"], config["split"], config["seed"],
+                           None if config.get("demo") else default_cache_dir(), progress=False)
     with open(run / "split.csv", newline="") as f:
         written = {row["path"]: row["split"] for row in csv.DictReader(f)}
     assert all(written[p] == s for p, s in zip(ds.paths, ds.split)), f"{run}: not the split the run trained on"
@@ -82,19 +84,25 @@ def pseudo_labels(prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.r_[low, high], np.r_[np.zeros(len(low)), np.ones(len(high))]
 
 
-def fine_tune(ckpt: dict, sets: dict, config: dict, args, extra=None) -> infer.Predictor:
-    """The run's model trained on for args.epochs by its own recipe, on its training split plus `extra` films."""
+def fine_tune(ckpt: dict, sets: dict, config: dict, args, extra=None, fresh: bool = False) -> infer.Predictor:
+    """The run's model trained on for args.epochs by its own recipe, on its training split plus `extra` films; with
+    `fresh`, a new network from the run's seed trained by the run's whole recipe (its epochs and learning rate)."""
     predictor = infer.load_predictor(ckpt, CPU)
     images, labels = sets["train"]
     if extra is not None:
         images, labels = torch.cat([images, extra[0]]), torch.cat([labels, extra[1]])
-    cfg = train.TrainConfig(epochs=args.epochs, batch_size=config["batch_size"], lr=args.lr,
+    epochs, lr = (config["epochs"], config["lr"]) if fresh else (args.epochs, args.lr)
+    cfg = train.TrainConfig(epochs=epochs, batch_size=config["batch_size"], lr=lr,
                             pos_weight=config["pos_weight"], patience=0, label_smoothing=config["label_smoothing"],
                             momentum=tuple(config["momentum"]), weight_decay=config["weight_decay"],
                             warmup=config["warmup"], keep="last", swa_epochs=config["swa_epochs"], task="pneumonia",
                             seed=config["seed"], progress=False)
-    model = predictor.members[0].train()
-    train.set_seed(config["seed"])
+    if fresh:  # as train_members starts a run: seeded once, then the initial weights drawn, then fitted
+        train.set_seed(config["seed"])
+        model = place(build(ckpt["model_config"]), CPU).train()
+    else:
+        model = predictor.members[0].train()
+        train.set_seed(config["seed"])
     with tempfile.TemporaryDirectory() as scratch:  # fit's history.csv and last.pt
         train.fit(model, (images, labels), sets["val"], predictor.prep, cfg, run_dir=Path(scratch))
     return infer.Predictor([model.eval()], predictor.prep, CPU)
@@ -247,7 +255,7 @@ def one_run(run: Path, args, done: dict) -> dict:
             return site_fine_tune(ckpt, sets, config, args, site, Teacher)
         taken, labels = pseudo_labels(own[fit_on])
         extra = images[np.flatnonzero(fit_on)[taken]], torch.from_numpy(labels).float()
-        return fine_tune(ckpt, sets, config, args, extra)
+        return fine_tune(ckpt, sets, config, args, extra, fresh=method == "retrained")
 
     result = dict(done)
     for method in (m for m in args.methods if m not in done):

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,24 @@ def test_same_seed_gives_identical_results(tmp_path, uncut):
     assert _comparable(whole) == _comparable(tmp_path / "b")
     assert main.main(interrupted(1) + ["--out", str(tmp_path / "c"), "--seed", "1"]) == 0
     assert _comparable(whole)[0] != _comparable(tmp_path / "c")[0]
+
+
+def test_the_benchmarks_retraining_without_site_films_gives_back_the_run_as_trained(uncut, monkeypatch):
+    """benchmarks/site_selftrain.py's "retrained" method credits the site's films with every difference from the run
+    as trained, which is its control; so without them it must rebuild the run's kept weights exactly."""
+    monkeypatch.setattr(sys, "path", [*sys.path, str(Path(main.__file__).parent / "benchmarks")])  # after the project
+    import site_selftrain
+    run = uncut(1)
+    config = json.loads((run / "config.json").read_text())
+    ckpt = runs.read_checkpoint(run / "best.pt")
+    sets = site_selftrain.splits(run, config)
+    again = site_selftrain.fine_tune(ckpt, sets, config, None, fresh=True).members[0].state_dict()
+    kept = ckpt["members"][0] if "members" in ckpt else ckpt["model"]
+    assert kept.keys() == again.keys()
+    assert all(torch.equal(kept[k], again[k]) for k in kept)
+    nudged = dict(config, lr=config["lr"] / 2)  # and the comparison sees a slip in the recipe
+    other = site_selftrain.fine_tune(ckpt, sets, nudged, None, fresh=True).members[0].state_dict()
+    assert not all(torch.equal(kept[k], other[k]) for k in kept)
 
 
 @pytest.mark.parametrize("where, sig, members", [("mid-epoch", signal.SIGINT, 1),
