@@ -188,18 +188,21 @@ def thumbnails(paths: list[str]) -> np.ndarray:
     return np.stack([THUMBNAILS[p] for p in paths])
 
 
+def layout_probe(run: Path) -> shortcut.Probe:
+    """The layout probe of benchmarks/shortcut.py, fitted on the run's training split."""
+    train = [r for r in runs.read_csv(run / "split.csv") if r["split"] == "train"]
+    return shortcut.fit_probe(thumbnails([r["path"] for r in train]),
+                              np.array([r["label"] == "PNEUMONIA" for r in train], int), [r["patient"] for r in train])
+
+
 def layout_figures(run: Path, ext_csv: Path) -> dict:
     """The layout probe of benchmarks/shortcut.py, fitted on the run's training split (alike for runs made before
     the audit was in every run), on the external set: its AUC, and the Spearman correlation of the model's and the
     probe's scores among the normals. Kept beside the run (layout.json)."""
     record = run / "layout.json"
     if not record.exists():
-        train = [r for r in runs.read_csv(run / "split.csv") if r["split"] == "train"]
-        probe = shortcut.fit_probe(thumbnails([r["path"] for r in train]),
-                                   np.array([r["label"] == "PNEUMONIA" for r in train], int),
-                                   [r["patient"] for r in train])
         y, p, paths = read_predictions(ext_csv)
-        a = shortcut.audit(y, p, 0.5, probe.score(thumbnails(paths)), {})
+        a = shortcut.audit(y, p, 0.5, layout_probe(run).score(thumbnails(paths)), {})
         runs.write_json(record, {"ext probe auc": a["probe_auc"], "ext probe rho": a["spearman_negatives"]})
     return json.loads(record.read_text())
 

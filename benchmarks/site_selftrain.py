@@ -36,10 +36,10 @@ from app import calibrate  # noqa: E402
 from app.settings import default_cache_dir  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
-from lib import infer, runs  # noqa: E402
+from lib import infer, runs, shortcut  # noqa: E402
 from model import build, memory_format, place  # noqa: E402
 import train  # noqa: E402
-from generalisation import mean_sd, read_predictions  # noqa: E402  (beside this script)
+from generalisation import layout_probe, mean_sd, read_predictions, thumbnails  # noqa: E402  (beside this script)
 from site_unlabelled import TARGET, first_half  # noqa: E402
 
 LOW, HIGH = 0.20, 0.40  # of a half's films by the model's own score: the lowest taken as normal, the highest pneumonia
@@ -226,7 +226,8 @@ def thresholds(predictor: infer.Predictor, sets: dict, site_prob: np.ndarray) ->
 
 def one_run(run: Path, args, done: dict) -> dict:
     """`done` with every method of args.methods it lacks: {method: {threshold: {sensitivity, specificity, accuracy,
-    auc}, "wall": seconds per fine-tuning}}, and how right the pseudo-labels were."""
+    auc}, "wall": seconds per fine-tuning, "probe_rho": the layout probe's Spearman among half A's normals}}, and how
+    right the pseudo-labels were. AUC and Spearman are the mean of the scored halves'."""
     config = json.loads((run / "config.json").read_text())
     ckpt = runs.read_checkpoint(run / "best.pt")
     sets = splits(run, config)
@@ -236,6 +237,7 @@ def one_run(run: Path, args, done: dict) -> dict:
     own = films.predict(images)[0]  # the run's model on the films' pixels
     own_val = films.predict(sets["val"][0])[0]  # and on its validation films, for IWDAN's prevalence estimate
     first = first_half(np.array([data.patient_id(p) for p in paths]))
+    layout = layout_probe(run).score(thumbnails(paths))
     every = np.ones(len(y), bool)
     folds = [(first, ~first), (~first, first)] if args.setting == "cross-fit" else [(every, every)]  # fit, score
     control = None
@@ -260,7 +262,7 @@ def one_run(run: Path, args, done: dict) -> dict:
     result = dict(done)
     for method in (m for m in args.methods if m not in done):
         calls = {t: np.zeros(len(y), int) for t in ("validation", "validation shapes")}
-        aucs, walls = [], []
+        aucs, rhos, walls = [], [], []
         for fit_on, score_on in folds:
             start = time.perf_counter()
             model = tuned(method, fit_on)
@@ -269,7 +271,8 @@ def one_run(run: Path, args, done: dict) -> dict:
             for name, t in thresholds(model, sets, prob[fit_on]).items():
                 calls[name][score_on] = prob[score_on] >= t
             aucs.append(evaluate.binary_metrics(y[score_on], prob[score_on], 0.5)["auc"])
-        result[method] = {"wall": walls}
+            rhos.append(shortcut.audit(y[score_on], prob[score_on], 0.5, layout[score_on], {})["spearman_negatives"])
+        result[method] = {"wall": walls, "probe_rho": float(np.mean(rhos))}
         for name, c in calls.items():
             m = evaluate.binary_metrics(y, c.astype(float), 0.5)
             result[method][name] = {k: m[k] for k in ("sensitivity", "specificity", "accuracy")} | \
@@ -294,13 +297,15 @@ def main(argv=None) -> int:
               flush=True)
     print(f"\n{len(results)} runs, {args.setting} on half A, {args.epochs} epochs at lr {args.lr}; pseudo-labels "
           f"right: {mean_sd([r['pseudo_label_precision'] for r in results])}")
-    print("| model | threshold | sensitivity | specificity | accuracy | AUC |\n|---|---|---|---|---|---|")
+    print("| model | threshold | sensitivity | specificity | accuracy | AUC | probe rho among normals |\n"
+          "|---|---|---|---|---|---|---|")
     for method in (m for m in METHODS if all(m in r for r in results)):
+        rho = [r[method].get("probe_rho") for r in results]  # results written before it was measured lack it
         for name in ("validation", "validation shapes"):
             rows = [r[method][name] for r in results]
             print(f"| {method} | {name} | " + " | ".join(mean_sd([row[k] for row in rows])
                                                           for k in ("sensitivity", "specificity", "accuracy", "auc"))
-                  + " |")
+                  + f" | {'-' if None in rho else mean_sd(rho)} |")
     return 0
 
 
