@@ -422,6 +422,8 @@ def fit_unlabelled(args, ckpt: dict, films: SiteFilms, load: Callable[[], Predic
         "unlabelled": list(args.adapt_bn or []), "threshold_before": float(ckpt["threshold"]),
         "called_pneumonia": {"before": float(np.mean(films.rows.prob[films.used] >= ckpt["threshold"])),
                              "after": float(np.mean(prob >= threshold))},
-        "warning": None, "shortfall": None}
+        "warning": None, "shortfall": None,
+        # a cause model's bacterial-vs-viral threshold stays the source's: no score model here chooses it unlabelled
+        "cause_threshold_kept": ckpt.get("cause_threshold") if ckpt.get("config", {}).get("task") == "cause" else None}
     return Site(metrics={"calibration": calibration, "expected": found}, predictor=predictor, threshold=threshold,
                 cause_threshold=None, prob=prob)

@@ -539,6 +539,9 @@ def unlabelled_table(m: dict) -> Table:
             ["films called pneumonia", f"{called['before']:.3f}", f"{called['after']:.3f}"]]
     rows += [[f"expected {k} (95% CI)", "", f"{e[k]:.3f} ({interval(e['ci95'][k])})"]
              for k in ("prevalence", "sensitivity", "specificity")]
+    if c.get("cause_threshold_kept") is not None:
+        kept = f"{c['cause_threshold_kept']:.4f}"
+        rows.append(["bacterial-vs-viral threshold", kept, f"{kept} (kept: it needs labels)"])
     return Table(["site's films, no labels", "before: the model as trained", "after: the site's threshold"], rows)
 
 
@@ -556,7 +559,10 @@ def unlabelled_text(m: dict) -> list[str]:
             f"validation split's scores of each class, moved by one affine map the site's scores choose, mixed at "
             f"the site's prevalence) and keeps the policy `{c['policy']}`. The expected figures are the model's own "
             f"estimates, with 95% intervals over {e['resamples']} bootstrap resamples of the films. Note: "
-            f"{UNLABELLED_CAVEAT}."]
+            f"{UNLABELLED_CAVEAT}.",
+            *([f"The bacterial-vs-viral threshold is the source's ({c['cause_threshold_kept']:.4f}), kept unchanged: "
+               f"choosing it for the site needs films whose cause is known (calibrate with --data)."]
+              if c.get("cause_threshold_kept") is not None else [])]
 
 
 def calibration_parts(m: dict):

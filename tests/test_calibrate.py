@@ -308,6 +308,24 @@ def test_unlabelled_calibration_with_adabn_adapts_on_the_films_it_uses(demo_run,
     assert ckpt["ood"]["members"] == []  # the distance was fitted to the training statistics
 
 
+def test_an_unlabelled_calibration_keeps_a_cause_models_bacterial_viral_threshold_and_says_so(demo_run,
+                                                                                              unlabelled_site,
+                                                                                              tmp_path):
+    # the demo's cause model is too weak to pass the refusals, so the binary demo model carries a cause threshold:
+    # only the threshold's path through calibration is under test here
+    source = runs.load_checkpoint(demo_run / "best.pt")
+    source |= {"cause_threshold": 0.4321, "config": source["config"] | {"task": "cause"}}
+    runs.save_checkpoint(tmp_path / "cause.pt", source)
+    assert main.main(["calibrate", "--checkpoint", str(tmp_path / "cause.pt"), "--unlabelled", str(unlabelled_site),
+                      "--out", str(tmp_path / "cal"), "--quiet", "--no-cache"]) == 0
+    ckpt = runs.load_checkpoint(tmp_path / "cal" / "best.pt")
+    assert ckpt["cause_threshold"] == 0.4321 and ckpt["threshold"] != source["threshold"]
+    assert ckpt["calibration"]["cause_threshold_kept"] == 0.4321
+    for page in ("report.html", "MODEL_CARD.md"):
+        assert "(0.4321), kept unchanged" in (tmp_path / "cal" / page).read_text()
+    assert "bacterial" not in (demo_run / "calibrate-unlabelled" / "report.html").read_text()  # a binary model's
+
+
 def test_a_refused_unlabelled_calibration_says_why_and_writes_nothing(demo_run, tmp_path, capsys):
     few = demo.make_site(tmp_path / "few", films=20)
     assert _calibrate_unlabelled(demo_run, tmp_path / "cal", few) == 2
