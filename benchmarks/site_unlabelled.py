@@ -4,10 +4,12 @@ transductive and under prevalence stress, over the seeds of finished default run
 method, the best threshold for sensitivity 0.97 chosen with half A's labels.
 
 Usage: `python benchmarks/site_unlabelled.py RUN [RUN ...]` (e.g. the seedN/ folders of
-`benchmarks/generalisation.py --seeds 5 --only default`). Each run's validation scores come from its
-predictions_val.csv and half A's from its external/*/predictions.csv: the model as trained scored them, so the
-methods see exactly what `calibrate --unlabelled` sees, the scores of the films, and nothing re-runs the network.
-Half A's labels and file names are read here only to split it by child, to draw the stress samples and to score.
+`benchmarks/generalisation.py --seeds 5 --only default`); with `--cause`, runs of `--task cause`, whose
+bacterial-vs-viral threshold is also fitted without labels ("A cause model without labels" in the docs).
+Each run's validation scores come from its predictions_val.csv and half A's from its external/*/predictions.csv:
+the model as trained scored them, so the methods see exactly what `calibrate --unlabelled` sees, the scores of the
+films, and nothing re-runs the network. Half A's labels, causes and file names are read here only to split it by
+child, to draw the stress samples and to score.
 """
 import argparse
 import statistics
@@ -24,12 +26,16 @@ sys.path.insert(0, str(ROOT))
 from app import calibrate  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
+from lib import runs  # noqa: E402
 from generalisation import mean_sd, read_predictions  # noqa: E402  (beside this script)
 
 PREVALENCES = (0.05, 0.10, 0.30, 0.60, 0.90)
 DRAWS, DRAW_SIZE = 20, 100
 TARGET = 0.95  # the default checkpoint's policy, sens=0.95
 GOAL = 0.97  # the issue's goal: specificity 0.97 at sensitivity 0.97
+CAUSE_SHARES, CAUSE_DRAW = (0.20, 0.50, 0.80, 0.95), 60  # bacterial shares of the cause stress draws, and their size
+NOT_MODELS = ("truth", "ceiling", "cause")  # the keys of a run's result that are not a threshold's rows
+CAUSE_SLACK = 0.02  # a cause stress draw passes if its balanced accuracy is at most this far below the kept one's
 
 
 class GaussianMixture:
@@ -128,6 +134,19 @@ class SiteWeighted(calibrate.ValidationShapes):
         return float((weight * above).sum() / weight.sum()), float(((1 - weight) * ~above).sum() / (1 - weight).sum())
 
 
+class CauseShapes(calibrate.ValidationShapes):
+    """The validation shapes on the bacterial-vs-viral logit, log P(bacterial)/P(viral): the validation split's
+    bacterial and viral cases moved by one map, mixed at the site's bacterial share; the threshold is the validation
+    Youden threshold carried through the map, which is Youden's on the fitted site distribution (an increasing map
+    of both classes leaves sensitivity + specificity unchanged)."""
+
+    name = "cause shapes"
+
+    def __init__(self, val_share, val_bacterial):
+        super().__init__(calibrate.site_logits(val_share), val_bacterial, target=0.5)
+        self.anchor = float(calibrate.site_logits([evaluate.choose_threshold(val_bacterial, val_share, "youden")])[0])
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -136,6 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resamples", type=int, default=calibrate.SITE_RESAMPLES, help="bootstrap resamples per fit")
     p.add_argument("--jobs", type=int, default=2, help="runs scored at once, one process each")
     p.add_argument("--models", nargs="+", help="the distribution models to compare, by name (None: every one)")
+    p.add_argument("--cause", action="store_true",
+                   help="runs of --task cause: also fit their bacterial-vs-viral threshold without labels")
     return p.parse_args(argv)
 
 
@@ -158,12 +179,17 @@ def first_half(patients: np.ndarray) -> np.ndarray:
     return np.isin(patients, np.random.default_rng(0).permutation(kids)[:len(kids) // 2])
 
 
+def half_fits(model, prob, patients, resamples: int) -> list[tuple[np.ndarray, dict]]:
+    """(films fitted on, the fit) for each patient-disjoint half of the set: the cross-fit's two thresholds."""
+    first = first_half(patients)
+    return [(fit_on, calibrate.unlabelled_threshold(calibrate.site_logits(prob[fit_on]), model, resamples))
+            for fit_on in (first, ~first)]
+
+
 def cross_fit(model, y, prob, patients, resamples: int) -> tuple[dict, float]:
     """Each patient-disjoint half's calls at the threshold fitted on the other half's scores; all calls scored."""
-    first = first_half(patients)
     calls, prevalence = np.zeros(len(y), int), []
-    for fit_on in (first, ~first):
-        r = calibrate.unlabelled_threshold(calibrate.site_logits(prob[fit_on]), model, resamples)
+    for fit_on, r in half_fits(model, prob, patients, resamples):
         if "refused" in r:
             return {"refused": r["refused"]}, float("nan")
         calls[~fit_on] = prob[~fit_on] >= r["threshold"]
@@ -216,6 +242,8 @@ def one_run(run: Path, args) -> dict:
                         "stress": stress(model, y, prob, draws=args.draws, resamples=args.resamples, seed=1 + k)}
     result["truth"] = {"prevalence": float(y.mean())}
     result["ceiling"] = ceiling(y, prob)
+    if args.cause:
+        result["cause"] = cause_rows(run, prob, patients, models(val_prob, val_y)["validation shapes"], args)
     return result
 
 
@@ -225,13 +253,127 @@ def ceiling(y, prob) -> dict:
     return rates(y, prob, calibrate.upper_quantile(prob[y == 1], GOAL))
 
 
+def read_causes(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Each film's cause (0 normal, 1 bacterial, 2 viral; from its Kaggle name, read here only to score and to
+    draw) and its bacterial share P(bacterial) / (P(bacterial) + P(viral)), from a cause run's predictions CSV."""
+    rows = runs.read_csv(path)
+    cause = np.array([data.cause_of(r["path"], int(r["label"] == "PNEUMONIA")) for r in rows])
+    classes = np.array([[float(r[k]) for k in ("p_normal", "p_bacterial", "p_viral")] for r in rows])
+    return cause, evaluate.bacterial_share(classes)
+
+
+def cause_rates(cause, share, threshold) -> dict:
+    """Bacterial vs viral among the true pneumonias (Kermany et al.'s protocol; bacterial positive)."""
+    pneumonia = cause > 0
+    m = evaluate.binary_metrics((cause[pneumonia] == 1).astype(int), share[pneumonia], threshold)
+    return {k: m[k] for k in ("sensitivity", "specificity", "accuracy", "auc")} | \
+        {"balanced": (m["sensitivity"] + m["specificity"]) / 2}
+
+
+def cause_threshold(shapes, cause_model, prob, share, fit_on, resamples: int) -> dict:
+    """The cause threshold fitted without labels on the films of `fit_on` called pneumonia at their own unlabelled
+    pneumonia threshold (the validation shapes'), as `calibrate --unlabelled` would fit it."""
+    r = calibrate.unlabelled_threshold(calibrate.site_logits(prob[fit_on]), shapes, resamples)
+    if "refused" in r:
+        return r
+    called = fit_on & (prob >= r["threshold"])
+    return calibrate.unlabelled_threshold(calibrate.site_logits(share[called]), cause_model, resamples)
+
+
+def cause_cross_fit(shapes, cause_model, prob, cause, share, patients, resamples: int) -> dict:
+    """Each half's bacterial-vs-viral calls at the cause threshold fitted on the other half's films; all of the
+    set's true pneumonias scored together."""
+    calls, shares = np.zeros(len(cause)), []
+    first = first_half(patients)
+    for fit_on in (first, ~first):
+        c = cause_threshold(shapes, cause_model, prob, share, fit_on, resamples)
+        if "refused" in c:
+            return {"refused": c["refused"]}
+        calls[~fit_on] = share[~fit_on] >= c["threshold"]
+        shares.append(c["prevalence"])
+    return cause_rates(cause, calls, 0.5) | {"auc": cause_rates(cause, share, 0.5)["auc"],
+                                             "prevalence": float(np.mean(shares))}
+
+
+def cause_stress(cause_model, cause, share, kept: dict, *, draws: int, resamples: int, seed: int) -> list[dict]:
+    """Draws of CAUSE_DRAW true pneumonias at each bacterial share, each fitted alone and scored on all of them."""
+    rng = np.random.default_rng(seed)
+    bacterial, viral = np.flatnonzero(cause == 1), np.flatnonzero(cause == 2)
+    out = []
+    for share_b in CAUSE_SHARES:
+        k = round(CAUSE_DRAW * share_b)
+        for _ in range(draws):
+            picked = np.r_[rng.choice(bacterial, k, replace=False), rng.choice(viral, CAUSE_DRAW - k, replace=False)]
+            c = calibrate.unlabelled_threshold(calibrate.site_logits(share[picked]), cause_model, resamples)
+            row = {"share": share_b, "refused": "refused" in c, "prevalence": c["prevalence"], "passes": True}
+            if not row["refused"]:
+                truth = cause_rates(cause, share, c["threshold"])
+                lo, hi = c["ci95"]["sensitivity"]
+                row |= truth | {"covered": lo <= truth["sensitivity"] <= hi,
+                                "passes": truth["balanced"] >= kept["balanced"] - CAUSE_SLACK}
+            out.append(row)
+    return out
+
+
+def cause_rows(run: Path, prob, patients, shapes, args) -> dict:
+    """The rows of "A cause model without labels" for one cause run: the kept threshold, and the cause shapes
+    cross-fit, transductive and under cause-share stress."""
+    val_cause, val_share = read_causes(run / "predictions_val.csv")
+    cause, share = read_causes(next((run / "external").glob("*/predictions.csv")))
+    pneumonia = val_cause > 0
+    model = CauseShapes(val_share[pneumonia], (val_cause[pneumonia] == 1).astype(int))
+    kept = cause_rates(cause, share, evaluate.choose_threshold(val_cause[pneumonia] == 1, val_share[pneumonia],
+                                                               "youden"))
+    every = np.ones(len(cause), bool)
+    trans = cause_threshold(shapes, model, prob, share, every, args.resamples)
+    return {"kept": kept,
+            "cross-fit": cause_cross_fit(shapes, model, prob, cause, share, patients, args.resamples),
+            "transductive": ({"refused": trans["refused"]} if "refused" in trans else
+                             cause_rates(cause, share, trans["threshold"])) | {"prevalence": trans["prevalence"]},
+            "stress": cause_stress(model, cause, share, kept, draws=args.draws, resamples=args.resamples, seed=11)}
+
+
+def summarise_cause(results: list[dict]) -> None:
+    """The bacterial-vs-viral table over the seeds, and the cause-share stress."""
+    print("\nbacterial vs viral among half A's true pneumonias (Kermany et al.'s protocol)")
+    print("| cause threshold | setting | sensitivity (bacterial) | specificity (viral) | accuracy | balanced | AUC | "
+          "bacterial share estimate |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, key in (("kept (as trained)", "kept"), ("cause shapes", "cross-fit"), ("cause shapes", "transductive")):
+        rows = [r["cause"][key] for r in results]
+        refused = sum("refused" in row for row in rows)
+        cells = [mean_sd([row.get(k, float("nan")) for row in rows])
+                 for k in ("sensitivity", "specificity", "accuracy", "balanced", "auc", "prevalence")]
+        print(f"| {label} | {key if key != 'kept' else '-'}{f' ({refused} refused)' if refused else ''} | "
+              + " | ".join(cells) + " |")
+    print(f"\ncause-share stress: draws of {CAUSE_DRAW} pneumonias, each scored on all of half A's "
+          f"(passes: refused, or balanced accuracy at most {CAUSE_SLACK} below the kept threshold's)")
+    print_stress({"cause shapes": [r["cause"]["stress"] for r in results]}, CAUSE_SHARES)
+
+
+def print_stress(by_model: dict[str, list[list[dict]]], shares) -> None:
+    """One row per model and share: refusals, passes, coverage, and the worst and mean rates of the draws kept."""
+    print("| model | share | refused | passes | covered | worst sensitivity | worst specificity | "
+          "mean sensitivity | mean specificity |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, per_run in by_model.items():
+        for share in shares:
+            rows = [row for stress_rows in per_run for row in stress_rows if row["share"] == share]
+            kept = [row for row in rows if not row["refused"]]
+            worst = min(kept, key=lambda row: row["sensitivity"]) if kept else None
+            print(f"| {name} | {share:.2f} | {sum(r['refused'] for r in rows)}/{len(rows)} | "
+                  f"{sum(r['passes'] for r in rows)}/{len(rows)} | {sum(r['covered'] for r in kept)}/{len(kept)} | "
+                  + (f"{worst['sensitivity']:.3f} | {min(r['specificity'] for r in kept):.3f} | "
+                     f"{statistics.mean(r['sensitivity'] for r in kept):.3f} | "
+                     f"{statistics.mean(r['specificity'] for r in kept):.3f} |" if kept else "- | - | - | - |"))
+
+
 def summarise(results: list[dict]) -> None:
     print(f"\n{len(results)} runs; half A's true prevalence {results[0]['truth']['prevalence']:.3f}")
     print("| threshold | setting | sensitivity | specificity | accuracy | AUC | prevalence estimate |")
     print("|---|---|---|---|---|---|---|")
-    for name in results[0]:
-        if name in ("truth", "ceiling"):
-            continue
+    names = [name for name in results[0] if name not in NOT_MODELS]
+    for name in names:
         for setting in ("cross-fit", "transductive"):
             rows = [r[name][setting] for r in results]
             refused = sum("refused" in row for row in rows)
@@ -241,23 +383,11 @@ def summarise(results: list[dict]) -> None:
     cells = [mean_sd([r["ceiling"][k] for r in results]) for k in ("sensitivity", "specificity", "accuracy", "auc")]
     print(f"| best threshold for sensitivity {GOAL}, half A's labels seen (a ceiling) | - | " + " | ".join(cells)
           + " | - |")
-    print("\nprevalence stress: draws of 100 films, each scored on all of half A (every seed's draws pooled)")
-    print("| model | pneumonia share | refused | passes | covered | worst sensitivity | worst specificity | "
-          "mean sensitivity | mean specificity |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name in results[0]:
-        if "stress" not in results[0][name]:
-            continue
-        for share in PREVALENCES:
-            rows = [row for r in results for row in r[name]["stress"] if row["share"] == share]
-            kept = [row for row in rows if not row["refused"]]
-            worst = min(kept, key=lambda row: row["sensitivity"]) if kept else None
-            print(f"| {name} | {share:.2f} | {sum(r['refused'] for r in rows)}/{len(rows)} | "
-                  f"{sum(r['passes'] for r in rows)}/{len(rows)} | {sum(r['covered'] for r in kept)}/{len(kept)} | "
-                  + (f"{worst['sensitivity']:.3f} | {min(r['specificity'] for r in kept):.3f} | "
-                     f"{statistics.mean(r['sensitivity'] for r in kept):.3f} | "
-                     f"{statistics.mean(r['specificity'] for r in kept):.3f} |" if kept else "- | - | - | - |"))
-    walls = [r[n]["transductive"]["wall"] for r in results for n in r if "stress" in r[n]]
+    print("\nprevalence stress: draws of 100 films, each scored on all of half A (every seed's draws pooled); "
+          "share: of pneumonia")
+    print_stress({name: [r[name]["stress"] for r in results] for name in names if "stress" in results[0][name]},
+                 PREVALENCES)
+    walls = [r[n]["transductive"]["wall"] for r in results for n in names if "stress" in r[n]]
     print(f"\nfit + bootstrap on all of half A: {statistics.median(walls):.1f} s median")
 
 
@@ -266,6 +396,8 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(args.jobs) as pool:  # each run's rows are independent of the others'
         results = list(pool.map(partial(one_run, args=args), map(Path, args.runs)))
     summarise(results)
+    if args.cause:
+        summarise_cause(results)
     return 0
 
 

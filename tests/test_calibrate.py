@@ -201,6 +201,27 @@ def test_the_unlabelled_threshold_lands_where_the_formula_says(monkeypatch):
     assert got["threshold"] == pytest.approx(1 / (1 + np.exp(-got["threshold_logit"])))
 
 
+def test_the_cause_threshold_carried_through_the_sites_map_is_youdens_on_the_site(monkeypatch):
+    from sklearn.metrics import roc_curve
+    monkeypatch.setattr(sys, "path", [*sys.path, str(ROOT / "benchmarks")])
+    import site_unlabelled
+    val, val_bacterial, site = _shapes_sample(a=0.8, b=-1.0, share=0.65)  # bacterial the upper class
+    val_share = 1 / (1 + np.exp(-val))
+    model = site_unlabelled.CauseShapes(val_share, val_bacterial)
+    got = calibrate.unlabelled_threshold(site, model, resamples=20)
+    youden_val = evaluate.choose_threshold(val_bacterial, val_share, "youden")
+    assert got["threshold_logit"] == pytest.approx(0.8 * np.log(youden_val / (1 - youden_val)) - 1.0, abs=0.1)
+    assert got["prevalence"] == pytest.approx(0.65, abs=0.03)
+    # Youden's J on the site's own labelled sample: the carried threshold is within a hair of the best one
+    site_y = np.r_[np.zeros(len(site) - int(0.65 * len(site))), np.ones(int(0.65 * len(site)))]
+    fpr, tpr, _ = roc_curve(site_y, site)
+    m = evaluate.binary_metrics(site_y, site, got["threshold_logit"])
+    carried = m["sensitivity"] + m["specificity"] - 1
+    assert carried > (tpr - fpr).max() - 0.01
+    kept = evaluate.binary_metrics(site_y, site, np.log(youden_val / (1 - youden_val)))  # the source's, unmoved
+    assert kept["sensitivity"] + kept["specificity"] - 1 < carried - 0.05  # the site's shift is seen
+
+
 def test_scores_that_do_not_show_two_classes_are_refused_in_one_sentence():
     val, val_y, site = _shapes_sample()
     shapes = calibrate.ValidationShapes(val, val_y, 0.95)
