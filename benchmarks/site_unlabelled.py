@@ -179,17 +179,12 @@ def first_half(patients: np.ndarray) -> np.ndarray:
     return np.isin(patients, np.random.default_rng(0).permutation(kids)[:len(kids) // 2])
 
 
-def half_fits(model, prob, patients, resamples: int) -> list[tuple[np.ndarray, dict]]:
-    """(films fitted on, the fit) for each patient-disjoint half of the set: the cross-fit's two thresholds."""
-    first = first_half(patients)
-    return [(fit_on, calibrate.unlabelled_threshold(calibrate.site_logits(prob[fit_on]), model, resamples))
-            for fit_on in (first, ~first)]
-
-
 def cross_fit(model, y, prob, patients, resamples: int) -> tuple[dict, float]:
     """Each patient-disjoint half's calls at the threshold fitted on the other half's scores; all calls scored."""
+    first = first_half(patients)
     calls, prevalence = np.zeros(len(y), int), []
-    for fit_on, r in half_fits(model, prob, patients, resamples):
+    for fit_on in (first, ~first):
+        r = calibrate.unlabelled_threshold(calibrate.site_logits(prob[fit_on]), model, resamples)
         if "refused" in r:
             return {"refused": r["refused"]}, float("nan")
         calls[~fit_on] = prob[~fit_on] >= r["threshold"]
@@ -199,11 +194,11 @@ def cross_fit(model, y, prob, patients, resamples: int) -> tuple[dict, float]:
         float(np.mean(prevalence))
 
 
-def draws_at_shares(positive: np.ndarray, y, shares, size: int, draws: int, seed: int):
-    """(share, indices) for `draws` random draws of `size` films at each share of `positive` films (without
-    replacement within a draw)."""
+def draws_at_shares(positive: np.ndarray, negative: np.ndarray, shares, size: int, draws: int, seed: int):
+    """(share, indices) for `draws` random draws of `size` films, each with that share of `positive` films and the
+    rest `negative` (masks; without replacement within a draw)."""
     rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(positive), np.flatnonzero(y)
+    pos, neg = np.flatnonzero(positive), np.flatnonzero(negative)
     for share in shares:
         k = round(size * share)
         for _ in range(draws):
@@ -271,6 +266,8 @@ def read_causes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Each film's cause (0 normal, 1 bacterial, 2 viral; from its Kaggle name, read here only to score and to
     draw) and its bacterial share P(bacterial) / (P(bacterial) + P(viral)), from a cause run's predictions CSV."""
     rows = runs.read_csv(path)
+    if rows and "p_bacterial" not in rows[0]:
+        sys.exit(f"{path} holds no cause scores: --cause takes runs of --task cause")
     cause = np.array([data.cause_of(r["path"], int(r["label"] == "PNEUMONIA")) for r in rows])
     classes = np.array([[float(r[k]) for k in ("p_normal", "p_bacterial", "p_viral")] for r in rows])
     return cause, evaluate.bacterial_share(classes)
@@ -325,6 +322,7 @@ def cause_rows(run: Path, prob, patients, shapes, args) -> dict:
     cause, share = read_causes(next((run / "external").glob("*/predictions.csv")))
     pneumonia = val_cause > 0
     model = CauseShapes(val_share[pneumonia], (val_cause[pneumonia] == 1).astype(int))
+    # the checkpoint's own cause threshold, chosen again from its validation CSV (the same to 4 decimals in all 5 runs)
     kept = cause_rates(cause, share, evaluate.choose_threshold(val_cause[pneumonia] == 1, val_share[pneumonia],
                                                                "youden"))
     every = np.ones(len(cause), bool)
@@ -361,7 +359,7 @@ def print_stress(by_model: dict[str, list[list[dict]]], shares) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, per_run in by_model.items():
         for share in shares:
-            rows = [row for stress_rows in per_run for row in stress_rows if row["share"] == share]
+            rows = [row for run_rows in per_run for row in run_rows if row["share"] == share]
             kept = [row for row in rows if not row["refused"]]
             worst = min(kept, key=lambda row: row["sensitivity"]) if kept else None
             print(f"| {name} | {share:.2f} | {sum(r['refused'] for r in rows)}/{len(rows)} | "
@@ -396,6 +394,8 @@ def summarise(results: list[dict]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for run in args.runs if args.cause else ():
+        read_causes(Path(run) / "predictions_val.csv")  # a run of another task stops here, before any fitting
     with ProcessPoolExecutor(args.jobs) as pool:  # each run's rows are independent of the others'
         results = list(pool.map(partial(one_run, args=args), map(Path, args.runs)))
     summarise(results)
