@@ -45,7 +45,8 @@ from site_unlabelled import TARGET, first_half  # noqa: E402
 LOW, HIGH = 0.20, 0.40  # of a half's films by the model's own score: the lowest taken as normal, the highest pneumonia
 CPU = torch.device("cpu")
 FINE_TUNING = ("control", "self-training", "adversarial", "importance-weighted", "consistency")
-METHODS = (*FINE_TUNING, "retrained")  # retrained (a whole run's training twice a run) only when asked for
+RETRAINING = ("retrained", "retrained importance-weighted")  # a whole run's training each: only when asked for
+METHODS = (*FINE_TUNING, *RETRAINING)
 SETTINGS = ("cross-fit", "transductive")
 
 
@@ -174,25 +175,32 @@ class Teacher(nn.Module):
         return self.model
 
 
-def site_fine_tune(ckpt: dict, sets: dict, config: dict, args, site: torch.Tensor, make_term) -> infer.Predictor:
+def site_fine_tune(ckpt: dict, sets: dict, config: dict, args, site: torch.Tensor, make_term,
+                   fresh: bool = False) -> infer.Predictor:
     """The run's model trained on for args.epochs by its recipe on its training split, plus a term on the site's
     films (`make_term(model)`: a Critic or a Teacher): each step a training batch and as many site films drawn at
-    random, augmented alike, through one forward pass; the task loss on the training films only."""
+    random, augmented alike, through one forward pass; the task loss on the training films only. With `fresh`, a
+    new network from the run's seed trained so from the first epoch, for the run's own epochs and learning rate."""
     predictor = infer.load_predictor(ckpt, CPU)
-    model = predictor.members[0].train()
+    if fresh:  # drawn as fine_tune(fresh=True) and train_members draw it: seeded, then built
+        train.set_seed(config["seed"])
+        model = place(build(ckpt["model_config"]), CPU).train()
+    else:
+        model = predictor.members[0].train()
+    epochs, lr = (config["epochs"], config["lr"]) if fresh else (args.epochs, args.lr)
     term = make_term(model)
     images, labels = sets["train"]
     size = config["batch_size"]
     steps = math.ceil(len(images) / size)
-    optimizer, scheduler = train.make_optimizer(nn.ModuleList([model, term]), args.lr, args.epochs, steps,
+    optimizer, scheduler = train.make_optimizer(nn.ModuleList([model, term]), lr, epochs, steps,
                                                 momentum=tuple(config["momentum"]),
                                                 weight_decay=config["weight_decay"], warmup=config["warmup"])
     task_loss = train.smoothed_bce(config["pos_weight"], config["label_smoothing"], CPU)  # as fine_tune's fit
     layout = memory_format(CPU)
     generator = train.set_seed(config["seed"])
-    for epoch in range(args.epochs):
+    for epoch in range(epochs):
         for k, idx in enumerate(train.batches(len(images), size, generator)):
-            done = (epoch * steps + k) / (args.epochs * steps)
+            done = (epoch * steps + k) / (epochs * steps)
             drawn = site[torch.randint(len(site), (len(idx),), generator=generator)]
             x = predictor.prep.train(torch.cat([images[idx], drawn]), generator)
             logits, features = model.forward_features(x.contiguous(memory_format=layout))
@@ -252,9 +260,10 @@ def one_run(run: Path, args, done: dict) -> dict:
         site = images[np.flatnonzero(fit_on)]
         if method == "adversarial":
             return site_fine_tune(ckpt, sets, config, args, site, Critic)
-        if method == "importance-weighted":
+        if method in ("importance-weighted", "retrained importance-weighted"):
             weights = class_weight(own[fit_on], own_val, sets)
-            return site_fine_tune(ckpt, sets, config, args, site, lambda model: Critic(model, weights))
+            return site_fine_tune(ckpt, sets, config, args, site, lambda model: Critic(model, weights),
+                                  fresh=method.startswith("retrained"))
         if method == "consistency":
             return site_fine_tune(ckpt, sets, config, args, site, Teacher)
         taken, labels = pseudo_labels(own[fit_on])
