@@ -160,6 +160,42 @@ def test_the_benchmarks_retraining_without_site_films_gives_back_the_run_as_trai
     assert not all(torch.equal(kept[k], other[k]) for k in kept)
 
 
+def test_the_benchmarks_adversarial_retraining_starts_from_the_runs_initialisation_and_trains_its_epochs(uncut,
+                                                                                                        monkeypatch):
+    """site_selftrain's "retrained importance-weighted": a new network drawn as the run drew its own, trained for the
+    run's epochs (not the fine-tuning's), the critic seeing every step."""
+    monkeypatch.setattr(sys, "path", [*sys.path, str(Path(main.__file__).parent / "benchmarks")])  # after the project
+    import argparse
+    import math
+    import site_selftrain
+    import train
+    from model import build, place
+    run = uncut(1)
+    config = json.loads((run / "config.json").read_text())
+    ckpt = runs.read_checkpoint(run / "best.pt")
+    sets = site_selftrain.splits(run, config)
+    seen = {"done": []}
+
+    class Counting(site_selftrain.Critic):
+        def loss(self, logits, features, labels, done, site_view):
+            seen["done"].append(done)
+            return super().loss(logits, features, labels, done, site_view)
+
+    def critic(model):
+        seen["start"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return Counting(model, (0.5, 2.0))
+
+    fine_tuning = argparse.Namespace(epochs=1, lr=1e-4)  # what a fine-tuning would use; a retraining must not
+    tuned = site_selftrain.site_fine_tune(ckpt, sets, config, fine_tuning, sets["val"][0][:16], critic, fresh=True)
+    train.set_seed(config["seed"])
+    drawn = place(build(ckpt["model_config"]), torch.device("cpu")).state_dict()
+    assert all(torch.equal(drawn[k], seen["start"][k]) for k in drawn)
+    steps = math.ceil(len(sets["train"][0]) / config["batch_size"])
+    assert len(seen["done"]) == config["epochs"] * steps and config["epochs"] > fine_tuning.epochs
+    after = tuned.members[0].state_dict()
+    assert not all(torch.equal(drawn[k], after[k]) for k in drawn)
+
+
 @pytest.mark.parametrize("where, sig, members", [("mid-epoch", signal.SIGINT, 1),
                                                  ("last step of an epoch", signal.SIGTERM, 1),
                                                  ("mid-epoch of the second member", signal.SIGINT, 2)])
