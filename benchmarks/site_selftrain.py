@@ -5,8 +5,10 @@ swapped; beside a control fine-tuned for as long on its training split alone. Me
 (self-training); a domain critic through gradient reversal on the pooled features (adversarial, DANN), with its
 training films weighted by the estimated class ratio (importance-weighted, IWDAN); a mean teacher's consistency
 between two views of every site film (consistency); a new network trained from the run's seed by its whole recipe with
-the pseudo-labelled films added (retrained: "Retraining from the start"). With `--setting transductive` each method
-is fitted once on all of half A's films and scored on all of them (the rule's transductive setting).
+the pseudo-labelled films added (retrained: "Retraining from the start"); a new network trained so with the
+importance-weighted critic from the first epoch (retrained importance-weighted: "Importance-weighted adversarial
+training from the first epoch", a one-seed pilot). With `--setting transductive` each method is fitted once on all of
+half A's films and scored on all of them (the rule's transductive setting).
 
 Usage: `python benchmarks/site_selftrain.py RUN [RUN ...] [--methods ...] [--setting ...] [--out DIR]` (the seedN/
 folders of `benchmarks/generalisation.py --seeds 5 --only default`). Each run's results are written as they finish
