@@ -308,8 +308,9 @@ def main(argv=None) -> int:
         results.append(json.loads(path.read_text()))
         print(f"{run}: " + ", ".join(f"{m} {max(results[-1][m]['wall']):.0f} s" for m in METHODS if m in results[-1]),
               flush=True)
-    print(f"\n{len(results)} runs, {args.setting} on half A, {args.epochs} epochs at lr {args.lr}; pseudo-labels "
-          f"right: {mean_sd([r['pseudo_label_precision'] for r in results])}")
+    print(f"\n{len(results)} runs, {args.setting} on half A; fine-tuning {args.epochs} epochs at lr {args.lr}, "
+          f"retraining each run's own recipe; pseudo-labels right: "
+          f"{mean_sd([r['pseudo_label_precision'] for r in results])}")
     print("| model | threshold | sensitivity | specificity | accuracy | AUC | probe rho among normals |\n"
           "|---|---|---|---|---|---|---|")
     for method in (m for m in METHODS if all(m in r for r in results)):
