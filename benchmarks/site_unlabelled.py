@@ -179,19 +179,30 @@ def first_half(patients: np.ndarray) -> np.ndarray:
     return np.isin(patients, np.random.default_rng(0).permutation(kids)[:len(kids) // 2])
 
 
+def cross_fit_calls(fit, scores, patients) -> tuple[np.ndarray, list[dict]] | dict:
+    """The cross-fit's calls: each patient-disjoint half's `scores` at the threshold `fit(fit_on)` chose on the other
+    half, with both fits; or the first refusal, as {"refused": ...}."""
+    first = first_half(patients)
+    calls, fits = np.zeros(len(scores)), []
+    for fit_on in (first, ~first):
+        r = fit(fit_on)
+        if "refused" in r:
+            return {"refused": r["refused"]}
+        calls[~fit_on] = scores[~fit_on] >= r["threshold"]
+        fits.append(r)
+    return calls, fits
+
+
 def cross_fit(model, y, prob, patients, resamples: int) -> tuple[dict, float]:
     """Each patient-disjoint half's calls at the threshold fitted on the other half's scores; all calls scored."""
-    first = first_half(patients)
-    calls, prevalence = np.zeros(len(y), int), []
-    for fit_on in (first, ~first):
-        r = calibrate.unlabelled_threshold(calibrate.site_logits(prob[fit_on]), model, resamples)
-        if "refused" in r:
-            return {"refused": r["refused"]}, float("nan")
-        calls[~fit_on] = prob[~fit_on] >= r["threshold"]
-        prevalence.append(r["prevalence"])
-    m = evaluate.binary_metrics(y, calls.astype(float), 0.5)
+    got = cross_fit_calls(lambda fit_on: calibrate.unlabelled_threshold(calibrate.site_logits(prob[fit_on]), model,
+                                                                         resamples), prob, patients)
+    if isinstance(got, dict):
+        return got, float("nan")
+    calls, fits = got
+    m = evaluate.binary_metrics(y, calls, 0.5)
     return {k: m[k] for k in ("sensitivity", "specificity", "accuracy")} | {"auc": rates(y, prob, 0.5)["auc"]}, \
-        float(np.mean(prevalence))
+        float(np.mean([r["prevalence"] for r in fits]))
 
 
 def draws_at_shares(positive: np.ndarray, negative: np.ndarray, shares, size: int, draws: int, seed: int):
@@ -294,16 +305,13 @@ def cause_threshold(shapes, cause_model, prob, share, fit_on, resamples: int) ->
 def cause_cross_fit(shapes, cause_model, prob, cause, share, patients, resamples: int) -> dict:
     """Each half's bacterial-vs-viral calls at the cause threshold fitted on the other half's films; all of the
     set's true pneumonias scored together."""
-    calls, shares = np.zeros(len(cause)), []
-    first = first_half(patients)
-    for fit_on in (first, ~first):
-        c = cause_threshold(shapes, cause_model, prob, share, fit_on, resamples)
-        if "refused" in c:
-            return {"refused": c["refused"]}
-        calls[~fit_on] = share[~fit_on] >= c["threshold"]
-        shares.append(c["prevalence"])
+    got = cross_fit_calls(lambda fit_on: cause_threshold(shapes, cause_model, prob, share, fit_on, resamples), share,
+                          patients)
+    if isinstance(got, dict):
+        return got
+    calls, fits = got
     return cause_rates(cause, calls, 0.5) | {"auc": cause_rates(cause, share, 0.5)["auc"],
-                                             "prevalence": float(np.mean(shares))}
+                                             "prevalence": float(np.mean([c["prevalence"] for c in fits]))}
 
 
 def cause_stress(cause_model, cause, share, kept: dict, *, draws: int, resamples: int, seed: int) -> list[dict]:
