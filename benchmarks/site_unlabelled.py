@@ -15,6 +15,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -262,6 +263,8 @@ def one_run(run: Path, args) -> dict:
                         "stress": stress(model, y, prob, draws=args.draws, resamples=args.resamples, seed=1 + k)}
     result["truth"] = {"prevalence": float(y.mean())}
     result["ceiling"] = ceiling(y, prob)
+    above = (y == 0) & (prob >= calibrate.upper_quantile(prob[y == 1], GOAL))  # the films the ceiling still calls
+    result["ceiling"]["healthy above"] = [Path(p).name for p in np.asarray(paths)[above]]
     if args.cause:
         result["cause"] = cause_rows(run, prob, patients, models(val_prob, val_y)["validation shapes"], args)
     return result
@@ -392,6 +395,9 @@ def summarise(results: list[dict]) -> None:
     cells = [mean_sd([r["ceiling"][k] for r in results]) for k in ("sensitivity", "specificity", "accuracy", "auc")]
     print(f"| best threshold for sensitivity {GOAL}, half A's labels seen (a ceiling) | - | " + " | ".join(cells)
           + " | - |")
+    above = Counter(name for r in results for name in r["ceiling"]["healthy above"])
+    print(f"healthy films above the ceiling's threshold, in how many of the {len(results)} runs: "
+          + ", ".join(f"{name} {k}" for name, k in above.most_common()))
     print("\nprevalence stress: draws of 100 films, each scored on all of half A (every seed's draws pooled); "
           "share: of pneumonia")
     print_stress({name: [r[name]["stress"] for r in results] for name in names if "stress" in results[0][name]},
