@@ -1,7 +1,7 @@
 """Unlabelled site calibration judged on half A by the rule in docs/calibration.md ("The rule, fixed before half
 A was scored"): the validation threshold against each model of the site's score distribution, cross-fit,
 transductive and under prevalence stress, over the seeds of finished default runs; and, as a ceiling rather than a
-method, the best threshold for sensitivity 0.97 chosen with half A's labels.
+method, the best threshold for sensitivity 0.97 chosen with half A's labels, with the healthy films still above it.
 
 Usage: `python benchmarks/site_unlabelled.py RUN [RUN ...]` (e.g. the seedN/ folders of
 `benchmarks/generalisation.py --seeds 5 --only default`); with `--cause`, runs of `--task cause`, whose
@@ -9,7 +9,7 @@ bacterial-vs-viral threshold is also fitted without labels ("A cause model witho
 Each run's validation scores come from its predictions_val.csv and half A's from its external/*/predictions.csv:
 the model as trained scored them, so the methods see exactly what `calibrate --unlabelled` sees, the scores of the
 films, and nothing re-runs the network. Half A's labels, causes and file names are read here only to split it by
-child, to draw the stress samples and to score.
+child, to draw the stress samples, to score and to name the healthy films above the ceiling.
 """
 import argparse
 import statistics
@@ -262,18 +262,18 @@ def one_run(run: Path, args) -> dict:
                         "cross-fit": crossed | {"prevalence": prevalence},
                         "stress": stress(model, y, prob, draws=args.draws, resamples=args.resamples, seed=1 + k)}
     result["truth"] = {"prevalence": float(y.mean())}
-    result["ceiling"] = ceiling(y, prob)
-    above = (y == 0) & (prob >= calibrate.upper_quantile(prob[y == 1], GOAL))  # the films the ceiling still calls
-    result["ceiling"]["healthy above"] = [Path(p).name for p in np.asarray(paths)[above]]
+    result["ceiling"] = ceiling(y, prob, [Path(p).name for p in paths])
     if args.cause:
         result["cause"] = cause_rows(run, prob, patients, models(val_prob, val_y)["validation shapes"], args)
     return result
 
 
-def ceiling(y, prob) -> dict:
+def ceiling(y, prob, names: list[str]) -> dict:
     """Half A's rates at the highest threshold that keeps GOAL of its pneumonias, chosen with its labels: not a
-    method but the most any threshold could give on this model's ranking of half A."""
-    return rates(y, prob, calibrate.upper_quantile(prob[y == 1], GOAL))
+    method but the most any threshold could give on this model's ranking of half A; and the names of the healthy
+    films still above it."""
+    t = calibrate.upper_quantile(prob[y == 1], GOAL)
+    return rates(y, prob, t) | {"healthy above": [n for n, label, p in zip(names, y, prob) if label == 0 and p >= t]}
 
 
 def read_causes(path: Path) -> tuple[np.ndarray, np.ndarray]:
