@@ -270,10 +270,11 @@ def one_run(run: Path, args) -> dict:
 
 def ceiling(y, prob, names: list[str]) -> dict:
     """Half A's rates at the highest threshold that keeps GOAL of its pneumonias, chosen with its labels: not a
-    method but the most any threshold could give on this model's ranking of half A; and the names of the healthy
-    films still above it."""
+    method but the most any threshold could give on this model's ranking of half A; and the healthy films still
+    above it, each with the share of half A's pneumonias it outscores."""
     t = calibrate.upper_quantile(prob[y == 1], GOAL)
-    return rates(y, prob, t) | {"healthy above": [n for n, label, p in zip(names, y, prob) if label == 0 and p >= t]}
+    above = {n: float(np.mean(prob[y == 1] < p)) for n, label, p in zip(names, y, prob) if label == 0 and p >= t}
+    return rates(y, prob, t) | {"healthy above": above}
 
 
 def read_causes(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -396,8 +397,11 @@ def summarise(results: list[dict]) -> None:
     print(f"| best threshold for sensitivity {GOAL}, half A's labels seen (a ceiling) | - | " + " | ".join(cells)
           + " | - |")
     above = Counter(name for r in results for name in r["ceiling"]["healthy above"])
-    print(f"healthy films above the ceiling's threshold, in how many of the {len(results)} runs: "
-          + ", ".join(f"{name} {k}" for name, k in above.most_common()))
+    shares = {name: [r["ceiling"]["healthy above"][name] for r in results if name in r["ceiling"]["healthy above"]]
+              for name in above}
+    print(f"healthy films above the ceiling's threshold: in how many of the {len(results)} runs (the share of half A's "
+          f"pneumonias each outscores there): " + ", ".join(
+              f"{name} {k} ({min(shares[name]):.2f}-{max(shares[name]):.2f})" for name, k in above.most_common()))
     print("\nprevalence stress: draws of 100 films, each scored on all of half A (every seed's draws pooled); "
           "share: of pneumonia")
     print_stress({name: [r[name]["stress"] for r in results] for name in names if "stress" in results[0][name]},
