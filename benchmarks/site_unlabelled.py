@@ -15,7 +15,7 @@ import argparse
 import statistics
 import sys
 import time
-from collections import Counter
+from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -396,12 +396,14 @@ def summarise(results: list[dict]) -> None:
     cells = [mean_sd([r["ceiling"][k] for r in results]) for k in ("sensitivity", "specificity", "accuracy", "auc")]
     print(f"| best threshold for sensitivity {GOAL}, half A's labels seen (a ceiling) | - | " + " | ".join(cells)
           + " | - |")
-    above = Counter(name for r in results for name in r["ceiling"]["healthy above"])
-    shares = {name: [r["ceiling"]["healthy above"][name] for r in results if name in r["ceiling"]["healthy above"]]
-              for name in above}
+    shares = defaultdict(list)  # film -> the share of pneumonias it outscores, in each run where it is above
+    for r in results:
+        for name, share in r["ceiling"]["healthy above"].items():
+            shares[name].append(share)
+    often = sorted(shares.items(), key=lambda item: -len(item[1]))
     print(f"healthy films above the ceiling's threshold: in how many of the {len(results)} runs (the share of half A's "
-          f"pneumonias each outscores there): " + ", ".join(
-              f"{name} {k} ({min(shares[name]):.2f}-{max(shares[name]):.2f})" for name, k in above.most_common()))
+          f"pneumonias each outscores there): "
+          + ", ".join(f"{name} {len(s)} ({min(s):.2f}-{max(s):.2f})" for name, s in often))
     print("\nprevalence stress: draws of 100 films, each scored on all of half A (every seed's draws pooled); "
           "share: of pneumonia")
     print_stress({name: [r[name]["stress"] for r in results] for name in names if "stress" in results[0][name]},
