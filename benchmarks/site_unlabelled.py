@@ -247,10 +247,10 @@ def one_run(run: Path, args) -> dict:
     val_y, val_prob, _ = read_predictions(run / "predictions_val.csv")
     y, prob, paths = read_predictions(next((run / "external").glob("*/predictions.csv")))
     patients = np.array([data.patient_id(p) for p in paths])
-    own = evaluate.choose_threshold(val_y, val_prob, f"sens={TARGET}")
-    result = {"validation threshold": {"transductive": rates(y, prob, own) | {"prevalence": float("nan")},
-                                       "cross-fit": rates(y, prob, own) | {"prevalence": float("nan")}}}
-    for k, (name, model) in enumerate(models(val_prob, val_y).items()):
+    own = rates(y, prob, evaluate.choose_threshold(val_y, val_prob, f"sens={TARGET}")) | {"prevalence": float("nan")}
+    result = {"validation threshold": {"transductive": own, "cross-fit": dict(own)}}  # it needs no fit
+    built = models(val_prob, val_y)
+    for k, (name, model) in enumerate(built.items()):
         if args.models and name not in args.models:
             continue
         start = time.perf_counter()
@@ -264,7 +264,7 @@ def one_run(run: Path, args) -> dict:
     result["truth"] = {"prevalence": float(y.mean())}
     result["ceiling"] = ceiling(y, prob, [Path(p).name for p in paths])
     if args.cause:
-        result["cause"] = cause_rows(run, prob, patients, models(val_prob, val_y)["validation shapes"], args)
+        result["cause"] = cause_rows(run, prob, patients, built["validation shapes"], args)
     return result
 
 
