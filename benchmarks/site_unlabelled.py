@@ -277,6 +277,19 @@ def ceiling(y, prob, names: list[str]) -> dict:
     return rates(y, prob, t) | {"healthy above": above}
 
 
+def films_above(ceilings: list[dict]) -> str:
+    """One line: the healthy films above the ceiling's threshold, each with in how many of the runs' `ceilings` it is
+    there and the range of the share of half A's pneumonias it outscores there; the most frequent first."""
+    shares = defaultdict(list)  # film -> the share of pneumonias it outscores, in each run where it is above
+    for c in ceilings:
+        for name, share in c["healthy above"].items():
+            shares[name].append(share)
+    often = sorted(shares.items(), key=lambda item: -len(item[1]))
+    return (f"healthy films above the ceiling's threshold: in how many of the {len(ceilings)} runs (the share of half "
+            f"A's pneumonias each outscores there): "
+            + ", ".join(f"{name} {len(s)} ({min(s):.2f}-{max(s):.2f})" for name, s in often))
+
+
 def read_causes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Each film's cause (0 normal, 1 bacterial, 2 viral; from its Kaggle name, read here only to score and to
     draw) and its bacterial share P(bacterial) / (P(bacterial) + P(viral)), from a cause run's predictions CSV."""
@@ -396,14 +409,7 @@ def summarise(results: list[dict]) -> None:
     cells = [mean_sd([r["ceiling"][k] for r in results]) for k in ("sensitivity", "specificity", "accuracy", "auc")]
     print(f"| best threshold for sensitivity {GOAL}, half A's labels seen (a ceiling) | - | " + " | ".join(cells)
           + " | - |")
-    shares = defaultdict(list)  # film -> the share of pneumonias it outscores, in each run where it is above
-    for r in results:
-        for name, share in r["ceiling"]["healthy above"].items():
-            shares[name].append(share)
-    often = sorted(shares.items(), key=lambda item: -len(item[1]))
-    print(f"healthy films above the ceiling's threshold: in how many of the {len(results)} runs (the share of half A's "
-          f"pneumonias each outscores there): "
-          + ", ".join(f"{name} {len(s)} ({min(s):.2f}-{max(s):.2f})" for name, s in often))
+    print(films_above([r["ceiling"] for r in results]))
     print("\nprevalence stress: draws of 100 films, each scored on all of half A (every seed's draws pooled); "
           "share: of pneumonia")
     print_stress({name: [r[name]["stress"] for r in results] for name in names if "stress" in results[0][name]},
