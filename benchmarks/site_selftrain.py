@@ -91,25 +91,32 @@ def pseudo_labels(prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.r_[low, high], np.r_[np.zeros(len(low)), np.ones(len(high))]
 
 
+def starting_point(ckpt: dict, config: dict, args, fresh: bool) -> tuple[infer.Predictor, nn.Module, int, float]:
+    """The run's predictor, the network to train, and its epochs and peak learning rate: the run's kept network for
+    args.epochs at args.lr, or with `fresh` a new one drawn as train_members draws it (seeded, then built) for the
+    run's own epochs and rate. The global stream is seeded either way, so what is drawn next (a critic's initial
+    weights) does not depend on what ran before in this process."""
+    predictor = infer.load_predictor(ckpt, CPU)
+    if fresh:
+        train.set_seed(config["seed"])
+        return predictor, place(build(ckpt["model_config"]), CPU).train(), config["epochs"], config["lr"]
+    model = predictor.members[0].train()
+    train.set_seed(config["seed"])
+    return predictor, model, args.epochs, args.lr
+
+
 def fine_tune(ckpt: dict, sets: dict, config: dict, args, extra=None, fresh: bool = False) -> infer.Predictor:
     """The run's model trained on for args.epochs by its own recipe, on its training split plus `extra` films; with
     `fresh`, a new network from the run's seed trained by the run's whole recipe (its epochs and learning rate)."""
-    predictor = infer.load_predictor(ckpt, CPU)
+    predictor, model, epochs, lr = starting_point(ckpt, config, args, fresh)
     images, labels = sets["train"]
     if extra is not None:
         images, labels = torch.cat([images, extra[0]]), torch.cat([labels, extra[1]])
-    epochs, lr = (config["epochs"], config["lr"]) if fresh else (args.epochs, args.lr)
     cfg = train.TrainConfig(epochs=epochs, batch_size=config["batch_size"], lr=lr,
                             pos_weight=config["pos_weight"], patience=0, label_smoothing=config["label_smoothing"],
                             momentum=tuple(config["momentum"]), weight_decay=config["weight_decay"],
                             warmup=config["warmup"], keep="last", swa_epochs=config["swa_epochs"], task="pneumonia",
                             seed=config["seed"], progress=False)
-    if fresh:  # as train_members starts a run: seeded once, then the initial weights drawn, then fitted
-        train.set_seed(config["seed"])
-        model = place(build(ckpt["model_config"]), CPU).train()
-    else:
-        model = predictor.members[0].train()
-        train.set_seed(config["seed"])
     with tempfile.TemporaryDirectory() as scratch:  # fit's history.csv and last.pt
         train.fit(model, (images, labels), sets["val"], predictor.prep, cfg, run_dir=Path(scratch))
     return infer.Predictor([model.eval()], predictor.prep, CPU)
@@ -185,13 +192,7 @@ def site_fine_tune(ckpt: dict, sets: dict, config: dict, args, site: torch.Tenso
     films (`make_term(model)`: a Critic or a Teacher): each step a training batch and as many site films drawn at
     random, augmented alike, through one forward pass; the task loss on the training films only. With `fresh`, a
     new network from the run's seed trained so from the first epoch, for the run's own epochs and learning rate."""
-    predictor = infer.load_predictor(ckpt, CPU)
-    if fresh:  # drawn as fine_tune(fresh=True) and train_members draw it: seeded, then built
-        train.set_seed(config["seed"])
-        model = place(build(ckpt["model_config"]), CPU).train()
-    else:
-        model = predictor.members[0].train()
-    epochs, lr = (config["epochs"], config["lr"]) if fresh else (args.epochs, args.lr)
+    predictor, model, epochs, lr = starting_point(ckpt, config, args, fresh)
     term = make_term(model)
     images, labels = sets["train"]
     size = config["batch_size"]

@@ -196,6 +196,28 @@ def test_the_benchmarks_adversarial_retraining_starts_from_the_runs_initialisati
     assert not all(torch.equal(drawn[k], after[k]) for k in drawn)
 
 
+def test_the_benchmarks_adversarial_fine_tuning_does_not_depend_on_what_ran_before_it(uncut, monkeypatch):
+    """site_selftrain fits several methods in one process: a critic's initial weights must come from the run's seed,
+    not from whatever the stream holds after the methods fitted before it (which once changed its rows)."""
+    monkeypatch.setattr(sys, "path", [*sys.path, str(Path(main.__file__).parent / "benchmarks")])  # after the project
+    import argparse
+    import site_selftrain
+    run = uncut(1)
+    config = json.loads((run / "config.json").read_text())
+    ckpt = runs.read_checkpoint(run / "best.pt")
+    sets = site_selftrain.splits(run, config)
+    fine_tuning = argparse.Namespace(epochs=1, lr=1e-3)
+
+    def tuned(drawn_before: int) -> dict:
+        torch.rand(drawn_before)  # what a method fitted earlier in the process leaves in the stream
+        model = site_selftrain.site_fine_tune(ckpt, sets, config, fine_tuning, sets["val"][0][:16],
+                                              site_selftrain.Critic)
+        return model.members[0].state_dict()
+
+    first = tuned(1)
+    assert all(torch.equal(first[k], v) for k, v in tuned(1000).items())
+
+
 @pytest.mark.parametrize("where, sig, members", [("mid-epoch", signal.SIGINT, 1),
                                                  ("last step of an epoch", signal.SIGTERM, 1),
                                                  ("mid-epoch of the second member", signal.SIGINT, 2)])
