@@ -331,7 +331,7 @@ def main(argv=None) -> int:
 
 def print_ceilings(results: list[dict]) -> None:
     """Per method: the most any threshold could give on its scores of half A (sensitivity 0.97 kept, half A's labels
-    seen; cross-fit, both halves' scores together), and the healthy films still above that threshold."""
+    seen; cross-fit, the two scored halves together), and the healthy films still above that threshold."""
     print("\nthe best threshold for sensitivity 0.97 on each model's scores, half A's labels seen (a ceiling)\n"
           "| model | sensitivity | specificity | AUC |\n|---|---|---|---|")
     done = [m for m in METHODS if all("ceiling" in r.get(m, {}) for r in results)]  # older results lack it
