@@ -142,15 +142,20 @@ def test_same_seed_gives_identical_results(tmp_path, uncut):
     assert _comparable(whole)[0] != _comparable(tmp_path / "c")[0]
 
 
-def test_the_benchmarks_retraining_without_site_films_gives_back_the_run_as_trained(uncut, monkeypatch):
-    """benchmarks/site_selftrain.py's "retrained" method credits the site's films with every difference from the run
-    as trained, which is its control; so without them it must rebuild the run's kept weights exactly."""
+@pytest.fixture
+def selftrain(uncut, monkeypatch):
+    """benchmarks/site_selftrain.py, with a finished one-member run's config, checkpoint and training splits."""
     monkeypatch.setattr(sys, "path", [*sys.path, str(Path(main.__file__).parent / "benchmarks")])  # after the project
     import site_selftrain
     run = uncut(1)
     config = json.loads((run / "config.json").read_text())
-    ckpt = runs.read_checkpoint(run / "best.pt")
-    sets = site_selftrain.splits(run, config)
+    return site_selftrain, config, runs.read_checkpoint(run / "best.pt"), site_selftrain.splits(run, config)
+
+
+def test_the_benchmarks_retraining_without_site_films_gives_back_the_run_as_trained(selftrain):
+    """benchmarks/site_selftrain.py's "retrained" method credits the site's films with every difference from the run
+    as trained, which is its control; so without them it must rebuild the run's kept weights exactly."""
+    site_selftrain, config, ckpt, sets = selftrain
     again = site_selftrain.fine_tune(ckpt, sets, config, None, fresh=True).members[0].state_dict()
     kept = ckpt["members"][0]  # a run of this version keeps its weights as members
     assert kept.keys() == again.keys()
@@ -160,20 +165,14 @@ def test_the_benchmarks_retraining_without_site_films_gives_back_the_run_as_trai
     assert not all(torch.equal(kept[k], other[k]) for k in kept)
 
 
-def test_the_benchmarks_adversarial_retraining_starts_from_the_runs_initialisation_and_trains_its_epochs(uncut,
-                                                                                                        monkeypatch):
+def test_the_benchmarks_adversarial_retraining_starts_from_the_runs_initialisation_and_trains_its_epochs(selftrain):
     """site_selftrain's "retrained importance-weighted": a new network drawn as the run drew its own, trained for the
     run's epochs (not the fine-tuning's), the critic seeing every step."""
-    monkeypatch.setattr(sys, "path", [*sys.path, str(Path(main.__file__).parent / "benchmarks")])  # after the project
     import argparse
     import math
-    import site_selftrain
     import train
     from model import build, place
-    run = uncut(1)
-    config = json.loads((run / "config.json").read_text())
-    ckpt = runs.read_checkpoint(run / "best.pt")
-    sets = site_selftrain.splits(run, config)
+    site_selftrain, config, ckpt, sets = selftrain
     seen = {"done": []}
 
     class Counting(site_selftrain.Critic):
@@ -196,16 +195,11 @@ def test_the_benchmarks_adversarial_retraining_starts_from_the_runs_initialisati
     assert not all(torch.equal(drawn[k], after[k]) for k in drawn)
 
 
-def test_the_benchmarks_adversarial_fine_tuning_does_not_depend_on_what_ran_before_it(uncut, monkeypatch):
+def test_the_benchmarks_adversarial_fine_tuning_does_not_depend_on_what_ran_before_it(selftrain):
     """site_selftrain fits several methods in one process: a critic's initial weights must come from the run's seed,
     not from whatever the stream holds after the methods fitted before it (which once changed its rows)."""
-    monkeypatch.setattr(sys, "path", [*sys.path, str(Path(main.__file__).parent / "benchmarks")])  # after the project
     import argparse
-    import site_selftrain
-    run = uncut(1)
-    config = json.loads((run / "config.json").read_text())
-    ckpt = runs.read_checkpoint(run / "best.pt")
-    sets = site_selftrain.splits(run, config)
+    site_selftrain, config, ckpt, sets = selftrain
     fine_tuning = argparse.Namespace(epochs=1, lr=1e-3)
 
     def tuned(drawn_before: int) -> dict:
