@@ -44,7 +44,7 @@ from lib import infer, runs, shortcut  # noqa: E402
 from model import build, memory_format, place  # noqa: E402
 import train  # noqa: E402
 from generalisation import layout_probe, mean_sd, read_predictions, thumbnails  # noqa: E402  (beside this script)
-from site_unlabelled import TARGET, ceiling, films_above, first_half  # noqa: E402
+from site_unlabelled import GOAL, TARGET, ceiling, films_above, first_half  # noqa: E402
 
 LOW, HIGH = 0.20, 0.40  # of a half's films by the model's own score: the lowest taken as normal, the highest pneumonia
 CPU = torch.device("cpu")
@@ -252,6 +252,7 @@ def one_run(run: Path, args, done: dict) -> dict:
     own = films.predict(images)[0]  # the run's model on the films' pixels
     own_val = films.predict(sets["val"][0])[0]  # and on its validation films, for IWDAN's prevalence estimate
     first = first_half(np.array([data.patient_id(p) for p in paths]))
+    names = [Path(p).name for p in paths]  # the ceiling's healthy films, by name
     layout = layout_probe(run).score(thumbnails(paths))
     every = np.ones(len(y), bool)
     folds = [(first, ~first), (~first, first)] if args.setting == "cross-fit" else [(every, every)]  # fit, score
@@ -290,7 +291,7 @@ def one_run(run: Path, args, done: dict) -> dict:
             aucs.append(evaluate.binary_metrics(y[score_on], prob[score_on], 0.5)["auc"])
             rhos.append(shortcut.audit(y[score_on], prob[score_on], 0.5, layout[score_on], {})["spearman_negatives"])
         result[method] = {"wall": walls, "probe_rho": float(np.mean(rhos)),
-                          "ceiling": ceiling(y, scored, [Path(p).name for p in paths])}
+                          "ceiling": ceiling(y, scored, names)}
         for name, c in calls.items():
             m = evaluate.binary_metrics(y, c.astype(float), 0.5)
             result[method][name] = {k: m[k] for k in ("sensitivity", "specificity", "accuracy")} | \
@@ -330,9 +331,9 @@ def main(argv=None) -> int:
 
 
 def print_ceilings(results: list[dict]) -> None:
-    """Per method: the most any threshold could give on its scores of half A (sensitivity 0.97 kept, half A's labels
+    """Per method: the most any threshold could give on its scores of half A (sensitivity GOAL kept, half A's labels
     seen; cross-fit, the two scored halves together), and the healthy films still above that threshold."""
-    print("\nthe best threshold for sensitivity 0.97 on each model's scores, half A's labels seen (a ceiling)\n"
+    print(f"\nthe best threshold for sensitivity {GOAL} on each model's scores, half A's labels seen (a ceiling)\n"
           "| model | sensitivity | specificity | AUC |\n|---|---|---|---|")
     done = [m for m in METHODS if all("ceiling" in r.get(m, {}) for r in results)]  # older results lack it
     for method in done:

@@ -180,18 +180,18 @@ def first_half(patients: np.ndarray) -> np.ndarray:
     return np.isin(patients, np.random.default_rng(0).permutation(kids)[:len(kids) // 2])
 
 
-def cross_fit_calls(fit, scores, patients) -> tuple[np.ndarray, list[dict]] | dict:
+def cross_fit_calls(fit, scores, patients) -> tuple[np.ndarray, float] | dict:
     """The cross-fit's calls: each patient-disjoint half's `scores` at the threshold `fit(fit_on)` chose on the other
-    half, with both fits; or the first refusal, as {"refused": ...}."""
+    half, with the mean of the two fits' prevalence estimates; or the first refusal, as {"refused": ...}."""
     first = first_half(patients)
-    calls, fits = np.zeros(len(scores)), []
+    calls, prevalence = np.zeros(len(scores)), []
     for fit_on in (first, ~first):
         r = fit(fit_on)
         if "refused" in r:
             return {"refused": r["refused"]}
         calls[~fit_on] = scores[~fit_on] >= r["threshold"]
-        fits.append(r)
-    return calls, fits
+        prevalence.append(r["prevalence"])
+    return calls, float(np.mean(prevalence))
 
 
 def cross_fit(model, y, prob, patients, resamples: int) -> tuple[dict, float]:
@@ -200,10 +200,10 @@ def cross_fit(model, y, prob, patients, resamples: int) -> tuple[dict, float]:
                                                                          resamples), prob, patients)
     if isinstance(got, dict):
         return got, float("nan")
-    calls, fits = got
+    calls, prevalence = got
     m = evaluate.binary_metrics(y, calls, 0.5)
     return {k: m[k] for k in ("sensitivity", "specificity", "accuracy")} | {"auc": rates(y, prob, 0.5)["auc"]}, \
-        float(np.mean([r["prevalence"] for r in fits]))
+        prevalence
 
 
 def draws_at_shares(positive: np.ndarray, negative: np.ndarray, shares, size: int, draws: int, seed: int):
@@ -326,9 +326,8 @@ def cause_cross_fit(shapes, cause_model, prob, cause, share, patients, resamples
                           patients)
     if isinstance(got, dict):
         return got
-    calls, fits = got
-    return cause_rates(cause, calls, 0.5) | {"auc": cause_rates(cause, share, 0.5)["auc"],
-                                             "prevalence": float(np.mean([c["prevalence"] for c in fits]))}
+    calls, prevalence = got
+    return cause_rates(cause, calls, 0.5) | {"auc": cause_rates(cause, share, 0.5)["auc"], "prevalence": prevalence}
 
 
 def cause_stress(cause_model, cause, share, kept: dict, *, draws: int, resamples: int, seed: int) -> list[dict]:
